@@ -1,0 +1,10 @@
+"""Chunk-wise exact (SeCO) and sparse (SpaCO) training of Hugging Face causal LMs.
+
+Li et al., "Training Long-Context LLMs Efficiently via Chunk-wise Optimization"
+(Findings of ACL 2025). This package imports only torch, transformers, peft and the
+standard library.
+"""
+
+from seco_core.config import ChunkConfig
+
+__all__ = ["ChunkConfig"]

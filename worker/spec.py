@@ -1,0 +1,94 @@
+"""What the Celery task hands to the training loop, and what it gets back.
+
+The task (worker/tasks.py) is thin: it loads the job record from Redis, builds a
+`TrainSpec`, passes a `TrainContext` that writes events and checkpoints back to the
+store, and calls `worker.trainer.train`. Keeping this boundary typed and free of
+Redis lets the training loop be tested by calling it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass
+class LoraSpec:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: the model's attention projections
+
+
+@dataclass
+class SecoSpec:
+    mode: str = "seco"  # "seco" (exact) or "spaco" (sparse)
+    chunk_size: int | None = None  # None: the largest that fits the memory plan
+    budget: int | None = None  # SpaCO: chunks back-propagated per sequence (expected)
+    sampling: str = "bernoulli"  # SpaCO: "bernoulli" (unbiased) or "fixed" (the paper's)
+    max_compensation: float | None = None
+    max_length: int | None = None  # None: model context length, capped by the plan
+    lora: LoraSpec = field(default_factory=LoraSpec)
+
+
+@dataclass
+class TrainSpec:
+    job_id: str
+    model_name: str  # registry name, recorded in the adapter
+    model_path: Path  # resolved by the server from SECO_MODELS; users never send paths
+    training_file: Path
+    validation_file: Path | None
+    output_dir: Path  # this job's directory: checkpoints/, adapter/, metrics.csv
+    device: str = "cpu"
+    n_epochs: int | None = None  # None ("auto"): chosen from the data size
+    batch_size: int | None = None  # windows per optimizer step (gradient accumulation)
+    learning_rate_multiplier: float | None = None
+    seed: int = 0
+    seco: SecoSpec = field(default_factory=SecoSpec)
+    checkpoint_every: int | None = None  # optimizer steps; None: a sensible default
+
+
+class TrainContext(Protocol):
+    """How the training loop reports to the outside world (Redis in production)."""
+
+    def message(self, text: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        """A lifecycle event ("type": "message")."""
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        """One event per optimizer step ("type": "metrics"); `data["step"]` is its key."""
+
+    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
+        """Fields shown on the job object."""
+
+    def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        """A complete checkpoint directory now exists at `path`."""
+
+    def cancelled(self) -> bool:
+        """True once the user asked to cancel; checked every optimizer step."""
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path  # PEFT adapter directory (adapter_config.json + adapter_model.safetensors)
+    adapter_archive: Path  # the same, as a .tar.gz with the files at its root
+    metrics_csv: Path
+    trained_tokens: int
+    steps: int
+    peak_memory_bytes: int
+
+
+class JobCancelled(Exception):
+    """Raised by the training loop when the context reports a cancel request."""
+
+
+class TrainingError(Exception):
+    """A failure the user can act on (bad data, model cannot be trained, out of memory).
+
+    `code` goes into the job's `error.code`; the message is shown as is.
+    """
+
+    def __init__(self, message: str, code: str = "training_error", param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
