@@ -1,0 +1,192 @@
+"""chunked_backward: one training step's gradients, one chunk's graph at a time.
+
+Stage 1 (no grad) runs the chunks in order and keeps every chunk's per-layer K/V as
+detached leaves m'_j. Stage 2 walks the chunks in reverse: it rebuilds chunk j's graph
+on top of the leaves m'_1..m'_{j-1}, and back-propagates
+
+    f_j * (J_j + sum_layers <K_j, dK'_j> + <V_j, dV'_j>)
+
+where J_j is chunk j's summed token cross-entropy over the whole sequence's target count,
+K_j/V_j are the freshly computed (graph-connected) states, and dK'_j/dV'_j are the
+gradients that later chunks accumulated on the leaves of chunk j. The inner products
+relay those gradients into chunk j's graph without hooks, and the backward deposits
+new gradients on the leaves of earlier chunks. With f_j = 1 for every chunk (SeCO)
+the parameter gradients equal one full-sequence backward; SpaCO sets f_j = 0 for
+skipped chunks and compensates the others (see sampling.py).
+
+Memory: the leaves and their gradients grow with the sequence (the KV cache); the
+activations and logits are those of one chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from seco_core import cache as chunk_cache
+from seco_core.arch import check_length, model_parts
+from seco_core.config import ChunkConfig
+from seco_core.sampling import chunk_factors
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ChunkedOutput:
+    loss: float
+    """Mean token cross-entropy over the non-ignored targets of the whole batch."""
+    num_chunks: int
+    chunks_backpropagated: int
+    tokens: int
+    """Target tokens (non-ignored, after the shift) the loss is averaged over."""
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Targets aligned with positions: position t predicts labels[t + 1] (Hugging Face convention)."""
+    pad = torch.full_like(labels[:, :1], IGNORE_INDEX)
+    return torch.cat([labels[:, 1:], pad], dim=1)
+
+
+def _slice_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one slice; logits in float32, or the model's dtype if wider."""
+    logits = head(hidden)  # (B, s, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
+    """Summed token CE of a chunk without holding its full-vocabulary logits.
+
+    hidden: (B, c, H); targets: (B, c). Logits exist for `slice_len` tokens at a time;
+    under grad each slice is checkpointed so backward recomputes its logits instead of
+    keeping them. A chunk that fits in one slice is computed directly (no recompute).
+    """
+    c = hidden.shape[1]
+    if c <= slice_len:
+        return _slice_ce_sum(head, hidden, targets)
+    recompute = torch.is_grad_enabled()
+    total = torch.zeros((), device=hidden.device)
+    for s in range(0, c, slice_len):
+        args = (head, hidden[:, s : s + slice_len], targets[:, s : s + slice_len])
+        part = checkpoint(_slice_ce_sum, *args, use_reentrant=False) if recompute else _slice_ce_sum(*args)
+        total = total + part
+    return total
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def chunked_backward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    config: ChunkConfig,
+    generator: torch.Generator | None = None,
+) -> ChunkedOutput:
+    """Accumulate the gradients of the mean token loss into `.grad`, chunk by chunk.
+
+    model: a supported Hugging Face causal LM, plain or peft-wrapped. input_ids, labels:
+    (B, L) LongTensors, labels unshifted with -100 ignored. Like `loss.backward()` this
+    accumulates into `.grad` of trainable parameters and leaves the optimizer to the
+    caller. `generator` makes SpaCO's chunk draw reproducible. Dropout stays consistent:
+    each chunk's recomputation replays the random state its stage-1 pass used.
+    """
+    if input_ids.dim() != 2 or input_ids.shape != labels.shape:
+        raise ValueError(
+            f"input_ids and labels must both be (batch, length); got {tuple(input_ids.shape)} and {tuple(labels.shape)}"
+        )
+    num_chunks = -(-input_ids.shape[-1] // config.chunk_size)
+    return backward_with_factors(model, input_ids, labels, config, chunk_factors(num_chunks, config, generator))
+
+
+def backward_with_factors(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    config: ChunkConfig,
+    factors: list[float],
+) -> ChunkedOutput:
+    """chunked_backward with the per-chunk factors given (0.0: not back-propagated).
+
+    Exposed so tests can enumerate every SpaCO draw and check its expectation exactly.
+    """
+    parts = model_parts(model)
+    batch, length = input_ids.shape
+    check_length(model, length)
+    device = input_ids.device
+    targets = shifted_targets(labels)
+    n_targets = int((targets != IGNORE_INDEX).sum())
+    if n_targets == 0:
+        raise ValueError("labels have no target tokens (every label after the first is -100)")
+
+    bounds = [(s, min(s + config.chunk_size, length)) for s in range(0, length, config.chunk_size)]
+    if len(factors) != len(bounds):
+        raise ValueError(f"{len(factors)} factors for {len(bounds)} chunks")
+    # A leaf needs a gradient only if it will relay it: its own chunk is back-propagated
+    # and some later back-propagated chunk attends to it.
+    needs_grad = [f > 0 and any(g > 0 for g in factors[j + 1 :]) for j, f in enumerate(factors)]
+    positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
+
+    cache = chunk_cache.ChunkCache(parts.num_layers)
+    rng_states = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+
+    def run_chunk(j: int) -> torch.Tensor:
+        s, e = bounds[j]
+        out = parts.decoder(input_ids=input_ids[:, s:e], position_ids=positions[:, s:e], cache=cache, use_cache=True)
+        return out.last_hidden_state  # (B, c, H)
+
+    with chunk_cache.activate(model, cache):
+        # Stage 1: fill the cache; losses of chunks that stage 2 will not revisit.
+        with torch.no_grad():
+            for j, (s, e) in enumerate(bounds):
+                rng_states.append(_rng_state(device))
+                hidden = run_chunk(j)
+                if factors[j] == 0.0:
+                    loss_sum += chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice).double()
+                cache.push_current(requires_grad=needs_grad[j])
+        final_rng = _rng_state(device)
+
+        # Stage 2: reverse order, one chunk's graph at a time.
+        for j in reversed(range(len(bounds))):
+            leaves = cache.pop_last()
+            factor = factors[j]
+            if factor == 0.0:
+                continue
+            s, e = bounds[j]
+            _set_rng_state(device, rng_states[j])
+            with torch.enable_grad():
+                hidden = run_chunk(j)
+                chunk_loss = chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice)
+                objective = chunk_loss / n_targets
+                for (k_new, v_new), (k_leaf, v_leaf) in zip(cache.current(), leaves, strict=False):
+                    if k_leaf.grad is not None:
+                        objective = objective + (k_new * k_leaf.grad).sum()
+                    if v_leaf.grad is not None:
+                        objective = objective + (v_new * v_leaf.grad).sum()
+                if objective.requires_grad:
+                    (objective * factor).backward()
+            loss_sum += chunk_loss.detach().double()
+            del leaves, hidden, objective, chunk_loss
+            if not any(factors[:j]):
+                break  # no earlier chunk is back-propagated: the rest of the cache is dead
+        _set_rng_state(device, final_rng)
+
+    return ChunkedOutput(
+        loss=float(loss_sum) / n_targets,
+        num_chunks=len(bounds),
+        chunks_backpropagated=sum(f > 0 for f in factors),
+        tokens=n_targets,
+    )

@@ -1,0 +1,48 @@
+"""Tiny random causal LMs of every supported architecture, built from config classes."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GemmaConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    Phi3Config,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 97
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+_GQA = dict(num_key_value_heads=2)
+
+CONFIGS: dict[str, PretrainedConfig] = {
+    "llama": LlamaConfig(**_COMMON, **_GQA),
+    "mistral": MistralConfig(**_COMMON, **_GQA, sliding_window=None),
+    "qwen2": Qwen2Config(**_COMMON, **_GQA),
+    "qwen3": Qwen3Config(**_COMMON, **_GQA, head_dim=8),
+    "phi3": Phi3Config(**_COMMON, **_GQA, sliding_window=None),
+    "gemma": GemmaConfig(**_COMMON, **_GQA, head_dim=8),
+    "olmo2": Olmo2Config(**_COMMON, **_GQA),
+    "gpt_neox": GPTNeoXConfig(**_COMMON),
+}
+
+
+def tiny_model(arch: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[arch])
+    return model.to(dtype).eval()
