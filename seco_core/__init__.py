@@ -5,8 +5,8 @@ Li et al., "Training Long-Context LLMs Efficiently via Chunk-wise Optimization"
 standard library.
 """
 
-from seco_core.chunked import ChunkedOutput, chunked_backward
+from seco_core.chunked import ChunkedOutput, chunked_backward, chunked_loss
 from seco_core.config import ChunkConfig
 from seco_core.errors import UnsupportedModelError
 
-__all__ = ["ChunkConfig", "ChunkedOutput", "UnsupportedModelError", "chunked_backward"]
+__all__ = ["ChunkConfig", "ChunkedOutput", "UnsupportedModelError", "chunked_backward", "chunked_loss"]

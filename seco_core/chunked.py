@@ -94,6 +94,8 @@ def chunked_backward(
     labels: torch.Tensor,
     config: ChunkConfig,
     generator: torch.Generator | None = None,
+    *,
+    loss_scale: float = 1.0,
 ) -> ChunkedOutput:
     """Accumulate the gradients of the mean token loss into `.grad`, chunk by chunk.
 
@@ -102,13 +104,22 @@ def chunked_backward(
     accumulates into `.grad` of trainable parameters and leaves the optimizer to the
     caller. `generator` makes SpaCO's chunk draw reproducible. Dropout stays consistent:
     each chunk's recomputation replays the random state its stage-1 pass used.
+    `loss_scale` multiplies the gradients (not the returned loss), e.g. to weight a
+    window by its share of the targets when accumulating over several windows.
     """
     if input_ids.dim() != 2 or input_ids.shape != labels.shape:
         raise ValueError(
             f"input_ids and labels must both be (batch, length); got {tuple(input_ids.shape)} and {tuple(labels.shape)}"
         )
     num_chunks = -(-input_ids.shape[-1] // config.chunk_size)
-    return backward_with_factors(model, input_ids, labels, config, chunk_factors(num_chunks, config, generator))
+    factors = chunk_factors(num_chunks, config, generator)
+    return backward_with_factors(model, input_ids, labels, config, factors, loss_scale=loss_scale)
+
+
+def chunked_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> float:
+    """The mean token loss of a long sequence with no gradients (validation): stage 1 only."""
+    num_chunks = -(-input_ids.shape[-1] // chunk_size)
+    return backward_with_factors(model, input_ids, labels, ChunkConfig(chunk_size), [0.0] * num_chunks).loss
 
 
 def backward_with_factors(
@@ -117,8 +128,14 @@ def backward_with_factors(
     labels: torch.Tensor,
     config: ChunkConfig,
     factors: list[float],
+    *,
+    loss_scale: float = 1.0,
 ) -> ChunkedOutput:
     """chunked_backward with the per-chunk factors given (0.0: not back-propagated).
+
+    A factor multiplies its chunk's loss and relay, so it compounds along gradient
+    paths (SpaCO's compensation); `loss_scale` multiplies only the losses, so it
+    scales every gradient exactly once.
 
     Exposed so tests can enumerate every SpaCO draw and check its expectation exactly.
     """
@@ -136,7 +153,7 @@ def backward_with_factors(
         raise ValueError(f"{len(factors)} factors for {len(bounds)} chunks")
     # A leaf needs a gradient only if it will relay it: its own chunk is back-propagated
     # and some later back-propagated chunk attends to it.
-    needs_grad = [f > 0 and any(g > 0 for g in factors[j + 1 :]) for j, f in enumerate(factors)]
+    needs_grad = [f != 0.0 and any(g != 0.0 for g in factors[j + 1 :]) for j, f in enumerate(factors)]
     positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
 
     cache = chunk_cache.ChunkCache(parts.num_layers)
@@ -170,7 +187,7 @@ def backward_with_factors(
             with torch.enable_grad():
                 hidden = run_chunk(j)
                 chunk_loss = chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice)
-                objective = chunk_loss / n_targets
+                objective = chunk_loss * (loss_scale / n_targets)
                 for (k_new, v_new), (k_leaf, v_leaf) in zip(cache.current(), leaves, strict=False):
                     if k_leaf.grad is not None:
                         objective = objective + (k_new * k_leaf.grad).sum()
@@ -187,6 +204,6 @@ def backward_with_factors(
     return ChunkedOutput(
         loss=float(loss_sum) / n_targets,
         num_chunks=len(bounds),
-        chunks_backpropagated=sum(f > 0 for f in factors),
+        chunks_backpropagated=sum(f != 0.0 for f in factors),
         tokens=n_targets,
     )

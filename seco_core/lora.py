@@ -180,7 +180,9 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike[str], base_model
     previous_name = config.base_model_name_or_path
     config.base_model_name_or_path = base_model_name
     try:
-        model.save_pretrained(str(tmp), selected_adapters=[adapter], safe_serialization=True)
+        model.save_pretrained(
+            str(tmp), selected_adapters=[adapter], safe_serialization=True, save_embedding_layers=False
+        )
         written = tmp if adapter == "default" else tmp / adapter  # PEFT nests non-default adapters
         final = _temporary_sibling(directory)
         final.mkdir()

@@ -47,6 +47,7 @@ class TrainSpec:
     seed: int = 0
     seco: SecoSpec = field(default_factory=SecoSpec)
     checkpoint_every: int | None = None  # optimizer steps; None: a sensible default
+    memory_budget_bytes: int | None = None  # cap for the memory plan (SECO_MEMORY_BUDGET); None: the device's
 
 
 class TrainContext(Protocol):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seco_core import ChunkConfig, chunked_backward
+from seco_core import ChunkConfig, chunked_backward, chunked_loss
 from seco_core.lora import attach_lora
 from tests.seco_core.tiny import CONFIGS, VOCAB, tiny_model
 
@@ -93,6 +93,23 @@ def test_accumulates_like_backward() -> None:
     chunked_backward(model, ids, labels, cfg)
     chunked_backward(model, ids, labels, cfg)
     assert max_rel_error(model, {n: 2 * g for n, g in ref.items()}) < REL_TOL
+
+
+def test_loss_scale_scales_gradients_once() -> None:
+    model = tiny_model("llama")
+    ids, labels = batch()
+    _, ref = reference_grads(model, ids, labels)
+    out = chunked_backward(model, ids, labels, ChunkConfig(chunk_size=6), loss_scale=0.25)
+    assert max_rel_error(model, {n: 0.25 * g for n, g in ref.items()}) < REL_TOL
+    assert out.loss == pytest.approx(reference_grads(model, ids, labels)[0], rel=1e-13)
+
+
+def test_chunked_loss_has_no_gradients() -> None:
+    model = tiny_model("olmo2")
+    ids, labels = batch()
+    ref_loss, _ = reference_grads(model, ids, labels)
+    assert chunked_loss(model, ids, labels, chunk_size=10) == pytest.approx(ref_loss, rel=1e-13)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_loss_slices_do_not_change_gradients() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -17,7 +19,7 @@ from transformers import (
 )
 
 VOCAB = 97
-_COMMON = dict(
+_COMMON: dict[str, Any] = dict(
     vocab_size=VOCAB,
     hidden_size=32,
     intermediate_size=64,
@@ -28,7 +30,7 @@ _COMMON = dict(
     eos_token_id=2,
     tie_word_embeddings=False,
 )
-_GQA = dict(num_key_value_heads=2)
+_GQA: dict[str, Any] = dict(num_key_value_heads=2)
 
 CONFIGS: dict[str, PretrainedConfig] = {
     "llama": LlamaConfig(**_COMMON, **_GQA),

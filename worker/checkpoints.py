@@ -1,0 +1,99 @@
+"""Training checkpoints: everything needed to resume a job exactly where it stopped.
+
+A checkpoint directory `checkpoints/step-000012/` holds the LoRA adapter (PEFT format,
+so a checkpoint is itself a usable adapter), the optimizer and scheduler state, the
+RNG states and the position in the data, plus the metrics of the step. It is written
+under a temporary name and renamed, so a worker killed mid-write leaves either the
+previous checkpoint or a complete new one, never a half-written one that a resume
+would load.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seco_core.lora import save_adapter
+
+STATE_FILE = "trainer_state.pt"
+META_FILE = "checkpoint.json"
+
+
+@dataclass
+class Position:
+    """Where training stands: the next optimizer step to run."""
+
+    step: int  # optimizer steps completed
+    epoch: int  # epoch of the next step (0-based)
+    batch_in_epoch: int  # batches of that epoch already done
+    trained_tokens: int
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def save_checkpoint(
+    root: Path,
+    model: nn.Module,
+    base_model_name: str,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    position: Position,
+    metrics: dict[str, Any],
+) -> Path:
+    """Write a complete checkpoint for `position.step` atomically; returns its directory."""
+    final = checkpoint_dir(root, position.step)
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_adapter(model, tmp / "adapter", base_model_name)  # type: ignore[arg-type]
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
+        tmp / STATE_FILE,
+    )
+    (tmp / META_FILE).write_text(json.dumps({"position": asdict(position), "metrics": metrics}, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint (temporary directories are ignored)."""
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step-*") if (p / META_FILE).is_file() and (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[Position, dict[str, Any]]:
+    """Restore LoRA weights, optimizer, scheduler and RNG states from `path`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    state = torch.load(path / STATE_FILE, weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["cpu_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    meta = json.loads((path / META_FILE).read_text())
+    return Position(**meta["position"]), meta["metrics"]

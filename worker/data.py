@@ -1,0 +1,480 @@
+"""Read and validate a JSONL training file, and tokenise it into loss-masked documents.
+
+Three record formats, told apart by their keys; one file may mix them (each line is
+validated on its own, and the stats count each format separately):
+
+* `{"text": str}`: continued pre-training. Loss on every token; the tokenizer's EOS is
+  appended so the model learns where a document ends.
+* `{"prompt": str, "completion": str}`: loss on the completion (and the EOS after it)
+  only. Prompt and completion are tokenised separately and concatenated, so the mask
+  boundary is exact and the completion starts on a token boundary, as at inference.
+* `{"messages": [{"role", "content", "weight"?}, ...]}`: chat, rendered with the
+  tokenizer's chat template (else a plain `"role: content\\n"` format). Loss only on what
+  the model must *generate* for each assistant message with weight 1: the tokens after
+  the generation prompt (`<|assistant|>` or the template's equivalent) up to the end of
+  the message, its end-of-turn marker included. See `_chat_document` for how the mask
+  is computed exactly.
+
+Keys of other formats in one record are an error; other keys (e.g. an "id") are ignored.
+Every document's first label is -100: no token precedes it, so it is never a target,
+and writing that down keeps the loss-token counts equal to the true number of targets.
+
+Validation alone (`read_records`, `validate_file`) needs no tokenizer and no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from seco_core.windows import IGNORE_INDEX, Document
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+ROLES = ("system", "user", "assistant")
+FORMAT_KEYS = {"text": ("text",), "chat": ("messages",), "prompt_completion": ("prompt", "completion")}
+UNSUPPORTED_KEYS = ("tools", "functions", "parallel_tool_calls")  # chat extras we cannot render faithfully
+MESSAGE_KEYS = {"role", "content", "weight", "name"}
+
+
+class DataError(ValueError):
+    """A record (or the whole file) that cannot be trained on, with where and why.
+
+    `file` is a display name chosen by the caller (e.g. "training_file"), never a
+    server path; `line` is 1-based, or None for a problem with the file as a whole.
+    """
+
+    def __init__(self, file: str, line: int | None, reason: str) -> None:
+        super().__init__(file, line, reason)
+        self.file = file
+        self.line = line
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file} line {self.line}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+    weight: int = 1
+    """0 excludes an assistant message from the loss (OpenAI's fine-tuning "weight")."""
+    name: str | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.role == "assistant" and self.weight == 1
+
+    def as_template_dict(self) -> dict[str, str]:
+        data = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            data["name"] = self.name
+        return data
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    text: str
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class ChatRecord:
+    messages: tuple[Message, ...]
+    format: str = "chat"
+
+
+@dataclass(frozen=True)
+class PromptCompletionRecord:
+    prompt: str
+    completion: str
+    format: str = "prompt_completion"
+
+
+Record = TextRecord | ChatRecord | PromptCompletionRecord
+
+
+@dataclass
+class FormatStats:
+    records: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    """Targets: tokens whose label is not -100."""
+
+
+@dataclass
+class DataStats:
+    """Per-format counts, for the job's events."""
+
+    formats: dict[str, FormatStats] = field(default_factory=dict)
+    chat_mask_fallbacks: int = 0
+    """Chats whose template could not be rendered as token prefixes, masked from
+    character offsets instead (see `_chat_document`)."""
+
+    def add(self, fmt: str, document: Document) -> None:
+        stats = self.formats.setdefault(fmt, FormatStats())
+        stats.records += 1
+        stats.tokens += len(document.input_ids)
+        stats.loss_tokens += sum(1 for label in document.labels if label != IGNORE_INDEX)
+
+    @property
+    def records(self) -> int:
+        return sum(s.records for s in self.formats.values())
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.formats.values())
+
+    @property
+    def loss_tokens(self) -> int:
+        return sum(s.loss_tokens for s in self.formats.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "records": self.records,
+            "tokens": self.tokens,
+            "loss_tokens": self.loss_tokens,
+            "formats": {name: asdict(s) for name, s in self.formats.items()},
+            "chat_mask_fallbacks": self.chat_mask_fallbacks,
+        }
+
+
+@dataclass
+class TokenizedData:
+    documents: list[Document]
+    stats: DataStats
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _string(value: object, what: str, *, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{what} must be a non-empty string")
+    return value
+
+
+def _content(value: object, what: str) -> str:
+    """A string, or OpenAI-style text parts `[{"type": "text", "text": ...}]` joined."""
+    if isinstance(value, list):
+        texts = []
+        for part in value:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise ValueError(f"{what} parts must be {{'type': 'text', 'text': str}} (only text is supported)")
+            texts.append(part["text"])
+        return "".join(texts)
+    return _string(value, what)
+
+
+def _message(index: int, raw: object) -> Message:
+    where = f"messages[{index}]"
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be an object with 'role' and 'content'")
+    if "tool_calls" in raw or "function_call" in raw:
+        raise ValueError(f"{where}: tool and function calls are not supported")
+    unexpected = sorted(set(raw) - MESSAGE_KEYS)
+    if unexpected:
+        raise ValueError(f"{where} has unexpected keys {unexpected}")
+    role = raw.get("role")
+    if role not in ROLES:
+        raise ValueError(f"{where}.role must be one of {', '.join(map(repr, ROLES))}, got {role!r}")
+    if "content" not in raw:
+        raise ValueError(f"{where} has no 'content'")
+    content = _content(raw["content"], f"{where}.content")
+    weight = raw.get("weight", 1)
+    if "weight" in raw:
+        if role != "assistant":
+            raise ValueError(f"{where}: 'weight' is only allowed on assistant messages")
+        if isinstance(weight, bool) or weight not in (0, 1):
+            raise ValueError(f"{where}.weight must be 0 or 1, got {weight!r}")
+    name = raw.get("name")
+    if name is not None:
+        _string(name, f"{where}.name")
+    return Message(role=role, content=content, weight=int(weight), name=name)
+
+
+def _chat(raw: dict[str, Any]) -> ChatRecord:
+    messages = raw["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list")
+    parsed = tuple(_message(i, m) for i, m in enumerate(messages))
+    if not any(m.trained for m in parsed):
+        raise ValueError("'messages' has no assistant message to train on (with weight 1)")
+    return ChatRecord(parsed)
+
+
+def parse_record(raw: object) -> Record:
+    """Validate one decoded JSON value; raises ValueError with the reason."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"each line must be a JSON object, got {type(raw).__name__}")
+    formats = [name for name, keys in FORMAT_KEYS.items() if any(k in raw for k in keys)]
+    if not formats:
+        raise ValueError("a record needs 'text', 'messages', or 'prompt' and 'completion'")
+    if len(formats) > 1:
+        found = sorted(k for keys in FORMAT_KEYS.values() for k in keys if k in raw)
+        raise ValueError(f"a record must use one format, found keys {found}")
+    unsupported = sorted(k for k in UNSUPPORTED_KEYS if k in raw)
+    if unsupported:
+        raise ValueError(f"{unsupported} are not supported (no tool or function calling)")
+    if formats[0] == "text":
+        return TextRecord(_string(raw["text"], "'text'", allow_empty=False))
+    if formats[0] == "chat":
+        return _chat(raw)
+    for key in ("prompt", "completion"):
+        if key not in raw:
+            raise ValueError(f"a prompt/completion record needs '{key}'")
+    return PromptCompletionRecord(
+        prompt=_string(raw["prompt"], "'prompt'"),
+        completion=_string(raw["completion"], "'completion'", allow_empty=False),
+    )
+
+
+def _decode(line: bytes, number: int) -> str:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})") from None
+    return text.removeprefix("\ufeff") if number == 1 else text  # tolerate a UTF-8 byte-order mark
+
+
+def read_records(path: str | Path, display_name: str | None = None) -> Iterator[tuple[int, Record]]:
+    """Yield (line number, record) for each non-blank line, streaming the file.
+
+    Raises DataError at the first bad line, or when the file holds no record at all.
+    """
+    name = display_name or Path(path).name
+    try:
+        with open(path, "rb") as handle:  # bytes: decoding errors are reported per line
+            yield from _records(handle, name)
+    except OSError as exc:
+        raise DataError(name, None, f"cannot be read ({exc.strerror})") from None
+
+
+def _records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Record]]:
+    count = 0
+    for number, line in enumerate(lines, start=1):
+        try:
+            text = _decode(line, number)
+            if not text.strip():
+                continue
+            try:
+                raw = json.loads(text.rstrip("\r\n"))  # columns stay those of the line
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+            record = parse_record(raw)
+        except ValueError as exc:
+            raise DataError(name, number, str(exc)) from None
+        count += 1
+        yield number, record
+    if count == 0:
+        raise DataError(name, None, "contains no records (the file is empty)")
+
+
+def validate_file(path: str | Path, display_name: str | None = None) -> dict[str, int]:
+    """Check every record without tokenising; returns the number of records per format."""
+    counts: dict[str, int] = {}
+    for _, record in read_records(path, display_name):
+        counts[record.format] = counts.get(record.format, 0) + 1
+    return counts
+
+
+# --------------------------------------------------------------------------- tokenising
+
+
+def _document(input_ids: list[int], labels: list[int]) -> Document:
+    """Build a Document whose first label is -100 (never a target, see the module docstring)."""
+    labels = list(labels)
+    labels[0] = IGNORE_INDEX
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError("no token of this record carries loss")
+    return Document(list(input_ids), labels)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _with_eos(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if eos is None or (ids and ids[-1] == eos):
+        return ids
+    return [*ids, eos]
+
+
+def _text_document(tokenizer: PreTrainedTokenizerBase, record: TextRecord) -> Document:
+    ids = _with_eos(tokenizer, _encode(tokenizer, record.text, special=True))
+    return _document(ids, ids)
+
+
+def _prompt_completion_document(tokenizer: PreTrainedTokenizerBase, record: PromptCompletionRecord) -> Document:
+    prompt = _encode(tokenizer, record.prompt, special=True) if record.prompt else []
+    completion = _with_eos(tokenizer, _encode(tokenizer, record.completion, special=False))
+    if not prompt:  # keep a BOS when the tokenizer uses one, even with an empty prompt
+        prompt = [t for t in _encode(tokenizer, "", special=True) if t != tokenizer.eos_token_id]
+    return _document(prompt + completion, [IGNORE_INDEX] * len(prompt) + completion)
+
+
+class _ChatRenderer:
+    """Renders (a prefix of) a chat to text and tokens, with the template or the plain format.
+
+    A chat template carries its own BOS / special tokens, so its text is tokenised
+    without adding special tokens (as `apply_chat_template(tokenize=True)` does); the
+    plain format is ordinary text and gets the tokenizer's usual special tokens.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.tokenizer = tokenizer
+        self.templated = bool(getattr(tokenizer, "chat_template", None))
+
+    def text(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        if self.templated:
+            rendered = self.tokenizer.apply_chat_template(
+                [m.as_template_dict() for m in messages],
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+            )
+            return str(rendered)
+        text = "".join(f"{m.role}: {m.content}\n" for m in messages)
+        return text + ("assistant: " if add_generation_prompt else "")
+
+    def encode(self, text: str) -> list[int]:
+        return _encode(self.tokenizer, text, special=not self.templated)
+
+
+def _is_prefix(prefix: Sequence[Any], whole: Sequence[Any]) -> bool:
+    return len(prefix) <= len(whole) and list(whole[: len(prefix)]) == list(prefix)
+
+
+def _token_spans(renderer: _ChatRenderer, messages: Sequence[Message], full: list[int]) -> list[tuple[int, int]] | None:
+    """Token [start, end) of each trained assistant message, or None if prefixes do not line up.
+
+    start = tokens of the chat so far plus the generation prompt; end = tokens of the
+    chat up to and including this message. Both must be token prefixes of the whole
+    chat, or the mask would not describe the sequence actually trained on.
+    """
+    spans = []
+    for i, message in enumerate(messages):
+        if not message.trained:
+            continue
+        try:
+            start = renderer.encode(renderer.text(messages[:i], add_generation_prompt=True))
+            end = renderer.encode(renderer.text(messages[: i + 1], add_generation_prompt=False))
+        except Exception:  # a template may refuse a partial chat (e.g. one without a user turn)
+            return None
+        if not (_is_prefix(start, end) and _is_prefix(end, full)):
+            return None
+        spans.append((len(start), len(end)))
+    return spans
+
+
+def _char_spans(renderer: _ChatRenderer, messages: Sequence[Message], full: str) -> list[tuple[int, int]]:
+    """Character [start, end) of each trained assistant message in the rendered chat.
+
+    Prefers the same prefix rule as `_token_spans` on text; when a template renders
+    earlier turns differently once later turns exist (e.g. it strips reasoning from
+    past turns), falls back to locating the message content itself.
+    """
+    spans, cursor = [], 0
+    for i, message in enumerate(messages):
+        if not message.trained:
+            continue
+        try:
+            start = renderer.text(messages[:i], add_generation_prompt=True)
+            end = renderer.text(messages[: i + 1], add_generation_prompt=False)
+            aligned = end.startswith(start) and full.startswith(end) and len(start) >= cursor
+        except Exception:
+            aligned = False
+        if aligned:
+            span = (len(start), len(end))
+        else:
+            found = full.find(message.content, cursor)
+            if found < 0:
+                raise ValueError(f"cannot locate messages[{i}] in the chat rendered by the template")
+            span = (found, found + len(message.content))
+        spans.append(span)
+        cursor = span[1]
+    return spans
+
+
+def _offset_labels(renderer: _ChatRenderer, full: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if not getattr(renderer.tokenizer, "is_fast", False):
+        raise ValueError("the chat template cannot be rendered incrementally and the tokenizer has no offsets")
+    encoded = renderer.tokenizer(full, add_special_tokens=not renderer.templated, return_offsets_mapping=True)
+    return list(encoded["input_ids"]), [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
+
+
+def _chat_document(renderer: _ChatRenderer, record: ChatRecord, stats: DataStats) -> Document:
+    """Tokenise a chat with loss on the trained assistant messages only.
+
+    Exact mask by incremental rendering: the targets of assistant message i are the
+    tokens that rendering messages[:i+1] adds to rendering messages[:i] followed by the
+    generation prompt. When the renders are not token prefixes of the whole chat (BPE
+    merges across a boundary, or a template that rewrites past turns), the targets are
+    instead the tokens of the whole chat whose first character lies in the message's
+    character span (from the tokenizer's offset mapping).
+    """
+    messages = record.messages
+    try:
+        full_text = renderer.text(messages, add_generation_prompt=False)
+    except Exception as exc:  # jinja2 errors, or raise_exception() inside the template
+        raise ValueError(f"the model's chat template cannot render this chat: {exc}") from None
+    ids = renderer.encode(full_text)
+    spans = _token_spans(renderer, messages, ids)
+    labels = [IGNORE_INDEX] * len(ids)
+    if spans is not None:
+        for start, end in spans:
+            labels[start:end] = ids[start:end]
+    else:
+        stats.chat_mask_fallbacks += 1
+        ids, offsets = _offset_labels(renderer, full_text)
+        labels = [IGNORE_INDEX] * len(ids)
+        for start, end in _char_spans(renderer, messages, full_text):
+            for k, (a, b) in enumerate(offsets):
+                if a < b and start <= a < end:
+                    labels[k] = ids[k]
+    if not renderer.templated and renderer.tokenizer.eos_token_id is not None:
+        # The plain format has no end-of-turn marker: EOS after the chat, a target when
+        # the chat ends with a trained assistant message (so the model learns to stop).
+        eos = renderer.tokenizer.eos_token_id
+        ids = [*ids, eos]
+        labels = [*labels, eos if messages[-1].trained else IGNORE_INDEX]
+    return _document(ids, labels)
+
+
+def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, stats: DataStats | None = None) -> Document:
+    """One record as a Document with its loss mask; raises ValueError if nothing is trainable."""
+    stats = stats if stats is not None else DataStats()
+    if isinstance(record, TextRecord):
+        return _text_document(tokenizer, record)
+    if isinstance(record, PromptCompletionRecord):
+        return _prompt_completion_document(tokenizer, record)
+    return _chat_document(_ChatRenderer(tokenizer), record, stats)
+
+
+def load_documents(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, display_name: str | None = None
+) -> TokenizedData:
+    """Validate and tokenise every record of a JSONL file.
+
+    Raises DataError (file, line, reason) at the first record that is invalid or has
+    nothing to train on. Split the documents with `seco_core.windows.split_documents`.
+    """
+    name = display_name or Path(path).name
+    stats = DataStats()
+    documents = []
+    for number, record in read_records(path, name):
+        try:
+            document = tokenize_record(tokenizer, record, stats)
+        except ValueError as exc:
+            raise DataError(name, number, str(exc)) from None
+        stats.add(record.format, document)
+        documents.append(document)
+    return TokenizedData(documents, stats)

@@ -1,0 +1,302 @@
+"""The training loop: one fine-tuning job from JSONL file to PEFT adapter.
+
+Plain code that reads top to bottom: load data, plan memory, load the model and attach
+LoRA, then run optimizer steps with seco_core's chunk-wise backward, reporting metrics
+and writing checkpoints as it goes, and resuming from the newest checkpoint if an
+earlier attempt at the same job died. The Celery task (tasks.py) only wraps it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from seco_core import ChunkConfig, UnsupportedModelError, chunked_backward, chunked_loss
+from seco_core.lora import attach_lora, pack_adapter, save_adapter
+from seco_core.memory_plan import MemoryPlan, PlanOptions, device_budget_bytes, format_bytes, plan
+from seco_core.probes import PeakMemory
+from seco_core.selfcheck import self_check
+from seco_core.windows import Window, split_documents
+from worker.checkpoints import Position, latest_checkpoint, load_checkpoint, save_checkpoint
+from worker.data import DataError, load_documents
+from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
+
+BASE_LEARNING_RATE = 2e-4
+"""Learning rate at learning_rate_multiplier=1 (a common LoRA default)."""
+AUTO_EPOCHS = 3
+WARMUP_FRACTION = 0.05
+MAX_GRAD_NORM = 1.0
+CHECKPOINTS_PER_EPOCH = 4
+"""With checkpoint_every unset: about this many checkpoints per epoch, plus one at its end."""
+
+METRIC_FIELDS = [
+    "step", "total_steps", "epoch", "train_loss", "valid_loss", "learning_rate", "tokens",
+    "tokens_per_second", "step_seconds", "peak_memory_bytes", "chunks_backpropagated",
+]  # fmt: skip
+
+
+@dataclass
+class Plan:
+    """What the memory plan decided for this job on this device."""
+
+    max_length: int
+    chunk_size: int
+    memory: MemoryPlan
+
+
+def train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
+    """Run (or resume) a job; raises JobCancelled or TrainingError with a user-facing message."""
+    try:
+        return _train(spec, ctx)
+    except DataError as exc:
+        raise TrainingError(str(exc), code="invalid_file", param=exc.file) from exc
+    except UnsupportedModelError as exc:
+        raise TrainingError(str(exc), code="unsupported_model", param="model") from exc
+    except torch.OutOfMemoryError as exc:
+        raise TrainingError(
+            f"out of memory on {spec.device}: {exc}. Try a smaller seco.chunk_size or max_length.",
+            code="out_of_memory",
+        ) from exc
+
+
+def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
+    device = torch.device(spec.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(spec.seed)
+
+    # Data: every record is validated and tokenised before the model is loaded.
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+    train_data = load_documents(spec.training_file, tokenizer, "training_file")
+    valid_data = load_documents(spec.validation_file, tokenizer, "validation_file") if spec.validation_file else None
+
+    # Memory plan, then windows of at most max_length tokens.
+    model_config = AutoConfig.from_pretrained(spec.model_path)
+    job_plan = _plan_memory(spec, model_config, dtype)
+    ctx.message(job_plan.memory.message, data={"memory_plan": job_plan.memory.estimate.as_dict()})
+    split = split_documents(train_data.documents, job_plan.max_length)
+    if not split.windows:
+        raise TrainingError("training_file has no tokens to train on", code="invalid_file", param="training_file")
+    ctx.message(f"training data: {split.stats.summary()}", data={"windows": split.stats.windows})
+    valid_windows = split_documents(valid_data.documents, job_plan.max_length).windows if valid_data else []
+
+    # Model with LoRA; a short self-check that chunk-wise gradients match a plain backward.
+    model = _load_model(spec, dtype, device)
+    check = self_check(
+        model, seq_len=min(96, job_plan.max_length), chunk_size=max(2, min(32, job_plan.max_length // 3))
+    )
+    ctx.message(f"self-check passed: chunk-wise vs plain gradient relative error {check.max_rel_error:.2e}")
+
+    chunk_config = _chunk_config(spec, job_plan.chunk_size)
+    batch_size = spec.batch_size or 1
+    n_epochs = spec.n_epochs or AUTO_EPOCHS
+    batches_per_epoch = math.ceil(len(split.windows) / batch_size)
+    total_steps = n_epochs * batches_per_epoch
+    checkpoint_every = spec.checkpoint_every or max(1, batches_per_epoch // CHECKPOINTS_PER_EPOCH)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    lr = BASE_LEARNING_RATE * (spec.learning_rate_multiplier or 1.0)
+    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
+
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = spec.output_dir / "checkpoints"
+    metrics_csv = spec.output_dir / "metrics.csv"
+    position = Position(step=0, epoch=0, batch_in_epoch=0, trained_tokens=0)
+    resume_from = latest_checkpoint(checkpoints)
+    if resume_from is not None:
+        position, _ = load_checkpoint(resume_from, model, optimizer, scheduler)
+        ctx.message(f"resumed from checkpoint at step {position.step} of {total_steps}", data={"step": position.step})
+    _truncate_metrics(metrics_csv, position.step)
+    ctx.message(
+        f"training {total_steps} steps: {n_epochs} epochs x {batches_per_epoch} batches of {batch_size} windows, "
+        f"max_length {job_plan.max_length}, chunk_size {chunk_config.chunk_size}, mode {chunk_config.mode}"
+    )
+
+    probe = PeakMemory(device)
+    peak_seen = 0
+    started = time.monotonic()
+    steps_this_run = 0
+    model.train()
+    for epoch in range(position.epoch, n_epochs):
+        order = torch.randperm(len(split.windows), generator=torch.Generator().manual_seed(spec.seed + epoch))
+        first_batch = position.batch_in_epoch if epoch == position.epoch else 0
+        for b in range(first_batch, batches_per_epoch):
+            windows = [split.windows[int(i)] for i in order[b * batch_size : (b + 1) * batch_size]]
+            step = position.step + 1
+            probe.reset()
+            t0 = time.monotonic()
+            loss, chunks = _optimizer_step(model, windows, chunk_config, spec, step, device, ctx)
+            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.monotonic() - t0
+            peak = probe.peak_bytes()
+            peak_seen = max(peak_seen, peak)
+            tokens = sum(len(w) for w in windows)
+            end_of_epoch = b == batches_per_epoch - 1
+            position = Position(
+                step, epoch + end_of_epoch, 0 if end_of_epoch else b + 1, position.trained_tokens + tokens
+            )
+            steps_this_run += 1
+            metrics: dict[str, Any] = {
+                "step": step,
+                "total_steps": total_steps,
+                "epoch": epoch + 1,
+                "train_loss": loss,
+                "learning_rate": learning_rate,
+                "tokens": tokens,
+                "tokens_per_second": tokens / seconds,
+                "step_seconds": seconds,
+                "peak_memory_bytes": peak,
+                "chunks_backpropagated": chunks,
+            }
+            save_now = end_of_epoch or step % checkpoint_every == 0
+            if save_now and valid_windows:
+                metrics["valid_loss"] = _validation_loss(model, valid_windows, chunk_config.chunk_size, device)
+            ctx.metrics(metrics)
+            _append_metrics(metrics_csv, metrics)
+            rate = (time.monotonic() - started) / steps_this_run
+            ctx.progress(step, total_steps, position.trained_tokens, rate * (total_steps - step))
+            if save_now:
+                path = save_checkpoint(checkpoints, model, spec.model_name, optimizer, scheduler, position, metrics)
+                ctx.checkpoint_saved(step, path, metrics)
+
+    ctx.message(
+        f"peak memory {format_bytes(peak_seen)} measured "
+        f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'}); "
+        f"the memory plan estimated {format_bytes(job_plan.memory.estimate.total)}",
+        data={"peak_memory_bytes": peak_seen, "estimated_bytes": job_plan.memory.estimate.total},
+    )
+    adapter_dir = save_adapter(model, spec.output_dir / "adapter", spec.model_name)  # type: ignore[arg-type]
+    archive = pack_adapter(adapter_dir, spec.output_dir / "adapter.tar.gz")
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        adapter_archive=archive,
+        metrics_csv=metrics_csv,
+        trained_tokens=position.trained_tokens,
+        steps=position.step,
+        peak_memory_bytes=peak_seen,
+    )
+
+
+def _optimizer_step(
+    model: torch.nn.Module,
+    windows: list[Window],
+    chunk_config: ChunkConfig,
+    spec: TrainSpec,
+    step: int,
+    device: torch.device,
+    ctx: TrainContext,
+) -> tuple[float, int]:
+    """Accumulate one step's gradients over its windows; returns (mean token loss, chunks back-propagated).
+
+    Each window's gradient is weighted by its share of the step's targets, so the step
+    follows the mean token loss of the batch. The random state is derived from (seed,
+    step), so a resumed job draws the same dropout masks and SpaCO chunks as the first try.
+    """
+    torch.manual_seed(spec.seed * 1_000_003 + step)
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
+    n_targets = sum(w.num_targets for w in windows)
+    loss_sum, chunks = 0.0, 0
+    for window in windows:
+        if ctx.cancelled():
+            raise JobCancelled()
+        ids = torch.tensor([window.input_ids], device=device)  # (1, T)
+        labels = torch.tensor([window.labels], device=device)
+        out = chunked_backward(model, ids, labels, chunk_config, generator, loss_scale=window.num_targets / n_targets)
+        loss_sum += out.loss * out.tokens
+        chunks += out.chunks_backpropagated
+    return loss_sum / n_targets, chunks
+
+
+@torch.no_grad()
+def _validation_loss(model: torch.nn.Module, windows: list[Window], chunk_size: int, device: torch.device) -> float:
+    """Token-weighted mean loss over the validation windows (stage 1 only: no graph)."""
+    model.eval()
+    total, n = 0.0, 0
+    for window in windows:
+        ids = torch.tensor([window.input_ids], device=device)
+        labels = torch.tensor([window.labels], device=device)
+        total += chunked_loss(model, ids, labels, chunk_size) * window.num_targets
+        n += window.num_targets
+    model.train()
+    return total / n
+
+
+def _plan_memory(spec: TrainSpec, model_config: Any, dtype: torch.dtype) -> Plan:
+    """Pick max_length and chunk_size for the device, or refuse with what would fit."""
+    context = int(getattr(model_config, "max_position_embeddings", 0) or 0)
+    lora = spec.seco.lora
+    targets = tuple(lora.target_modules) if lora.target_modules else PlanOptions().lora_targets
+    options = PlanOptions(dtype_bytes=torch.finfo(dtype).bits // 8, lora_r=lora.r, lora_targets=targets)
+    budget = spec.memory_budget_bytes or device_budget_bytes(spec.device)
+    requested = spec.seco.max_length or context or 4096
+    memory = plan(model_config, requested, budget, chunk_size=spec.seco.chunk_size, options=options)
+    if not memory.fits and spec.seco.max_length is None and memory.longest_length >= 2:
+        # The job left max_length to us: the model's context does not fit, so take the longest that does.
+        memory = plan(model_config, memory.longest_length, budget, chunk_size=spec.seco.chunk_size, options=options)
+    if not memory.fits or memory.chunk_size is None:
+        raise TrainingError(memory.message, code="does_not_fit", param="seco.max_length")
+    return Plan(max_length=memory.seq_len, chunk_size=min(memory.chunk_size, memory.seq_len), memory=memory)
+
+
+def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
+    lora = spec.seco.lora
+    model = attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    return model.to(device)
+
+
+def _chunk_config(spec: TrainSpec, chunk_size: int) -> ChunkConfig:
+    seco = spec.seco
+    if seco.mode == "spaco":
+        return ChunkConfig(
+            chunk_size=chunk_size,
+            mode="spaco",
+            budget=seco.budget,
+            sampling=seco.sampling,  # type: ignore[arg-type]
+            max_compensation=seco.max_compensation,
+        )
+    return ChunkConfig(chunk_size=chunk_size)
+
+
+def _warmup_cosine(total_steps: int) -> Any:
+    """Linear warm-up over the first WARMUP_FRACTION of steps, then cosine decay to 0."""
+    warmup = max(1, int(total_steps * WARMUP_FRACTION))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _append_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(metrics)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop CSV rows a dead attempt wrote after its last checkpoint; the resume redoes them."""
+    if not path.exists():
+        return
+    with path.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= last_step]
+    path.unlink()
+    for row in rows:
+        _append_metrics(path, row)
