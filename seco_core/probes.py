@@ -1,0 +1,186 @@
+"""Peak-memory and timing probes that work the same way on CUDA and on CPU.
+
+The worker streams `peak_memory_bytes` per optimizer step and the benchmark compares
+methods by their peak; both need "the most memory this step needed", measured from a
+known starting point:
+
+- CUDA: the caching allocator's own counters (`torch.cuda.max_memory_allocated`), reset
+  with `torch.cuda.reset_peak_memory_stats`. This counts tensors only, not the CUDA
+  context or allocator fragmentation, which is what a memory plan budgets separately.
+- CPU (Linux): the process's peak resident set size. The kernel keeps it as VmHWM in
+  /proc/self/status, and writing "5" to /proc/self/clear_refs resets VmHWM to the
+  current RSS, so a peak can be measured per step.
+- CPU elsewhere: `resource.getrusage(...).ru_maxrss`, which cannot be reset: the peak
+  is then the peak of the whole process so far (`resettable` is False).
+
+Usage::
+
+    probe = PeakMemory("cpu")       # resets on construction
+    ...                             # the step
+    probe.peak_extra_bytes          # peak minus the usage at the last reset
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import torch
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _status_kib(field: str) -> int | None:
+    """A `VmXXX:  123 kB` line of /proc/self/status in KiB, or None off Linux."""
+    try:
+        text = _STATUS.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def current_rss_bytes() -> int:
+    """The process's resident set size now (VmRSS; psutil where /proc is missing)."""
+    kib = _status_kib("VmRSS")
+    if kib is not None:
+        return kib * 1024
+    import psutil  # only needed off Linux
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _ru_maxrss_bytes() -> int:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _reset_rss_peak() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel does not allow it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return _status_kib("VmHWM") is not None
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+class PeakMemory:
+    """Peak memory since the last `reset()`, on a CUDA device or for the CPU process.
+
+    `baseline_bytes` is the usage at the last reset (allocated tensors on CUDA, RSS on
+    CPU); `peak_extra_bytes` is what the work after the reset added on top of it, the
+    figure to compare between methods that start from the same model.
+    Also a context manager: `with PeakMemory(dev) as probe: ...` resets on entry.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.is_cuda = self.device.type == "cuda"
+        self.baseline_bytes = 0
+        self.resettable = True
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new measurement: the peak becomes the current usage."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_bytes = int(torch.cuda.memory_allocated(self.device))
+        else:
+            self.resettable = _reset_rss_peak()
+            self.baseline_bytes = current_rss_bytes()
+
+    def current_bytes(self) -> int:
+        """Usage now: allocated tensor bytes on CUDA, resident set size on CPU."""
+        if self.is_cuda:
+            return int(torch.cuda.memory_allocated(self.device))
+        return current_rss_bytes()
+
+    def peak_bytes(self) -> int:
+        """Highest usage since the last reset (since process start if not `resettable`)."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.resettable:
+            kib = _status_kib("VmHWM")
+            if kib is not None:
+                return kib * 1024
+        return _ru_maxrss_bytes()
+
+    @property
+    def peak_extra_bytes(self) -> int:
+        """Peak minus the usage at the last reset (never negative)."""
+        return max(0, self.peak_bytes() - self.baseline_bytes)
+
+    def __enter__(self) -> PeakMemory:
+        self.reset()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for queued CUDA kernels so wall-clock time covers the work (no-op on CPU)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class Stopwatch:
+    """Wall-clock timer that synchronises CUDA at start and stop.
+
+    CUDA kernels run asynchronously: without a synchronisation, `perf_counter` would
+    measure how long it took to queue the step, not to run it.
+
+    >>> with Stopwatch("cpu") as sw:
+    ...     pass
+    >>> sw.seconds >= 0.0
+    True
+    """
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self._start: float | None = None
+        self.seconds = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        """Stop and return the seconds since `start()` (also kept in `.seconds`)."""
+        if self._start is None:
+            raise RuntimeError("Stopwatch.stop() called before start()")
+        synchronize(self.device)
+        self.seconds = time.perf_counter() - self._start
+        self._start = None
+        return self.seconds
+
+    def __enter__(self) -> Stopwatch:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

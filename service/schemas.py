@@ -1,0 +1,256 @@
+"""Request and response bodies, shaped as OpenAI's fine-tuning API objects.
+
+Our additions to the job object (`queue_position`, `progress`, `estimated_finish`,
+`peak_memory_bytes`, `cancel_requested`, `seco`, ...) are extra fields: the `openai`
+SDK parses leniently and hands them to the caller unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# --------------------------------------------------------------------------- requests
+
+Auto = Literal["auto"]
+NEpochs = Auto | Annotated[int, Field(ge=1, le=100, strict=True)]
+BatchSize = Auto | Annotated[int, Field(ge=1, le=1024, strict=True)]
+LrMult = Auto | Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+
+SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    n_epochs: NEpochs = "auto"
+    """Passes over the training file; "auto" lets the worker choose from the data size."""
+    batch_size: BatchSize = "auto"
+    """Windows per optimizer step (gradient accumulation)."""
+    learning_rate_multiplier: LrMult = "auto"
+    """Scales the worker's documented base learning rate."""
+
+
+class LoraSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(default=16, ge=1, le=1024, strict=True)
+    alpha: float = Field(default=32, gt=0, le=1e6, allow_inf_nan=False)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None, max_length=64
+    )
+    """None: the model's attention projections."""
+
+
+class SecoSettings(BaseModel):
+    """The `seco` extension object (`extra_body={"seco": {...}}` in the SDK)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["seco", "spaco"] = "seco"
+    """"seco": exact gradients, chunk by chunk. "spaco": back-propagate a random subset of chunks."""
+    chunk_size: int | None = Field(default=None, ge=16, le=1 << 20, strict=True)
+    """Tokens per chunk; None: the largest that fits the worker's memory plan."""
+    budget: int | None = Field(default=None, ge=1, strict=True)
+    """SpaCO: chunks back-propagated per sequence (expected number with "bernoulli")."""
+    sampling: Literal["bernoulli", "fixed"] = "bernoulli"
+    """SpaCO: "bernoulli" is exactly unbiased; "fixed" (t of k, the paper's) is biased."""
+    max_compensation: float | None = Field(default=None, ge=1, le=1e6, allow_inf_nan=False)
+    max_length: int | None = Field(default=None, ge=16, le=1 << 22, strict=True)
+    """Tokens per training window; None: the model's context length, capped by the memory plan."""
+    lora: LoraSettings = Field(default_factory=lambda: LoraSettings())
+
+    @model_validator(mode="after")
+    def _budget_for_spaco(self) -> SecoSettings:
+        if self.mode == "spaco" and self.budget is None:
+            raise ValueError("budget is required when mode is 'spaco'")
+        if self.mode == "seco" and self.budget is not None:
+            raise ValueError("budget only applies to mode 'spaco'")
+        return self
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    """OpenAI's newer way to pass hyperparameters; only "supervised" is offered here."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["supervised"]
+    supervised: SupervisedMethod | None = None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(default=None, max_length=64)
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: str | None = Field(default=None, max_length=64)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, strict=True)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16
+    )
+    integrations: list[dict[str, Any]] | None = None
+    seco: SecoSettings = Field(default_factory=lambda: SecoSettings())
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix_chars(cls, v: str | None) -> str | None:
+        if v is not None and not SUFFIX_RE.match(v):
+            raise ValueError("suffix must be 1-64 characters of letters, digits, '-' and '_'")
+        return v
+
+    @field_validator("integrations")
+    @classmethod
+    def _no_integrations(cls, v: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if v:
+            raise ValueError("integrations are not supported by this server; follow the events stream instead")
+        return v
+
+    def effective_hyperparameters(self) -> Hyperparameters:
+        if self.method is not None and self.method.supervised and self.method.supervised.hyperparameters:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()
+
+
+# --------------------------------------------------------------------------- responses
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: str = "processed"
+    status_details: str | None = None
+    expires_at: int | None = None
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool = True
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None = None
+    model: str
+    fine_tuned_model: str | None = None
+    organization_id: str
+    result_files: list[str]
+    status: str
+    training_file: str
+    validation_file: str | None = None
+    hyperparameters: dict[str, Any]
+    trained_tokens: int | None = None
+    error: JobError | None = None
+    seed: int
+    estimated_finish: int | None = None
+    integrations: list[dict[str, Any]] | None = None
+    metadata: dict[str, str] | None = None
+    method: dict[str, Any] | None = None
+    user_provided_suffix: str | None = None
+    # ours
+    queue_position: int | None = None
+    """While queued: 1 = the next job a free worker takes."""
+    progress: float | None = None
+    """Fraction of optimizer steps done (0..1)."""
+    step: int | None = None
+    total_steps: int | None = None
+    peak_memory_bytes: int | None = None
+    cancel_requested: bool = False
+    """True once a running job was asked to cancel; it stops at its next optimizer step."""
+    attempts: int = 0
+    """How many times the job lost its worker and was requeued."""
+    started_at: int | None = None
+    seco: dict[str, Any]
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class JobEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None = None
+
+
+class EventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobEvent]
+    has_more: bool
+
+
+class JobCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+class CheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobCheckpoint]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class Model(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Model]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail

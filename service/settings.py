@@ -1,0 +1,106 @@
+"""One `Settings` object, read once from the environment (API, worker and CLI share it).
+
+Names are the documented environment variables (DESIGN.md "Configuration"); the
+attributes are short aliases so code reads `settings.data_dir`, not `seco_data_dir`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from functools import cached_property, lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def tenant_of(key: str) -> str:
+    """A tenant id derived from an API key: short, stable, and not the key itself."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    redis_url: str | None = Field(None, validation_alias=_env("REDIS_URL"))
+    """Broker and system of record. `seco up` starts an embedded server when unset."""
+
+    data_dir: Path = Field(Path("data"), validation_alias=_env("SECO_DATA_DIR"))
+    """Files, checkpoints and adapters; shared by every API and worker host."""
+
+    api_keys_raw: str = Field("", validation_alias=_env("SECO_API_KEYS"))
+    """Comma-separated keys; each key is its own tenant."""
+
+    models_raw: str = Field("", validation_alias=_env("SECO_MODELS"))
+    """`name=/local/hf/dir,...`: the base models offered; users pick by name only."""
+
+    device: str = Field("cpu", validation_alias=_env("SECO_DEVICE"))
+    """Where a worker trains: `cuda:N` or `cpu`."""
+
+    max_upload_bytes: int = Field(1 << 30, ge=1, validation_alias=_env("SECO_MAX_UPLOAD_BYTES"))
+    """Largest single upload; beyond it the request gets a 413 and the partial file is removed."""
+
+    max_line_bytes: int = Field(64 << 20, ge=1, validation_alias=_env("SECO_MAX_LINE_BYTES"))
+    """Largest JSONL line accepted (a long document is one line)."""
+
+    max_queued_jobs: int = Field(20, ge=1, validation_alias=_env("SECO_MAX_QUEUED_JOBS"))
+    """Per tenant: queued + running jobs at once (429 beyond)."""
+
+    max_file_bytes: int = Field(10 << 30, ge=1, validation_alias=_env("SECO_MAX_FILE_BYTES"))
+    """Per tenant: total bytes of uploaded files (429 beyond)."""
+
+    lease_seconds: int = Field(30, ge=2, validation_alias=_env("SECO_LEASE_SECONDS"))
+    """A running job's lease; a job whose worker stops refreshing it is requeued."""
+
+    reaper_interval: float = Field(10.0, gt=0, validation_alias=_env("SECO_REAPER_INTERVAL"))
+    """Seconds between sweeps for running jobs whose lease expired."""
+
+    max_attempts: int = Field(3, ge=1, validation_alias=_env("SECO_MAX_ATTEMPTS"))
+    """Worker losses after which a job fails instead of being requeued again."""
+
+    checkpoint_every: int | None = Field(None, ge=1, validation_alias=_env("SECO_CHECKPOINT_EVERY"))
+    """Optimizer steps between checkpoints; None lets the trainer choose."""
+
+    memory_budget_bytes: int | None = Field(None, ge=1, validation_alias=_env("SECO_MEMORY_BUDGET"))
+    """Cap on the memory a job may plan for on this worker; None: the device's own size."""
+
+    queue: str = Field("seco", validation_alias=_env("SECO_QUEUE"))
+    """The Celery queue the API publishes to and workers consume."""
+
+    log_level: str = Field("INFO", validation_alias=_env("SECO_LOG_LEVEL"))
+
+    @cached_property
+    def api_keys(self) -> dict[str, str]:
+        """key -> tenant id."""
+        keys = [k.strip() for k in self.api_keys_raw.split(",") if k.strip()]
+        return {k: tenant_of(k) for k in keys}
+
+    @cached_property
+    def models(self) -> dict[str, Path]:
+        """Registry name -> local model directory, in the order configured."""
+        out: dict[str, Path] = {}
+        for item in self.models_raw.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            name, sep, path = item.partition("=")
+            name = name.strip()
+            if not sep or not path.strip():
+                raise ValueError(f"SECO_MODELS entry {item!r} must look like name=/path/to/model")
+            if not MODEL_NAME_RE.match(name):
+                raise ValueError(f"SECO_MODELS name {name!r} must match {MODEL_NAME_RE.pattern}")
+            out[name] = Path(path.strip())
+        return out
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, built once from the environment."""
+    return Settings()  # type: ignore[call-arg]  # fields come from the environment

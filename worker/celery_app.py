@@ -1,0 +1,49 @@
+"""The Celery application: Redis broker, one queue, one long job at a time per worker.
+
+Imported by the API too (to publish by task name), so it imports only celery and the
+settings; the task module is loaded by workers only (`include`).
+
+Delivery guarantees: `acks_late` + `reject_on_worker_lost` put a job back on the queue
+if the process running it dies; the task's state-machine check makes a duplicate
+delivery a no-op. The broker's visibility timeout is long (7 days) so a long job is
+never handed to a second worker while the first still runs it; a dead worker is
+detected much sooner by the job lease (service/store.py) and its reaper.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import setup_logging
+
+from service.logs import configure_logging
+from service.settings import Settings, get_settings
+
+VISIBILITY_TIMEOUT = 7 * 24 * 3600
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("seco", broker=settings.redis_url or "redis://127.0.0.1:6379/0", include=["worker.tasks"])
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_ignore_result=True,  # state lives in our own records, not a result backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a worker holds one job, never a backlog another could run
+        worker_cancel_long_running_tasks_on_connection_loss=False,  # keep training through a broker blip
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+@setup_logging.connect
+def _logging(**_: object) -> None:
+    """Our JSON logs instead of Celery's own format."""
+    configure_logging(get_settings().log_level)
+
+
+app = make_celery()

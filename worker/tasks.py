@@ -1,0 +1,324 @@
+"""The Celery task: load the job, call the training loop, save what it produced.
+
+Thin on purpose. `run_job` is plain code, called by the task and directly by tests.
+Importing this module stays light (no torch): `worker.trainer` is imported inside the
+task, in the child process that runs it.
+
+Guarantees:
+- Only a `queued` job starts (atomic queued -> running); a duplicate delivery, a
+  cancelled or a finished job does nothing.
+- While training, a thread renews the job's lease. If this process dies the lease
+  expires and a reaper (API or any worker) requeues the job, which resumes from its
+  last checkpoint. If the lease is lost while we still run (a long stall), the job is
+  someone else's: we stop and write nothing more.
+- Any exception ends the job `failed` with a message; the worker process survives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from service import ids
+from service.settings import Settings, get_settings
+from service.storage import DataDir
+from service.store import FileRecord, JobRecord, Store, now
+from worker.celery_app import app
+from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
+
+log = logging.getLogger(__name__)
+
+TrainFn = Callable[[TrainSpec, TrainContext], TrainResult]
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@functools.cache
+def _store(url: str, pid: int) -> Store:
+    """One store per process (keyed by pid: a forked child never reuses its parent's sockets)."""
+    return Store.from_url(url)
+
+
+def process_store(settings: Settings) -> Store:
+    assert settings.redis_url, "REDIS_URL is not set"
+    return _store(settings.redis_url, os.getpid())
+
+
+# --------------------------------------------------------------------------- lease
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the job's lease every lease/3 seconds; `lost` once the job is no longer ours."""
+
+    def __init__(self, store: Store, job_id: str, worker_id: str, lease_seconds: float) -> None:
+        super().__init__(name=f"lease-{job_id}", daemon=True)
+        self.store, self.job_id, self.worker_id = store, job_id, worker_id
+        self.lease_seconds = lease_seconds
+        self.lost = False
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.lease_seconds / 3):
+            try:
+                if not self.store.refresh_lease(self.job_id, self.worker_id, self.lease_seconds):
+                    self.lost = True
+                    log.error("lost the lease of job %s; stopping work on it", self.job_id)
+                    return
+            except Exception as e:  # Redis briefly down: keep trying until the lease would expire
+                log.warning("could not renew the lease of job %s: %s", self.job_id, e)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+# --------------------------------------------------------------------------- context
+
+
+class StoreContext:
+    """The `TrainContext` the training loop reports through, backed by the store."""
+
+    CANCEL_POLL_SECONDS = 0.25
+
+    def __init__(self, store: Store, job_id: str, worker_id: str, lease: LeaseKeeper, data: DataDir) -> None:
+        self.store, self.job_id, self.worker_id = store, job_id, worker_id
+        self.lease = lease
+        self.data = data
+        self._cancel_checked = 0.0
+        self._cancel = False
+
+    def message(self, text: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
+        if not self.lease.lost:
+            self.store.add_event(self.job_id, text, level=level, data=data)
+
+    def metrics(self, data: dict[str, Any]) -> None:
+        step, total = data.get("step"), data.get("total_steps")
+        msg = f"Step {step}/{total}" if total else f"Step {step}"
+        if isinstance(data.get("train_loss"), int | float):
+            msg += f": training loss={data['train_loss']:.4f}"
+        if isinstance(data.get("valid_loss"), int | float):
+            msg += f", validation loss={data['valid_loss']:.4f}"
+        self.store.add_metrics(self.job_id, self.worker_id, data, msg)
+
+    def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
+        self.store.update_running(self.job_id, self.worker_id, {
+            "step": step, "total_steps": total_steps, "trained_tokens": trained_tokens,
+            "progress": round(step / total_steps, 6) if total_steps else "",
+            "estimated_finish": int(time.time() + eta_seconds) if eta_seconds is not None else "",
+        })  # fmt: skip
+
+    def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        if self.lease.lost:
+            return
+        self.store.add_checkpoint(self.job_id, step, self.data.relative(path), metrics)
+        self.store.add_event(self.job_id, f"Checkpoint saved at step {step}", data={"step": step})
+
+    def cancelled(self) -> bool:
+        """A cancel request or a lost lease; Redis is read at most every 0.25 s."""
+        if self.lease.lost:
+            return True
+        t = time.monotonic()
+        if not self._cancel and t - self._cancel_checked >= self.CANCEL_POLL_SECONDS:
+            self._cancel_checked = t
+            self._cancel = self.store.cancel_requested(self.job_id)
+        return self._cancel
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def _auto(value: Any) -> Any:
+    return None if value == "auto" else value
+
+
+def build_spec(rec: JobRecord, settings: Settings, store: Store, data: DataDir) -> TrainSpec:
+    """Resolve names to paths (model registry, file records); a user never sends a path."""
+    model_path = settings.models.get(rec.model)
+    if model_path is None:
+        raise TrainingError(f"Model {rec.model!r} is not configured on this worker (SECO_MODELS)",
+                            code="model_not_available", param="model")  # fmt: skip
+
+    def file_path(file_id: str | None, param: str) -> Path | None:
+        if file_id is None:
+            return None
+        frec = store.get_file(file_id, rec.tenant)
+        path = data.resolve(frec.path) if frec else None
+        if path is None or not path.is_file():
+            raise TrainingError(f"{param} {file_id!r} no longer exists", code="file_not_found", param=param)
+        return path
+
+    training = file_path(rec.training_file, "training_file")
+    assert training is not None
+    s, hp = rec.seco, rec.hyperparameters
+    lora = dict(s.get("lora") or {})
+    if isinstance(lora.get("alpha"), float) and lora["alpha"].is_integer():
+        lora["alpha"] = int(lora["alpha"])
+    seco = SecoSpec(mode=s.get("mode", "seco"), chunk_size=s.get("chunk_size"), budget=s.get("budget"),
+                    sampling=s.get("sampling", "bernoulli"), max_compensation=s.get("max_compensation"),
+                    max_length=s.get("max_length"), lora=LoraSpec(**lora))  # fmt: skip
+    return TrainSpec(
+        job_id=rec.id, model_name=rec.model, model_path=model_path, training_file=training,
+        validation_file=file_path(rec.validation_file, "validation_file"), output_dir=data.job_dir(rec.id),
+        device=settings.device, n_epochs=_auto(hp.get("n_epochs")), batch_size=_auto(hp.get("batch_size")),
+        learning_rate_multiplier=_auto(hp.get("learning_rate_multiplier")), seed=rec.seed, seco=seco,
+        checkpoint_every=settings.checkpoint_every, memory_budget_bytes=settings.memory_budget_bytes,
+    )  # fmt: skip
+
+
+def _register_results(rec: JobRecord, result: TrainResult, store: Store, data: DataDir) -> tuple[str, str]:
+    """The adapter archive and metrics CSV as `fine-tune-results` files (ids fixed per job)."""
+    out = []
+    for kind, path, name in (("adapter", result.adapter_archive, f"{rec.id}-adapter.tar.gz"),
+                             ("metrics", result.metrics_csv, f"{rec.id}-metrics.csv")):  # fmt: skip
+        path = Path(path)
+        if not path.is_file():
+            raise TrainingError(f"the training loop produced no {kind} file at {path.name}", code="missing_output")
+        fid = ids.result_file_id(rec.id, kind)
+        store.create_file(FileRecord(id=fid, tenant=rec.tenant, bytes=path.stat().st_size, created_at=now(),
+                                     filename=name, purpose="fine-tune-results", path=data.relative(path),
+                                     job_id=rec.id), counted=False, tenant_limit=0)  # fmt: skip
+        out.append(fid)
+    return out[0], out[1]
+
+
+def run_job(
+    job_id: str, settings: Settings, store: Store, *, worker_id: str | None = None, train: TrainFn | None = None
+) -> str:
+    """Run one delivery of a job; returns what happened (for logs and tests)."""
+    worker_id = worker_id or default_worker_id()
+    if not ids.is_job_id(job_id):
+        log.error("refusing a task with a malformed job id %r", job_id)
+        return "invalid"
+    if not store.start_job(job_id, worker_id, settings.lease_seconds):
+        rec = store.get_job(job_id)
+        log.info("job %s is %s; nothing to do (a duplicate or stale delivery)", job_id,
+                 rec.status if rec else "missing", extra={"job_id": job_id})  # fmt: skip
+        return "skipped"
+    lease = LeaseKeeper(store, job_id, worker_id, settings.lease_seconds)
+    lease.start()
+    try:
+        return _run_started(job_id, settings, store, worker_id, lease, train)
+    finally:
+        lease.stop()
+
+
+def _run_started(
+    job_id: str, settings: Settings, store: Store, worker_id: str, lease: LeaseKeeper, train: TrainFn | None
+) -> str:
+    rec = store.get_job(job_id)
+    assert rec is not None
+    data = DataDir(settings.data_dir)
+    ctx = StoreContext(store, job_id, worker_id, lease, data)
+    log.info("job started", extra={"job_id": job_id, "worker": worker_id, "attempt": rec.attempts + 1})
+
+    def fail(code: str, message: str, param: str | None = None) -> str:
+        store.finish_job(job_id, worker_id, "failed", event=message, event_level="error",
+                         fields={"error": {"code": code, "message": message, "param": param}})  # fmt: skip
+        return "failed"
+
+    try:
+        spec = build_spec(rec, settings, store, data)
+        if train is None:
+            from worker.trainer import train as real_train  # torch is imported here, in the child only
+
+            train = real_train
+        result = train(spec, ctx)
+        if lease.lost:
+            return "lost"
+        adapter_id, metrics_id = _register_results(rec, result, store, data)
+    except JobCancelled:
+        if lease.lost:
+            log.warning("job %s lost its lease; another worker owns it now", job_id)
+            return "lost"
+        store.finish_job(job_id, worker_id, "cancelled", event="Fine-tuning job cancelled")
+        return "cancelled"
+    except TrainingError as e:
+        log.info("job failed: %s", e, extra={"job_id": job_id, "code": e.code})
+        return fail(e.code, str(e), e.param)
+    except Exception as e:
+        log.exception("job %s crashed", job_id, extra={"job_id": job_id})
+        return fail("internal_error", f"Training failed: {type(e).__name__}: {e}")
+    fine_tuned = f"{rec.model}:{rec.suffix}:{job_id}" if rec.suffix else f"{rec.model}:{job_id}"
+    store.add_event(job_id, f"New fine-tuned model created: {fine_tuned}")
+    peak = max(int(result.peak_memory_bytes or 0), store.get_job(job_id).peak_memory_bytes or 0)  # type: ignore[union-attr]
+    done = store.finish_job(
+        job_id, worker_id, "succeeded", event="The job has successfully completed",
+        fields={"fine_tuned_model": fine_tuned, "trained_tokens": str(result.trained_tokens),
+                "result_files": [adapter_id, metrics_id], "adapter_file": adapter_id, "progress": "1",
+                "peak_memory_bytes": str(peak), "step": str(result.steps)},
+    )  # fmt: skip
+    return "succeeded" if done else "lost"
+
+
+@app.task(name="seco.train_job", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def train_job(job_id: str) -> str:
+    """Celery entry point: `send_task("seco.train_job", args=[job_id])`."""
+    settings = get_settings()
+    return run_job(job_id, settings, process_store(settings))
+
+
+# --------------------------------------------------------------------------- worker process
+
+
+class WorkerHeartbeat(threading.Thread):
+    """In the worker's main process: heartbeat for /readyz, and the reaper sweep."""
+
+    def __init__(self, settings: Settings, worker_id: str) -> None:
+        super().__init__(name="seco-heartbeat", daemon=True)
+        self.settings = settings
+        self.worker_id = worker_id
+        self.store = Store.from_url(settings.redis_url or "")
+        self._stop_event = threading.Event()
+
+    def sweep(self) -> None:
+        for job_id in self.store.reap_expired(self.settings.max_attempts):
+            app.send_task("seco.train_job", args=[job_id], queue=self.settings.queue)
+
+    def run(self) -> None:
+        interval = self.settings.lease_seconds / 3
+        last_sweep = 0.0
+        while True:
+            try:
+                self.store.worker_heartbeat(self.worker_id, self.settings.lease_seconds)
+                if time.monotonic() - last_sweep >= self.settings.reaper_interval:
+                    last_sweep = time.monotonic()
+                    self.sweep()
+            except Exception as e:
+                log.warning("worker heartbeat failed: %s: %s", type(e).__name__, e)
+            if self._stop_event.wait(interval):
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        with contextlib.suppress(Exception):
+            self.store.remove_worker(self.worker_id)
+
+
+_heartbeat: WorkerHeartbeat | None = None
+
+
+@worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    """Start the heartbeat; its first sweep requeues jobs orphaned while no worker ran."""
+    global _heartbeat
+    settings = get_settings()
+    _heartbeat = WorkerHeartbeat(settings, f"{getattr(sender, 'hostname', socket.gethostname())}:{os.getpid()}")
+    _heartbeat.start()
+    log.info("worker ready", extra={"worker": _heartbeat.worker_id, "device": settings.device})
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
