@@ -19,85 +19,22 @@ Keys of other formats in one record are an error; other keys (e.g. an "id") are 
 Every document's first label is -100: no token precedes it, so it is never a target,
 and writing that down keeps the loss-token counts equal to the true number of targets.
 
-Validation alone (`read_records`, `validate_file`) needs no tokenizer and no torch.
+The record formats and their validation live in worker/records.py (shared with the API's
+upload check); this module adds tokenisation and loss masks.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seco_core.windows import IGNORE_INDEX, Document
+from worker.records import ChatRecord, DataError, Message, PromptCompletionRecord, Record, TextRecord, read_records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-ROLES = ("system", "user", "assistant")
-FORMAT_KEYS = {"text": ("text",), "chat": ("messages",), "prompt_completion": ("prompt", "completion")}
-UNSUPPORTED_KEYS = ("tools", "functions", "parallel_tool_calls")  # chat extras we cannot render faithfully
-MESSAGE_KEYS = {"role", "content", "weight", "name"}
-
-
-class DataError(ValueError):
-    """A record (or the whole file) that cannot be trained on, with where and why.
-
-    `file` is a display name chosen by the caller (e.g. "training_file"), never a
-    server path; `line` is 1-based, or None for a problem with the file as a whole.
-    """
-
-    def __init__(self, file: str, line: int | None, reason: str) -> None:
-        super().__init__(file, line, reason)
-        self.file = file
-        self.line = line
-        self.reason = reason
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file} line {self.line}"
-        return f"{where}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-    weight: int = 1
-    """0 excludes an assistant message from the loss (OpenAI's fine-tuning "weight")."""
-    name: str | None = None
-
-    @property
-    def trained(self) -> bool:
-        return self.role == "assistant" and self.weight == 1
-
-    def as_template_dict(self) -> dict[str, str]:
-        data = {"role": self.role, "content": self.content}
-        if self.name is not None:
-            data["name"] = self.name
-        return data
-
-
-@dataclass(frozen=True)
-class TextRecord:
-    text: str
-    format: str = "text"
-
-
-@dataclass(frozen=True)
-class ChatRecord:
-    messages: tuple[Message, ...]
-    format: str = "chat"
-
-
-@dataclass(frozen=True)
-class PromptCompletionRecord:
-    prompt: str
-    completion: str
-    format: str = "prompt_completion"
-
-
-Record = TextRecord | ChatRecord | PromptCompletionRecord
 
 
 @dataclass
@@ -149,141 +86,6 @@ class DataStats:
 class TokenizedData:
     documents: list[Document]
     stats: DataStats
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-def _string(value: object, what: str, *, allow_empty: bool = True) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise ValueError(f"{what} must be a non-empty string")
-    return value
-
-
-def _content(value: object, what: str) -> str:
-    """A string, or OpenAI-style text parts `[{"type": "text", "text": ...}]` joined."""
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ValueError(f"{what} parts must be {{'type': 'text', 'text': str}} (only text is supported)")
-            texts.append(part["text"])
-        return "".join(texts)
-    return _string(value, what)
-
-
-def _message(index: int, raw: object) -> Message:
-    where = f"messages[{index}]"
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where} must be an object with 'role' and 'content'")
-    if "tool_calls" in raw or "function_call" in raw:
-        raise ValueError(f"{where}: tool and function calls are not supported")
-    unexpected = sorted(set(raw) - MESSAGE_KEYS)
-    if unexpected:
-        raise ValueError(f"{where} has unexpected keys {unexpected}")
-    role = raw.get("role")
-    if role not in ROLES:
-        raise ValueError(f"{where}.role must be one of {', '.join(map(repr, ROLES))}, got {role!r}")
-    if "content" not in raw:
-        raise ValueError(f"{where} has no 'content'")
-    content = _content(raw["content"], f"{where}.content")
-    weight = raw.get("weight", 1)
-    if "weight" in raw:
-        if role != "assistant":
-            raise ValueError(f"{where}: 'weight' is only allowed on assistant messages")
-        if isinstance(weight, bool) or weight not in (0, 1):
-            raise ValueError(f"{where}.weight must be 0 or 1, got {weight!r}")
-    name = raw.get("name")
-    if name is not None:
-        _string(name, f"{where}.name")
-    return Message(role=role, content=content, weight=int(weight), name=name)
-
-
-def _chat(raw: dict[str, Any]) -> ChatRecord:
-    messages = raw["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list")
-    parsed = tuple(_message(i, m) for i, m in enumerate(messages))
-    if not any(m.trained for m in parsed):
-        raise ValueError("'messages' has no assistant message to train on (with weight 1)")
-    return ChatRecord(parsed)
-
-
-def parse_record(raw: object) -> Record:
-    """Validate one decoded JSON value; raises ValueError with the reason."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"each line must be a JSON object, got {type(raw).__name__}")
-    formats = [name for name, keys in FORMAT_KEYS.items() if any(k in raw for k in keys)]
-    if not formats:
-        raise ValueError("a record needs 'text', 'messages', or 'prompt' and 'completion'")
-    if len(formats) > 1:
-        found = sorted(k for keys in FORMAT_KEYS.values() for k in keys if k in raw)
-        raise ValueError(f"a record must use one format, found keys {found}")
-    unsupported = sorted(k for k in UNSUPPORTED_KEYS if k in raw)
-    if unsupported:
-        raise ValueError(f"{unsupported} are not supported (no tool or function calling)")
-    if formats[0] == "text":
-        return TextRecord(_string(raw["text"], "'text'", allow_empty=False))
-    if formats[0] == "chat":
-        return _chat(raw)
-    for key in ("prompt", "completion"):
-        if key not in raw:
-            raise ValueError(f"a prompt/completion record needs '{key}'")
-    return PromptCompletionRecord(
-        prompt=_string(raw["prompt"], "'prompt'"),
-        completion=_string(raw["completion"], "'completion'", allow_empty=False),
-    )
-
-
-def _decode(line: bytes, number: int) -> str:
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not valid UTF-8 (byte 0x{line[exc.start]:02x} at column {exc.start + 1})") from None
-    return text.removeprefix("\ufeff") if number == 1 else text  # tolerate a UTF-8 byte-order mark
-
-
-def read_records(path: str | Path, display_name: str | None = None) -> Iterator[tuple[int, Record]]:
-    """Yield (line number, record) for each non-blank line, streaming the file.
-
-    Raises DataError at the first bad line, or when the file holds no record at all.
-    """
-    name = display_name or Path(path).name
-    try:
-        with open(path, "rb") as handle:  # bytes: decoding errors are reported per line
-            yield from _records(handle, name)
-    except OSError as exc:
-        raise DataError(name, None, f"cannot be read ({exc.strerror})") from None
-
-
-def _records(lines: Iterable[bytes], name: str) -> Iterator[tuple[int, Record]]:
-    count = 0
-    for number, line in enumerate(lines, start=1):
-        try:
-            text = _decode(line, number)
-            if not text.strip():
-                continue
-            try:
-                raw = json.loads(text.rstrip("\r\n"))  # columns stay those of the line
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-            record = parse_record(raw)
-        except ValueError as exc:
-            raise DataError(name, number, str(exc)) from None
-        count += 1
-        yield number, record
-    if count == 0:
-        raise DataError(name, None, "contains no records (the file is empty)")
-
-
-def validate_file(path: str | Path, display_name: str | None = None) -> dict[str, int]:
-    """Check every record without tokenising; returns the number of records per format."""
-    counts: dict[str, int] = {}
-    for _, record in read_records(path, display_name):
-        counts[record.format] = counts.get(record.format, 0) + 1
-    return counts
 
 
 # --------------------------------------------------------------------------- tokenising

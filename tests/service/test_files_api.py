@@ -58,11 +58,11 @@ def test_pagination_and_order(svc: Any, jsonl: Callable[..., Path]) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b'{"text": "ok"}\n{"text": "ok"}\n{"text": 3}\n', 'line 3: "text" must be a non-empty string'),
-        (b'{"text": "ok"}\n\n{oops\n', "line 3: not valid JSON"),
+        (b'{"text": "ok"}\n{"text": "ok"}\n{"text": 3}\n', "line 3: 'text' must be a string, got int"),
+        (b'{"text": "ok"}\n\n{oops\n', "line 3: invalid JSON"),
         (b"", "the file is empty"),
         (b'{"text": "\xc3\x28"}\n', "line 1: not valid UTF-8"),
-        (b'{"prompt": "a", "completion": "b", "extra": 1}\n', "line 1: unknown field(s) 'extra'"),
+        (b'{"prompt": "a", "completion": "b", "extra": 1}\n', "line 1: unknown field(s) ['extra']"),
     ],
 )
 def test_bad_files_name_the_line(svc: Any, tmp_path: Path, content: bytes, message: str) -> None:

@@ -10,7 +10,8 @@ import pytest
 
 from seco_core.demo import byte_tokenizer
 from seco_core.windows import IGNORE_INDEX, split_documents
-from worker.data import DataError, load_documents, validate_file
+from worker.data import load_documents
+from worker.records import DataError, validate_file
 
 TOK = byte_tokenizer()
 EOS = TOK.eos_token_id
@@ -181,7 +182,7 @@ def test_chat_template_error_is_a_data_error(tmp_path: Path) -> None:
 
 
 def test_mixed_formats_in_one_file(tmp_path: Path) -> None:
-    path = write(tmp_path, {"text": "abc", "id": 7}, CHAT, {"prompt": "p", "completion": "c"})
+    path = write(tmp_path, {"text": "abc"}, CHAT, {"prompt": "p", "completion": "c"})
     data = load_documents(path, TOK)
     assert len(data.documents) == 3
     assert {k: v.records for k, v in data.stats.formats.items()} == {"text": 1, "chat": 1, "prompt_completion": 1}
@@ -198,6 +199,7 @@ def test_mixed_formats_in_one_file(tmp_path: Path) -> None:
         ([1, 2], "each line must be a JSON object, got list"),
         ({"foo": 1}, "a record needs 'text', 'messages', or 'prompt' and 'completion'"),
         ({"text": "a", "prompt": "b"}, "a record must use one format, found keys ['prompt', 'text']"),
+        ({"text": "a", "id": 7}, "unknown field(s) ['id'] in a 'text' record"),
         ({"text": ""}, "'text' must be a non-empty string"),
         ({"text": 5}, "'text' must be a string, got int"),
         ({"prompt": "a"}, "a prompt/completion record needs 'completion'"),
