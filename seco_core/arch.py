@@ -28,6 +28,7 @@ class ModelParts:
 
     decoder: nn.Module  # embeddings + layers + final norm: input_ids -> (B, T, H) hidden states
     head: nn.Module  # output projection: (B, T, H) -> (B, T, V) logits
+    layers: nn.ModuleList  # the decoder layers, for checkpointing inside a chunk
     num_layers: int
     model_type: str
     architecture: str
@@ -55,11 +56,13 @@ def model_parts(model: nn.Module) -> ModelParts:
             raise UnsupportedModelError(f"{architecture}: {attr} is not supported")
     decoder = base.get_decoder()
     head = base.get_output_embeddings()
-    if head is None or decoder is base:
-        raise UnsupportedModelError(f"{architecture}: expected a causal LM with a decoder and an output head")
+    layers = getattr(decoder, "layers", None)
+    if head is None or decoder is base or not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(f"{architecture}: expected a causal LM with decoder layers and an output head")
     return ModelParts(
         decoder=decoder,
         head=head,
+        layers=layers,
         num_layers=config.num_hidden_layers,
         model_type=model_type,
         architecture=architecture,

@@ -14,6 +14,7 @@ and the result equals softmax attention over the concatenation (to float roundin
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,11 +34,47 @@ def _local_mask(groups: int, q_len: int, device: torch.device) -> torch.Tensor:
     return tril.repeat(groups, 1)
 
 
+def _stream_pairs(
+    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield each (key, value) block on `device`.
+
+    Blocks that live elsewhere (host memory, with KV offload) are copied one at a time,
+    so only one block is ever resident on the device; on CUDA the next block's copy is
+    issued on a side stream while the current one is being used.
+    """
+    pairs = list(zip(keys, values, strict=True))
+    if device.type != "cuda" or all(k.device == device for k, _ in pairs):
+        for k, v in pairs:
+            yield k.to(device), v.to(device)
+        return
+    side = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+
+    def fetch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.cuda.stream(side):
+            k, v = pairs[i]
+            return k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+
+    ahead = fetch(0)
+    for i in range(len(pairs)):
+        main.wait_stream(side)
+        k, v = ahead
+        k.record_stream(main)
+        v.record_stream(main)
+        if i + 1 < len(pairs):
+            ahead = fetch(i + 1)
+        yield k, v
+
+
 class _BlockAttention(torch.autograd.Function):
     """softmax(q K^T * scale) V over key blocks, the last of which is causal.
 
     Shapes: q (B, Hkv, R, D) with R = groups * q_len (grouped-query heads folded into
-    rows); each key/value block (B, Hkv, n_i, D). Returns (B, Hkv, R, D).
+    rows); each key/value block (B, Hkv, n_i, D). Returns (B, Hkv, R, D). Blocks may live
+    on another device than q (offloaded KV): they are streamed in, and only the host
+    tensors are saved for backward, which streams them again and sends their gradients
+    back to where they live.
     """
 
     @staticmethod
@@ -52,7 +89,7 @@ class _BlockAttention(torch.autograd.Function):
         row_sum = torch.zeros((*batch_heads, 1), dtype=cdt, device=q.device)
         acc = torch.zeros(qc.shape, dtype=cdt, device=q.device)
         last = len(keys) - 1
-        for i, (k, v) in enumerate(zip(keys, values, strict=False)):
+        for i, (k, v) in enumerate(_stream_pairs(keys, values, q.device)):
             s = torch.matmul(qc, k.to(cdt).transpose(-1, -2)) * scale  # (B, Hkv, R, n_i)
             if i == last:
                 s = s.masked_fill(~mask, float("-inf"))
@@ -83,7 +120,7 @@ class _BlockAttention(torch.autograd.Function):
         dq = torch.zeros_like(qc)
         block_grads: list[torch.Tensor | None] = []
         last = len(keys) - 1
-        for i, (k, v) in enumerate(zip(keys, values, strict=False)):
+        for i, (k, v) in enumerate(_stream_pairs(keys, values, q.device)):
             kc, vc = k.to(cdt), v.to(cdt)
             s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
             if i == last:
@@ -94,8 +131,10 @@ class _BlockAttention(torch.autograd.Function):
             dq += torch.matmul(ds, kc)
             need_k = ctx.needs_input_grad[3 + 2 * i]
             need_v = ctx.needs_input_grad[4 + 2 * i]
-            block_grads.append(torch.matmul(ds.transpose(-1, -2), qc).to(k.dtype) if need_k else None)
-            block_grads.append(torch.matmul(p.transpose(-1, -2), do).to(v.dtype) if need_v else None)
+            home_k, home_v = keys[i], values[i]  # gradients go back to where the block lives
+            dk = torch.matmul(ds.transpose(-1, -2), qc).to(home_k.device, home_k.dtype) if need_k else None
+            dv = torch.matmul(p.transpose(-1, -2), do).to(home_v.device, home_v.dtype) if need_v else None
+            block_grads += [dk, dv]
         return (dq.to(q.dtype), None, None, *block_grads)
 
 
@@ -119,7 +158,7 @@ def chunk_attention(
         raise ValueError("the last key block must be the chunk itself")
     groups = q_heads // kv_heads
     q = query.reshape(bsz, kv_heads, groups * q_len, head_dim)  # heads h = kv * groups + g
-    blocks = [t for kv in zip(key_blocks, value_blocks, strict=False) for t in kv]
+    blocks = [t for kv in zip(key_blocks, value_blocks, strict=True) for t in kv]
     out = _BlockAttention.apply(q, scale, q_len, *blocks)
     out = out.reshape(bsz, q_heads, q_len, head_dim)
     return out.transpose(1, 2)

@@ -75,13 +75,19 @@ class ChunkCache(Cache):
     def chunk_layers(self) -> list[ChunkLayer]:
         return self.layers  # type: ignore[return-value]
 
-    def push_current(self, requires_grad: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Stage 1: turn the chunk just computed into detached prefix leaves m'_j."""
+    def push_current(
+        self, requires_grad: bool, store_device: torch.device | None = None
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Stage 1: turn the chunk just computed into detached prefix leaves m'_j.
+
+        With `store_device` (KV offload) the leaves live there (pinned host memory when
+        the chunk was computed on CUDA, so later copies to the device can overlap).
+        """
         leaves = []
         for layer in self.chunk_layers:
             assert layer.new_keys is not None and layer.new_values is not None
-            k = layer.new_keys.detach().requires_grad_(requires_grad)
-            v = layer.new_values.detach().requires_grad_(requires_grad)
+            k = _stored(layer.new_keys, store_device).requires_grad_(requires_grad)
+            v = _stored(layer.new_values, store_device).requires_grad_(requires_grad)
             layer.prefix_keys.append(k)
             layer.prefix_values.append(v)
             layer.new_keys = layer.new_values = None
@@ -99,6 +105,15 @@ class ChunkCache(Cache):
             assert layer.new_keys is not None and layer.new_values is not None
             out.append((layer.new_keys, layer.new_values))
         return out
+
+
+def _stored(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """A detached copy of `t` on `device` (pinned if it comes from CUDA), or `t` detached."""
+    t = t.detach()
+    if device is None or device == t.device:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=t.is_cuda and device.type == "cpu")
+    return out.copy_(t)
 
 
 _ACTIVE_CACHE: ContextVar[ChunkCache | None] = ContextVar("seco_active_cache", default=None)

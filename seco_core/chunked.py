@@ -20,6 +20,9 @@ activations and logits are those of one chunk.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +78,26 @@ def chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
         part = checkpoint(_slice_ce_sum, *args, use_reentrant=False) if recompute else _slice_ce_sum(*args)
         total = total + part
     return total
+
+
+@contextlib.contextmanager
+def _checkpointed(layers: nn.ModuleList, enabled: bool) -> Iterator[None]:
+    """Run each decoder layer under activation checkpointing (non-reentrant) while active.
+
+    The layer's inputs are kept and its internals recomputed in backward. Its cache write
+    is simply repeated by the recomputation, with the same values.
+    """
+    if not enabled:
+        yield
+        return
+    originals = [layer.forward for layer in layers]
+    for layer, forward in zip(layers, originals, strict=True):
+        layer.forward = functools.partial(checkpoint, forward, use_reentrant=False)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for layer, forward in zip(layers, originals, strict=True):
+            layer.forward = forward  # type: ignore[method-assign]
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -157,6 +180,7 @@ def backward_with_factors(
     positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
 
     cache = chunk_cache.ChunkCache(parts.num_layers)
+    store_device = torch.device("cpu") if config.offload_kv else None
     rng_states = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
@@ -165,7 +189,7 @@ def backward_with_factors(
         out = parts.decoder(input_ids=input_ids[:, s:e], position_ids=positions[:, s:e], cache=cache, use_cache=True)
         return out.last_hidden_state  # (B, c, H)
 
-    with chunk_cache.activate(model, cache):
+    with chunk_cache.activate(model, cache), _checkpointed(parts.layers, config.layer_checkpointing):
         # Stage 1: fill the cache; losses of chunks that stage 2 will not revisit.
         with torch.no_grad():
             for j, (s, e) in enumerate(bounds):
@@ -173,7 +197,7 @@ def backward_with_factors(
                 hidden = run_chunk(j)
                 if factors[j] == 0.0:
                     loss_sum += chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice).double()
-                cache.push_current(requires_grad=needs_grad[j])
+                cache.push_current(requires_grad=needs_grad[j], store_device=store_device)
         final_rng = _rng_state(device)
 
         # Stage 2: reverse order, one chunk's graph at a time.
@@ -188,11 +212,11 @@ def backward_with_factors(
                 hidden = run_chunk(j)
                 chunk_loss = chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice)
                 objective = chunk_loss * (loss_scale / n_targets)
-                for (k_new, v_new), (k_leaf, v_leaf) in zip(cache.current(), leaves, strict=False):
+                for (k_new, v_new), (k_leaf, v_leaf) in zip(cache.current(), leaves, strict=True):
                     if k_leaf.grad is not None:
-                        objective = objective + (k_new * k_leaf.grad).sum()
+                        objective = objective + (k_new * k_leaf.grad.to(k_new.device)).sum()
                     if v_leaf.grad is not None:
-                        objective = objective + (v_new * v_leaf.grad).sum()
+                        objective = objective + (v_new * v_leaf.grad.to(v_new.device)).sum()
                 if objective.requires_grad:
                     (objective * factor).backward()
             loss_sum += chunk_loss.detach().double()

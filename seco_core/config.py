@@ -37,6 +37,17 @@ class ChunkConfig:
     """Tokens per slice of the output projection: logits exist for at most this many
     tokens at once (a 128K-vocabulary model's logits are ~0.5 MB per token in fp32)."""
 
+    offload_kv: bool = False
+    """Keep the per-chunk K/V checkpoints and their gradients in host memory (pinned
+    when the model is on CUDA) and stream them to the compute device one block at a
+    time while attention runs, prefetching the next block on a side stream. Device
+    memory then no longer grows with the sequence; host memory does (2 x KV cache)."""
+
+    layer_checkpointing: bool = False
+    """Recompute each decoder layer during the chunk's backward instead of keeping its
+    activations: one chunk's activations shrink to the layer inputs plus one layer's
+    working set, which allows larger (faster) chunks in the same memory."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")

@@ -156,3 +156,57 @@ def test_dropout_is_replayed_consistently() -> None:
     second = chunked_backward(model, ids, labels, ChunkConfig(chunk_size=9))
     assert first.loss == second.loss
     assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [dict(offload_kv=True), dict(layer_checkpointing=True), dict(offload_kv=True, layer_checkpointing=True)],
+    ids=["offload", "layer-ckpt", "both"],
+)
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "phi3"])
+@pytest.mark.usefixtures("float64_norms")
+def test_memory_options_keep_gradients_exact(arch: str, options: dict[str, bool]) -> None:
+    """KV offload (here the compute and offload device are both the CPU, so the
+    streaming code path runs with no-op copies) and layer checkpointing change where
+    tensors live and when they are computed, never the gradients."""
+    model = attach_lora(tiny_model(arch), r=4, alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    ids, labels = batch()
+    ref_loss, ref = reference_grads(model, ids, labels)
+    out = chunked_backward(model, ids, labels, ChunkConfig(chunk_size=8, **options))
+    assert out.loss == pytest.approx(ref_loss, rel=1e-13)
+    assert max_rel_error(model, ref) < REL_TOL
+
+
+def test_spaco_with_memory_options_matches_plain_spaco() -> None:
+    model = tiny_model("qwen3")
+    ids, labels = batch()
+    grads = []
+    for options in ({}, {"offload_kv": True, "layer_checkpointing": True}):
+        model.zero_grad(set_to_none=True)
+        cfg = ChunkConfig(chunk_size=6, mode="spaco", budget=3, **options)
+        chunked_backward(model, ids, labels, cfg, generator=torch.Generator().manual_seed(5))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize(("enabled", "calls_per_chunk"), [(False, 2), (True, 3)])
+def test_layer_checkpointing_recomputes_layers_in_backward(enabled: bool, calls_per_chunk: int) -> None:
+    """Stage 1 runs each layer once per chunk, stage 2 once more, and checkpointing once
+    more again in backward (its activations were not kept)."""
+    model = tiny_model("llama")
+    layer = model.model.layers[1]
+    calls = []
+    original = layer.forward
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    layer.forward = counting  # type: ignore[method-assign]
+    ids, labels = batch()
+    out = chunked_backward(model, ids, labels, ChunkConfig(chunk_size=15, layer_checkpointing=enabled))
+    assert len(calls) == calls_per_chunk * out.num_chunks
+    assert layer.forward is counting  # restored

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Set up a virtual environment (idempotent) and run the service or the tests.
+#
+#   scripts/dev.sh up [seco up flags]     the whole service on this machine (embedded Redis, API, one worker)
+#   scripts/dev.sh test [pytest args]     the test suite (starts its own Redis-compatible server)
+#
+# SECO_VENV picks the environment directory (default .venv). torch is installed first and
+# pinned, because a bare "torch" requirement may pull a multi-GB CUDA build; on a GPU
+# machine install the CUDA build of torch into the environment before running this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command=${1:-}
+case "$command" in
+  up|test) shift ;;
+  *) echo "usage: scripts/dev.sh up|test [args...]" >&2; exit 2 ;;
+esac
+
+venv=${SECO_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+# shellcheck disable=SC1091
+. "$venv/bin/activate"
+
+stamp="$venv/.seco-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  python -m pip install --quiet --upgrade pip
+  python -c "import torch" 2>/dev/null || python -m pip install --quiet "torch==2.13.0"
+  python -m pip install --quiet -e ".[server,test]"
+  touch "$stamp"
+fi
+
+if [ "$command" = up ]; then
+  exec seco up "$@"
+fi
+
+# The dashboard test drives a real headless Chromium; install it where we can (root, apt).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "chromium could not be installed: the browser test will be skipped" >&2
+fi
+
+set +e
+python -m pytest "$@"
+status=$?
+set -e
+if [ "$status" = 5 ]; then
+  echo "no tests were collected" >&2
+  exit 1
+fi
+exit "$status"
