@@ -92,12 +92,12 @@ def _checkpointed(layers: nn.ModuleList, enabled: bool) -> Iterator[None]:
         return
     originals = [layer.forward for layer in layers]
     for layer, forward in zip(layers, originals, strict=True):
-        layer.forward = functools.partial(checkpoint, forward, use_reentrant=False)  # type: ignore[method-assign]
+        layer.forward = functools.partial(checkpoint, forward, use_reentrant=False)
     try:
         yield
     finally:
         for layer, forward in zip(layers, originals, strict=True):
-            layer.forward = forward  # type: ignore[method-assign]
+            layer.forward = forward
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
