@@ -48,7 +48,17 @@ class Plan:
 
     max_length: int
     chunk_size: int
+    offload_kv: bool
+    layer_checkpointing: bool
     memory: MemoryPlan
+
+
+# Configurations in order of speed: each later one saves memory at some cost in time.
+MEMORY_MODES = (
+    {"layer_checkpointing": False, "kv_offload": False},
+    {"layer_checkpointing": True, "kv_offload": False},
+    {"layer_checkpointing": True, "kv_offload": True},
+)
 
 
 def train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
@@ -93,7 +103,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     )
     ctx.message(f"self-check passed: chunk-wise vs plain gradient relative error {check.max_rel_error:.2e}")
 
-    chunk_config = _chunk_config(spec, job_plan.chunk_size)
+    chunk_config = _chunk_config(spec, job_plan)
     batch_size = spec.batch_size or 1
     n_epochs = spec.n_epochs or AUTO_EPOCHS
     batches_per_epoch = math.ceil(len(split.windows) / batch_size)
@@ -116,7 +126,9 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     _truncate_metrics(metrics_csv, position.step)
     ctx.message(
         f"training {total_steps} steps: {n_epochs} epochs x {batches_per_epoch} batches of {batch_size} windows, "
-        f"max_length {job_plan.max_length}, chunk_size {chunk_config.chunk_size}, mode {chunk_config.mode}"
+        f"max_length {job_plan.max_length}, chunk_size {chunk_config.chunk_size}, mode {chunk_config.mode}, "
+        f"layer checkpointing {'on' if job_plan.layer_checkpointing else 'off'}, "
+        f"KV offload {'on' if job_plan.offload_kv else 'off'}"
     )
 
     probe = PeakMemory(device)
@@ -233,20 +245,36 @@ def _validation_loss(model: torch.nn.Module, windows: list[Window], chunk_size: 
 
 
 def _plan_memory(spec: TrainSpec, model_config: Any, dtype: torch.dtype) -> Plan:
-    """Pick max_length and chunk_size for the device, or refuse with what would fit."""
+    """The fastest configuration that fits the device, or a refusal saying what would fit.
+
+    Tried in MEMORY_MODES order at the requested max_length (default: the model's
+    context); when the job left max_length unset and even the most frugal mode cannot
+    fit the context, the longest length that mode fits is taken instead.
+    """
     context = int(getattr(model_config, "max_position_embeddings", 0) or 0)
     lora = spec.seco.lora
     targets = tuple(lora.target_modules) if lora.target_modules else PlanOptions().lora_targets
-    options = PlanOptions(dtype_bytes=torch.finfo(dtype).bits // 8, lora_r=lora.r, lora_targets=targets)
     budget = spec.memory_budget_bytes or device_budget_bytes(spec.device)
+    host_budget = device_budget_bytes("cpu") if spec.device.startswith("cuda") else None
     requested = spec.seco.max_length or context or 4096
-    memory = plan(model_config, requested, budget, chunk_size=spec.seco.chunk_size, options=options)
-    if not memory.fits and spec.seco.max_length is None and memory.longest_length >= 2:
-        # The job left max_length to us: the model's context does not fit, so take the longest that does.
-        memory = plan(model_config, memory.longest_length, budget, chunk_size=spec.seco.chunk_size, options=options)
-    if not memory.fits or memory.chunk_size is None:
-        raise TrainingError(memory.message, code="does_not_fit", param="seco.max_length")
-    return Plan(max_length=memory.seq_len, chunk_size=min(memory.chunk_size, memory.seq_len), memory=memory)
+    memory: MemoryPlan | None = None
+    for mode in MEMORY_MODES:
+        if mode["kv_offload"] and host_budget is None:
+            continue  # offloading from the CPU to the CPU saves nothing
+        options = PlanOptions(dtype_bytes=torch.finfo(dtype).bits // 8, lora_r=lora.r, lora_targets=targets, **mode)
+        memory = plan(model_config, requested, budget, spec.seco.chunk_size, options, host_budget)
+        if not memory.fits and spec.seco.max_length is None and memory.longest_length >= 2 and mode is MEMORY_MODES[-1]:
+            memory = plan(model_config, memory.longest_length, budget, spec.seco.chunk_size, options, host_budget)
+        if memory.fits and memory.chunk_size is not None:
+            return Plan(
+                max_length=memory.seq_len,
+                chunk_size=min(memory.chunk_size, memory.seq_len),
+                offload_kv=mode["kv_offload"],
+                layer_checkpointing=mode["layer_checkpointing"],
+                memory=memory,
+            )
+    assert memory is not None
+    raise TrainingError(memory.message, code="does_not_fit", param="seco.max_length")
 
 
 def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -256,17 +284,18 @@ def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> to
     return model.to(device)
 
 
-def _chunk_config(spec: TrainSpec, chunk_size: int) -> ChunkConfig:
+def _chunk_config(spec: TrainSpec, job_plan: Plan) -> ChunkConfig:
     seco = spec.seco
-    if seco.mode == "spaco":
-        return ChunkConfig(
-            chunk_size=chunk_size,
-            mode="spaco",
-            budget=seco.budget,
-            sampling=seco.sampling,  # type: ignore[arg-type]
-            max_compensation=seco.max_compensation,
-        )
-    return ChunkConfig(chunk_size=chunk_size)
+    spaco = seco.mode == "spaco"
+    return ChunkConfig(
+        chunk_size=job_plan.chunk_size,
+        mode="spaco" if spaco else "seco",
+        budget=seco.budget if spaco else None,
+        sampling=seco.sampling if spaco else "bernoulli",  # type: ignore[arg-type]
+        max_compensation=seco.max_compensation if spaco else None,
+        offload_kv=job_plan.offload_kv,
+        layer_checkpointing=job_plan.layer_checkpointing,
+    )
 
 
 def _warmup_cosine(total_steps: int) -> Any:
