@@ -61,6 +61,8 @@ class SecoSettings(BaseModel):
     max_compensation: float | None = Field(default=None, ge=1, le=1e6, allow_inf_nan=False)
     max_length: int | None = Field(default=None, ge=16, le=1 << 22, strict=True)
     """Tokens per training window; None: the model's context length, capped by the memory plan."""
+    load_in_4bit: bool = False
+    """NF4 base weights (QLoRA, bitsandbytes); needs a CUDA worker with bitsandbytes installed."""
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings())
 
     @model_validator(mode="after")

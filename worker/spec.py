@@ -29,6 +29,7 @@ class SecoSpec:
     sampling: str = "bernoulli"  # SpaCO: "bernoulli" (unbiased) or "fixed" (the paper's)
     max_compensation: float | None = None
     max_length: int | None = None  # None: model context length, capped by the plan
+    load_in_4bit: bool = False  # NF4 base weights (bitsandbytes, CUDA only)
     lora: LoraSpec = field(default_factory=LoraSpec)
 
 

@@ -278,10 +278,34 @@ def _plan_memory(spec: TrainSpec, model_config: Any, dtype: torch.dtype) -> Plan
 
 
 def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
+    base: Any = (
+        _load_4bit(spec, dtype, device)
+        if spec.seco.load_in_4bit
+        else AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
+    )
+    base.to(device)
     lora = spec.seco.lora
-    model = attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
-    return model.to(device)
+    return attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+
+
+def _load_4bit(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """NF4 base weights as in QLoRA: the frozen linears in 4 bits, LoRA and compute in bf16."""
+    import importlib.util
+
+    if device.type != "cuda" or importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainingError(
+            "seco.load_in_4bit needs a CUDA worker with bitsandbytes installed "
+            f"(this worker: device {spec.device}, bitsandbytes "
+            f"{'installed' if importlib.util.find_spec('bitsandbytes') else 'not installed'})",
+            code="unsupported_option",
+            param="seco.load_in_4bit",
+        )
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        spec.model_path, dtype=dtype, quantization_config=quant, device_map={"": device.index or 0}
+    )
 
 
 def _chunk_config(spec: TrainSpec, job_plan: Plan) -> ChunkConfig:

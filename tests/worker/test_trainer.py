@@ -172,3 +172,10 @@ def test_bad_record_fails_with_file_and_line(tmp_path: Path, demo_model: Path) -
     with pytest.raises(TrainingError, match="training_file line 2") as info:
         train(make_spec(tmp_path, demo_model, training_file=bad), Recorder())
     assert info.value.code == "invalid_file"
+
+
+def test_4bit_weights_need_cuda_and_bitsandbytes(tmp_path: Path, demo_model: Path) -> None:
+    spec = make_spec(tmp_path, demo_model, seco=SecoSpec(max_length=128, load_in_4bit=True))
+    with pytest.raises(TrainingError, match="needs a CUDA worker with bitsandbytes") as info:
+        train(spec, Recorder())
+    assert info.value.param == "seco.load_in_4bit"
