@@ -278,17 +278,17 @@ def _plan_memory(spec: TrainSpec, model_config: Any, dtype: torch.dtype) -> Plan
 
 
 def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    base: Any = (
-        _load_4bit(spec, dtype, device)
-        if spec.seco.load_in_4bit
-        else AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
-    )
-    base.to(device)
+    base: Any
+    if spec.seco.load_in_4bit:
+        base = _load_4bit(spec, dtype, device)  # placed by device_map: quantized models refuse .to()
+    else:
+        base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
+        base.to(device)
     lora = spec.seco.lora
     return attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
 
 
-def _load_4bit(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+def _load_4bit(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> Any:
     """NF4 base weights as in QLoRA: the frozen linears in 4 bits, LoRA and compute in bf16."""
     import importlib.util
 
