@@ -224,11 +224,13 @@ def measure(method: str, length: int, spec: dict[str, Any]) -> dict[str, Any]:
 
         info = step()  # warm-up: allocator pools, lazy initialisations
         model.zero_grad(set_to_none=True)
-        times = []
+        times, cpu_times = [], []
         for i in range(spec["steps"]):
+            cpu0 = time.process_time()
             with Stopwatch(device) as sw:
                 info = step()
             times.append(sw.seconds)
+            cpu_times.append(time.process_time() - cpu0)
             if method != "prefill":
                 result["grad_norm"], result["grads_nonzero"] = _grad_stats(model)
             if i < spec["steps"] - 1:
@@ -237,6 +239,9 @@ def measure(method: str, length: int, spec: dict[str, Any]) -> dict[str, Any]:
         result.update(info)
         result["step_seconds"] = times
         result["step_seconds_mean"] = sum(times) / len(times)
+        # CPU seconds of this process (all threads): unlike wall time, barely affected by
+        # other processes sharing the cores; with --threads 1 it tracks the work done.
+        result["cpu_seconds_mean"] = sum(cpu_times) / len(cpu_times)
         result["status"] = "ok"
         if method in ("seco", "spaco"):
             result["plan_step_bytes"] = _plan_step_bytes(model, length, spec)
@@ -271,8 +276,11 @@ def _plan_step_bytes(model: nn.Module, length: int, spec: dict[str, Any]) -> int
         optimizer=False,
         workspace_bytes=0,
     )
-    grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return estimate(shape, length, spec["chunk_size"], options).step_bytes + grads
+    e = estimate(shape, length, spec["chunk_size"], options)
+    # trainable_state without an optimizer: grads (+ the fp32 adapter weights under LoRA,
+    # which are already in the baseline).
+    adapter_weights = 4 * shape.lora_params(8, tuple(LORA_TARGETS)) if spec["lora"] else 0
+    return e.step_bytes + e.trainable_state - adapter_weights
 
 
 def child_main(spec_json: str) -> int:
@@ -290,7 +298,13 @@ def run_child(method: str, length: int, spec: dict[str, Any]) -> dict[str, Any]:
     child_spec = {**spec, "method": method, "length": length}
     cmd = [sys.executable, "-m", "seco_core.bench", "--child-spec", json.dumps(child_spec)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=spec["timeout"])
+        env = dict(os.environ)
+        if spec.get("mmap_threshold"):
+            # glibc: allocations above this are mmapped and returned on free, so the CPU
+            # peak RSS tracks live tensor bytes (like CUDA's counters) instead of also
+            # counting heap fragmentation.
+            env["MALLOC_MMAP_THRESHOLD_"] = str(spec["mmap_threshold"])
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=spec["timeout"], env=env)
     except subprocess.TimeoutExpired:
         return {"method": method, "length": length, "status": "timeout"}
     for line in reversed(proc.stdout.splitlines()):
@@ -368,7 +382,7 @@ def ratios(results: list[dict[str, Any]], lengths: list[int]) -> dict[str, dict[
 
 
 def format_table(results: list[dict[str, Any]], rat: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'length':>8} {'method':>8} {'peak extra MB':>14} {'step s':>9} {'loss':>9} {'plan MB':>9}"]
+    lines = [f"{'length':>8} {'method':>8} {'peak extra MB':>14} {'step s':>9} {'cpu s':>9} {'loss':>9} {'plan MB':>9}"]
     for r in results:
         if r["status"] != "ok":
             lines.append(f"{r['length']:>8} {r['method']:>8} {r['status'].upper():>14}")
@@ -377,7 +391,7 @@ def format_table(results: list[dict[str, Any]], rat: dict[str, dict[str, float]]
         plan = f"{r['plan_step_bytes'] / 2**20:.1f}" if "plan_step_bytes" in r else "-"
         lines.append(
             f"{r['length']:>8} {r['method']:>8} {r['peak_extra_bytes'] / 2**20:>14.1f} "
-            f"{r['step_seconds_mean']:>9.3f} {loss:>9} {plan:>9}"
+            f"{r['step_seconds_mean']:>9.3f} {r.get('cpu_seconds_mean', 0.0):>9.3f} {loss:>9} {plan:>9}"
         )
     for length, row in rat.items():
         if row:
@@ -445,6 +459,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length-limit", type=int, default=2**20, help="stop the doubling here")
     p.add_argument("--max-length-step", type=int, help="bisection resolution (default: the chunk size)")
     p.add_argument("--threads", type=int, help="torch CPU threads per child (default: torch's)")
+    p.add_argument("--mmap-threshold", type=parse_size,
+                   help="CPU: glibc MALLOC_MMAP_THRESHOLD_ for children, e.g. 128KiB (RSS ~ live bytes)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=1, help="children run at once (>1 distorts times)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -478,6 +494,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         "max_length_limit": args.max_length_limit,
         "timeout": args.timeout,
         "threads": args.threads,
+        "mmap_threshold": args.mmap_threshold,
     }
     spec["max_length_step"] = args.max_length_step or spec["chunk_size"]
     if args.find_max_length and spec["device"] == "cpu" and not spec["memory_cap"]:

@@ -50,7 +50,9 @@ def test_unset_max_length_takes_the_model_context_when_it_fits() -> None:
     assert plan.max_length == 131072
 
 
-def test_impossible_job_is_refused_with_alternatives() -> None:
-    with pytest.raises(TrainingError, match="What would fit") as info:
-        trainer._plan_memory(spec_for(131072, budget=18 * GiB), LLAMA3_8B, torch.bfloat16)
+def test_impossible_job_is_refused_with_alternatives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With offload the device holds O(chunk); the host (2 x 16 GiB of KV at 128K) binds."""
+    monkeypatch.setattr(trainer, "device_budget_bytes", lambda device: 20 * GiB)
+    with pytest.raises(TrainingError, match=r"host memory.*What would fit: .*max_length<=\d+") as info:
+        trainer._plan_memory(spec_for(131072), LLAMA3_8B, torch.bfloat16)
     assert info.value.code == "does_not_fit"
