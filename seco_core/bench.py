@@ -18,6 +18,8 @@ Methods:
 - seco:    chunked_backward(..., ChunkConfig(chunk_size=C))
 - spaco:   chunked_backward(..., ChunkConfig(chunk_size=C, mode="spaco", budget=t)),
            t = --budget, or max(1, int(k * --budget-fraction)) of k chunks (2 of 16)
+- seco-ckpt, seco-offload, spaco-offload: the same with layer checkpointing inside a
+           chunk, and with the KV cache and its gradients offloaded to host memory
 - prefill: a no-grad forward of the decoder (no LM head): inference cost, for the
            training/inference time ratio (not in the default method list)
 
@@ -49,7 +51,16 @@ from torch import nn
 from seco_core.memory_plan import GiB, ModelShape, PlanOptions, estimate, format_bytes, parse_size
 from seco_core.probes import PeakMemory, Stopwatch, current_rss_bytes
 
-METHODS = ("plain", "hf-ckpt", "seco", "spaco", "prefill")
+# Chunk-wise methods and the ChunkConfig memory options each adds (issue: KV offload and
+# layer checkpointing trade time for memory; the long-context preset compares them).
+CHUNKED: dict[str, dict[str, bool]] = {
+    "seco": {},
+    "seco-ckpt": {"layer_checkpointing": True},
+    "seco-offload": {"layer_checkpointing": True, "offload_kv": True},
+    "spaco": {},
+    "spaco-offload": {"layer_checkpointing": True, "offload_kv": True},
+}
+METHODS = ("plain", "hf-ckpt", *CHUNKED, "prefill")
 DEFAULT_METHODS = ("plain", "hf-ckpt", "seco", "spaco")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 RESULT_PREFIX = "BENCH_RESULT "
@@ -139,11 +150,18 @@ def make_step(
     from seco_core import ChunkConfig, chunked_backward
 
     k = math.ceil(input_ids.shape[1] / spec["chunk_size"])
-    if method == "seco":
-        cfg = ChunkConfig(chunk_size=spec["chunk_size"])
+    options = CHUNKED[method]
+    offload, ckpt = options.get("offload_kv", False), options.get("layer_checkpointing", False)
+    if method.startswith("seco"):
+        cfg = ChunkConfig(chunk_size=spec["chunk_size"], offload_kv=offload, layer_checkpointing=ckpt)
     else:
         cfg = ChunkConfig(
-            chunk_size=spec["chunk_size"], mode="spaco", budget=spaco_budget(k, spec), sampling=spec["sampling"]
+            chunk_size=spec["chunk_size"],
+            mode="spaco",
+            budget=spaco_budget(k, spec),
+            sampling=spec["sampling"],
+            offload_kv=offload,
+            layer_checkpointing=ckpt,
         )
     gen = torch.Generator().manual_seed(spec["seed"])
 
@@ -243,8 +261,8 @@ def measure(method: str, length: int, spec: dict[str, Any]) -> dict[str, Any]:
         # other processes sharing the cores; with --threads 1 it tracks the work done.
         result["cpu_seconds_mean"] = sum(cpu_times) / len(cpu_times)
         result["status"] = "ok"
-        if method in ("seco", "spaco"):
-            result["plan_step_bytes"] = _plan_step_bytes(model, length, spec)
+        if method in CHUNKED:
+            result["plan_step_bytes"] = _plan_step_bytes(model, length, spec, CHUNKED[method])
         if spec.get("check_loss") and method == "seco":
             with torch.no_grad():
                 ref = float(model(input_ids=input_ids, labels=labels).loss)
@@ -255,7 +273,7 @@ def measure(method: str, length: int, spec: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def _plan_step_bytes(model: nn.Module, length: int, spec: dict[str, Any]) -> int:
+def _plan_step_bytes(model: nn.Module, length: int, spec: dict[str, Any], variant: dict[str, bool]) -> int:
     """memory_plan's estimate of what a step adds to the built model, for comparison with
     the measured peak extra: KV cache and grads, one chunk's activations, logits and
     attention transients, plus the gradients of the trainable parameters."""
@@ -275,6 +293,8 @@ def _plan_step_bytes(model: nn.Module, length: int, spec: dict[str, Any]) -> int
         lora_r=8 if spec["lora"] else None,
         optimizer=False,
         workspace_bytes=0,
+        layer_checkpointing=variant.get("layer_checkpointing", False),
+        kv_offload=variant.get("offload_kv", False),
     )
     e = estimate(shape, length, spec["chunk_size"], options)
     # trainable_state without an optimizer: grads (+ the fp32 adapter weights under LoRA,

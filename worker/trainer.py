@@ -182,11 +182,13 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
                 path = save_checkpoint(checkpoints, model, spec.model_name, optimizer, scheduler, position, metrics)
                 ctx.checkpoint_saved(step, path, metrics)
 
+    estimate = job_plan.memory.estimate
     ctx.message(
         f"peak memory {format_bytes(peak_seen)} measured "
-        f"({'GPU allocated' if device.type == 'cuda' else 'process RSS'}); "
-        f"the memory plan estimated {format_bytes(job_plan.memory.estimate.total)}",
-        data={"peak_memory_bytes": peak_seen, "estimated_bytes": job_plan.memory.estimate.total},
+        f"({'GPU allocated' if device.type == 'cuda' else 'process RSS, with the Python runtime and libraries'}); "
+        f"the memory plan estimated {format_bytes(estimate.total - estimate.workspace)} for weights, "
+        f"trainable state and the step, plus {format_bytes(estimate.workspace)} kept as workspace",
+        data={"peak_memory_bytes": peak_seen, "estimated_bytes": estimate.total - estimate.workspace},
     )
     adapter_dir = save_adapter(model, spec.output_dir / "adapter", spec.model_name)  # type: ignore[arg-type]
     archive = pack_adapter(adapter_dir, spec.output_dir / "adapter.tar.gz")
