@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from service import errors
+from service import dashboard, errors
 from service.auth import BearerAuth
 from service.logs import configure_logging
 from service.metrics import Metrics, MetricsMiddleware
@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(models.router)
     app.include_router(v1)
     app.include_router(health.router)
+    dashboard.install(app)  # the web UI at /ui (static files, no auth: the page asks for the key)
     errors.install(app)
     app.add_middleware(BearerAuth, keys=settings.api_keys)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -1,0 +1,156 @@
+"""The dashboard in a real headless Chromium against the real service (API, Valkey, worker).
+
+Needs Debian's `chromium` (apt-get install -y chromium) and the `playwright` Python
+package as the driver; playwright's own browser download is never used. Set
+SECO_DASHBOARD_SCREENSHOT=docs/dashboard.png to refresh the README's screenshot.
+Waits use CSS selectors, not JS predicates: the page's CSP forbids eval, which
+playwright's string predicates need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.client.proxy import DroppingProxy
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path(os.environ.get("SECO_CHROMIUM", "/usr/bin/chromium"))
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the browser test drives Chromium with playwright")
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}: apt-get install -y chromium"),
+    pytest.mark.skipif(not (ROOT / "worker" / "trainer.py").exists(), reason="worker/trainer.py not written yet"),
+]
+
+
+@pytest.fixture(scope="module")
+def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    s = launch_service(redis_url, tmp_path_factory.mktemp("ui"), workers=1, SECO_CHECKPOINT_EVERY="10")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
+        yield b
+        b.close()
+
+
+def _files(svc: Any, d: Path) -> tuple[str, str]:
+    train, valid = d / "train.jsonl", d / "valid.jsonl"
+    train.write_text("".join(json.dumps({"text": f"lorem ipsum dolor sit amet {i % 3} " * 8}) + "\n"
+                             for i in range(24)))  # fmt: skip
+    valid.write_text(json.dumps({"text": "lorem ipsum dolor sit amet 1 " * 8}) + "\n")
+    c = svc.client()
+    return (c.files.create(file=train.open("rb"), purpose="fine-tune").id,
+            c.files.create(file=valid.open("rb"), purpose="fine-tune").id)  # fmt: skip
+
+
+def test_dashboard_follows_a_job_live_and_downloads_its_adapter(svc: Any, browser: Any, tmp_path: Path) -> None:
+    page = browser.new_page(viewport={"width": 1440, "height": 1080}, accept_downloads=True)
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+
+    page.goto(svc.url + "/")
+    assert page.url == svc.url + "/ui"
+    page.wait_for_selector("#key-dialog[open]")
+    page.fill("#key-input", "sk-not-a-key")
+    page.click("#key-save")
+    page.wait_for_selector("#key-error:not([hidden])")
+    assert "Incorrect API key provided" in page.text_content("#key-error")
+    problems.clear()  # Chromium logs that 401 as a console error: expected here, nowhere else
+    page.fill("#key-input", svc.key())
+    page.click("#key-save")
+    page.wait_for_selector("#key-dialog", state="hidden")
+    assert page.evaluate("localStorage.getItem('seco.apiKey')") == svc.key()
+
+    train, valid = _files(svc, tmp_path)
+    client = svc.client()
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=train, validation_file=valid,
+        hyperparameters={"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 20},
+        extra_body={"seco": {"chunk_size": 16, "max_length": 64, "lora": {"r": 8, "alpha": 16}}},
+    )  # fmt: skip
+    row = page.wait_for_selector(f"tr[data-job-id='{job.id}']", timeout=15_000)  # the list refreshes itself
+    row.click()
+    assert page.url.endswith(f"#{job.id}")
+
+    # The loss chart gains points while the job is running (samples: points, then the job's status).
+    samples: list[tuple[int, str]] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        points = int(page.get_attribute("#loss-chart", "data-points") or 0)
+        status = client.fine_tuning.jobs.retrieve(job.id).status
+        samples.append((points, status))
+        if status in ("succeeded", "failed", "cancelled"):
+            break
+        page.wait_for_timeout(300)
+    running = [p for p, s in samples if s == "running" and p > 0]
+    assert len(set(running)) >= 2 and running == sorted(running), f"no live growth seen: {samples}"
+    assert samples[-1][1] == "succeeded", svc.logs()
+
+    page.wait_for_selector("#download:not([hidden])", timeout=15_000)
+    total = client.fine_tuning.jobs.retrieve(job.id).model_extra["total_steps"]
+    page.wait_for_selector(f"#loss-chart[data-points='{total}']")
+    assert page.get_attribute("#mem-chart", "data-points") == str(total)
+    assert page.text_content("#job-status") == "succeeded"
+    assert "The job has successfully completed" in page.text_content("#events")
+    page.wait_for_selector("#checkpoints tbody tr")
+    assert page.text_content("#progress-text") == "100%"
+    assert not problems, problems
+
+    shot = tmp_path / "dashboard.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if target := os.environ.get("SECO_DASHBOARD_SCREENSHOT"):
+        shutil.copyfile(shot, ROOT / target)
+
+    with page.expect_download() as info:
+        page.click("#download")
+    download = info.value
+    assert download.suggested_filename == f"{job.id}-adapter.tar.gz"
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    assert saved.stat().st_size > 0
+    with tarfile.open(saved, "r:gz") as tar:
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())
+
+    # A reload keeps the key and the selected job, and replays the whole history into the charts.
+    page.reload()
+    page.wait_for_selector(f"#loss-chart[data-points='{total}']")
+    assert page.is_hidden("#key-dialog") and page.text_content("#job-id") == job.id
+    assert not problems, problems
+    page.close()
+
+    # Through a proxy that cuts the event stream every 40 events: the page resumes with
+    # Last-Event-ID, and ends with every event exactly once.
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=1000))
+    proxy = DroppingProxy(int(svc.url.rsplit(":", 1)[1]), events=40)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        page.goto(f"{proxy.url}/ui#{job.id}")  # another origin: the key is asked for again
+        page.fill("#key-input", svc.key())
+        page.click("#key-save")
+        page.wait_for_selector(f"#loss-chart[data-points='{total}']", timeout=30_000)
+        page.wait_for_selector("#events li >> text=The job has successfully completed")
+        shown = page.eval_on_selector_all("#events li span", "els => els.map(e => e.textContent)")
+        assert shown == [e.message for e in events], "every event once, newest first"
+        assert proxy.drops >= len(events) // 40 - 1
+        assert not problems, problems
+        page.close()
+    finally:
+        proxy.close()
