@@ -78,14 +78,22 @@ def _stream_pairs(
 # backward needs to produce this block's share of dq and its dk, dv.
 
 
+def _scores(
+    q: torch.Tensor, k: torch.Tensor, q_len: int, causal: bool, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Scaled scores (B, Hkv, R, n) in `dtype`, with the chunk's causal mask when `causal`."""
+    s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~_local_mask(q.shape[-2] // q_len, q_len, q.device), float("-inf"))
+    return s
+
+
 def _math_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_len: int, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain matmul + softmax in float32 or wider; works on any device and dtype."""
     cdt = _compute_dtype(q.dtype)
-    s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale  # (B, Hkv, R, n)
-    if causal:
-        s = s.masked_fill(~_local_mask(q.shape[-2] // q_len, q_len, q.device), float("-inf"))
+    s = _scores(q, k, q_len, causal, scale, cdt)
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     return torch.matmul(torch.exp(s - lse), v.to(cdt)), lse
 
@@ -102,13 +110,10 @@ def _math_backward(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cdt = lse.dtype
-    qc, kc, vc, doc = q.to(cdt), k.to(cdt), v.to(cdt), do.to(cdt)
-    s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(~_local_mask(q.shape[-2] // q_len, q_len, q.device), float("-inf"))
-    p = torch.exp(s - lse)  # the forward's probabilities, recomputed
+    p = torch.exp(_scores(q, k, q_len, causal, scale, cdt) - lse)  # the forward's probabilities, recomputed
+    qc, kc, doc = q.to(cdt), k.to(cdt), do.to(cdt)
     delta = (doc * out.to(cdt)).sum(dim=-1, keepdim=True)  # rowsum(dO * O)
-    ds = p * (torch.matmul(doc, vc.transpose(-1, -2)) - delta) * scale
+    ds = p * (torch.matmul(doc, v.to(cdt).transpose(-1, -2)) - delta) * scale
     return torch.matmul(ds, kc), torch.matmul(ds.transpose(-1, -2), qc), torch.matmul(p.transpose(-1, -2), doc)
 
 
