@@ -17,11 +17,6 @@ from service.client import Client
 from service.sse import follow_events
 from tests.client.proxy import DroppingProxy
 
-ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(
-    not (ROOT / "worker" / "trainer.py").exists(), reason="worker/trainer.py not written yet"
-)
-
 SMALL = ["--epochs", "1", "--batch-size", "2", "--chunk-size", "16", "--max-length", "64", "--lora-r", "4",
          "--lora-alpha", "8"]  # fmt: skip
 Run = Callable[..., tuple[int, str, str]]

@@ -8,16 +8,10 @@ import json
 import tarfile
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(
-    not (ROOT / "worker" / "trainer.py").exists(), reason="worker/trainer.py not written yet"
-)
 
 SMALL = {"n_epochs": 1, "batch_size": 2}
 SECO = {"chunk_size": 16, "max_length": 64, "lora": {"r": 4, "alpha": 8}}

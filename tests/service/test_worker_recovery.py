@@ -15,11 +15,7 @@ import pytest
 
 from service.store import REQUEUE_MESSAGE
 
-ROOT = Path(__file__).resolve().parents[2]
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (ROOT / "worker" / "trainer.py").exists(), reason="worker/trainer.py not written yet"),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
