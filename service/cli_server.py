@@ -62,9 +62,16 @@ def worker_argv(name: str = "seco@%h") -> list[str]:
             "--loglevel", level, "--without-gossip", "--without-mingle"]  # fmt: skip
 
 
+GRACEFUL_SHUTDOWN_SECONDS = 5
+"""On SIGTERM, how long the API lets open requests finish. Without a limit uvicorn waits for
+every SSE stream to end, i.e. for the job it follows to finish (hours), so a deploy never
+completes; cut off, a client reconnects to the new process with `Last-Event-ID`."""
+
+
 def api_argv(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory", "--host", host,
-            "--port", str(port), "--no-access-log"]  # fmt: skip
+            "--port", str(port), "--no-access-log",
+            "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_SECONDS)]  # fmt: skip
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -72,7 +79,8 @@ def cmd_api(args: argparse.Namespace) -> int:
     _require_redis()
     import uvicorn
 
-    uvicorn.run("service.main:create_app", factory=True, host=args.host, port=args.port, access_log=False)
+    uvicorn.run("service.main:create_app", factory=True, host=args.host, port=args.port, access_log=False,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip
     return 0
 
 

@@ -12,11 +12,14 @@ Guarantees:
   last checkpoint. If the lease is lost while we still run (a long stall), the job is
   someone else's: we stop and write nothing more.
 - Any exception ends the job `failed` with a message; the worker process survives.
+- A Redis outage shorter than the lease (e.g. a restart of a persistent Redis) does not
+  interrupt training: reports wait for Redis to come back instead of crashing the job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -25,8 +28,9 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import redis
 from celery.signals import worker_ready, worker_shutdown
 
 from service import ids
@@ -39,6 +43,11 @@ from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainContext, Training
 log = logging.getLogger(__name__)
 
 TrainFn = Callable[[TrainSpec, TrainContext], TrainResult]
+T = TypeVar("T")
+
+# Redis unreachable or still loading its AOF: worth waiting for, unlike a wrong command.
+STORE_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.BusyLoadingError)
+RETRY_SECONDS = 0.5
 
 
 def default_worker_id() -> str:
@@ -70,14 +79,17 @@ class LeaseKeeper(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(self.lease_seconds / 3):
+        wait = self.lease_seconds / 3
+        while not self._stop_event.wait(wait):
             try:
                 if not self.store.refresh_lease(self.job_id, self.worker_id, self.lease_seconds):
                     self.lost = True
                     log.error("lost the lease of job %s; stopping work on it", self.job_id)
                     return
-            except Exception as e:  # Redis briefly down: keep trying until the lease would expire
+                wait = self.lease_seconds / 3
+            except Exception as e:  # Redis briefly down: retry soon, so the lease is renewed as it comes back
                 log.warning("could not renew the lease of job %s: %s", self.job_id, e)
+                wait = min(RETRY_SECONDS, self.lease_seconds / 3)
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -98,9 +110,26 @@ class StoreContext:
         self._cancel_checked = 0.0
         self._cancel = False
 
+    def persist(self, call: Callable[[], T]) -> T:
+        """`call()` against the store, riding out a Redis outage while the lease may still be valid.
+
+        Redis restarting (with its AOF) must not fail a job that trains fine: the report
+        waits for it. Once the outage has outlasted the lease the job is the reaper's to
+        requeue, so the error is raised and this attempt ends.
+        """
+        deadline = time.monotonic() + self.lease.lease_seconds
+        while True:
+            try:
+                return call()
+            except STORE_DOWN as e:
+                if self.lease.lost or time.monotonic() >= deadline:
+                    raise
+                log.warning("job store unavailable (%s); retrying", type(e).__name__, extra={"job_id": self.job_id})
+                time.sleep(RETRY_SECONDS)
+
     def message(self, text: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
         if not self.lease.lost:
-            self.store.add_event(self.job_id, text, level=level, data=data)
+            self.persist(lambda: self.store.add_event(self.job_id, text, level=level, data=data))
 
     def metrics(self, data: dict[str, Any]) -> None:
         step, total = data.get("step"), data.get("total_steps")
@@ -109,20 +138,22 @@ class StoreContext:
             msg += f": training loss={data['train_loss']:.4f}"
         if isinstance(data.get("valid_loss"), int | float):
             msg += f", validation loss={data['valid_loss']:.4f}"
-        self.store.add_metrics(self.job_id, self.worker_id, data, msg)
+        self.persist(lambda: self.store.add_metrics(self.job_id, self.worker_id, data, msg))
 
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
-        self.store.update_running(self.job_id, self.worker_id, {
+        fields = {
             "step": step, "total_steps": total_steps, "trained_tokens": trained_tokens,
             "progress": round(step / total_steps, 6) if total_steps else "",
             "estimated_finish": int(time.time() + eta_seconds) if eta_seconds is not None else "",
-        })  # fmt: skip
+        }  # fmt: skip
+        self.persist(lambda: self.store.update_running(self.job_id, self.worker_id, fields))
 
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         if self.lease.lost:
             return
-        self.store.add_checkpoint(self.job_id, step, self.data.relative(path), metrics)
-        self.store.add_event(self.job_id, f"Checkpoint saved at step {step}", data={"step": step})
+        self.persist(lambda: self.store.add_checkpoint(self.job_id, step, self.data.relative(path), metrics))
+        self.persist(lambda: self.store.add_event(self.job_id, f"Checkpoint saved at step {step}",
+                                                  data={"step": step}))  # fmt: skip
 
     def cancelled(self) -> bool:
         """A cancel request or a lost lease; Redis is read at most every 0.25 s."""
@@ -131,7 +162,7 @@ class StoreContext:
         t = time.monotonic()
         if not self._cancel and t - self._cancel_checked >= self.CANCEL_POLL_SECONDS:
             self._cancel_checked = t
-            self._cancel = self.store.cancel_requested(self.job_id)
+            self._cancel = self.persist(lambda: self.store.cancel_requested(self.job_id))
         return self._cancel
 
 
@@ -166,7 +197,8 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, data: DataDir) 
         lora["alpha"] = int(lora["alpha"])
     seco = SecoSpec(mode=s.get("mode", "seco"), chunk_size=s.get("chunk_size"), budget=s.get("budget"),
                     sampling=s.get("sampling", "bernoulli"), max_compensation=s.get("max_compensation"),
-                    max_length=s.get("max_length"), lora=LoraSpec(**lora))  # fmt: skip
+                    max_length=s.get("max_length"), load_in_4bit=bool(s.get("load_in_4bit", False)),
+                    lora=LoraSpec(**lora))  # fmt: skip
     return TrainSpec(
         job_id=rec.id, model_name=rec.model, model_path=model_path, training_file=training,
         validation_file=file_path(rec.validation_file, "validation_file"), output_dir=data.job_dir(rec.id),
@@ -190,6 +222,40 @@ def _register_results(rec: JobRecord, result: TrainResult, store: Store, data: D
                                      job_id=rec.id), counted=False, tenant_limit=0)  # fmt: skip
         out.append(fid)
     return out[0], out[1]
+
+
+# errno of a data dir that is full or cannot be written, and how libraries that hide the
+# errno (safetensors, torch.save) spell the same failures.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+                   errno.ENOTDIR, errno.ENOTEMPTY, errno.EIO, errno.EFBIG}  # fmt: skip
+_STORAGE_TEXT = {"No space left on device": errno.ENOSPC, "os error 28": errno.ENOSPC,
+                 "Disk quota exceeded": errno.EDQUOT, "Read-only file system": errno.EROFS,
+                 "Permission denied": errno.EACCES, "file write failed": errno.EIO}  # fmt: skip
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """Why `exc` is the data dir being full or unwritable ("no space left on device"), else None.
+
+    Such a failure is the operator's to fix, not a bug in training; it gets its own error
+    code and a message without server paths.
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _STORAGE_ERRNOS:
+            return os.strerror(seen.errno).lower()
+        for text, code in _STORAGE_TEXT.items():
+            if text in str(seen):
+                return os.strerror(code).lower()
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _scrub(message: str, settings: Settings, data: DataDir) -> str:
+    """A user-facing message without the server's directories (data dir, model paths)."""
+    message = message.replace(f"{data.root}{os.sep}", "").replace(str(data.root), "<data dir>")
+    for name, path in settings.models.items():
+        message = message.replace(str(path), f"<model {name}>")
+    return message
 
 
 def run_job(
@@ -236,7 +302,7 @@ def _run_started(
         result = train(spec, ctx)
         if lease.lost:
             return "lost"
-        adapter_id, metrics_id = _register_results(rec, result, store, data)
+        adapter_id, metrics_id = ctx.persist(lambda: _register_results(rec, result, store, data))
     except JobCancelled:
         if lease.lost:
             log.warning("job %s lost its lease; another worker owns it now", job_id)
@@ -248,16 +314,21 @@ def _run_started(
         return fail(e.code, str(e), e.param)
     except Exception as e:
         log.exception("job %s crashed", job_id, extra={"job_id": job_id})
-        return fail("internal_error", f"Training failed: {type(e).__name__}: {e}")
+        reason = storage_failure(e)
+        if reason is not None:
+            return fail("storage_error", f"The worker could not save this job's files: {reason}. Check the free "
+                        "space and permissions of the data directory (SECO_DATA_DIR).")  # fmt: skip
+        return fail("internal_error", _scrub(f"Training failed: {type(e).__name__}: {e}", settings, data))
     fine_tuned = f"{rec.model}:{rec.suffix}:{job_id}" if rec.suffix else f"{rec.model}:{job_id}"
-    store.add_event(job_id, f"New fine-tuned model created: {fine_tuned}")
-    peak = max(int(result.peak_memory_bytes or 0), store.get_job(job_id).peak_memory_bytes or 0)  # type: ignore[union-attr]
-    done = store.finish_job(
+    ctx.persist(lambda: store.add_event(job_id, f"New fine-tuned model created: {fine_tuned}"))
+    recorded = ctx.persist(lambda: store.get_job(job_id))
+    peak = max(int(result.peak_memory_bytes or 0), (recorded.peak_memory_bytes if recorded else 0) or 0)
+    done = ctx.persist(lambda: store.finish_job(
         job_id, worker_id, "succeeded", event="The job has successfully completed",
         fields={"fine_tuned_model": fine_tuned, "trained_tokens": str(result.trained_tokens),
                 "result_files": [adapter_id, metrics_id], "adapter_file": adapter_id, "progress": "1",
                 "peak_memory_bytes": str(peak), "step": str(result.steps)},
-    )  # fmt: skip
+    ))  # fmt: skip
     return "succeeded" if done else "lost"
 
 
