@@ -359,13 +359,19 @@ def find_max_length(method: str, spec: dict[str, Any]) -> dict[str, Any]:
                 lo, best, best_result = mid, mid, r
             else:
                 hi = mid
-    return {
+    row = {
         "method": method,
         "max_length": best,
         "hit_limit": fail is None,
         "step_seconds": best_result["step_seconds_mean"] if best_result else None,
         "peak_extra_bytes": best_result["peak_extra_bytes"] if best_result else None,
     }
+    if best_result and method.startswith("spaco"):
+        # SpaCO's promise: training cost tends to inference cost as L grows.
+        prefill = run_child("prefill", best, spec)
+        if prefill["status"] == "ok":
+            row["train_over_prefill"] = best_result["step_seconds_mean"] / prefill["step_seconds_mean"]
+    return row
 
 
 def _get(results: list[dict[str, Any]], method: str, length: int) -> dict[str, Any] | None:
@@ -571,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in report.get("max_length", []):
         limit = " (hit --max-length-limit)" if row["hit_limit"] else ""
         secs = f", {row['step_seconds']:.2f} s/step" if row["step_seconds"] else ""
-        print(f"max length {row['method']}: {row['max_length']}{limit}{secs}")
+        ratio = f", training/inference time {row['train_over_prefill']:.2f}x" if "train_over_prefill" in row else ""
+        print(f"max length {row['method']}: {row['max_length']}{limit}{secs}{ratio}")
     for msg in problems:
         print(f"PROBLEM: {msg}")
     if spec["memory_cap"]:

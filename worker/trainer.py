@@ -89,7 +89,11 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     # Memory plan, then windows of at most max_length tokens.
     model_config = AutoConfig.from_pretrained(spec.model_path)
     job_plan = _plan_memory(spec, model_config, dtype)
-    ctx.message(job_plan.memory.message, data={"memory_plan": job_plan.memory.estimate.as_dict()})
+    ctx.message(
+        f"{job_plan.memory.message}; the longest max_length this device can train in this configuration "
+        f"is {job_plan.memory.longest_length}",
+        data={"memory_plan": job_plan.memory.estimate.as_dict(), "longest_max_length": job_plan.memory.longest_length},
+    )
     split = split_documents(train_data.documents, job_plan.max_length)
     if not split.windows:
         raise TrainingError("training_file has no tokens to train on", code="invalid_file", param="training_file")

@@ -90,3 +90,19 @@ def test_find_max_length_doubles_then_bisects(monkeypatch: pytest.MonkeyPatch) -
     # The doubling stops at the limit without an OOM.
     row = bench.find_max_length("seco", {**spec, "max_length_limit": 2048})
     assert row["max_length"] == 2048 and row["hit_limit"]
+
+
+def test_find_max_length_reports_spaco_training_over_inference(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_child(method: str, length: int, spec: dict[str, Any]) -> dict[str, Any]:
+        if length > 4096:
+            return {"method": method, "length": length, "status": "oom"}
+        seconds = length / 1000 if method == "prefill" else 1.25 * length / 1000
+        return {"method": method, "length": length, "status": "ok", "step_seconds_mean": seconds,
+                "peak_extra_bytes": length}  # fmt: skip
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    spec = {"lengths": [1024], "max_length_limit": 2**20, "max_length_step": 1024}
+    row = bench.find_max_length("spaco-offload", spec)
+    assert row["max_length"] == 4096
+    assert row["train_over_prefill"] == pytest.approx(1.25)
+    assert "train_over_prefill" not in bench.find_max_length("seco", spec)
