@@ -15,8 +15,6 @@ import pytest
 
 from service.store import REQUEUE_MESSAGE
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
