@@ -136,7 +136,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     )
 
     probe = PeakMemory(device)
-    peak_seen = 0
+    peak_seen = step_peak = 0  # absolute peak; largest step peak above the resident model
     started = time.monotonic()
     steps_this_run = 0
     model.train()
@@ -157,6 +157,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             seconds = time.monotonic() - t0
             peak = probe.peak_bytes()
             peak_seen = max(peak_seen, peak)
+            step_peak = max(step_peak, probe.peak_extra_bytes)
             tokens = sum(len(w) for w in windows)
             end_of_epoch = b == batches_per_epoch - 1
             position = Position(
@@ -188,11 +189,17 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
 
     estimate = job_plan.memory.estimate
     ctx.message(
-        f"peak memory {format_bytes(peak_seen)} measured "
-        f"({'GPU allocated' if device.type == 'cuda' else 'process RSS, with the Python runtime and libraries'}); "
-        f"the memory plan estimated {format_bytes(estimate.total - estimate.workspace)} for weights, "
-        f"trainable state and the step, plus {format_bytes(estimate.workspace)} kept as workspace",
-        data={"peak_memory_bytes": peak_seen, "estimated_bytes": estimate.total - estimate.workspace},
+        f"memory: a step took up to {format_bytes(step_peak)} above the resident model and optimizer "
+        f"(the plan estimated {format_bytes(estimate.step_bytes)}); peak {format_bytes(peak_seen)} in all "
+        f"({'GPU allocated' if device.type == 'cuda' else 'process RSS, with the Python runtime and libraries'}), "
+        f"the plan {format_bytes(estimate.total - estimate.workspace)} plus {format_bytes(estimate.workspace)} "
+        "kept as workspace",
+        data={
+            "peak_memory_bytes": peak_seen,
+            "step_peak_bytes": step_peak,
+            "estimated_step_bytes": estimate.step_bytes,
+            "estimated_bytes": estimate.total - estimate.workspace,
+        },
     )
     adapter_dir = save_adapter(model, spec.output_dir / "adapter", spec.model_name)  # type: ignore[arg-type]
     archive = pack_adapter(adapter_dir, spec.output_dir / "adapter.tar.gz")

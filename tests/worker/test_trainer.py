@@ -179,3 +179,30 @@ def test_4bit_weights_need_cuda_and_bitsandbytes(tmp_path: Path, demo_model: Pat
     with pytest.raises(TrainingError, match="needs a CUDA worker with bitsandbytes") as info:
         train(spec, Recorder())
     assert info.value.param == "seco.load_in_4bit"
+
+
+@pytest.mark.parametrize(
+    ("records", "trained_text"),
+    [
+        ([{"prompt": "Q: what jumps? A:", "completion": " the quick brown fox"}] * 2, " the quick brown fox"),
+        (
+            [{"messages": [{"role": "user", "content": "what jumps?"},
+                           {"role": "assistant", "content": "the fox", "weight": 0},
+                           {"role": "user", "content": "and then?"},
+                           {"role": "assistant", "content": "the dog sleeps"}]}] * 2,
+            "the dog sleeps",
+        ),
+    ],
+    ids=["prompt-completion", "chat"],
+)  # fmt: skip
+def test_each_format_trains_only_its_targets(
+    tmp_path: Path, demo_model: Path, records: list[dict[str, Any]], trained_text: str
+) -> None:
+    data = write_jsonl(tmp_path / "data.jsonl", records)
+    rec = Recorder()
+    result = train(make_spec(tmp_path, demo_model, training_file=data, n_epochs=1, batch_size=1), rec)
+    assert result.steps == 2
+    # Byte-level tokenizer: one token per byte, plus the end-of-turn / end-of-text token.
+    targets_per_record = len(trained_text.encode()) + 1
+    summary = next(m for m in rec.messages if m.startswith("training data:"))
+    assert f"{2 * targets_per_record} trained" in summary, summary
