@@ -78,6 +78,12 @@ class Result:
     cpu_percent: dict[str, float] = field(default_factory=dict)
     """CPU used during the scenario, in % of one core: the API, the worker (with its training child), this client."""
     notes: list[str] = field(default_factory=list)
+    error_kinds: dict[str, int] = field(default_factory=dict)
+    """What the errors were: an HTTP status ("HTTP 503") or the client exception's class."""
+
+    def error(self, kind: str) -> None:
+        self.errors += 1
+        self.error_kinds[kind] = self.error_kinds.get(kind, 0) + 1
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -88,6 +94,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _finish(res: Result, latencies: list[float], firsts: list[float]) -> Result:
+    if res.error_kinds:
+        res.notes.append("errors: " + ", ".join(f"{kind} x{n}" for kind, n in sorted(res.error_kinds.items())))
     res.requests = len(latencies)
     res.rps = round(len(latencies) / res.seconds, 1) if res.seconds else 0.0
     res.p50_ms = round(_pct(latencies, 0.50) * 1000, 1)
@@ -231,18 +239,19 @@ async def clients_scenario(url: str, job_id: str, n: int, seconds: float, sse_sh
                 t0 = time.perf_counter()
                 try:
                     r = await http.get(paths[k % 2])
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
+                    failure = None if r.status_code == 200 else f"HTTP {r.status_code}"
+                except httpx.HTTPError as e:
+                    failure = type(e).__name__
                 latencies.append(time.perf_counter() - t0)
-                res.errors += not ok
+                if failure:
+                    res.error(failure)
                 k += 1
 
         async def follow_once(t0: float) -> None:
             first = True
             async with http.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/events/stream") as r:
                 if r.status_code != 200:
-                    res.errors += 1
+                    res.error(f"HTTP {r.status_code}")
                     return
                 res.sse_streams += 1
                 async for line in r.aiter_lines():
@@ -258,8 +267,8 @@ async def clients_scenario(url: str, job_id: str, n: int, seconds: float, sse_sh
                     await asyncio.wait_for(follow_once(time.perf_counter()), max(0.1, deadline - time.monotonic()))
                 except asyncio.TimeoutError:
                     return  # the scenario is over; the stream was healthy until then
-                except httpx.HTTPError:
-                    res.errors += 1
+                except httpx.HTTPError as e:
+                    res.error(type(e).__name__)
 
         cpu = CpuMeter()
         await asyncio.gather(*[poller(i) for i in range(n - n_sse)], *[follower() for _ in range(n_sse)])
@@ -287,11 +296,13 @@ async def submit_scenario(url: str, model: str, n: int) -> Result:
                     "/v1/fine_tuning/jobs",
                     json={"model": model, "training_file": file_id, "metadata": {"bench": str(i)}, "seco": SECO},
                 )
-            except httpx.HTTPError:
-                r = None
+            except httpx.HTTPError as e:
+                latencies.append(time.perf_counter() - t0)
+                res.error(type(e).__name__)
+                return None
             latencies.append(time.perf_counter() - t0)
-            if r is None or r.status_code != 200:
-                res.errors += 1
+            if r.status_code != 200:
+                res.error(f"HTTP {r.status_code}")
                 return None
             return dict(r.json())
 
@@ -333,7 +344,7 @@ async def submit_scenario(url: str, model: str, n: int) -> Result:
                          f"distinct and gap-free: {gap_free}; FIFO by time queued: {fifo}; neighbours queued in "
                          f"the other order than created (concurrent requests): {swaps}")  # fmt: skip
         if lost or not_queued or not gap_free or not fifo or len(created) != n:
-            res.errors += 1
+            res.error("jobs lost, unqueued or out of order")
 
         # Cancel them all at once; the queue must drain to nothing of ours.
         t1 = time.perf_counter()
@@ -344,7 +355,7 @@ async def submit_scenario(url: str, model: str, n: int) -> Result:
                  if j["id"] in ids and j["status"] != "cancelled"]  # fmt: skip
         res.notes.append(f"{cancelled}/{len(ids)} cancelled in {cancel_s:.2f}s; {len(still)} not cancelled")
         if cancelled != len(ids) or still:
-            res.errors += 1
+            res.error("jobs not cancelled")
     return _finish(res, latencies, [])
 
 
