@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ class Service:
                 self.api.wait(5)
 
 
-def _wait_healthy(svc: Service, timeout: float = 60) -> None:
+def wait_healthy(svc: Service, timeout: float = 60) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -231,7 +232,7 @@ def launch_service(demo_model: Path) -> Iterator[Callable[..., Service]]:
         svc.api = subprocess.Popen(api_argv("127.0.0.1", port), cwd=ROOT, env=env, stdout=log, stderr=log,
                                    start_new_session=True)  # fmt: skip
         launched.append(svc)
-        _wait_healthy(svc)
+        wait_healthy(svc)
         for _ in range(workers):
             svc.start_worker()
         return svc
@@ -239,6 +240,19 @@ def launch_service(demo_model: Path) -> Iterator[Callable[..., Service]]:
     yield launch
     for svc in launched:
         svc.close()
+
+
+def sse_events(resp: httpx.Response) -> Iterator[dict[str, str]]:
+    """Parse a text/event-stream into {"id", "event", "data"} dicts (comments skipped)."""
+    ev: dict[str, str] = {}
+    for line in resp.iter_lines():
+        if not line:
+            if ev:
+                yield ev
+            ev = {}
+        elif not line.startswith(":"):
+            k, _, v = line.partition(":")
+            ev[k] = ev.get(k, "") + v.lstrip(" ")
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:

@@ -11,11 +11,10 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+from tests.conftest import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,19 +85,6 @@ def runs_by_log(svc: Any, job_id: str) -> dict[str, int]:
     return counts
 
 
-def sse_events(resp: httpx.Response) -> Iterator[dict[str, str]]:
-    """Parse a text/event-stream into {"id", "event", "data"} dicts (comments skipped)."""
-    ev: dict[str, str] = {}
-    for line in resp.iter_lines():
-        if not line:
-            if ev:
-                yield ev
-            ev = {}
-        elif not line.startswith(":"):
-            k, _, v = line.partition(":")
-            ev[k] = ev.get(k, "") + v.lstrip(" ")
-
-
 def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
     """Signal a process started with `start_new_session=True` and all of its children."""
     os.killpg(proc.pid, sig)
@@ -115,13 +101,4 @@ def restart_api(svc: Any, sig: int = signal.SIGKILL) -> None:
     log = open(svc.log_dir / "api.log", "ab")  # noqa: SIM115 (owned by the process)
     svc.api = subprocess.Popen(api_argv("127.0.0.1", port), cwd=ROOT, env=svc.env, stdout=log, stderr=log,
                                start_new_session=True)  # fmt: skip
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        assert svc.api.poll() is None, svc.logs()
-        try:
-            if httpx.get(svc.url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"the restarted API is not healthy:\n{svc.logs()}")
+    wait_healthy(svc)

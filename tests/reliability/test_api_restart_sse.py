@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from service.cli_server import GRACEFUL_SHUTDOWN_SECONDS
-from tests.reliability.helpers import create_job, docs, events, restart_api, sse_events, upload
+from tests.conftest import sse_events
+from tests.reliability.helpers import create_job, docs, events, restart_api, upload
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
+
+from tests.conftest import sse_events
 
 MAX_JOBS = 6
 
@@ -40,19 +41,6 @@ def cancel_all(svc: Any) -> Iterator[None]:
         for job in c.fine_tuning.jobs.list(limit=100):
             if job.status == "queued":
                 c.fine_tuning.jobs.cancel(job.id)
-
-
-def sse_events(resp: httpx.Response) -> Iterator[dict[str, str]]:
-    """Parse a text/event-stream into {"id", "event", "data"} dicts (comments skipped)."""
-    ev: dict[str, str] = {}
-    for line in resp.iter_lines():
-        if not line:
-            if ev:
-                yield ev
-            ev = {}
-        elif not line.startswith(":"):
-            k, _, v = line.partition(":")
-            ev[k] = ev.get(k, "") + v.lstrip(" ")
 
 
 def test_create_and_retrieve(svc: Any, train_file: str, cancel_all: None) -> None:
