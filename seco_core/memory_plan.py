@@ -551,9 +551,11 @@ def plan(
         msg += " What would fit: " + "; or ".join(alternatives) + "."
     else:
         fixed = e.weights + e.trainable_state + e.workspace
+        # These costs do not depend on the sequence, so KV offload cannot help here.
+        remedy = "a larger device" if (options and options.weights_4bit) else "4-bit weights or a larger device"
         msg += (
             f" Nothing fits: weights, trainable state and workspace alone need {format_bytes(fixed)}"
-            " (consider 4-bit weights, KV offload or a larger device)."
+            f" (consider {remedy})."
         )
     return MemoryPlan(False, seq_len, tried, e, budget_bytes, host_budget_bytes, longest, msg)
 
