@@ -1,5 +1,5 @@
 """The HTTP service: an OpenAI-fine-tuning-compatible API over Redis and Celery.
 
 Kept free of imports so that `import service.cli` (the client CLI) and
-`import service.store` (the worker) stay light.
+`import service.record.store` (the worker) stay light.
 """

@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from service.settings import Settings
-from service.storage import DataDir
-from service.store import Store
+from service.record.settings import Settings
+from service.record.storage import DataDir
+from service.record.store import Store
 
 # Documents the bearer scheme in the OpenAPI schema; the check itself is BearerAuth.
 _bearer = HTTPBearer(auto_error=False)

@@ -1,4 +1,4 @@
-"""The upload check: the same record rules the trainer applies (worker/records.py).
+"""The upload check: the same record rules the trainer applies (service/record/formats.py).
 
 Refusing a bad file at upload, naming its first bad line ("line 3: ..."), saves a user
 from learning about it minutes later from a failed job. Streaming and bounded: lines
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from worker.records import DataError, validate_file
+from service.record.formats import DataError, validate_file
 
 
 class InvalidFile(ValueError):

@@ -13,12 +13,12 @@ from fastapi.concurrency import run_in_threadpool
 
 from service import dashboard, errors
 from service.auth import BearerAuth
-from service.logs import configure_logging
 from service.metrics import Metrics, MetricsMiddleware
+from service.record.logs import configure_logging
+from service.record.settings import Settings, get_settings
+from service.record.storage import DataDir
+from service.record.store import Store
 from service.routes import files, health, jobs, models
-from service.settings import Settings, get_settings
-from service.storage import DataDir
-from service.store import Store
 
 log = logging.getLogger(__name__)
 

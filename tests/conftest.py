@@ -124,7 +124,7 @@ class Service:
         return httpx.Client(base_url=self.url, headers=headers, timeout=30)
 
     def store(self) -> Any:
-        from service.store import Store
+        from service.record.store import Store
 
         return Store.from_url(self.redis_url)
 

@@ -7,7 +7,7 @@ Delivery guarantees: `acks_late` + `reject_on_worker_lost` put a job back on the
 if the process running it dies; the task's state-machine check makes a duplicate
 delivery a no-op. The broker's visibility timeout is long (7 days) so a long job is
 never handed to a second worker while the first still runs it; a dead worker is
-detected much sooner by the job lease (service/store.py) and its reaper.
+detected much sooner by the job lease (service/record/store.py) and its reaper.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 from celery import Celery
 from celery.signals import setup_logging
 
-from service.logs import configure_logging
-from service.settings import Settings, get_settings
+from service.record.logs import configure_logging
+from service.record.settings import Settings, get_settings
 
 VISIBILITY_TIMEOUT = 7 * 24 * 3600
 

@@ -19,7 +19,7 @@ Keys of other formats in one record are an error; other keys (e.g. an "id") are 
 Every document's first label is -100: no token precedes it, so it is never a target,
 and writing that down keeps the loss-token counts equal to the true number of targets.
 
-The record formats and their validation live in worker/records.py (shared with the API's
+The record formats and their validation live in service/record/formats.py (shared with the API's
 upload check); this module adds tokenisation and loss masks.
 """
 
@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from seco_core.windows import IGNORE_INDEX, Document
-from worker.records import ChatRecord, DataError, Message, PromptCompletionRecord, Record, TextRecord, read_records
+from service.record.formats import (
+    ChatRecord,
+    DataError,
+    Message,
+    PromptCompletionRecord,
+    Record,
+    TextRecord,
+    read_records,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

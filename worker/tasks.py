@@ -33,10 +33,10 @@ from typing import Any, TypeVar
 import redis
 from celery.signals import worker_ready, worker_shutdown
 
-from service import ids
-from service.settings import Settings, get_settings
-from service.storage import DataDir
-from service.store import FileRecord, JobRecord, Store, now
+from service.record import ids
+from service.record.settings import Settings, get_settings
+from service.record.storage import DataDir
+from service.record.store import FileRecord, JobRecord, Store, now
 from worker.celery_app import app
 from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
 

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from service import ids
 from service.deps import DataDep, SettingsDep, StoreDep, TenantDep
 from service.errors import APIError, bad_request, not_found
 from service.jsonl import InvalidFile, validate_jsonl
+from service.record import ids
+from service.record.store import FileInUse, FileRecord, LimitExceeded, now
 from service.schemas import FileDeleted, FileList, FileObject
-from service.store import FileInUse, FileRecord, LimitExceeded, now
 from service.uploads import TooLarge, receive_file
 
 log = logging.getLogger(__name__)

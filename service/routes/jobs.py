@@ -13,9 +13,10 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from service import ids
 from service.deps import DataDep, EnqueueDep, SettingsDep, StoreDep, TenantDep
 from service.errors import APIError, bad_request, not_found
+from service.record import ids
+from service.record.store import TERMINAL, Event, JobRecord, LimitExceeded, Store, now
 from service.schemas import (
     CheckpointList,
     EventList,
@@ -26,7 +27,6 @@ from service.schemas import (
     JobEvent,
     JobList,
 )
-from service.store import TERMINAL, Event, JobRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])

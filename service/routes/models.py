@@ -6,9 +6,9 @@ from fastapi import APIRouter
 
 from service.deps import SettingsDep, StoreDep, TenantDep
 from service.errors import not_found
+from service.record.settings import Settings
+from service.record.store import Store
 from service.schemas import Model, ModelList
-from service.settings import Settings
-from service.store import Store
 
 router = APIRouter(prefix="/models", tags=["models"])
 

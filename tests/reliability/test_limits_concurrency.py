@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.settings import tenant_of
+from service.record.settings import tenant_of
 
 MAX_JOBS = 5
 FILE_QUOTA = 100_000

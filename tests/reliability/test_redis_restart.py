@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.store import REQUEUE_MESSAGE
+from service.record.store import REQUEUE_MESSAGE
 from tests.conftest import free_port
 from tests.reliability.helpers import (
     SECO,

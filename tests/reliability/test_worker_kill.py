@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from service.store import REQUEUE_MESSAGE
+from service.record.store import REQUEUE_MESSAGE
 from tests.reliability.helpers import (
     create_job,
     docs,

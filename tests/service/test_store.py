@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from service import ids
-from service.settings import Settings
-from service.storage import DataDir
-from service.store import REQUEUE_MESSAGE, STATUSES, FileInUse, FileRecord, JobRecord, LimitExceeded, Store, now
+from service.record import ids
+from service.record.settings import Settings
+from service.record.storage import DataDir
+from service.record.store import REQUEUE_MESSAGE, STATUSES, FileInUse, FileRecord, JobRecord, LimitExceeded, Store, now
 from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
 from worker.tasks import run_job
 

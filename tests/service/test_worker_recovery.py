@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from service.store import REQUEUE_MESSAGE
+from service.record.store import REQUEUE_MESSAGE
 
 
 @pytest.fixture(scope="module")

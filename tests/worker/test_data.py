@@ -10,8 +10,8 @@ import pytest
 
 from seco_core.demo import byte_tokenizer
 from seco_core.windows import IGNORE_INDEX, split_documents
+from service.record.formats import DataError, validate_file
 from worker.data import load_documents
-from worker.records import DataError, validate_file
 
 TOK = byte_tokenizer()
 EOS = TOK.eos_token_id

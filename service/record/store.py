@@ -1,7 +1,7 @@
 """Redis as the system of record: files, jobs, their state machine, events, checkpoints.
 
 Shared by the API and the worker, so it imports only redis, pydantic and the standard
-library (plus the small `service.ids` module). Every state change of a job is one Lua
+library (plus the small `service.record.ids` module). Every state change of a job is one Lua
 script: the check ("is it still queued?", "does this worker own it?", "has its lease
 expired?") and the change, its side indexes and its event happen atomically, so two
 workers, two reapers or a cancel racing a start can never both win.
@@ -46,7 +46,7 @@ from typing import Any, cast
 import redis
 from pydantic import BaseModel
 
-from service import ids
+from service.record import ids
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.ids import is_file_id, is_job_id
+from service.record.ids import is_file_id, is_job_id
 
 
 class DataDir:
