@@ -69,7 +69,7 @@ completes; cut off, a client reconnects to the new process with `Last-Event-ID`.
 
 
 def api_argv(host: str, port: int) -> list[str]:
-    return [sys.executable, "-m", "uvicorn", "service.main:create_app", "--factory", "--host", host,
+    return [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--host", host,
             "--port", str(port), "--no-access-log",
             "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_SECONDS)]  # fmt: skip
 
@@ -79,7 +79,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     _require_redis()
     import uvicorn
 
-    uvicorn.run("service.main:create_app", factory=True, host=args.host, port=args.port, access_log=False,
+    uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port, access_log=False,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip
     return 0
 

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-STATIC = Path(__file__).resolve().parents[2] / "service" / "static"
+STATIC = Path(__file__).resolve().parents[2] / "service" / "api" / "static"
 
 
 @pytest.fixture(scope="module")
@@ -42,4 +42,4 @@ def test_every_asset_the_page_loads_is_served(svc: Any) -> None:
         r = httpx.get(svc.url + path)
         assert r.status_code == 200 and len(r.content) > 0, path
     assert "MIT License" in httpx.get(svc.url + "/ui/static/vendor/uplot/LICENSE").text
-    assert httpx.get(svc.url + "/ui/static/%2e%2e/main.py").status_code == 404  # service/main.py stays private
+    assert httpx.get(svc.url + "/ui/static/%2e%2e/app.py").status_code == 404  # service/api/app.py stays private

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from service.auth import match_key
+from service.api.auth import match_key
 from tests.reliability.helpers import create_job, docs, events, finished, upload
 
 WRONG_KEY = "sk-wrong-key-that-must-not-be-logged-42"

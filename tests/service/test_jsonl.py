@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.jsonl import InvalidFile, validate_jsonl
+from service.api.jsonl import InvalidFile, validate_jsonl
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "weight": 1}]}
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.deps import SettingsDep, StoreDep, TenantDep
-from service.errors import not_found
+from service.api.deps import SettingsDep, StoreDep, TenantDep
+from service.api.errors import not_found
+from service.api.schemas import Model, ModelList
 from service.record.settings import Settings
 from service.record.store import Store
-from service.schemas import Model, ModelList
 
 router = APIRouter(prefix="/models", tags=["models"])
 

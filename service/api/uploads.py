@@ -17,7 +17,7 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from service.errors import APIError
+from service.api.errors import APIError
 
 MAX_FIELD_BYTES = 4096
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the file part

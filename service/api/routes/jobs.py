@@ -13,11 +13,9 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 
-from service.deps import DataDep, EnqueueDep, SettingsDep, StoreDep, TenantDep
-from service.errors import APIError, bad_request, not_found
-from service.record import ids
-from service.record.store import TERMINAL, Event, JobRecord, LimitExceeded, Store, now
-from service.schemas import (
+from service.api.deps import DataDep, EnqueueDep, SettingsDep, StoreDep, TenantDep
+from service.api.errors import APIError, bad_request, not_found
+from service.api.schemas import (
     CheckpointList,
     EventList,
     FineTuningJob,
@@ -27,6 +25,8 @@ from service.schemas import (
     JobEvent,
     JobList,
 )
+from service.record import ids
+from service.record.store import TERMINAL, Event, JobRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])

@@ -1,6 +1,6 @@
 """The web dashboard: one static page at /ui that calls the /v1 API from the browser.
 
-The page and its assets are plain files under service/static (no build step, nothing
+The page and its assets are plain files under service/api/static (no build step, nothing
 fetched from the internet). They need no key to load: the page asks for the API key
 and sends it as `Authorization: Bearer` on every /v1 call, as any other client does,
 so the dashboard can see exactly what that key's tenant may see.

@@ -11,14 +11,14 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from service import dashboard, errors
-from service.auth import BearerAuth
-from service.metrics import Metrics, MetricsMiddleware
+from service.api import dashboard, errors
+from service.api.auth import BearerAuth
+from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.routes import files, health, jobs, models
 from service.record.logs import configure_logging
 from service.record.settings import Settings, get_settings
 from service.record.storage import DataDir
 from service.record.store import Store
-from service.routes import files, health, jobs, models
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
-from service.deps import DataDep, SettingsDep, StoreDep, TenantDep
-from service.errors import APIError, bad_request, not_found
-from service.jsonl import InvalidFile, validate_jsonl
+from service.api.deps import DataDep, SettingsDep, StoreDep, TenantDep
+from service.api.errors import APIError, bad_request, not_found
+from service.api.jsonl import InvalidFile, validate_jsonl
+from service.api.schemas import FileDeleted, FileList, FileObject
+from service.api.uploads import TooLarge, receive_file
 from service.record import ids
 from service.record.store import FileInUse, FileRecord, LimitExceeded, now
-from service.schemas import FileDeleted, FileList, FileObject
-from service.uploads import TooLarge, receive_file
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/files", tags=["files"])

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import SettingsDep, StoreDep
+from service.api.deps import SettingsDep, StoreDep
 
 router = APIRouter(tags=["health"])
 
