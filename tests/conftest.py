@@ -130,7 +130,7 @@ class Service:
 
     def start_worker(self, wait: bool = True) -> subprocess.Popen[bytes]:
         """A real Celery worker (prefork, 1 process, 1 task per child) in its own process group."""
-        from service.cli_server import worker_argv
+        from service.launch import worker_argv
 
         name = f"w{next(self._names)}-{os.getpid()}@%h"
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "ab")  # noqa: SIM115
@@ -226,7 +226,7 @@ def launch_service(demo_model: Path) -> Iterator[Callable[..., Service]]:
         }
         svc = Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, data_dir=data_dir, env=env,
                       log_dir=log_dir)  # fmt: skip
-        from service.cli_server import api_argv
+        from service.launch import api_argv
 
         log = open(log_dir / "api.log", "ab")  # noqa: SIM115
         svc.api = subprocess.Popen(api_argv("127.0.0.1", port), cwd=ROOT, env=env, stdout=log, stderr=log,

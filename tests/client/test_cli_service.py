@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from service import cli
-from service.client import Client
-from service.sse import follow_events
+from service.client import cli
+from service.client.http import Client
+from service.client.sse import follow_events
 from tests.client.proxy import DroppingProxy
 
 SMALL = ["--epochs", "1", "--batch-size", "2", "--chunk-size", "16", "--max-length", "64", "--lora-r", "4",

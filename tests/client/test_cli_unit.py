@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from service import cli
-from service.cli_client import job_body, safe_extract
-from service.cli_format import ProgressLine, age, human_bytes, human_duration, table
-from service.client import ClientError, base_url, resolve_api_key
-from service.sse import SSEParser
+from service.client import cli
+from service.client.commands import job_body, safe_extract
+from service.client.format import ProgressLine, age, human_bytes, human_duration, table
+from service.client.http import ClientError, base_url, resolve_api_key
+from service.client.sse import SSEParser
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "fastapi", "celery", "starlette", "pydantic", "redis", "transformers", "peft", "seco_core", "worker")
@@ -28,8 +28,8 @@ def test_client_imports_only_stdlib_and_httpx() -> None:
         "import sys\n"
         "for m in ('torch', 'fastapi', 'celery', 'transformers', 'pydantic', 'redis'):\n"
         "    sys.modules[m] = None  # any import of these now raises ImportError\n"
-        "import service.cli, service.cli_client\n"
-        "service.cli.build_parser().parse_args(['jobs'])\n"
+        "import service.client.cli, service.client.commands\n"
+        "service.client.cli.build_parser().parse_args(['jobs'])\n"
         "loaded = {name.split('.')[0] for name, mod in list(sys.modules.items()) if mod is not None}\n"
         f"print(sorted(loaded & set({HEAVY!r})))\n"
     )

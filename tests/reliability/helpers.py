@@ -93,7 +93,7 @@ def kill_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None
 
 def restart_api(svc: Any, sig: int = signal.SIGKILL) -> None:
     """Kill the API process and start a new one on the same port with the same environment."""
-    from service.cli_server import api_argv
+    from service.launch import api_argv
 
     assert svc.api is not None
     kill_group(svc.api, sig)

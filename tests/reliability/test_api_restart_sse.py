@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.cli_server import GRACEFUL_SHUTDOWN_SECONDS
+from service.launch import GRACEFUL_SHUTDOWN_SECONDS
 from tests.conftest import sse_events
 from tests.reliability.helpers import create_job, docs, events, restart_api, upload
 

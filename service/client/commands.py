@@ -1,6 +1,6 @@
 """Client commands of `seco`: submit, jobs, status, cancel, events, follow, download, bench.
 
-They talk HTTP only, through `service.client` (stdlib + httpx), so they run on a laptop
+They talk HTTP only, through `service.client.http` (stdlib + httpx), so they run on a laptop
 that has neither torch nor the server stack; `seco bench` alone needs torch, and says so.
 The server is `--url` or SECO_URL (default http://127.0.0.1:8000), the key `--api-key`
 or SECO_API_KEY. Any failure prints one line (the server's own message when it sent
@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, TextIO
 
-from service.cli_format import (
+from service.client.format import (
     ProgressLine,
     age,
     clock,
@@ -37,8 +37,8 @@ from service.cli_format import (
     job_progress,
     table,
 )
-from service.client import Client, ClientError
-from service.sse import follow_events
+from service.client.http import Client, ClientError
+from service.client.sse import follow_events
 
 EXIT_OK, EXIT_ERROR, EXIT_CANCELLED, EXIT_INTERRUPTED = 0, 1, 3, 130
 JOB_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_ERROR, "cancelled": EXIT_CANCELLED}
@@ -50,7 +50,7 @@ Command = Callable[[argparse.Namespace], int]
 
 
 def register(sub: Any) -> None:
-    """Add the client subcommands to `seco`'s subparsers (called by service.cli)."""
+    """Add the client subcommands to `seco`'s subparsers (called by service.client.cli)."""
     conn = argparse.ArgumentParser(add_help=False)
     g = conn.add_argument_group("server")
     g.add_argument("--url", help="server root URL (default: $SECO_URL or http://127.0.0.1:8000)")

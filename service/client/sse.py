@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from service.client import ClientError, raise_for_status
+from service.client.http import ClientError, raise_for_status
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Modules that contribute subcommands; a missing optional one is skipped.
-COMMAND_MODULES = ("service.cli_server", "service.cli_client")
+COMMAND_MODULES = ("service.launch", "service.client.commands")
 
 
 def build_parser() -> argparse.ArgumentParser:
