@@ -1,6 +1,6 @@
 """Tenant isolation on a *finished* job, with real checkpoints, an adapter and result files.
 
-tests/service/test_jobs_api.py checks the job verbs on a queued job and the files API on
+tests/service/api/test_jobs_api.py checks the job verbs on a queued job and the files API on
 an uploaded file; here tenant B tries every resource and verb on everything tenant A's
 trained job produced. Each answer must be exactly the answer for an id that does not
 exist (a 404, never a 403 or a different message that would confirm the id is real).

@@ -1,6 +1,6 @@
 """The whole worker (Celery's main process *and* its pool child) killed with SIGKILL mid-job.
 
-tests/service/test_worker_recovery.py kills only the pool child: Celery's main process
+tests/worker/test_worker_recovery.py kills only the pool child: Celery's main process
 survives, sees the child die and requeues the message itself. Here nothing of the worker
 survives, so only the job lease and the reaper can bring the job back: the lease expires,
 the API's reaper requeues it, a *new* worker process (started after the kill) resumes it

@@ -18,7 +18,7 @@ from service.client.format import ProgressLine, age, human_bytes, human_duration
 from service.client.http import ClientError, base_url, resolve_api_key
 from service.client.sse import SSEParser
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HEAVY = ("torch", "fastapi", "celery", "starlette", "pydantic", "redis", "transformers", "peft", "seco_core", "worker")
 
 

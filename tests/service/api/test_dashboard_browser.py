@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from tests.client.proxy import DroppingProxy
+from tests.service.client.proxy import DroppingProxy
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 CHROMIUM = Path(os.environ.get("SECO_CHROMIUM", "/usr/bin/chromium"))
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip

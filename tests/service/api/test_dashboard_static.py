@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-STATIC = Path(__file__).resolve().parents[2] / "service" / "api" / "static"
+STATIC = Path(__file__).resolve().parents[3] / "service" / "api" / "static"
 
 
 @pytest.fixture(scope="module")

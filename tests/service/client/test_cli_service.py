@@ -15,7 +15,7 @@ import pytest
 from service.client import cli
 from service.client.http import Client
 from service.client.sse import follow_events
-from tests.client.proxy import DroppingProxy
+from tests.service.client.proxy import DroppingProxy
 
 SMALL = ["--epochs", "1", "--batch-size", "2", "--chunk-size", "16", "--max-length", "64", "--lora-r", "4",
          "--lora-alpha", "8"]  # fmt: skip
