@@ -98,6 +98,12 @@ class ChunkCache(Cache):
         """Stage 2: remove and return the last chunk's leaves (it no longer is anyone's prefix)."""
         return [(layer.prefix_keys.pop(), layer.prefix_values.pop()) for layer in self.chunk_layers]
 
+    def push_leaves(self, leaves: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put back leaves that `pop_last` returned (a prefix tree sets a branch aside in stage 1)."""
+        for layer, (k, v) in zip(self.chunk_layers, leaves, strict=True):
+            layer.prefix_keys.append(k)
+            layer.prefix_values.append(v)
+
     def current(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The K/V states the model computed for the current chunk, per layer."""
         out = []

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seco_core import cache as chunk_cache
-from seco_core.arch import check_length, model_parts
+from seco_core.arch import ModelParts, check_length, model_parts
 from seco_core.config import ChunkConfig
 from seco_core.sampling import chunk_factors
 
@@ -54,15 +54,16 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
-def _slice_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of one slice; logits in float32, or the model's dtype if wider."""
+def _slice_ce_rows(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one slice per row, (B,); logits in float32, or the model's dtype if wider."""
     logits = head(hidden)  # (B, s, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.view(targets.shape).sum(dim=1)
 
 
-def chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
-    """Summed token CE of a chunk without holding its full-vocabulary logits.
+def chunk_row_losses(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
+    """Summed token CE of each row of a chunk, (B,), without holding its full-vocabulary logits.
 
     hidden: (B, c, H); targets: (B, c). Logits exist for `slice_len` tokens at a time;
     under grad each slice is checkpointed so backward recomputes its logits instead of
@@ -70,14 +71,52 @@ def chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     """
     c = hidden.shape[1]
     if c <= slice_len:
-        return _slice_ce_sum(head, hidden, targets)
+        return _slice_ce_rows(head, hidden, targets)
     recompute = torch.is_grad_enabled()
-    total = torch.zeros((), device=hidden.device)
+    total = torch.zeros(targets.shape[0], device=hidden.device)
     for s in range(0, c, slice_len):
         args = (head, hidden[:, s : s + slice_len], targets[:, s : s + slice_len])
-        part = checkpoint(_slice_ce_sum, *args, use_reentrant=False) if recompute else _slice_ce_sum(*args)
+        part = checkpoint(_slice_ce_rows, *args, use_reentrant=False) if recompute else _slice_ce_rows(*args)
         total = total + part
     return total
+
+
+def chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
+    """Summed token CE of a chunk (all rows), see `chunk_row_losses`."""
+    return chunk_row_losses(head, hidden, targets, slice_len).sum()
+
+
+def run_chunk(
+    parts: ModelParts, cache: chunk_cache.ChunkCache, input_ids: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """One chunk through the decoder on top of the cached prefix: (B, c) ids -> (B, c, H) hidden states.
+
+    The chunk's fresh K/V are left in the cache (`cache.current()`) for the caller to
+    push as leaves (stage 1) or relay into (stage 2).
+    """
+    out = parts.decoder(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
+    return out.last_hidden_state
+
+
+def relay_objective(
+    loss: torch.Tensor,
+    current: list[tuple[torch.Tensor, torch.Tensor]],
+    leaves: list[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """`loss + sum_layers <K_j, dK'_j> + <V_j, dV'_j>`: the scalar stage 2 back-propagates for chunk j.
+
+    `current` are the chunk's freshly computed (graph-connected) K/V per layer, `leaves`
+    its stage-1 leaves, whose `.grad` holds what later chunks (of every branch, in a
+    prefix tree) sent back to them. Back-propagating the inner products relays those
+    gradients into the chunk's graph without hooks; leaves without a gradient add nothing.
+    """
+    objective = loss
+    for (k_new, v_new), (k_leaf, v_leaf) in zip(current, leaves, strict=True):
+        if k_leaf.grad is not None:
+            objective = objective + (k_new * k_leaf.grad.to(k_new.device)).sum()
+        if v_leaf.grad is not None:
+            objective = objective + (v_new * v_leaf.grad.to(v_new.device)).sum()
+    return objective
 
 
 @contextlib.contextmanager
@@ -100,12 +139,22 @@ def _checkpointed(layers: nn.ModuleList, enabled: bool) -> Iterator[None]:
             layer.forward = forward
 
 
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+@contextlib.contextmanager
+def chunked_session(
+    model: nn.Module, parts: ModelParts, cache: chunk_cache.ChunkCache, config: ChunkConfig
+) -> Iterator[None]:
+    """While active, the model attends through `cache` and (optionally) checkpoints its layers."""
+    with chunk_cache.activate(model, cache), _checkpointed(parts.layers, config.layer_checkpointing):
+        yield
+
+
+def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The random state a chunk's stage-1 pass starts from, so stage 2 replays its dropout masks."""
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda_state
 
 
-def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+def set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
@@ -184,21 +233,20 @@ def backward_with_factors(
     rng_states = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
-    def run_chunk(j: int) -> torch.Tensor:
+    def run(j: int) -> torch.Tensor:
         s, e = bounds[j]
-        out = parts.decoder(input_ids=input_ids[:, s:e], position_ids=positions[:, s:e], cache=cache, use_cache=True)
-        return out.last_hidden_state  # (B, c, H)
+        return run_chunk(parts, cache, input_ids[:, s:e], positions[:, s:e])  # (B, c, H)
 
-    with chunk_cache.activate(model, cache), _checkpointed(parts.layers, config.layer_checkpointing):
+    with chunked_session(model, parts, cache, config):
         # Stage 1: fill the cache; losses of chunks that stage 2 will not revisit.
         with torch.no_grad():
             for j, (s, e) in enumerate(bounds):
-                rng_states.append(_rng_state(device))
-                hidden = run_chunk(j)
+                rng_states.append(rng_state(device))
+                hidden = run(j)
                 if factors[j] == 0.0:
                     loss_sum += chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice).double()
                 cache.push_current(requires_grad=needs_grad[j], store_device=store_device)
-        final_rng = _rng_state(device)
+        final_rng = rng_state(device)
 
         # Stage 2: reverse order, one chunk's graph at a time.
         for j in reversed(range(len(bounds))):
@@ -207,23 +255,18 @@ def backward_with_factors(
             if factor == 0.0:
                 continue
             s, e = bounds[j]
-            _set_rng_state(device, rng_states[j])
+            set_rng_state(device, rng_states[j])
             with torch.enable_grad():
-                hidden = run_chunk(j)
+                hidden = run(j)
                 chunk_loss = chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice)
-                objective = chunk_loss * (loss_scale / n_targets)
-                for (k_new, v_new), (k_leaf, v_leaf) in zip(cache.current(), leaves, strict=True):
-                    if k_leaf.grad is not None:
-                        objective = objective + (k_new * k_leaf.grad.to(k_new.device)).sum()
-                    if v_leaf.grad is not None:
-                        objective = objective + (v_new * v_leaf.grad.to(v_new.device)).sum()
+                objective = relay_objective(chunk_loss * (loss_scale / n_targets), cache.current(), leaves)
                 if objective.requires_grad:
                     (objective * factor).backward()
             loss_sum += chunk_loss.detach().double()
             del leaves, hidden, objective, chunk_loss
             if not any(factors[:j]):
                 break  # no earlier chunk is back-propagated: the rest of the cache is dead
-        _set_rng_state(device, final_rng)
+        set_rng_state(device, final_rng)
 
     return ChunkedOutput(
         loss=float(loss_sum) / n_targets,
