@@ -86,6 +86,18 @@ def chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     return chunk_row_losses(head, hidden, targets, slice_len).sum()
 
 
+def chunks_with_targets(targets: torch.Tensor, bounds: list[tuple[int, int]]) -> list[bool]:
+    """Per chunk, whether any of its (shifted) targets is not ignored.
+
+    A chunk without targets (inside a prompt) needs no output projection at all: for a
+    small model with a large vocabulary the head costs more than the decoder layers.
+    """
+    if not bounds:
+        return []
+    flags = torch.stack([(targets[:, s:e] != IGNORE_INDEX).any() for s, e in bounds])
+    return [bool(f) for f in flags.tolist()]  # one device sync for all chunks
+
+
 def run_chunk(
     parts: ModelParts, cache: chunk_cache.ChunkCache, input_ids: torch.Tensor, position_ids: torch.Tensor
 ) -> torch.Tensor:
@@ -226,6 +238,7 @@ def backward_with_factors(
     # A leaf needs a gradient only if it will relay it: its own chunk is back-propagated
     # and some later back-propagated chunk attends to it.
     needs_grad = [f != 0.0 and any(g != 0.0 for g in factors[j + 1 :]) for j, f in enumerate(factors)]
+    has_targets = chunks_with_targets(targets, bounds)
     positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
 
     cache = chunk_cache.ChunkCache(parts.num_layers)
@@ -243,7 +256,7 @@ def backward_with_factors(
             for j, (s, e) in enumerate(bounds):
                 rng_states.append(rng_state(device))
                 hidden = run(j)
-                if factors[j] == 0.0:
+                if factors[j] == 0.0 and has_targets[j]:
                     loss_sum += chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice).double()
                 cache.push_current(requires_grad=needs_grad[j], store_device=store_device)
         final_rng = rng_state(device)
@@ -258,7 +271,11 @@ def backward_with_factors(
             set_rng_state(device, rng_states[j])
             with torch.enable_grad():
                 hidden = run(j)
-                chunk_loss = chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice)
+                chunk_loss = (
+                    chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice)
+                    if has_targets[j]
+                    else torch.zeros((), device=device)
+                )
                 objective = relay_objective(chunk_loss * (loss_scale / n_targets), cache.current(), leaves)
                 if objective.requires_grad:
                     (objective * factor).backward()

@@ -46,6 +46,7 @@ from seco_core.chunked import (
     IGNORE_INDEX,
     chunk_row_losses,
     chunked_session,
+    chunks_with_targets,
     relay_objective,
     rng_state,
     run_chunk,
@@ -106,9 +107,7 @@ def _segment(ids: torch.Tensor, targets: torch.Tensor, offset: int, chunk_size: 
     batch, length = ids.shape
     positions = torch.arange(offset, offset + length, device=ids.device).unsqueeze(0).expand(batch, -1)
     bounds = _bounds(length, chunk_size)
-    counts = [(targets[:, s:e] != IGNORE_INDEX).any() for s, e in bounds]
-    has_targets = torch.stack(counts).tolist() if counts else []  # one device sync for all chunks
-    return _Segment(ids, targets, positions, bounds, has_targets)
+    return _Segment(ids, targets, positions, bounds, chunks_with_targets(targets, bounds))
 
 
 def _segments(
