@@ -198,3 +198,21 @@ def test_cpu_budget_is_available_ram_minus_a_reserve() -> None:
     budget = device_budget_bytes("cpu")
     assert 0 < budget < vm.total
     assert device_budget_bytes("cpu", reserve_bytes=0) >= budget
+
+
+def test_branch_tokens_add_their_kv_cache_and_gradients() -> None:
+    """A prefix tree (DPO) keeps every branch's leaves until stage 2: L + branch tokens of K/V."""
+    shape = ModelShape(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                       intermediate_size=128, vocab_size=100, num_params=10**6)  # fmt: skip
+    for offload in (False, True):
+        tree = estimate(shape, 1000, 128, PlanOptions(branch_tokens=300, kv_offload=offload))
+        longer = estimate(shape, 1300, 128, PlanOptions(kv_offload=offload))
+        assert (tree.kv_cache, tree.kv_grad, tree.host_kv_cache, tree.host_kv_grad) == (
+            longer.kv_cache,
+            longer.kv_grad,
+            longer.host_kv_cache,
+            longer.host_kv_grad,
+        )
+        assert tree.activations == estimate(shape, 1000, 128, PlanOptions(kv_offload=offload)).activations
+    with pytest.raises(ValueError, match="branch_tokens must be >= 0"):
+        PlanOptions(branch_tokens=-1)
