@@ -204,6 +204,7 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, data: DataDir) 
         validation_file=file_path(rec.validation_file, "validation_file"), output_dir=data.job_dir(rec.id),
         device=settings.device, n_epochs=_auto(hp.get("n_epochs")), batch_size=_auto(hp.get("batch_size")),
         learning_rate_multiplier=_auto(hp.get("learning_rate_multiplier")), seed=rec.seed, seco=seco,
+        method=rec.method, beta=_auto(hp.get("beta")),
         checkpoint_every=settings.checkpoint_every, memory_budget_bytes=settings.memory_budget_bytes,
     )  # fmt: skip
 

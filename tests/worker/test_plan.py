@@ -56,3 +56,31 @@ def test_impossible_job_is_refused_with_alternatives(monkeypatch: pytest.MonkeyP
     with pytest.raises(TrainingError, match=r"host memory.*What would fit: .*max_length<=\d+") as info:
         trainer._plan_memory(spec_for(131072), LLAMA3_8B, torch.bfloat16)
     assert info.value.code == "does_not_fit"
+
+
+KV_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # Llama-3-8B, bf16: 128 KiB
+
+
+def test_a_dpo_step_keeps_the_second_answer_beside_the_prompt() -> None:
+    """A preference pair of a 16K prompt and two 512-token answers: the plan counts the shorter
+    answer's K/V (and their gradients) on top of prompt + longer answer."""
+    supervised = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16)
+    dpo = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16, branch_tokens=512)
+    assert (dpo.chunk_size, dpo.offload_kv) == (supervised.chunk_size, supervised.offload_kv) == (256, False)
+    assert dpo.memory.estimate.kv_cache - supervised.memory.estimate.kv_cache == 512 * KV_PER_TOKEN
+    assert dpo.memory.estimate.kv_grad - supervised.memory.estimate.kv_grad == 512 * KV_PER_TOKEN
+
+
+def test_long_answers_move_a_dpo_step_to_offload_or_refuse_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    two_long = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16, branch_tokens=16384)
+    assert (two_long.layer_checkpointing, two_long.offload_kv) == (True, True)
+    monkeypatch.setattr(trainer, "device_budget_bytes", lambda device: 16 * GiB)  # the host's
+    trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16)  # one sequence fits
+    with pytest.raises(TrainingError, match="host memory") as info:
+        trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16, branch_tokens=65536)
+    assert info.value.code == "does_not_fit"
+
+
+def test_dpo_plans_for_its_longest_pair_when_max_length_is_unset() -> None:
+    plan = trainer._plan_memory(spec_for(None), LLAMA3_8B, torch.bfloat16, branch_tokens=300, length=5000)
+    assert plan.max_length == 5000 and plan.memory.estimate.kv_cache == 5300 * KV_PER_TOKEN
