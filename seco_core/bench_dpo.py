@@ -17,9 +17,10 @@ q/k/v/o; reference = the adapter disabled), chunk-wise with the same chunk size:
             gradients are kept apart instead of re-running the policy's forward passes).
 
 Each method runs in a fresh process (peak memory of one never includes the other's);
-after a warm-up step, `--steps` steps are timed. Peak extra memory is above the built
-model and inputs (CUDA: allocated tensors; CPU: RSS). The parent prints both, the ratios
-shared/separate, and checks that both found the same loss and gradient norm.
+after a warm-up step, `--steps` steps are timed (wall and CPU seconds). Peak extra memory
+is above the built model and inputs (CUDA: allocated tensors; CPU: RSS). The parent
+prints both, the ratios shared/separate, and checks that both found the same loss and
+gradient norm.
 """
 
 from __future__ import annotations
@@ -111,11 +112,13 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         probe = PeakMemory(device)
         info = step()  # warm-up: allocator pools, lazy initialisations
         model.zero_grad(set_to_none=True)
-        times = []
+        times, cpu_times = [], []
         for i in range(spec["steps"]):
+            cpu0 = time.process_time()
             with Stopwatch(device) as sw:
                 info = step()
             times.append(sw.seconds)
+            cpu_times.append(time.process_time() - cpu0)
             result["grad_norm"], result["grads_nonzero"] = _grad_stats(model)
             if i < spec["steps"] - 1:
                 model.zero_grad(set_to_none=True)
@@ -123,6 +126,9 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         result["peak_extra_bytes"] = probe.peak_extra_bytes
         result["step_seconds"] = times
         result["step_seconds_mean"] = sum(times) / len(times)
+        # CPU seconds of this process (all threads): on a shared machine, far less affected by
+        # other processes than wall time (see bench.py).
+        result["cpu_seconds_mean"] = sum(cpu_times) / len(cpu_times)
         result["status"] = "ok"
     except torch.OutOfMemoryError as err:
         result = {"method": method, "status": "oom", "error": str(err).splitlines()[0]}
@@ -138,6 +144,7 @@ def compare(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> tuple[d
         ]
     ratios = {
         "time shared/separate": shared["step_seconds_mean"] / separate["step_seconds_mean"],
+        "cpu time shared/separate": shared["cpu_seconds_mean"] / separate["cpu_seconds_mean"],
         "peak memory shared/separate": shared["peak_extra_bytes"] / max(1, separate["peak_extra_bytes"]),
     }
     problems = []
@@ -205,13 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     ratios, problems = compare(results, spec)
     length = f"prompt {spec['prompt']} + answers {spec['answers'][0]} / {spec['answers'][1]} tokens"
     print(f"DPO step, {length}, chunk {spec['chunk_size']}, {spec['preset']} on {spec['device']}")
-    print(f"{'method':>9} {'peak extra MiB':>15} {'step s':>9} {'loss':>9} {'grad norm':>10}")
+    print(f"{'method':>9} {'peak extra MiB':>15} {'step s':>9} {'cpu s':>9} {'loss':>9} {'grad norm':>10}")
     for method, r in results.items():
         if r["status"] != "ok":
             print(f"{method:>9} {r['status'].upper():>15}")
             continue
         print(f"{method:>9} {r['peak_extra_bytes'] / 2**20:>15.1f} {r['step_seconds_mean']:>9.2f} "
-              f"{r['loss']:>9.5f} {r['grad_norm']:>10.4g}")  # fmt: skip
+              f"{r['cpu_seconds_mean']:>9.2f} {r['loss']:>9.5f} {r['grad_norm']:>10.4g}")  # fmt: skip
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
     for msg in problems:

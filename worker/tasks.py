@@ -138,6 +138,8 @@ class StoreContext:
             msg += f": training loss={data['train_loss']:.4f}"
         if isinstance(data.get("valid_loss"), int | float):
             msg += f", validation loss={data['valid_loss']:.4f}"
+        if isinstance(data.get("reward_margin"), int | float):  # DPO
+            msg += f", reward margin={data['reward_margin']:.4f}, reward accuracy={data.get('reward_accuracy', 0):.2f}"
         self.persist(lambda: self.store.add_metrics(self.job_id, self.worker_id, data, msg))
 
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:

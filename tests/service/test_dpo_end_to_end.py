@@ -69,6 +69,7 @@ def test_a_dpo_job_learns_the_preference(svc: Any, tmp_path: Path, demo_model: P
     assert done.status == "succeeded" and done.method and done.method.type == "dpo"
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=200))
     metrics = [e.data for e in reversed(events) if e.type == "metrics"]
+    assert ", reward margin=" in next(e.message for e in events if e.type == "metrics")
     assert [m["step"] for m in metrics] == list(range(1, 13))  # type: ignore[index]
     first, last = metrics[0], metrics[-1]
     assert first["reward_margin"] == 0.0 and last["reward_margin"] > 0.5 and last["reward_accuracy"] == 1.0  # type: ignore[index]
