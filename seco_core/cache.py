@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -116,7 +115,11 @@ def _stored(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return out.copy_(t)
 
 
-_ACTIVE_CACHE: ContextVar[ChunkCache | None] = ContextVar("seco_active_cache", default=None)
+CACHE_ATTRIBUTE = "_seco_chunk_cache"
+"""Set on every layer-indexed module of the model while `activate` is on. The attention
+function finds the cache through the module it is called with, not through thread or
+context state: on CUDA, autograd runs backward (and so a checkpointed layer's
+recomputation) on its own device thread, where the caller's context variables are unset."""
 
 
 def _seco_attention(
@@ -130,7 +133,7 @@ def _seco_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: the chunk attends to the cached prefix and itself."""
-    cache = _ACTIVE_CACHE.get()
+    cache: ChunkCache | None = getattr(module, CACHE_ATTRIBUTE, None)
     if cache is None:
         raise RuntimeError("seco_chunked attention used outside chunked_backward")
     arch = type(module).__name__
@@ -173,15 +176,18 @@ def activate(model: nn.Module, cache: ChunkCache) -> Iterator[None]:
     configs: dict[int, Any] = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     saved_impl = {key: cfg._attn_implementation for key, cfg in configs.items()}
     ckpt_modules: list[Any] = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    token = _ACTIVE_CACHE.set(cache)
+    layered = [m for m in model.modules() if hasattr(m, "layer_idx")]
     try:
+        for m in layered:
+            m.__dict__[CACHE_ATTRIBUTE] = cache  # plain attribute: nn.Module's __setattr__ is not involved
         for cfg in configs.values():
             cfg._attn_implementation = ATTENTION_NAME
         for m in ckpt_modules:
             m.gradient_checkpointing = False
         yield
     finally:
-        _ACTIVE_CACHE.reset(token)
+        for m in layered:
+            m.__dict__.pop(CACHE_ATTRIBUTE, None)
         for key, cfg in configs.items():
             cfg._attn_implementation = saved_impl[key]
         for m in ckpt_modules:
