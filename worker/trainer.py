@@ -105,7 +105,10 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     check = self_check(
         model, seq_len=min(96, job_plan.max_length), chunk_size=max(2, min(32, job_plan.max_length // 3))
     )
-    ctx.message(f"self-check passed: chunk-wise vs plain gradient relative error {check.max_rel_error:.2e}")
+    ctx.message(
+        f"self-check passed: chunk-wise vs plain gradient relative error {check.rel_error:.2e} "
+        f"(tolerance {check.tolerance:g} for {str(check.compute_dtype).removeprefix('torch.')})"
+    )
 
     chunk_config = _chunk_config(spec, job_plan)
     batch_size = spec.batch_size or 1
