@@ -139,10 +139,14 @@ def chunked_backward(
     return backward_with_factors(model, input_ids, labels, config, factors, loss_scale=loss_scale)
 
 
-def chunked_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> float:
-    """The mean token loss of a long sequence with no gradients (validation): stage 1 only."""
-    num_chunks = -(-input_ids.shape[-1] // chunk_size)
-    return backward_with_factors(model, input_ids, labels, ChunkConfig(chunk_size), [0.0] * num_chunks).loss
+def chunked_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, config: ChunkConfig) -> float:
+    """The mean token loss of a long sequence with no gradients (validation): stage 1 only.
+
+    Takes the training step's own `config`, so a sequence that only fits with the K/V
+    cache offloaded to host memory is validated with it offloaded too.
+    """
+    num_chunks = -(-input_ids.shape[-1] // config.chunk_size)
+    return backward_with_factors(model, input_ids, labels, config, [0.0] * num_chunks).loss
 
 
 def backward_with_factors(

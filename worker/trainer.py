@@ -181,7 +181,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             }
             save_now = end_of_epoch or step % checkpoint_every == 0
             if save_now and valid_windows:
-                metrics["valid_loss"] = _validation_loss(model, valid_windows, chunk_config.chunk_size, device)
+                metrics["valid_loss"] = _validation_loss(model, valid_windows, chunk_config, device)
             ctx.metrics(metrics)
             _append_metrics(metrics_csv, metrics)
             rate = (time.monotonic() - started) / steps_this_run
@@ -247,14 +247,17 @@ def _optimizer_step(
 
 
 @torch.no_grad()
-def _validation_loss(model: torch.nn.Module, windows: list[Window], chunk_size: int, device: torch.device) -> float:
-    """Token-weighted mean loss over the validation windows (stage 1 only: no graph)."""
+def _validation_loss(
+    model: torch.nn.Module, windows: list[Window], chunk_config: ChunkConfig, device: torch.device
+) -> float:
+    """Token-weighted mean loss over the validation windows (stage 1 only: no graph), with the
+    training step's chunk configuration: at lengths that need KV offload, validation does too."""
     model.eval()
     total, n = 0.0, 0
     for window in windows:
         ids = torch.tensor([window.input_ids], device=device)
         labels = torch.tensor([window.labels], device=device)
-        total += chunked_loss(model, ids, labels, chunk_size) * window.num_targets
+        total += chunked_loss(model, ids, labels, chunk_config) * window.num_targets
         n += window.num_targets
     model.train()
     return total / n
