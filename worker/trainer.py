@@ -19,6 +19,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from seco_core import ChunkConfig, UnsupportedModelError, chunked_backward, chunked_loss
+from seco_core.kv_store import HostBuffers
 from seco_core.lora import attach_lora, pack_adapter, save_adapter
 from seco_core.memory_plan import MemoryPlan, PlanOptions, device_budget_bytes, format_bytes, plan
 from seco_core.probes import PeakMemory
@@ -138,6 +139,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
         f"KV offload {'on' if job_plan.offload_kv else 'off'}"
     )
 
+    host_buffers = HostBuffers()  # offloaded K/V: host memory pinned once, reused by every step
     probe = PeakMemory(device)
     peak_seen = step_peak = 0  # absolute peak; largest step peak above the resident model
     started = time.monotonic()
@@ -151,7 +153,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             step = position.step + 1
             probe.reset()
             t0 = time.monotonic()
-            loss, chunks = _optimizer_step(model, windows, chunk_config, spec, step, device, ctx)
+            loss, chunks = _optimizer_step(model, windows, chunk_config, spec, step, device, ctx, host_buffers)
             torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
             learning_rate = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -181,7 +183,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             }
             save_now = end_of_epoch or step % checkpoint_every == 0
             if save_now and valid_windows:
-                metrics["valid_loss"] = _validation_loss(model, valid_windows, chunk_config, device)
+                metrics["valid_loss"] = _validation_loss(model, valid_windows, chunk_config, device, host_buffers)
             ctx.metrics(metrics)
             _append_metrics(metrics_csv, metrics)
             rate = (time.monotonic() - started) / steps_this_run
@@ -204,6 +206,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             "estimated_bytes": estimate.total - estimate.workspace,
         },
     )
+    host_buffers.release()
     adapter_dir = save_adapter(model, spec.output_dir / "adapter", spec.model_name)  # type: ignore[arg-type]
     archive = pack_adapter(adapter_dir, spec.output_dir / "adapter.tar.gz")
     return TrainResult(
@@ -224,6 +227,7 @@ def _optimizer_step(
     step: int,
     device: torch.device,
     ctx: TrainContext,
+    host_buffers: HostBuffers,
 ) -> tuple[float, int]:
     """Accumulate one step's gradients over its windows; returns (mean token loss, chunks back-propagated).
 
@@ -240,7 +244,8 @@ def _optimizer_step(
             raise JobCancelled()
         ids = torch.tensor([window.input_ids], device=device)  # (1, T)
         labels = torch.tensor([window.labels], device=device)
-        out = chunked_backward(model, ids, labels, chunk_config, generator, loss_scale=window.num_targets / n_targets)
+        out = chunked_backward(model, ids, labels, chunk_config, generator, loss_scale=window.num_targets / n_targets,
+                               host_buffers=host_buffers)  # fmt: skip
         loss_sum += out.loss * out.tokens
         chunks += out.chunks_backpropagated
     return loss_sum / n_targets, chunks
@@ -248,7 +253,11 @@ def _optimizer_step(
 
 @torch.no_grad()
 def _validation_loss(
-    model: torch.nn.Module, windows: list[Window], chunk_config: ChunkConfig, device: torch.device
+    model: torch.nn.Module,
+    windows: list[Window],
+    chunk_config: ChunkConfig,
+    device: torch.device,
+    host_buffers: HostBuffers,
 ) -> float:
     """Token-weighted mean loss over the validation windows (stage 1 only: no graph), with the
     training step's chunk configuration: at lengths that need KV offload, validation does too."""
@@ -257,7 +266,7 @@ def _validation_loss(
     for window in windows:
         ids = torch.tensor([window.input_ids], device=device)
         labels = torch.tensor([window.labels], device=device)
-        total += chunked_loss(model, ids, labels, chunk_config) * window.num_targets
+        total += chunked_loss(model, ids, labels, chunk_config, host_buffers=host_buffers) * window.num_targets
         n += window.num_targets
     model.train()
     return total / n

@@ -174,9 +174,9 @@ def test_validation_runs_with_the_training_chunk_configuration(
     seen: list[Any] = []
     original = trainer.chunked_loss
 
-    def recording_loss(model: Any, ids: Any, labels: Any, config: Any) -> float:
+    def recording_loss(model: Any, ids: Any, labels: Any, config: Any, **kwargs: Any) -> float:
         seen.append(config)
-        return original(model, ids, labels, config)
+        return original(model, ids, labels, config, **kwargs)
 
     monkeypatch.setattr(trainer, "_plan_memory", offloading_plan)
     monkeypatch.setattr(trainer, "chunked_loss", recording_loss)
