@@ -42,6 +42,12 @@ from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainContext, Training
 
 log = logging.getLogger(__name__)
 
+# Set before any job imports torch (the pool children inherit it): a long job allocates
+# blocks of many sizes (chunks, the shorter last chunk, streamed K/V blocks), and
+# expandable segments let the CUDA caching allocator grow segments instead of
+# fragmenting memory until a request no longer fits.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
 TrainFn = Callable[[TrainSpec, TrainContext], TrainResult]
 T = TypeVar("T")
 
@@ -205,6 +211,7 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, data: DataDir) 
         device=settings.device, n_epochs=_auto(hp.get("n_epochs")), batch_size=_auto(hp.get("batch_size")),
         learning_rate_multiplier=_auto(hp.get("learning_rate_multiplier")), seed=rec.seed, seco=seco,
         checkpoint_every=settings.checkpoint_every, memory_budget_bytes=settings.memory_budget_bytes,
+        host_memory_budget_bytes=settings.host_memory_budget_bytes,
     )  # fmt: skip
 
 

@@ -9,6 +9,7 @@ earlier attempt at the same job died. The Celery task (tasks.py) only wraps it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from seco_core import ChunkConfig, UnsupportedModelError, chunked_backward, chunked_loss
+from seco_core.attention import FUSED_CUDA_DTYPES
 from seco_core.kv_store import HostBuffers
 from seco_core.lora import attach_lora, pack_adapter, save_adapter
-from seco_core.memory_plan import MemoryPlan, PlanOptions, device_budget_bytes, format_bytes, plan
+from seco_core.memory_plan import FASTEST_CHUNK, MemoryPlan, PlanOptions, device_budget_bytes, format_bytes, plan
 from seco_core.probes import PeakMemory
 from seco_core.selfcheck import self_check
 from seco_core.windows import Window, split_documents
@@ -277,19 +279,32 @@ def _plan_memory(spec: TrainSpec, model_config: Any, dtype: torch.dtype) -> Plan
 
     Tried in MEMORY_MODES order at the requested max_length (default: the model's
     context); when the job left max_length unset and even the most frugal mode cannot
-    fit the context, the longest length that mode fits is taken instead.
+    fit the context, the longest length that mode fits is taken instead. The options
+    describe what will run: the device kind's fastest chunk size, fused attention
+    kernels where the device and dtype have them, 4-bit weights for NF4 jobs.
     """
     context = int(getattr(model_config, "max_position_embeddings", 0) or 0)
     lora = spec.seco.lora
     targets = tuple(lora.target_modules) if lora.target_modules else PlanOptions().lora_targets
     budget = spec.memory_budget_bytes or device_budget_bytes(spec.device)
-    host_budget = device_budget_bytes("cpu") if spec.device.startswith("cuda") else None
+    host_budget = host_budget_bytes(spec) if spec.device.startswith("cuda") else None
     requested = spec.seco.max_length or context or 4096
+    kind = torch.device(spec.device).type
+    base = PlanOptions(
+        dtype_bytes=torch.finfo(dtype).bits // 8,
+        lora_r=lora.r,
+        lora_targets=targets,
+        fused_attention=kind == "cpu" or dtype in FUSED_CUDA_DTYPES,
+        max_chunk=FASTEST_CHUNK.get(kind),
+        weights_4bit=spec.seco.load_in_4bit,
+    )
     memory: MemoryPlan | None = None
     for mode in MEMORY_MODES:
         if mode["kv_offload"] and host_budget is None:
             continue  # offloading from the CPU to the CPU saves nothing
-        options = PlanOptions(dtype_bytes=torch.finfo(dtype).bits // 8, lora_r=lora.r, lora_targets=targets, **mode)
+        options = dataclasses.replace(
+            base, layer_checkpointing=mode["layer_checkpointing"], kv_offload=mode["kv_offload"]
+        )
         memory = plan(model_config, requested, budget, spec.seco.chunk_size, options, host_budget)
         if not memory.fits and spec.seco.max_length is None and memory.longest_length >= 2 and mode is MEMORY_MODES[-1]:
             memory = plan(model_config, memory.longest_length, budget, spec.seco.chunk_size, options, host_budget)
@@ -303,6 +318,14 @@ def _plan_memory(spec: TrainSpec, model_config: Any, dtype: torch.dtype) -> Plan
             )
     assert memory is not None
     raise TrainingError(memory.message, code="does_not_fit", param="seco.max_length")
+
+
+def host_budget_bytes(spec: TrainSpec) -> int:
+    """Host memory this worker's KV offload may use: SECO_HOST_MEMORY_BUDGET, else the
+    host's available memory shared equally by one worker per GPU."""
+    if spec.host_memory_budget_bytes is not None:
+        return spec.host_memory_budget_bytes
+    return device_budget_bytes("cpu") // max(1, torch.cuda.device_count())
 
 
 def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

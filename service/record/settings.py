@@ -69,7 +69,11 @@ class Settings(BaseSettings):
     """Optimizer steps between checkpoints; None lets the trainer choose."""
 
     memory_budget_bytes: int | None = Field(None, ge=1, validation_alias=_env("SECO_MEMORY_BUDGET"))
-    """Cap on the memory a job may plan for on this worker; None: the device's own size."""
+    """Cap on the memory a job may plan for on this worker; None: the device's free memory."""
+
+    host_memory_budget_bytes: int | None = Field(None, ge=1, validation_alias=_env("SECO_HOST_MEMORY_BUDGET"))
+    """Host memory one worker's KV offload may use; None: the host's available memory
+    divided by the number of GPUs on it (one worker per GPU share the host)."""
 
     queue: str = Field("seco", validation_alias=_env("SECO_QUEUE"))
     """The Celery queue the API publishes to and workers consume."""
