@@ -209,6 +209,20 @@ class Service:
                 mp.setenv(k, v)
             return open_storage(Settings(data_dir=self.data_dir, storage_url=self.env.get("SECO_STORAGE_URL")))
 
+    def tenant(self, tenant: str = "a") -> str:
+        """The tenant id of tenant "a" or "b" (the prefix of its storage keys)."""
+        from service.record.settings import tenant_of
+
+        return tenant_of(self.key(tenant))
+
+    def objects(self, prefix: str = "tenants") -> dict[str, int]:
+        """Every stored object under `prefix` (key -> bytes), whichever the back-end."""
+        return {o.key: o.size for o in self.storage().list_under(prefix)}
+
+    def upload_leftovers(self) -> list[Path]:
+        """Files left in the API's scratch space by uploads (there should be none)."""
+        return [p for p in self.data_dir.glob("scratch/*/uploads/**/*") if p.is_file()]
+
     def start_worker(self, wait: bool = True, **env: str) -> subprocess.Popen[bytes]:
         """A real Celery worker (prefork, 1 process, 1 task per child) in its own process group;
         `env` overrides variables for this worker only (e.g. its own SECO_DATA_DIR, another host)."""

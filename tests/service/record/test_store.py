@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from service.record import ids
-from service.record.settings import Settings
-from service.record.settings import tenant_of
+from service.record.settings import Settings, tenant_of
 from service.record.storage import LocalStorage, keys
 from service.record.store import REQUEUE_MESSAGE, STATUSES, FileInUse, FileRecord, JobRecord, LimitExceeded, Store, now
 from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
