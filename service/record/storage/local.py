@@ -24,6 +24,19 @@ def _failure(exc: OSError) -> StorageError:
     return StorageError(reason)
 
 
+def _copy_tree(src: Path, dest: Path) -> None:
+    """Copy a directory, failing on the first error with its own errno (copytree collects
+    errors into one `shutil.Error` without an errno, hiding "no space left on device")."""
+    for path in sorted(src.rglob("*")):
+        target = dest / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+    dest.mkdir(parents=True, exist_ok=True)
+
+
 class LocalStorage(Storage):
     kind = "local"
     setting = "SECO_DATA_DIR"
@@ -91,7 +104,7 @@ class LocalStorage(Storage):
             except OSError as e:
                 if e.errno != errno.EXDEV:
                     raise
-                shutil.copytree(src, tmp)
+                _copy_tree(src, tmp)
                 if move:
                     shutil.rmtree(src)
             shutil.rmtree(dest, ignore_errors=True)  # a copy a killed worker published earlier
