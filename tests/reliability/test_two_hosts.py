@@ -52,12 +52,12 @@ def hosts(
 
 
 def _owner(svc: Any, worker_field: str) -> Any:
-    """The worker process (of `svc.workers`) whose pool child runs the job."""
+    """The live worker process (of `svc.workers`) whose pool child runs the job, else None."""
     pid = int(worker_field.rsplit(":", 1)[1])
     for proc in svc.workers:
         if pid in {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}:
             return proc
-    raise AssertionError(f"pid {pid} is not a child of any worker")
+    return None  # a killed worker's id stays on the record until the reaper requeues the job
 
 
 def _running_on(svc: Any, job_id: str, wait: Callable[..., Any], not_on: Any = None) -> Any:
@@ -68,7 +68,7 @@ def _running_on(svc: Any, job_id: str, wait: Callable[..., Any], not_on: Any = N
         if rec.status != "running" or not rec.worker:
             return None
         proc = _owner(svc, rec.worker)
-        return proc if proc is not not_on else None
+        return proc if proc is not None and proc is not not_on else None
 
     return wait(owner, timeout=120, interval=0.1, what="a worker to run the job")
 
