@@ -134,13 +134,7 @@ class S3Storage(Storage):
         stream = result.stream(min_chunk_size=CHUNK_BYTES)
 
         def chunks() -> Iterator[bytes]:
-            while True:
-                try:
-                    block = self._call("download", key, lambda: next(stream, None))
-                except StopIteration:  # pragma: no cover - next() with a default never raises it
-                    return
-                if block is None:
-                    return
+            while (block := self._call("download", key, lambda: next(stream, None))) is not None:
                 yield bytes(block)
 
         return Download(size=int(result.meta["size"]), chunks=chunks())
