@@ -25,7 +25,10 @@ RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
          "bitsandbytes"},
         (),
     ),
-    "service/record": ({"service", "redis", "pydantic", "pydantic_settings"}, ("service.api", "service.client")),
+    "service/record": (
+        {"service", "redis", "pydantic", "pydantic_settings", "obstore"},
+        ("service.api", "service.client"),
+    ),
     "service/client": ({"service", "httpx"}, ("service.api", "service.record", "service.launch")),
     "service/api": (
         {"service", "fastapi", "starlette", "pydantic", "redis", "python_multipart", "prometheus_client", "worker"},
