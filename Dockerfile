@@ -18,7 +18,7 @@ COPY worker ./worker
 COPY seco_core ./seco_core
 RUN pip install --no-deps . \
     && useradd --create-home --uid 1000 seco \
-    && mkdir -p /data && chown seco:seco /data
+    && mkdir -p /data /scratch && chown seco:seco /data /scratch
 USER seco
 VOLUME ["/data"]
 EXPOSE 8000

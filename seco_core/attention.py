@@ -1,27 +1,32 @@
 """Attention of one chunk to its cached prefix plus itself, block by block.
 
-A chunk of c queries attends to the k-1 earlier chunks (the detached KV leaves of
-stage 1) and causally to itself. Concatenating the prefix and calling SDPA with an
+A chunk of c queries attends to the k-1 earlier chunks (the stage-1 K/V blocks, see
+kv_store.py) and causally to itself. Concatenating the prefix and calling SDPA with an
 explicit mask would copy the whole prefix per layer and, on CPU, materialise a
-c x (prefix + c) score matrix for every head and keep it for backward. Here the
-keys arrive as a list of blocks (one per cached chunk, the local block last); each
-block's attention is computed on its own and the results are merged by their
-log-sum-exp, as in FlashAttention and ring attention. Only one c x block score matrix
-exists at a time, backward recomputes each block's scores from the merged output and
-log-sum-exp instead of storing them, and the result equals softmax attention over the
-concatenation to float rounding. Memory is O(c x block) per head whatever the prefix.
+c x (prefix + c) score matrix for every head and keep it for backward. Here each block's
+attention is computed on its own and the results are merged by their log-sum-exp, as in
+FlashAttention and ring attention. Only one block is processed at a time, backward
+recomputes each block's share from the merged output and log-sum-exp instead of storing
+anything per block, and the result equals softmax attention over the concatenation to
+float rounding. The prefix blocks are not autograd inputs: backward hands each block's
+gradient to the store that keeps the block (on the device, or in host memory with KV
+offload), which sums them for the relay.
 
-Per-block kernels: on CPU, PyTorch's fused flash-attention kernel (which returns the
-log-sum-exp and has a backward taking it); elsewhere a plain matmul/softmax version,
-which is also the reference the tests compare the fused one with.
+Per-block kernels: on CPU, PyTorch's fused flash-attention kernel; on CUDA in bf16/fp16,
+PyTorch's FlashAttention-2 forward and backward ops; elsewhere (fp32/fp64 on CUDA) a
+plain matmul/softmax version, which is also the reference the tests compare the fused
+ones with. The fused kernels never materialise a block's scores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from seco_core.kv_store import LayerPrefix
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,39 +41,6 @@ def _local_mask(groups: int, q_len: int, device: torch.device) -> torch.Tensor:
     """
     tril = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
     return tril.repeat(groups, 1)
-
-
-def _stream_pairs(
-    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield each (key, value) block on `device`.
-
-    Blocks that live elsewhere (host memory, with KV offload) are copied one at a time,
-    so only one block is ever resident on the device; on CUDA the next block's copy is
-    issued on a side stream while the current one is being used.
-    """
-    pairs = list(zip(keys, values, strict=True))
-    if device.type != "cuda" or all(k.device == device for k, _ in pairs):
-        for k, v in pairs:
-            yield k.to(device), v.to(device)
-        return
-    side = torch.cuda.Stream(device)
-    main = torch.cuda.current_stream(device)
-
-    def fetch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.cuda.stream(side):
-            k, v = pairs[i]
-            return k.to(device, non_blocking=True), v.to(device, non_blocking=True)
-
-    ahead = fetch(0)
-    for i in range(len(pairs)):
-        main.wait_stream(side)
-        k, v = ahead
-        k.record_stream(main)
-        v.record_stream(main)
-        if i + 1 < len(pairs):
-            ahead = fetch(i + 1)
-        yield k, v
 
 
 # Per-block kernels. Each takes q folded as (B, Hkv, R, D), R = groups * q_len, and one
@@ -122,22 +94,29 @@ def _heads(x: torch.Tensor, q_len: int) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, q_len, *x.shape[3:])
 
 
-def _cpu_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_len: int, causal: bool, scale: float
+# The fused kernels. PyTorch's flash-attention ops take (B, H, L, D) with equal query and
+# key/value heads and return the log-sum-exp as (B, H, L). A prefix block (no mask) takes
+# the folded rows as they are: grouped query heads are just more rows attending to the
+# same key/value head. The chunk's own block needs the causal mask by position, so its
+# query heads are unfolded and its key/value heads repeated to match (c x heads x D:
+# small next to the prefix), and the repeated heads' gradients are summed back.
+
+FusedForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _fused_forward(
+    op: FusedForward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_len: int, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch's fused CPU flash-attention kernel, which also returns the log-sum-exp."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if causal:  # rows must be positions for the causal mask: unfold the query groups
-        groups = q.shape[-2] // q_len
-        out, lse = flash(
-            _heads(q, q_len), k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), 0.0, True, scale=scale
-        )
-        return out.reshape(q.shape), lse.reshape(*q.shape[:-1], 1)
-    out, lse = flash(q, k, v, 0.0, False, scale=scale)
-    return out, lse.unsqueeze(-1)
+    if not causal:
+        out, lse = op(q, k, v, False, scale)
+        return out, lse[..., : q.shape[-2]].unsqueeze(-1)
+    groups = q.shape[-2] // q_len
+    out, lse = op(_heads(q, q_len), k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), True, scale)
+    return out.reshape(q.shape), lse[..., :q_len].reshape(*q.shape[:-1], 1)
 
 
-def _cpu_backward(
+def _fused_backward(
+    op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -148,49 +127,108 @@ def _cpu_backward(
     causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    out, lse = out.to(q.dtype), lse.squeeze(-1)
+    """The op's backward given the *merged* output and log-sum-exp of all blocks: it
+    recomputes this block's probabilities as exp(q k^T * scale - lse) and takes
+    rowsum(dO * O) from the merged output, i.e. exactly this block's share of dq and
+    its dk, dv."""
+    out, lse = out.to(q.dtype).contiguous(), lse.squeeze(-1).contiguous()
     if not causal:
-        return flash_backward(do, q, k, v, out, lse, 0.0, False, scale=scale)
+        return op(do, q, k, v, out, lse, False, scale)
     groups = q.shape[-2] // q_len
-    dq, dk, dv = flash_backward(
-        _heads(do, q_len), _heads(q, q_len), k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-        _heads(out, q_len), _heads(lse, q_len), 0.0, True, scale=scale,
-    )  # fmt: skip
+    dq, dk, dv = op(_heads(do, q_len), _heads(q, q_len), k.repeat_interleave(groups, 1),
+                    v.repeat_interleave(groups, 1), _heads(out, q_len), _heads(lse, q_len), True, scale)  # fmt: skip
     fold = (k.shape[0], k.shape[1], groups, *k.shape[2:])  # sum the repeated heads' gradients
     return dq.reshape(q.shape), dk.reshape(fold).sum(2), dv.reshape(fold).sum(2)
 
 
-KERNELS = {"math": (_math_forward, _math_backward), "cpu": (_cpu_forward, _cpu_backward)}
+def _cpu_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's fused CPU flash-attention kernel, which also returns the log-sum-exp."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
 
 
-def _kernel_name(q: torch.Tensor, requested: str) -> str:
+def _cpu_op_backward(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, q, k, v, out, lse, causal, scale = args
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    dq, dk, dv = backward(do, q, k, v, out, lse, 0.0, causal, scale=scale)
+    return dq, dk, dv
+
+
+def _cuda_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's FlashAttention-2 forward (bf16/fp16 on CUDA), which returns the log-sum-exp."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    return out, lse
+
+
+def _cuda_op_backward(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense (no cumulative sequence lengths) and no dropout: the random-state arguments are
+    unused placeholders."""
+    do, q, k, v, out, lse, causal, scale = args
+    unused = torch.empty((), dtype=torch.long, device=q.device)
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_backward
+    dq, dk, dv = backward(do, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, causal, unused, unused,
+                          scale=scale)  # fmt: skip
+    return dq, dk, dv
+
+
+_cpu_forward = functools.partial(_fused_forward, _cpu_op)
+_cpu_backward = functools.partial(_fused_backward, _cpu_op_backward)
+_cuda_forward = functools.partial(_fused_forward, _cuda_op)
+_cuda_backward = functools.partial(_fused_backward, _cuda_op_backward)
+
+
+BlockForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+BlockBackward = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+KERNELS: dict[str, tuple[BlockForward, BlockBackward]] = {
+    "math": (_math_forward, _math_backward),
+    "cpu": (_cpu_forward, _cpu_backward),
+    "cuda": (_cuda_forward, _cuda_backward),
+}
+FUSED_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def kernel_for(q: torch.Tensor, requested: str = "auto") -> str:
+    """The per-block kernel for a query tensor: fused where PyTorch has one for its device and dtype."""
     if requested != "auto":
         return requested
-    return "cpu" if q.device.type == "cpu" else "math"
+    if q.device.type == "cpu":
+        return "cpu"
+    head_dim = q.shape[-1]
+    if q.device.type == "cuda" and q.dtype in FUSED_CUDA_DTYPES and head_dim % 8 == 0 and head_dim <= 256:
+        return "cuda"
+    return "math"
 
 
 class _BlockAttention(torch.autograd.Function):
-    """softmax(q K^T * scale) V over key blocks, the last of which is causal.
+    """softmax(q K^T * scale) V over the prefix blocks (fully visible) and the chunk (causal).
 
     Shapes: q (B, Hkv, R, D) with R = groups * q_len (grouped-query heads folded into
-    rows); each key/value block (B, Hkv, n_i, D). Returns (B, Hkv, R, D). The blocks'
-    outputs are merged by their log-sum-exp, so only one block's scores ever exist.
-    Blocks may live on another device than q (offloaded KV): they are streamed in, only
-    the host tensors are saved for backward, which streams them again and sends their
-    gradients back to where they live.
+    rows); k, v the chunk's own (B, Hkv, q_len, D); each prefix block (B, Hkv, n_i, D).
+    Returns (B, Hkv, R, D). The blocks' outputs are merged by their log-sum-exp in
+    float32 (or wider), so only one block is ever being processed. q, k, v are autograd
+    inputs; the prefix blocks are not: backward streams them again and deposits each
+    block's dk, dv with its store (`LayerPrefix.deposit`).
     """
 
     @staticmethod
     def forward(
-        ctx: Any, q: torch.Tensor, scale: float, q_len: int, kernel: str, *blocks: torch.Tensor
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        prefix: LayerPrefix,
+        scale: float,
+        q_len: int,
+        kernel: str,
     ) -> torch.Tensor:
         block_forward = KERNELS[kernel][0]
-        keys, values = blocks[0::2], blocks[1::2]
-        last = len(keys) - 1
         out = lse = None
-        for i, (k, v) in enumerate(_stream_pairs(keys, values, q.device)):
-            out_i, lse_i = block_forward(q, k, v, q_len, i == last, scale)
+        for k_i, v_i, causal in [*((ki, vi, False) for ki, vi in prefix.stream(forward=True)), (k, v, True)]:
+            out_i, lse_i = block_forward(q, k_i, v_i, q_len, causal, scale)
             if out is None or lse is None:
                 out, lse = out_i.to(lse_i.dtype), lse_i
                 continue
@@ -198,50 +236,50 @@ class _BlockAttention(torch.autograd.Function):
             out = out * torch.exp(lse - merged) + out_i.to(merged.dtype) * torch.exp(lse_i - merged)
             lse = merged
         assert out is not None and lse is not None
-        ctx.scale, ctx.q_len, ctx.kernel = scale, q_len, kernel
-        ctx.save_for_backward(q, out, lse, *blocks)
+        ctx.prefix, ctx.scale, ctx.q_len, ctx.kernel = prefix, scale, q_len, kernel
+        ctx.save_for_backward(q, k, v, out, lse)
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, out, lse, *blocks = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
         block_backward = KERNELS[ctx.kernel][1]
-        keys, values = blocks[0::2], blocks[1::2]
+        prefix: LayerPrefix = ctx.prefix
         grad_out = grad_out.contiguous()
         dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
-        block_grads: list[torch.Tensor | None] = []
-        last = len(keys) - 1
-        for i, (k, v) in enumerate(_stream_pairs(keys, values, q.device)):
-            dq_i, dk, dv = block_backward(grad_out, q, k, v, out, lse, ctx.q_len, i == last, ctx.scale)
+        for i, (k_i, v_i) in enumerate(prefix.stream(forward=False)):
+            dq_i, dk_i, dv_i = block_backward(grad_out, q, k_i, v_i, out, lse, ctx.q_len, False, ctx.scale)
             dq += dq_i
-            home_k, home_v = keys[i], values[i]  # gradients go back to where the block lives
-            block_grads.append(dk.to(home_k.device, home_k.dtype) if ctx.needs_input_grad[4 + 2 * i] else None)
-            block_grads.append(dv.to(home_v.device, home_v.dtype) if ctx.needs_input_grad[5 + 2 * i] else None)
-        return (dq.to(q.dtype), None, None, None, *block_grads)
+            prefix.deposit(i, dk_i, dv_i)
+        dq_c, dk, dv = block_backward(grad_out, q, k, v, out, lse, ctx.q_len, True, ctx.scale)
+        dq += dq_c
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def chunk_attention(
     query: torch.Tensor,
-    key_blocks: list[torch.Tensor],
-    value_blocks: list[torch.Tensor],
+    key: torch.Tensor,
+    value: torch.Tensor,
     scale: float,
+    prefix: LayerPrefix | None = None,
     kernel: str = "auto",
 ) -> torch.Tensor:
-    """Attention of a chunk's queries to prefix blocks (fully visible) and itself (causal).
+    """Attention of a chunk's queries to its prefix blocks (fully visible) and itself (causal).
 
-    query: (B, Hq, c, D). key_blocks / value_blocks: lists of (B, Hkv, n_i, D); the last
-    block is the chunk itself (n_last == c). Hq must be a multiple of Hkv (grouped-query
-    attention). Returns (B, c, Hq, D), the layout transformers' attention functions return.
+    query: (B, Hq, c, D); key, value: the chunk's own (B, Hkv, c, D); `prefix` the
+    earlier chunks' blocks of this layer (none: plain causal attention). Hq must be a
+    multiple of Hkv (grouped-query attention). Returns (B, c, Hq, D), the layout
+    transformers' attention functions return.
     """
     bsz, q_heads, q_len, head_dim = query.shape
-    kv_heads = key_blocks[-1].shape[1]
+    kv_heads = key.shape[1]
     if q_heads % kv_heads:
         raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({kv_heads})")
-    if key_blocks[-1].shape[-2] != q_len:
-        raise ValueError("the last key block must be the chunk itself")
+    if key.shape[-2] != q_len:
+        raise ValueError("key and value must be the chunk's own (as long as the query)")
     groups = q_heads // kv_heads
     q = query.contiguous().reshape(bsz, kv_heads, groups * q_len, head_dim)  # heads h = kv * groups + g
-    blocks = [t for kv in zip(key_blocks, value_blocks, strict=True) for t in kv]
-    out = _BlockAttention.apply(q, scale, q_len, _kernel_name(q, kernel), *blocks)
+    prefix = prefix if prefix is not None else LayerPrefix.empty()
+    out = _BlockAttention.apply(q, key.contiguous(), value.contiguous(), prefix, scale, q_len, kernel_for(q, kernel))
     out = out.reshape(bsz, q_heads, q_len, head_dim)
     return out.transpose(1, 2)

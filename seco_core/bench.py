@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seco_core.attention import FUSED_CUDA_DTYPES
 from seco_core.memory_plan import GiB, ModelShape, PlanOptions, estimate, format_bytes, parse_size
 from seco_core.probes import PeakMemory, Stopwatch, current_rss_bytes
 
@@ -295,6 +296,7 @@ def _plan_step_bytes(model: nn.Module, length: int, spec: dict[str, Any], varian
         workspace_bytes=0,
         layer_checkpointing=variant.get("layer_checkpointing", False),
         kv_offload=variant.get("offload_kv", False),
+        fused_attention=spec["device"] == "cpu" or DTYPES[spec["dtype"]] in FUSED_CUDA_DTYPES,
     )
     e = estimate(shape, length, spec["chunk_size"], options)
     # trainable_state without an optimizer: grads (+ the fp32 adapter weights under LoRA,
@@ -408,16 +410,20 @@ def ratios(results: list[dict[str, Any]], lengths: list[int]) -> dict[str, dict[
 
 
 def format_table(results: list[dict[str, Any]], rat: dict[str, dict[str, float]]) -> str:
-    lines = [f"{'length':>8} {'method':>8} {'peak extra MB':>14} {'step s':>9} {'cpu s':>9} {'loss':>9} {'plan MB':>9}"]
+    lines = [
+        f"{'length':>8} {'method':>8} {'peak extra MB':>14} {'step s':>9} {'cpu s':>9} {'loss':>9} {'plan MB':>9} "
+        f"{'plan/peak':>9}"
+    ]
     for r in results:
         if r["status"] != "ok":
             lines.append(f"{r['length']:>8} {r['method']:>8} {r['status'].upper():>14}")
             continue
         loss = f"{r['loss']:.4f}" if r.get("loss") is not None else "-"
         plan = f"{r['plan_step_bytes'] / 2**20:.1f}" if "plan_step_bytes" in r else "-"
+        ratio = f"{r['plan_step_bytes'] / r['peak_extra_bytes']:.2f}" if r.get("plan_step_bytes") else "-"
         lines.append(
             f"{r['length']:>8} {r['method']:>8} {r['peak_extra_bytes'] / 2**20:>14.1f} "
-            f"{r['step_seconds_mean']:>9.3f} {r.get('cpu_seconds_mean', 0.0):>9.3f} {loss:>9} {plan:>9}"
+            f"{r['step_seconds_mean']:>9.3f} {r.get('cpu_seconds_mean', 0.0):>9.3f} {loss:>9} {plan:>9} {ratio:>9}"
         )
     for length, row in rat.items():
         if row:

@@ -76,7 +76,7 @@ def make_step(method: str, model: nn.Module, spec: dict[str, Any]) -> Callable[[
 
     def separate() -> dict[str, Any]:
         with reference_model(model):
-            ref = [-chunked_loss(model, ids, labels, cfg.chunk_size) * n for ids, labels, n in sequences]
+            ref = [-chunked_loss(model, ids, labels, cfg) * n for ids, labels, n in sequences]
         grads, logps = [], []
         for ids, labels, n in sequences:  # the gradient of each answer's summed CE, kept apart
             saved = [p.grad for p in trainable]

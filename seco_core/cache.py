@@ -1,11 +1,12 @@
 """The KV cache that chunk-wise training threads through a Hugging Face model.
 
 Each layer keeps the per-chunk key/value checkpoints of stage 1 as a list of blocks
-(one tensor pair per earlier chunk, never concatenated) and the key/value states the
-model just computed for the current chunk. The cache hands the current chunk's states
-back to the model unchanged; the `seco_chunked` attention function (registered with
-transformers below) fetches the prefix blocks from the active cache by layer index and
-attends to them with `chunk_attention`. Reporting the prefix length through
+(`KVBlock`, one per earlier chunk, never concatenated; kept by a store on the device or
+in host memory, see kv_store.py) and the key/value states the model just computed for
+the current chunk. The cache hands the current chunk's states back to the model
+unchanged; the `seco_chunked` attention function (registered with transformers below)
+finds the cache through the attention module it is called with and attends to the
+layer's blocks with `chunk_attention`. Reporting the prefix length through
 `get_seq_length` is what makes the model place the chunk at the right positions.
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from seco_core.attention import chunk_attention
 from seco_core.errors import UnsupportedModelError
+from seco_core.kv_store import DeviceStore, KVBlock, LayerPrefix
 
 ATTENTION_NAME = "seco_chunked"
 
@@ -37,8 +38,7 @@ class ChunkLayer(CacheLayerMixin):
 
     def __init__(self) -> None:
         super().__init__()
-        self.prefix_keys: list[torch.Tensor] = []  # each (B, Hkv, n_i, D)
-        self.prefix_values: list[torch.Tensor] = []
+        self.prefix: list[KVBlock] = []  # the earlier chunks' blocks, in order
         self.new_keys: torch.Tensor | None = None  # (B, Hkv, c, D), part of the graph in stage 2
         self.new_values: torch.Tensor | None = None
         self.is_initialized = True
@@ -53,7 +53,7 @@ class ChunkLayer(CacheLayerMixin):
         return key_states, value_states
 
     def prefix_length(self) -> int:
-        return sum(k.shape[-2] for k in self.prefix_keys)
+        return sum(b.length for b in self.prefix)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.prefix_length() + query_length, 0
@@ -66,43 +66,47 @@ class ChunkLayer(CacheLayerMixin):
 
 
 class ChunkCache(Cache):
-    """A transformers `Cache` whose layers are `ChunkLayer`s."""
+    """A transformers `Cache` whose layers are `ChunkLayer`s, their blocks kept by `store`."""
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, store: DeviceStore | None = None) -> None:
         super().__init__(layers=[ChunkLayer() for _ in range(num_layers)])
+        self.store = store if store is not None else DeviceStore()
+        self.store.attach([layer.prefix for layer in self.chunk_layers])
 
     @property
     def chunk_layers(self) -> list[ChunkLayer]:
         return self.layers  # type: ignore[return-value]
 
-    def push_current(
-        self, requires_grad: bool, store_device: torch.device | None = None
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Stage 1: turn the chunk just computed into detached prefix leaves m'_j.
+    def push_current(self, needs_grad: bool) -> None:
+        """Stage 1: turn the chunk just computed into a block m'_j per layer.
 
-        With `store_device` (KV offload) the leaves live there (pinned host memory when
-        the chunk was computed on CUDA, so later copies to the device can overlap).
+        `needs_grad`: a later chunk's backward will relay into it, so the store keeps
+        gradient sums for it.
         """
-        leaves = []
         for layer in self.chunk_layers:
             assert layer.new_keys is not None and layer.new_values is not None
-            k = _stored(layer.new_keys, store_device).requires_grad_(requires_grad)
-            v = _stored(layer.new_values, store_device).requires_grad_(requires_grad)
-            layer.prefix_keys.append(k)
-            layer.prefix_values.append(v)
+            layer.prefix.append(self.store.put(layer.new_keys, layer.new_values, needs_grad))
             layer.new_keys = layer.new_values = None
-            leaves.append((k, v))
-        return leaves
 
-    def pop_last(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Stage 2: remove and return the last chunk's leaves (it no longer is anyone's prefix)."""
-        return [(layer.prefix_keys.pop(), layer.prefix_values.pop()) for layer in self.chunk_layers]
+    def pop_last(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Stage 2: remove the last chunk's blocks (they are no longer anyone's prefix) and
+        return, per layer, the gradients later chunks relayed into them (None: none were kept)."""
+        grads = []
+        for layer in self.chunk_layers:
+            block = layer.prefix.pop()
+            grads.append(self.store.take_grads(block))
+            self.store.release(block)
+        return grads
 
-    def push_leaves(self, leaves: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Put back leaves that `pop_last` returned (a prefix tree sets a branch aside in stage 1)."""
-        for layer, (k, v) in zip(self.chunk_layers, leaves, strict=True):
-            layer.prefix_keys.append(k)
-            layer.prefix_values.append(v)
+    def set_aside_last(self) -> list[KVBlock]:
+        """Remove the last chunk's blocks without releasing them, to `restore` later: a prefix
+        tree runs each branch on the shared prefix alone, then brings the branch back in stage 2."""
+        return [layer.prefix.pop() for layer in self.chunk_layers]
+
+    def restore(self, blocks: list[KVBlock]) -> None:
+        """Put back blocks that `set_aside_last` removed."""
+        for layer, block in zip(self.chunk_layers, blocks, strict=True):
+            layer.prefix.append(block)
 
     def current(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The K/V states the model computed for the current chunk, per layer."""
@@ -112,17 +116,25 @@ class ChunkCache(Cache):
             out.append((layer.new_keys, layer.new_values))
         return out
 
+    def prefix(self, layer_idx: int) -> LayerPrefix:
+        """What layer `layer_idx`'s attention reads before the current chunk."""
+        return LayerPrefix(self.store, self.chunk_layers[layer_idx].prefix, layer_idx)
 
-def _stored(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
-    """A detached copy of `t` on `device` (pinned if it comes from CUDA), or `t` detached."""
-    t = t.detach()
-    if device is None or device == t.device:
-        return t
-    out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=t.is_cuda and device.type == "cpu")
-    return out.copy_(t)
+    def close(self) -> None:
+        """Wait for the store's outstanding work, then give back every remaining block."""
+        try:
+            self.store.close()
+        finally:
+            for layer in self.chunk_layers:
+                while layer.prefix:
+                    self.store.release(layer.prefix.pop())
 
 
-_ACTIVE_CACHE: ContextVar[ChunkCache | None] = ContextVar("seco_active_cache", default=None)
+CACHE_ATTRIBUTE = "_seco_chunk_cache"
+"""Set on every layer-indexed module of the model while `activate` is on. The attention
+function finds the cache through the module it is called with, not through thread or
+context state: on CUDA, autograd runs backward (and so a checkpointed layer's
+recomputation) on its own device thread, where the caller's context variables are unset."""
 
 
 def _seco_attention(
@@ -136,7 +148,7 @@ def _seco_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: the chunk attends to the cached prefix and itself."""
-    cache = _ACTIVE_CACHE.get()
+    cache: ChunkCache | None = getattr(module, CACHE_ATTRIBUTE, None)
     if cache is None:
         raise RuntimeError("seco_chunked attention used outside chunked_backward")
     arch = type(module).__name__
@@ -156,7 +168,7 @@ def _seco_attention(
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    out = chunk_attention(query, [*layer.prefix_keys, key], [*layer.prefix_values, value], scaling)
+    out = chunk_attention(query, key, value, scaling, cache.prefix(module.layer_idx))  # type: ignore[arg-type]
     return out, None
 
 
@@ -179,15 +191,18 @@ def activate(model: nn.Module, cache: ChunkCache) -> Iterator[None]:
     configs: dict[int, Any] = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
     saved_impl = {key: cfg._attn_implementation for key, cfg in configs.items()}
     ckpt_modules: list[Any] = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    token = _ACTIVE_CACHE.set(cache)
+    layered = [m for m in model.modules() if hasattr(m, "layer_idx")]
     try:
+        for m in layered:
+            m.__dict__[CACHE_ATTRIBUTE] = cache  # plain attribute: nn.Module's __setattr__ is not involved
         for cfg in configs.values():
             cfg._attn_implementation = ATTENTION_NAME
         for m in ckpt_modules:
             m.gradient_checkpointing = False
         yield
     finally:
-        _ACTIVE_CACHE.reset(token)
+        for m in layered:
+            m.__dict__.pop(CACHE_ATTRIBUTE, None)
         for key, cfg in configs.items():
             cfg._attn_implementation = saved_impl[key]
         for m in ckpt_modules:

@@ -1,21 +1,22 @@
 """chunked_backward: one training step's gradients, one chunk's graph at a time.
 
 Stage 1 (no grad) runs the chunks in order and keeps every chunk's per-layer K/V as
-detached leaves m'_j. Stage 2 walks the chunks in reverse: it rebuilds chunk j's graph
-on top of the leaves m'_1..m'_{j-1}, and back-propagates
+detached blocks m'_j (kv_store.py). Stage 2 walks the chunks in reverse: it rebuilds
+chunk j's graph on top of the blocks m'_1..m'_{j-1}, and back-propagates
 
     f_j * (J_j + sum_layers <K_j, dK'_j> + <V_j, dV'_j>)
 
 where J_j is chunk j's summed token cross-entropy over the whole sequence's target count,
 K_j/V_j are the freshly computed (graph-connected) states, and dK'_j/dV'_j are the
-gradients that later chunks accumulated on the leaves of chunk j. The inner products
-relay those gradients into chunk j's graph without hooks, and the backward deposits
-new gradients on the leaves of earlier chunks. With f_j = 1 for every chunk (SeCO)
-the parameter gradients equal one full-sequence backward; SpaCO sets f_j = 0 for
-skipped chunks and compensates the others (see sampling.py).
+gradients that later chunks sent to the blocks of chunk j (summed in float32 by the
+store). The inner products relay those gradients into chunk j's graph without hooks,
+and the backward sends new gradients to the blocks of earlier chunks. With f_j = 1 for
+every chunk (SeCO) the parameter gradients equal one full-sequence backward; SpaCO sets
+f_j = 0 for skipped chunks and compensates the others (see sampling.py).
 
-Memory: the leaves and their gradients grow with the sequence (the KV cache); the
-activations and logits are those of one chunk.
+Memory: the blocks and their gradient sums grow with the sequence (the KV cache), on
+the device or, with KV offload, in host memory; the activations and logits are those of
+one chunk.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from seco_core import cache as chunk_cache
 from seco_core.arch import ModelParts, check_length, model_parts
 from seco_core.config import ChunkConfig
+from seco_core.kv_store import DeviceStore, HostBuffers, HostStore
 from seco_core.sampling import chunk_factors
 
 IGNORE_INDEX = -100
@@ -104,7 +106,7 @@ def run_chunk(
     """One chunk through the decoder on top of the cached prefix: (B, c) ids -> (B, c, H) hidden states.
 
     The chunk's fresh K/V are left in the cache (`cache.current()`) for the caller to
-    push as leaves (stage 1) or relay into (stage 2).
+    push as blocks (stage 1) or relay into (stage 2).
     """
     out = parts.decoder(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
     return out.last_hidden_state
@@ -113,21 +115,19 @@ def run_chunk(
 def relay_objective(
     loss: torch.Tensor,
     current: list[tuple[torch.Tensor, torch.Tensor]],
-    leaves: list[tuple[torch.Tensor, torch.Tensor]],
+    relayed: list[tuple[torch.Tensor, torch.Tensor] | None],
 ) -> torch.Tensor:
     """`loss + sum_layers <K_j, dK'_j> + <V_j, dV'_j>`: the scalar stage 2 back-propagates for chunk j.
 
-    `current` are the chunk's freshly computed (graph-connected) K/V per layer, `leaves`
-    its stage-1 leaves, whose `.grad` holds what later chunks (of every branch, in a
-    prefix tree) sent back to them. Back-propagating the inner products relays those
-    gradients into the chunk's graph without hooks; leaves without a gradient add nothing.
+    `current` are the chunk's freshly computed (graph-connected) K/V per layer, `relayed`
+    the gradients later chunks (of every branch, in a prefix tree) sent to its blocks
+    (`ChunkCache.pop_last`; None where none were kept). Back-propagating the inner
+    products relays them into the chunk's graph without hooks.
     """
     objective = loss
-    for (k_new, v_new), (k_leaf, v_leaf) in zip(current, leaves, strict=True):
-        if k_leaf.grad is not None:
-            objective = objective + (k_new * k_leaf.grad.to(k_new.device)).sum()
-        if v_leaf.grad is not None:
-            objective = objective + (v_new * v_leaf.grad.to(v_new.device)).sum()
+    for (k_new, v_new), grads in zip(current, relayed, strict=True):
+        if grads is not None:
+            objective = objective + (k_new * grads[0]).sum() + (v_new * grads[1]).sum()
     return objective
 
 
@@ -153,20 +153,27 @@ def _checkpointed(layers: nn.ModuleList, enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def chunked_session(
-    model: nn.Module, parts: ModelParts, cache: chunk_cache.ChunkCache, config: ChunkConfig
-) -> Iterator[None]:
-    """While active, the model attends through `cache` and (optionally) checkpoints its layers."""
-    with chunk_cache.activate(model, cache), _checkpointed(parts.layers, config.layer_checkpointing):
-        yield
+    model: nn.Module, parts: ModelParts, config: ChunkConfig, device: torch.device, host_buffers: HostBuffers | None
+) -> Iterator[chunk_cache.ChunkCache]:
+    """A chunk cache on the store `config` asks for (device, or host with KV offload), the
+    model attending through it and (optionally) checkpointing its layers; closed at the end."""
+    store = HostStore(device, config.chunk_size, host_buffers) if config.offload_kv else DeviceStore()
+    cache = chunk_cache.ChunkCache(parts.num_layers, store)
+    with (
+        contextlib.closing(cache),
+        chunk_cache.activate(model, cache),
+        _checkpointed(parts.layers, config.layer_checkpointing),
+    ):
+        yield cache
 
 
-def rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The random state a chunk's stage-1 pass starts from, so stage 2 replays its dropout masks."""
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda_state
 
 
-def set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
@@ -180,6 +187,7 @@ def chunked_backward(
     generator: torch.Generator | None = None,
     *,
     loss_scale: float = 1.0,
+    host_buffers: HostBuffers | None = None,
 ) -> ChunkedOutput:
     """Accumulate the gradients of the mean token loss into `.grad`, chunk by chunk.
 
@@ -190,6 +198,8 @@ def chunked_backward(
     each chunk's recomputation replays the random state its stage-1 pass used.
     `loss_scale` multiplies the gradients (not the returned loss), e.g. to weight a
     window by its share of the targets when accumulating over several windows.
+    `host_buffers` (with `config.offload_kv`): a pool of host buffers to keep across a
+    job's steps, so that pinned host memory is allocated once rather than every step.
     """
     if input_ids.dim() != 2 or input_ids.shape != labels.shape:
         raise ValueError(
@@ -197,13 +207,26 @@ def chunked_backward(
         )
     num_chunks = -(-input_ids.shape[-1] // config.chunk_size)
     factors = chunk_factors(num_chunks, config, generator)
-    return backward_with_factors(model, input_ids, labels, config, factors, loss_scale=loss_scale)
+    return backward_with_factors(
+        model, input_ids, labels, config, factors, loss_scale=loss_scale, host_buffers=host_buffers
+    )
 
 
-def chunked_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> float:
-    """The mean token loss of a long sequence with no gradients (validation): stage 1 only."""
-    num_chunks = -(-input_ids.shape[-1] // chunk_size)
-    return backward_with_factors(model, input_ids, labels, ChunkConfig(chunk_size), [0.0] * num_chunks).loss
+def chunked_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    config: ChunkConfig,
+    *,
+    host_buffers: HostBuffers | None = None,
+) -> float:
+    """The mean token loss of a long sequence with no gradients (validation): stage 1 only.
+
+    Takes the training step's own `config`, so a sequence that only fits with the K/V
+    cache offloaded to host memory is validated with it offloaded too.
+    """
+    num_chunks = -(-input_ids.shape[-1] // config.chunk_size)
+    return backward_with_factors(model, input_ids, labels, config, [0.0] * num_chunks, host_buffers=host_buffers).loss
 
 
 def backward_with_factors(
@@ -214,6 +237,7 @@ def backward_with_factors(
     factors: list[float],
     *,
     loss_scale: float = 1.0,
+    host_buffers: HostBuffers | None = None,
 ) -> ChunkedOutput:
     """chunked_backward with the per-chunk factors given (0.0: not back-propagated).
 
@@ -235,40 +259,38 @@ def backward_with_factors(
     bounds = [(s, min(s + config.chunk_size, length)) for s in range(0, length, config.chunk_size)]
     if len(factors) != len(bounds):
         raise ValueError(f"{len(factors)} factors for {len(bounds)} chunks")
-    # A leaf needs a gradient only if it will relay it: its own chunk is back-propagated
-    # and some later back-propagated chunk attends to it.
+    # A block needs gradient sums only if it will relay them: its own chunk is
+    # back-propagated and some later back-propagated chunk attends to it.
     needs_grad = [f != 0.0 and any(g != 0.0 for g in factors[j + 1 :]) for j, f in enumerate(factors)]
     has_targets = chunks_with_targets(targets, bounds)
     positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
-
-    cache = chunk_cache.ChunkCache(parts.num_layers)
-    store_device = torch.device("cpu") if config.offload_kv else None
     rng_states = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
-    def run(j: int) -> torch.Tensor:
-        s, e = bounds[j]
-        return run_chunk(parts, cache, input_ids[:, s:e], positions[:, s:e])  # (B, c, H)
+    with chunked_session(model, parts, config, device, host_buffers) as cache:
 
-    with chunked_session(model, parts, cache, config):
+        def run(j: int) -> torch.Tensor:
+            s, e = bounds[j]
+            return run_chunk(parts, cache, input_ids[:, s:e], positions[:, s:e])  # (B, c, H)
+
         # Stage 1: fill the cache; losses of chunks that stage 2 will not revisit.
         with torch.no_grad():
             for j, (s, e) in enumerate(bounds):
-                rng_states.append(rng_state(device))
+                rng_states.append(_rng_state(device))
                 hidden = run(j)
                 if factors[j] == 0.0 and has_targets[j]:
                     loss_sum += chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice).double()
-                cache.push_current(requires_grad=needs_grad[j], store_device=store_device)
-        final_rng = rng_state(device)
+                cache.push_current(needs_grad[j])
+        final_rng = _rng_state(device)
 
         # Stage 2: reverse order, one chunk's graph at a time.
         for j in reversed(range(len(bounds))):
-            leaves = cache.pop_last()
+            relayed = cache.pop_last()
             factor = factors[j]
             if factor == 0.0:
                 continue
             s, e = bounds[j]
-            set_rng_state(device, rng_states[j])
+            _set_rng_state(device, rng_states[j])
             with torch.enable_grad():
                 hidden = run(j)
                 chunk_loss = (
@@ -276,14 +298,14 @@ def backward_with_factors(
                     if has_targets[j]
                     else torch.zeros((), device=device)
                 )
-                objective = relay_objective(chunk_loss * (loss_scale / n_targets), cache.current(), leaves)
+                objective = relay_objective(chunk_loss * (loss_scale / n_targets), cache.current(), relayed)
                 if objective.requires_grad:
                     (objective * factor).backward()
             loss_sum += chunk_loss.detach().double()
-            del leaves, hidden, objective, chunk_loss
+            del relayed, hidden, objective, chunk_loss
             if not any(factors[:j]):
                 break  # no earlier chunk is back-propagated: the rest of the cache is dead
-        set_rng_state(device, final_rng)
+        _set_rng_state(device, final_rng)
 
     return ChunkedOutput(
         loss=float(loss_sum) / n_targets,

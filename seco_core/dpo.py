@@ -37,6 +37,7 @@ from peft import PeftModel
 from torch import nn
 
 from seco_core.config import ChunkConfig
+from seco_core.kv_store import HostBuffers
 from seco_core.prefix import Continuation, backward_tree_with_factors, prefix_tree_backward, prefix_tree_loss
 
 DEFAULT_BETA = 0.1
@@ -112,7 +113,12 @@ def reference_model(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def answer_logps(
-    model: nn.Module, prompt_ids: torch.Tensor, answers: Sequence[torch.Tensor], config: ChunkConfig
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    answers: Sequence[torch.Tensor],
+    config: ChunkConfig,
+    *,
+    host_buffers: HostBuffers | None = None,
 ) -> list[float]:
     """Summed log-probability of every token of each answer given the prompt, no gradients.
 
@@ -120,16 +126,21 @@ def answer_logps(
     prompt is computed once for all answers.
     """
     _pair_tensors(prompt_ids, answers)
-    ce = prefix_tree_loss(model, prompt_ids, [(a, a) for a in answers], config)
+    ce = prefix_tree_loss(model, prompt_ids, [(a, a) for a in answers], config, host_buffers=host_buffers)
     return [-float(c.sum()) for c in ce]
 
 
 def reference_answer_logps(
-    model: nn.Module, prompt_ids: torch.Tensor, answers: Sequence[torch.Tensor], config: ChunkConfig
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    answers: Sequence[torch.Tensor],
+    config: ChunkConfig,
+    *,
+    host_buffers: HostBuffers | None = None,
 ) -> list[float]:
     """`answer_logps` of the reference policy (adapter disabled)."""
     with reference_model(model):
-        return answer_logps(model, prompt_ids, answers, config)
+        return answer_logps(model, prompt_ids, answers, config, host_buffers=host_buffers)
 
 
 def dpo_backward(
@@ -144,6 +155,7 @@ def dpo_backward(
     reference_logps: tuple[float, float] | None = None,
     loss_scale: float = 1.0,
     factors: list[float] | None = None,
+    host_buffers: HostBuffers | None = None,
 ) -> DPOOutput:
     """Accumulate the DPO gradient of one preference pair into `.grad`, chunk by chunk.
 
@@ -152,12 +164,14 @@ def dpo_backward(
     disabled (`reference_model`). `loss_scale` multiplies the gradient (not the returned
     loss), e.g. 1/pairs to average a batch of pairs. `factors` replaces SpaCO's draw
     with given per-chunk factors (`prefix.backward_tree_with_factors`; tests enumerate
-    every draw with it).
+    every draw with it). `host_buffers`: the job's pool for KV offload.
     """
     _check_beta(beta)
     _pair_tensors(prompt_ids, [chosen_ids, rejected_ids])
     if reference_logps is None:
-        ref_w, ref_l = reference_answer_logps(model, prompt_ids, [chosen_ids, rejected_ids], config)
+        ref_w, ref_l = reference_answer_logps(
+            model, prompt_ids, [chosen_ids, rejected_ids], config, host_buffers=host_buffers
+        )
     else:
         ref_w, ref_l = (float(x) for x in reference_logps)
     seen: dict[str, float] = {}
@@ -170,9 +184,13 @@ def dpo_backward(
 
     answers = [Continuation(chosen_ids, chosen_ids), Continuation(rejected_ids, rejected_ids)]
     if factors is None:
-        out = prefix_tree_backward(model, prompt_ids, answers, config, generator, weight_fn=weights)
+        out = prefix_tree_backward(
+            model, prompt_ids, answers, config, generator, weight_fn=weights, host_buffers=host_buffers
+        )
     else:
-        out = backward_tree_with_factors(model, prompt_ids, answers, config, factors, weight_fn=weights)
+        out = backward_tree_with_factors(
+            model, prompt_ids, answers, config, factors, weight_fn=weights, host_buffers=host_buffers
+        )
     return DPOOutput(
         loss=seen["loss"],
         chosen_logp=seen["lp_w"],
@@ -195,14 +213,15 @@ def dpo_evaluate(
     *,
     beta: float = DEFAULT_BETA,
     reference_logps: tuple[float, float] | None = None,
+    host_buffers: HostBuffers | None = None,
 ) -> DPOOutput:
     """The DPO loss and rewards of a pair with no gradients (validation): stage 1 only."""
     _check_beta(beta)
     answers = [chosen_ids, rejected_ids]
     if reference_logps is None:
-        ref_w, ref_l = reference_answer_logps(model, prompt_ids, answers, config)
+        ref_w, ref_l = reference_answer_logps(model, prompt_ids, answers, config, host_buffers=host_buffers)
     else:
         ref_w, ref_l = (float(x) for x in reference_logps)
-    lp_w, lp_l = answer_logps(model, prompt_ids, answers, config)
+    lp_w, lp_l = answer_logps(model, prompt_ids, answers, config, host_buffers=host_buffers)
     loss, _ = dpo_loss_and_weight(beta, (lp_w - ref_w) - (lp_l - ref_l))
     return DPOOutput(loss, lp_w, lp_l, ref_w, ref_l, beta)

@@ -14,6 +14,10 @@ one chunk's graph is alive. Following ../shared/reference/anchors-performance.md
 with, for Llama-3-8B in bf16, kv = 128 KiB/token (32 layers × K,V × 8 heads × 128 × 2 B).
 `estimate` returns each term separately (`MemoryEstimate`), `choose_chunk_size` and
 `max_length` search over it, and `plan` turns it into a decision plus a human message.
+The terms follow what seco_core runs: K/V gradient sums in float32 (kv_store.py), fused
+per-block attention kernels that never hold a block's scores (attention.py), logits of
+one loss slice, and the logits and attention transients never alive at the same time
+(the loss is back-propagated before the layers are).
 
 The activation coefficients are model assumptions for a Llama-style decoder layer and
 were checked against measured peaks on CPU (see `LAYER_ACT_*` below); the worker
@@ -28,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from seco_core.kv_store import STAGING_BUFFERS
+
 KiB = 1024
 MiB = 1024**2
 GiB = 1024**3
@@ -35,6 +41,15 @@ GiB = 1024**3
 MIN_CHUNK = 64
 """Smallest chunk `choose_chunk_size` proposes: below this, per-chunk overheads (a
 forward pass per chunk and layer, kernel launches) dominate the step time."""
+
+FASTEST_CHUNK = {"cpu": 2048, "cuda": 4096}
+"""The chunk size past which a step gets slower again, per device kind: a step costs
+about L * (a + b/c + g*c) (b: per-chunk overheads, g: the chunk's own causal block and
+cache locality), so time falls with c only up to sqrt(b/g). Measured on this project's
+2-core CPU (16K tokens, 4-layer 256-wide Llama): chunk 512 33.1 s, 2048 29.1 s,
+8192 33.8 s, i.e. an optimum near 2048. On a GPU larger matrix products keep paying off
+longer, and each doubling halves the host<->device traffic of KV offload; 4096 is the
+default there until GPU measurements say otherwise (scripts/gpu_check.sh)."""
 
 NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
 """QLoRA NF4: 4 bits per weight plus double-quantised block constants (0.127 bits/param,
@@ -187,8 +202,8 @@ class PlanOptions:
     optimizer: bool = True
     """Count AdamW state (two fp32 moments per trainable parameter)."""
     kv_grad_bytes: int | None = None
-    """Bytes per element of the KV-gradient accumulators; None: same as the KV cache
-    (autograd makes a leaf's grad in the leaf's dtype). 4 if they are kept in fp32."""
+    """Bytes per element of the K/V gradient sums; None: what seco_core keeps, float32
+    (or the compute dtype when wider). 2 models bf16 sums (the reference seco code's)."""
     kv_offload: bool = False
     """KV cache and its gradients live in (pinned) host memory; the prefix is streamed to
     the device one chunk-sized block at a time while attention runs (ChunkConfig.offload_kv)."""
@@ -205,7 +220,15 @@ class PlanOptions:
     materialized_attention: bool = False
     """Attention materialises chunk × prefix score matrices and keeps them for backward
     (the math SDPA path with an explicit mask). False: seco_core's block attention
-    (attention.py), where one chunk × block score matrix exists at a time."""
+    (attention.py), one block at a time."""
+    fused_attention: bool = True
+    """seco_core's block attention runs fused kernels (the CPU flash kernel; FlashAttention-2
+    on CUDA in bf16/fp16) that never hold a block's scores. False: the matmul kernel (fp32
+    or fp64 on CUDA), which holds one c × c block's scores, probabilities and their
+    gradients while it is differentiated."""
+    max_chunk: int | None = None
+    """Largest chunk `choose_chunk_size` proposes even when a larger one fits: larger is
+    not faster past a point (FASTEST_CHUNK per device kind)."""
     prefix_concat: bool = False
     """The layer's prefix K/V is `torch.cat`-ed with the chunk's and expanded to every
     query head for attention (the reference seco code's LayerCache.update): adds the
@@ -214,7 +237,7 @@ class PlanOptions:
     """Allocator slack, cuBLAS/attention workspaces and small tensors not modelled here."""
     branch_tokens: int = 0
     """A prefix-tree step (seco_core.prefix; DPO): tokens of the further continuations of
-    the sequence's prefix, whose K/V leaves (and their gradients) stay alive beside it
+    the sequence's prefix, whose K/V blocks (and their gradient sums) stay alive beside it
     until stage 2 reaches them. A DPO pair: the shorter answer's length, with seq_len the
     prompt plus the longer answer. DPO's reference pass needs no term of its own: it is a
     stage-1-only tree on the same weights (adapter disabled), freed before the policy's."""
@@ -250,16 +273,17 @@ class MemoryEstimate:
     """LoRA: the adapters' fp32 weights + fp32 grads + AdamW m and v (16 B/param). Full
     fine-tuning: accumulated + fresh grad, fp32 master copy (low-precision weights), AdamW."""
     kv_cache: int
-    """The detached K/V leaves m'_1..m'_k of every layer: B·(L + branch_tokens)·kv_per_token."""
+    """The detached K/V blocks m'_1..m'_k of every layer: B·(L + branch_tokens)·kv_per_token."""
     kv_grad: int
-    """Their gradient accumulators for all but the last chunk: B·(L + branch_tokens − c)·kv_per_token·g."""
+    """Their gradient sums for all but the last chunk: B·(L + branch_tokens − c)·kv_per_token·g."""
     activations: int
     """One chunk's saved tensors: B·c·a; a = layers × layer working set, or with layer
     checkpointing layers × layer input + one layer's working set."""
     attention_scores: int
-    """Attention score transients in fp32: block attention holds one (c × c) block's
-    scores, probabilities and their two gradients per head; materialized attention keeps
-    (c × L) probabilities per head for every layer."""
+    """Attention transients: with fused kernels, the float32 merged output, the block's
+    output and dq of one layer's chunk; with the matmul kernel, one (c × c) block's
+    scores, probabilities and their two gradients per head in fp32; materialized
+    attention keeps (c × L) probabilities per head for every layer."""
     logits: int
     """Full-vocabulary logits of one loss slice at the cross-entropy's backward: the saved
     fp32 log-softmax, its gradient and the logits' gradient (12 B per vocabulary entry;
@@ -267,11 +291,13 @@ class MemoryEstimate:
     kv_transient: int
     """T(L) with prefix_concat: one layer's prefix K and V concatenated with the chunk's
     and expanded to every query head (GQA repeat), alive during that layer's attention.
-    With KV offload: the layer's prefix K/V streamed to the device (+ the prefetched next
-    layer) and its gradient buffer."""
+    With KV offload: the block in use, the next one and the next layer's first one being
+    copied in, and gradient contributions waiting for their copy out."""
     workspace: int
     host_kv_cache: int = 0
     host_kv_grad: int = 0
+    host_staging: int = 0
+    """KV offload: the ring of host buffers gradient contributions are copied out into."""
     terms: tuple[str, ...] = field(
         default=(
             "weights",
@@ -288,21 +314,28 @@ class MemoryEstimate:
     )
 
     @property
+    def transient(self) -> int:
+        """Logits and attention transients are never alive together: a chunk's loss is
+        back-propagated (its logits freed) before its layers' attention is."""
+        return max(self.logits, self.attention_scores)
+
+    @property
     def total(self) -> int:
         """Device bytes at the peak."""
-        return sum(int(getattr(self, t)) for t in self.terms)
+        steady = sum(int(getattr(self, t)) for t in self.terms if t not in ("logits", "attention_scores"))
+        return steady + self.transient
 
     @property
     def host_total(self) -> int:
-        """Host bytes held for the offloaded KV cache and its gradients (0 without offload)."""
-        return self.host_kv_cache + self.host_kv_grad
+        """Host bytes held for the offloaded KV cache, its gradient sums and the copy staging."""
+        return self.host_kv_cache + self.host_kv_grad + self.host_staging
 
     @property
     def step_bytes(self) -> int:
         """The terms a step adds on top of the loaded model and optimizer (weights,
         trainable state and workspace excluded): what a measured peak-minus-baseline of a
         step is compared with."""
-        return self.kv_cache + self.kv_grad + self.activations + self.attention_scores + self.logits + self.kv_transient
+        return self.kv_cache + self.kv_grad + self.activations + self.transient + self.kv_transient
 
     def as_dict(self) -> dict[str, int]:
         out = {f.name: int(getattr(self, f.name)) for f in fields(self) if f.name != "terms"}
@@ -315,7 +348,10 @@ class MemoryEstimate:
         parts = sorted(((int(getattr(self, t)), t) for t in self.terms), reverse=True)
         line = ", ".join(f"{t} {format_bytes(b)}" for b, t in parts if b > 0)
         if self.host_total:
-            line += f"; host: KV {format_bytes(self.host_kv_cache)} + KV-grad {format_bytes(self.host_kv_grad)}"
+            line += (
+                f"; host: KV {format_bytes(self.host_kv_cache)} + KV-grad {format_bytes(self.host_kv_grad)}"
+                f" + staging {format_bytes(self.host_staging)}"
+            )
         return line
 
 
@@ -358,10 +394,10 @@ def estimate(
     if seq_len < 1 or chunk_size < 1:
         raise ValueError(f"seq_len and chunk_size must be >= 1, got {seq_len!r}, {chunk_size!r}")
     b, length, c, d = o.batch_size, seq_len, min(chunk_size, seq_len), o.dtype_bytes
-    g = o.kv_grad_bytes or d
+    g = o.kv_grad_bytes or max(d, 4)  # float32 sums (kv_store.grad_dtype)
     kv_tok = shape.kv_bytes_per_token(d)  # K,V of all layers for one token
 
-    kv_tokens = length + o.branch_tokens  # a prefix tree keeps every branch's leaves until stage 2
+    kv_tokens = length + o.branch_tokens  # a prefix tree keeps every branch's blocks until stage 2
     kv_cache = b * kv_tokens * kv_tok
     kv_grad = b * (kv_tokens - c) * kv_tok * g // d
 
@@ -378,6 +414,9 @@ def estimate(
         # the layer being differentiated.
         saved_layers = 1 if o.layer_checkpointing else shape.num_layers
         attention_scores = b * shape.num_heads * c * length * score_bytes * (saved_layers + 2)
+    elif o.fused_attention:
+        # Merged output and dq in fp32, one block's output and its rescaled copy.
+        attention_scores = b * c * shape.num_heads * shape.head_dim * score_bytes * 4
     else:
         # Backward of one (c × c) block: scores s, probabilities p, dp and ds.
         attention_scores = b * shape.num_heads * c * c * score_bytes * 4
@@ -394,13 +433,15 @@ def estimate(
     kv_transient = 0
     if o.prefix_concat:  # one layer's K,V over the whole sequence, expanded to all query heads
         kv_transient = b * length * 2 * shape.num_heads * shape.head_dim * d
-    host_kv_cache = host_kv_grad = 0
+    host_kv_cache = host_kv_grad = host_staging = 0
     if o.kv_offload:
-        # attention.py streams the prefix one chunk-sized block at a time: the block in use,
-        # the next one being prefetched, and one block's gradient before it goes back to host.
-        block_kv = b * c * 2 * shape.num_kv_heads * shape.head_dim  # elements of one block, one layer
-        kv_transient += block_kv * (2 * d + g)
+        # kv_store.HostStore streams the prefix one chunk-sized block at a time: the block in
+        # use, the next one and the next layer's first one being copied in, and (in the
+        # compute dtype) about two blocks' gradient contributions waiting for their copy out.
+        block_kv = b * c * 2 * shape.num_kv_heads * shape.head_dim  # elements of one block's K and V, one layer
+        kv_transient += block_kv * (3 * d + 2 * d)
         host_kv_cache, host_kv_grad = kv_cache, kv_grad
+        host_staging = STAGING_BUFFERS * (block_kv // 2) * d
         # The current chunk's own K/V (all layers) stays on the device, and so does the
         # gradient relayed into it: both are O(c), not O(L).
         kv_cache = b * c * kv_tok
@@ -420,6 +461,7 @@ def estimate(
         workspace=o.workspace_bytes,
         host_kv_cache=host_kv_cache,
         host_kv_grad=host_kv_grad,
+        host_staging=host_staging,
     )
 
 
@@ -427,11 +469,13 @@ def _fits(e: MemoryEstimate, budget_bytes: int, host_budget_bytes: int | None) -
     return e.total <= budget_bytes and (host_budget_bytes is None or e.host_total <= host_budget_bytes)
 
 
-def chunk_candidates(seq_len: int) -> list[int]:
-    """Powers of two from MIN_CHUNK up to seq_len (just [seq_len] for a shorter sequence)."""
-    if seq_len < MIN_CHUNK:
-        return [seq_len]
-    return [2**i for i in range(int(math.log2(MIN_CHUNK)), int(math.log2(seq_len)) + 1)]
+def chunk_candidates(seq_len: int, max_chunk: int | None = None) -> list[int]:
+    """Powers of two from MIN_CHUNK up to seq_len and `max_chunk` (just [seq_len] for a
+    shorter sequence)."""
+    top = min(seq_len, max_chunk or seq_len)
+    if top < MIN_CHUNK:
+        return [top]
+    return [2**i for i in range(int(math.log2(MIN_CHUNK)), int(math.log2(top)) + 1)]
 
 
 def choose_chunk_size(
@@ -441,12 +485,13 @@ def choose_chunk_size(
     options: PlanOptions | None = None,
     host_budget_bytes: int | None = None,
 ) -> int | None:
-    """Largest power-of-two chunk (>= 64, <= seq_len) whose step fits, or None.
+    """Largest power-of-two chunk (>= 64, <= seq_len, <= options.max_chunk) whose step fits, or None.
 
-    Larger chunks mean fewer, better-utilised forward passes (faster), at the cost of
-    activations and logits linear in the chunk size.
+    Larger chunks mean fewer, better-utilised forward passes (faster) up to
+    `max_chunk`, at the cost of activations and logits linear in the chunk size.
     """
-    for c in reversed(chunk_candidates(seq_len)):
+    o = options or PlanOptions()
+    for c in reversed(chunk_candidates(seq_len, o.max_chunk)):
         if _fits(estimate(model, seq_len, c, options), budget_bytes, host_budget_bytes):
             return c
     return None
@@ -535,7 +580,7 @@ def plan(
             return MemoryPlan(True, seq_len, e.chunk_size, e, budget_bytes, host_budget_bytes, longest, msg)
 
     # Does not fit: report the requested (or smallest) chunk's estimate and alternatives.
-    tried = chosen or min(chunk_candidates(seq_len))
+    tried = chosen or min(chunk_candidates(seq_len, options.max_chunk if options else None))
     e = estimate(model, seq_len, tried, options)
     need = f"needs about {format_bytes(e.total)} on the device"
     if host_budget_bytes is not None and e.host_total > host_budget_bytes:
@@ -551,7 +596,7 @@ def plan(
     longest = max_length(model, budget_bytes, tried, options, host_budget_bytes)
     if longest > 0:
         alternatives.append(f"max_length<={longest} with chunk_size={min(tried, longest)}")
-    smallest = min(chunk_candidates(seq_len))
+    smallest = min(chunk_candidates(seq_len, options.max_chunk if options else None))
     if smallest < tried:
         longest_small = max_length(model, budget_bytes, smallest, options, host_budget_bytes)
         if longest_small > longest:
@@ -572,21 +617,22 @@ def plan(
 def device_budget_bytes(device: str, reserve_bytes: int | None = None) -> int:
     """Bytes a training step may use on `device`.
 
-    CUDA: total memory (times the per-process memory fraction, if one was set) minus a
-    reserve for the CUDA context and allocator fragmentation (default 1 GiB), which
-    `torch.cuda.max_memory_allocated` does not see. CPU: RAM available now (psutil)
-    minus a reserve (default 10% of total RAM, at least 1 GiB), so the OS and other
-    processes keep room. Call it before loading the model: its weights are in the plan.
+    CUDA: the device's free memory now (other processes on the GPU count), capped by the
+    per-process memory fraction if one was set, minus a reserve for the CUDA context and
+    allocator fragmentation (default 1 GiB), which `torch.cuda.max_memory_allocated` does
+    not see. CPU: RAM available now (psutil) minus a reserve (default 10% of total RAM,
+    at least 1 GiB), so the OS and other processes keep room. Call it before loading the
+    model: its weights are in the plan.
     """
     if device.startswith("cuda"):
         import torch
 
         dev = torch.device(device)
         index = dev.index if dev.index is not None else torch.cuda.current_device()
-        total = torch.cuda.get_device_properties(index).total_memory
-        total = int(total * torch.cuda.get_per_process_memory_fraction(index))
+        free, total = torch.cuda.mem_get_info(index)
+        allowed = int(total * torch.cuda.get_per_process_memory_fraction(index)) - torch.cuda.memory_reserved(index)
         reserve = GiB if reserve_bytes is None else reserve_bytes
-        return max(0, total - reserve)
+        return max(0, min(int(free), allowed) - reserve)
     import psutil
 
     vm = psutil.virtual_memory()

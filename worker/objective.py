@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from seco_core import ChunkConfig
+from seco_core.kv_store import HostBuffers
 
 
 @dataclass
@@ -28,10 +29,11 @@ class StepResult:
     """Further per-step metrics of the method (DPO's rewards), added to the step's event and CSV row."""
 
 
-StepFn = Callable[[torch.nn.Module, list[Any], ChunkConfig, int], StepResult]
-"""(model, the batch's items, chunk config, step number) -> the step's result; accumulates .grad."""
-ValidateFn = Callable[[torch.nn.Module, ChunkConfig], dict[str, float]]
-"""(model, chunk config) -> validation metrics ("valid_loss", ...), no gradients."""
+StepFn = Callable[[torch.nn.Module, list[Any], ChunkConfig, int, HostBuffers], StepResult]
+"""(model, the batch's items, chunk config, step number, the job's host buffers for KV
+offload) -> the step's result; accumulates .grad."""
+ValidateFn = Callable[[torch.nn.Module, ChunkConfig, HostBuffers], dict[str, float]]
+"""(model, chunk config, host buffers) -> validation metrics ("valid_loss", ...), no gradients."""
 
 
 @dataclass

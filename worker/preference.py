@@ -19,6 +19,7 @@ import torch
 
 from seco_core import ChunkConfig
 from seco_core.dpo import DPOOutput, dpo_backward, dpo_evaluate
+from seco_core.kv_store import HostBuffers
 from service.record.formats import DataError
 from worker.data import PreferencePair
 from worker.objective import Objective, StepResult, step_seed
@@ -80,24 +81,27 @@ def preference_objective(
 ) -> Objective:
     """The DPO steps and validation of a job (see the module docstring)."""
 
-    def step(model: torch.nn.Module, batch: list[PreferencePair], config: ChunkConfig, number: int) -> StepResult:
+    def step(
+        model: torch.nn.Module, batch: list[PreferencePair], config: ChunkConfig, number: int, buffers: HostBuffers
+    ) -> StepResult:
         torch.manual_seed(step_seed(seed, number))
         generator = torch.Generator().manual_seed(step_seed(seed, number))
         stats = _Mean()
         for pair in batch:
             if cancelled():
                 raise JobCancelled()
-            out = dpo_backward(model, *_tensors(pair, device), config, generator, beta=beta, loss_scale=1 / len(batch))
+            out = dpo_backward(model, *_tensors(pair, device), config, generator, beta=beta,
+                               loss_scale=1 / len(batch), host_buffers=buffers)  # fmt: skip
             stats.add(out)
         chunks = sum(o.chunks_backpropagated for o in stats.outputs)
         return StepResult(stats.mean(lambda o: o.loss), chunks, sum(p.tokens for p in batch), stats.metrics())
 
     @torch.no_grad()
-    def validate(model: torch.nn.Module, config: ChunkConfig) -> dict[str, float]:
+    def validate(model: torch.nn.Module, config: ChunkConfig, buffers: HostBuffers) -> dict[str, float]:
         model.eval()
         stats = _Mean()
         for pair in valid_pairs:
-            stats.add(dpo_evaluate(model, *_tensors(pair, device), config, beta=beta))
+            stats.add(dpo_evaluate(model, *_tensors(pair, device), config, beta=beta, host_buffers=buffers))
         model.train()
         means = stats.metrics("valid_")
         return {

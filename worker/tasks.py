@@ -23,6 +23,7 @@ import errno
 import functools
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -35,12 +36,27 @@ from celery.signals import worker_ready, worker_shutdown
 
 from service.record import ids
 from service.record.settings import Settings, get_settings
-from service.record.storage import DataDir
+from service.record.storage import (
+    ObjectNotFound,
+    Storage,
+    StorageError,
+    keys,
+    open_storage,
+    scratch_dir,
+    sweep_scratch,
+)
 from service.record.store import FileRecord, JobRecord, Store, now
 from worker.celery_app import app
+from worker.checkpoint_store import METRICS_CSV, publish_checkpoint, restore_latest_checkpoint
 from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
 
 log = logging.getLogger(__name__)
+
+# Set before any job imports torch (the pool children inherit it): a long job allocates
+# blocks of many sizes (chunks, the shorter last chunk, streamed K/V blocks), and
+# expandable segments let the CUDA caching allocator grow segments instead of
+# fragmenting memory until a request no longer fits.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 TrainFn = Callable[[TrainSpec, TrainContext], TrainResult]
 T = TypeVar("T")
@@ -63,6 +79,17 @@ def _store(url: str, pid: int) -> Store:
 def process_store(settings: Settings) -> Store:
     assert settings.redis_url, "REDIS_URL is not set"
     return _store(settings.redis_url, os.getpid())
+
+
+_storages: dict[tuple[str | None, str, int], Storage] = {}
+
+
+def process_storage(settings: Settings) -> Storage:
+    """One storage client per process (a forked child opens its own connections)."""
+    key = (settings.storage_url, str(settings.data_dir), os.getpid())
+    if key not in _storages:
+        _storages[key] = open_storage(settings)
+    return _storages[key]
 
 
 # --------------------------------------------------------------------------- lease
@@ -103,10 +130,12 @@ class StoreContext:
 
     CANCEL_POLL_SECONDS = 0.25
 
-    def __init__(self, store: Store, job_id: str, worker_id: str, lease: LeaseKeeper, data: DataDir) -> None:
-        self.store, self.job_id, self.worker_id = store, job_id, worker_id
+    def __init__(self, store: Store, rec: JobRecord, worker_id: str, lease: LeaseKeeper, storage: Storage,
+                 output_dir: Path) -> None:  # fmt: skip
+        self.store, self.job_id, self.tenant, self.worker_id = store, rec.id, rec.tenant, worker_id
         self.lease = lease
-        self.data = data
+        self.storage = storage
+        self.output_dir = output_dir
         self._cancel_checked = 0.0
         self._cancel = False
 
@@ -151,9 +180,11 @@ class StoreContext:
         self.persist(lambda: self.store.update_running(self.job_id, self.worker_id, fields))
 
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        """Publish the checkpoint to storage (marker last), then record it."""
         if self.lease.lost:
             return
-        self.persist(lambda: self.store.add_checkpoint(self.job_id, step, self.data.relative(path), metrics))
+        key = publish_checkpoint(self.storage, self.tenant, self.job_id, path, self.output_dir / METRICS_CSV)
+        self.persist(lambda: self.store.add_checkpoint(self.job_id, step, key, metrics))
         self.persist(lambda: self.store.add_event(self.job_id, f"Checkpoint saved at step {step}",
                                                   data={"step": step}))  # fmt: skip
 
@@ -175,8 +206,12 @@ def _auto(value: Any) -> Any:
     return None if value == "auto" else value
 
 
-def build_spec(rec: JobRecord, settings: Settings, store: Store, data: DataDir) -> TrainSpec:
-    """Resolve names to paths (model registry, file records); a user never sends a path."""
+def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storage, scratch: Path) -> TrainSpec:
+    """Resolve names to paths (model registry, file records); a user never sends a path.
+
+    The job's files come from storage into `scratch/inputs/` (the local back-end hands
+    out the stored file itself); its outputs go to `scratch/out/`.
+    """
     model_path = settings.models.get(rec.model)
     if model_path is None:
         raise TrainingError(f"Model {rec.model!r} is not configured on this worker (SECO_MODELS)",
@@ -186,10 +221,12 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, data: DataDir) 
         if file_id is None:
             return None
         frec = store.get_file(file_id, rec.tenant)
-        path = data.resolve(frec.path) if frec else None
-        if path is None or not path.is_file():
-            raise TrainingError(f"{param} {file_id!r} no longer exists", code="file_not_found", param=param)
-        return path
+        try:
+            if frec is None:
+                raise ObjectNotFound(file_id)
+            return storage.fetch(frec.path, scratch / "inputs" / file_id)
+        except ObjectNotFound:
+            raise TrainingError(f"{param} {file_id!r} no longer exists", code="file_not_found", param=param) from None
 
     training = file_path(rec.training_file, "training_file")
     assert training is not None
@@ -203,26 +240,41 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, data: DataDir) 
                     lora=LoraSpec(**lora))  # fmt: skip
     return TrainSpec(
         job_id=rec.id, model_name=rec.model, model_path=model_path, training_file=training,
-        validation_file=file_path(rec.validation_file, "validation_file"), output_dir=data.job_dir(rec.id),
+        validation_file=file_path(rec.validation_file, "validation_file"), output_dir=scratch / "out",
         device=settings.device, n_epochs=_auto(hp.get("n_epochs")), batch_size=_auto(hp.get("batch_size")),
         learning_rate_multiplier=_auto(hp.get("learning_rate_multiplier")), seed=rec.seed, seco=seco,
         method=rec.method, beta=_auto(hp.get("beta")),
         checkpoint_every=settings.checkpoint_every, memory_budget_bytes=settings.memory_budget_bytes,
+        host_memory_budget_bytes=settings.host_memory_budget_bytes,
     )  # fmt: skip
 
 
-def _register_results(rec: JobRecord, result: TrainResult, store: Store, data: DataDir) -> tuple[str, str]:
-    """The adapter archive and metrics CSV as `fine-tune-results` files (ids fixed per job)."""
+def _publish_results(rec: JobRecord, result: TrainResult, storage: Storage) -> list[tuple[str, str, int]]:
+    """Put the adapter archive and metrics CSV into storage: (kind, key, bytes) of each.
+
+    Each is one atomic object (a PUT, or a rename on a local disk), so an adapter is
+    never served half-written; the records pointing at them come after (`_register_results`).
+    """
     out = []
-    for kind, path, name in (("adapter", result.adapter_archive, f"{rec.id}-adapter.tar.gz"),
-                             ("metrics", result.metrics_csv, f"{rec.id}-metrics.csv")):  # fmt: skip
+    for kind, path, name in (("adapter", result.adapter_archive, "adapter.tar.gz"),
+                             ("metrics", result.metrics_csv, "metrics.csv")):  # fmt: skip
         path = Path(path)
         if not path.is_file():
             raise TrainingError(f"the training loop produced no {kind} file at {path.name}", code="missing_output")
+        key = keys.result_key(rec.tenant, rec.id, name)
+        out.append((kind, key, storage.put_file(key, path)))
+    return out
+
+
+def _register_results(rec: JobRecord, published: list[tuple[str, str, int]], store: Store) -> tuple[str, str]:
+    """The published adapter archive and metrics CSV as `fine-tune-results` files (ids fixed per job)."""
+    out = []
+    for kind, key, size in published:
         fid = ids.result_file_id(rec.id, kind)
-        store.create_file(FileRecord(id=fid, tenant=rec.tenant, bytes=path.stat().st_size, created_at=now(),
-                                     filename=name, purpose="fine-tune-results", path=data.relative(path),
-                                     job_id=rec.id), counted=False, tenant_limit=0)  # fmt: skip
+        name = f"{rec.id}-{'adapter.tar.gz' if kind == 'adapter' else 'metrics.csv'}"
+        store.create_file(FileRecord(id=fid, tenant=rec.tenant, bytes=size, created_at=now(), filename=name,
+                                     purpose="fine-tune-results", path=key, job_id=rec.id),
+                          counted=False, tenant_limit=0)  # fmt: skip
         out.append(fid)
     return out[0], out[1]
 
@@ -236,26 +288,36 @@ _STORAGE_TEXT = {"No space left on device": errno.ENOSPC, "os error 28": errno.E
                  "Permission denied": errno.EACCES, "file write failed": errno.EIO}  # fmt: skip
 
 
-def storage_failure(exc: BaseException) -> str | None:
-    """Why `exc` is the data dir being full or unwritable ("no space left on device"), else None.
+LOCAL_DISK_REMEDY = "Check the free space and permissions of the data directory (SECO_DATA_DIR)."
 
-    Such a failure is the operator's to fix, not a bug in training; it gets its own error
-    code and a message without server paths.
+
+def storage_failure(exc: BaseException) -> tuple[str, str | None] | None:
+    """(why, what to check) when `exc` is storage failing, else None.
+
+    A StorageError names its reason (the back-end's remedy applies: None here); an OSError
+    with a disk errno, or a library's text for one, is this host's data dir or scratch
+    space being full or unwritable. Such failures are the operator's to fix, not a bug in
+    training; they get their own error code and a message without paths or URLs.
     """
     seen: BaseException | None = exc
     while seen is not None:
+        if isinstance(seen, StorageError):
+            return seen.reason, None
         if isinstance(seen, OSError) and seen.errno in _STORAGE_ERRNOS:
-            return os.strerror(seen.errno).lower()
+            return os.strerror(seen.errno).lower(), LOCAL_DISK_REMEDY
         for text, code in _STORAGE_TEXT.items():
             if text in str(seen):
-                return os.strerror(code).lower()
+                return os.strerror(code).lower(), LOCAL_DISK_REMEDY
         seen = seen.__cause__ or seen.__context__
     return None
 
 
-def _scrub(message: str, settings: Settings, data: DataDir) -> str:
-    """A user-facing message without the server's directories (data dir, model paths)."""
-    message = message.replace(f"{data.root}{os.sep}", "").replace(str(data.root), "<data dir>")
+def _scrub(message: str, settings: Settings) -> str:
+    """A user-facing message without the server's directories (data dir, model paths) or storage URL."""
+    root = Path(settings.data_dir).resolve()
+    message = message.replace(f"{root}{os.sep}", "").replace(str(root), "<data dir>")
+    if settings.storage_url:
+        message = message.replace(settings.storage_url, "<storage>")
     for name, path in settings.models.items():
         message = message.replace(str(path), f"<model {name}>")
     return message
@@ -285,10 +347,24 @@ def run_job(
 def _run_started(
     job_id: str, settings: Settings, store: Store, worker_id: str, lease: LeaseKeeper, train: TrainFn | None
 ) -> str:
+    """Run the job in this process's scratch directory, which is removed however the job ends."""
     rec = store.get_job(job_id)
     assert rec is not None
-    data = DataDir(settings.data_dir)
-    ctx = StoreContext(store, job_id, worker_id, lease, data)
+    scratch = scratch_dir(settings, "jobs", f"{job_id}.{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        return _run_in_scratch(rec, settings, store, worker_id, lease, train, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_in_scratch(
+    rec: JobRecord, settings: Settings, store: Store, worker_id: str, lease: LeaseKeeper, train: TrainFn | None,
+    scratch: Path,
+) -> str:  # fmt: skip
+    job_id = rec.id
+    storage = process_storage(settings)
+    ctx = StoreContext(store, rec, worker_id, lease, storage, scratch / "out")
     log.info("job started", extra={"job_id": job_id, "worker": worker_id, "attempt": rec.attempts + 1})
 
     def fail(code: str, message: str, param: str | None = None) -> str:
@@ -297,7 +373,8 @@ def _run_started(
         return "failed"
 
     try:
-        spec = build_spec(rec, settings, store, data)
+        spec = build_spec(rec, settings, store, storage, scratch)
+        restore_latest_checkpoint(storage, rec.tenant, job_id, spec.output_dir)  # a resume, on any host
         if train is None:
             from worker.trainer import train as real_train  # torch is imported here, in the child only
 
@@ -305,7 +382,10 @@ def _run_started(
         result = train(spec, ctx)
         if lease.lost:
             return "lost"
-        adapter_id, metrics_id = ctx.persist(lambda: _register_results(rec, result, store, data))
+        published = _publish_results(rec, result, storage)
+        if lease.lost:
+            return "lost"
+        adapter_id, metrics_id = ctx.persist(lambda: _register_results(rec, published, store))
     except JobCancelled:
         if lease.lost:
             log.warning("job %s lost its lease; another worker owns it now", job_id)
@@ -317,11 +397,12 @@ def _run_started(
         return fail(e.code, str(e), e.param)
     except Exception as e:
         log.exception("job %s crashed", job_id, extra={"job_id": job_id})
-        reason = storage_failure(e)
-        if reason is not None:
-            return fail("storage_error", f"The worker could not save this job's files: {reason}. Check the free "
-                        "space and permissions of the data directory (SECO_DATA_DIR).")  # fmt: skip
-        return fail("internal_error", _scrub(f"Training failed: {type(e).__name__}: {e}", settings, data))
+        failure = storage_failure(e)
+        if failure is not None:
+            reason, remedy = failure
+            return fail("storage_error", f"The worker could not save this job's files: {reason}. "
+                        f"{remedy or storage.remedy}")  # fmt: skip
+        return fail("internal_error", _scrub(f"Training failed: {type(e).__name__}: {e}", settings))
     fine_tuned = f"{rec.model}:{rec.suffix}:{job_id}" if rec.suffix else f"{rec.model}:{job_id}"
     ctx.persist(lambda: store.add_event(job_id, f"New fine-tuned model created: {fine_tuned}"))
     recorded = ctx.persist(lambda: store.get_job(job_id))
@@ -389,6 +470,8 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     settings = get_settings()
     _heartbeat = WorkerHeartbeat(settings, f"{getattr(sender, 'hostname', socket.gethostname())}:{os.getpid()}")
     _heartbeat.start()
+    for path in sweep_scratch(settings, "jobs"):  # what workers killed on this host left behind
+        log.info("removed the scratch space of a dead worker process", extra={"path": path.name})
     log.info("worker ready", extra={"worker": _heartbeat.worker_id, "device": settings.device})
 
 

@@ -9,6 +9,7 @@ earlier attempt at the same job died. The Celery task (tasks.py) only wraps it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -19,10 +20,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from seco_core import ChunkConfig, UnsupportedModelError, chunked_backward, chunked_loss
+from seco_core.attention import FUSED_CUDA_DTYPES
 from seco_core.dpo import DEFAULT_BETA
+from seco_core.kv_store import HostBuffers
 from seco_core.lora import attach_lora, pack_adapter, save_adapter
-from seco_core.memory_plan import MemoryPlan, PlanOptions, device_budget_bytes, format_bytes, plan
-from seco_core.probes import PeakMemory
+from seco_core.memory_plan import FASTEST_CHUNK, MemoryPlan, PlanOptions, device_budget_bytes, format_bytes, plan
+from seco_core.probes import PeakMemory, return_freed_memory_to_os
 from seco_core.selfcheck import self_check
 from seco_core.windows import Window, split_documents
 from worker.checkpoints import Position, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -82,6 +85,8 @@ def train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
 def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     device = torch.device(spec.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        return_freed_memory_to_os()  # RSS then tracks live tensors, as the memory plan does
     torch.manual_seed(spec.seed)
 
     # Data (every record validated and tokenised before the model is loaded) and the memory plan.
@@ -95,7 +100,10 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     check = self_check(
         model, seq_len=min(96, job_plan.max_length), chunk_size=max(2, min(32, job_plan.max_length // 3))
     )
-    ctx.message(f"self-check passed: chunk-wise vs plain gradient relative error {check.max_rel_error:.2e}")
+    ctx.message(
+        f"self-check passed: chunk-wise vs plain gradient relative error {check.rel_error:.2e} "
+        f"(tolerance {check.tolerance:g} for {str(check.compute_dtype).removeprefix('torch.')})"
+    )
 
     chunk_config = _chunk_config(spec, job_plan)
     batch_size = spec.batch_size or 1
@@ -126,6 +134,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
         f"KV offload {'on' if job_plan.offload_kv else 'off'}"
     )
 
+    host_buffers = HostBuffers()  # offloaded K/V: host memory pinned once, reused by every step
     probe = PeakMemory(device)
     peak_seen = step_peak = 0  # absolute peak; largest step peak above the resident model
     started = time.monotonic()
@@ -139,7 +148,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             step = position.step + 1
             probe.reset()
             t0 = time.monotonic()
-            result = objective.step(model, batch, chunk_config, step)
+            result = objective.step(model, batch, chunk_config, step, host_buffers)
             torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
             learning_rate = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -170,7 +179,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             }
             save_now = end_of_epoch or step % checkpoint_every == 0
             if save_now and objective.validate is not None:
-                metrics.update(objective.validate(model, chunk_config))
+                metrics.update(objective.validate(model, chunk_config, host_buffers))
             ctx.metrics(metrics)
             _append_metrics(metrics_csv, metrics, objective.fields)
             rate = (time.monotonic() - started) / steps_this_run
@@ -193,6 +202,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             "estimated_bytes": estimate.total - estimate.workspace,
         },
     )
+    host_buffers.release()
     adapter_dir = save_adapter(model, spec.output_dir / "adapter", spec.model_name)  # type: ignore[arg-type]
     archive = pack_adapter(adapter_dir, spec.output_dir / "adapter.tar.gz")
     return TrainResult(
@@ -228,12 +238,14 @@ def _supervised_objective(
     ctx.message(f"training data: {split.stats.summary()}", data={"windows": split.stats.windows})
     valid_windows = split_documents(valid_data.documents, job_plan.max_length).windows if valid_data else []
 
-    def step(model: torch.nn.Module, windows: list[Window], config: ChunkConfig, number: int) -> StepResult:
-        loss, chunks = _optimizer_step(model, windows, config, spec, number, device, ctx)
+    def step(
+        model: torch.nn.Module, windows: list[Window], config: ChunkConfig, number: int, buffers: HostBuffers
+    ) -> StepResult:
+        loss, chunks = _optimizer_step(model, windows, config, spec, number, device, ctx, buffers)
         return StepResult(loss, chunks, sum(len(w) for w in windows))
 
-    def validate(model: torch.nn.Module, config: ChunkConfig) -> dict[str, float]:
-        return {"valid_loss": _validation_loss(model, valid_windows, config.chunk_size, device)}
+    def validate(model: torch.nn.Module, config: ChunkConfig, buffers: HostBuffers) -> dict[str, float]:
+        return {"valid_loss": _validation_loss(model, valid_windows, config, device, buffers)}
 
     return Objective(split.windows, "windows", step, validate if valid_windows else None), job_plan
 
@@ -281,6 +293,7 @@ def _optimizer_step(
     step: int,
     device: torch.device,
     ctx: TrainContext,
+    host_buffers: HostBuffers,
 ) -> tuple[float, int]:
     """Accumulate one step's gradients over its windows; returns (mean token loss, chunks back-propagated).
 
@@ -297,21 +310,29 @@ def _optimizer_step(
             raise JobCancelled()
         ids = torch.tensor([window.input_ids], device=device)  # (1, T)
         labels = torch.tensor([window.labels], device=device)
-        out = chunked_backward(model, ids, labels, chunk_config, generator, loss_scale=window.num_targets / n_targets)
+        out = chunked_backward(model, ids, labels, chunk_config, generator, loss_scale=window.num_targets / n_targets,
+                               host_buffers=host_buffers)  # fmt: skip
         loss_sum += out.loss * out.tokens
         chunks += out.chunks_backpropagated
     return loss_sum / n_targets, chunks
 
 
 @torch.no_grad()
-def _validation_loss(model: torch.nn.Module, windows: list[Window], chunk_size: int, device: torch.device) -> float:
-    """Token-weighted mean loss over the validation windows (stage 1 only: no graph)."""
+def _validation_loss(
+    model: torch.nn.Module,
+    windows: list[Window],
+    chunk_config: ChunkConfig,
+    device: torch.device,
+    host_buffers: HostBuffers,
+) -> float:
+    """Token-weighted mean loss over the validation windows (stage 1 only: no graph), with the
+    training step's chunk configuration: at lengths that need KV offload, validation does too."""
     model.eval()
     total, n = 0.0, 0
     for window in windows:
         ids = torch.tensor([window.input_ids], device=device)
         labels = torch.tensor([window.labels], device=device)
-        total += chunked_loss(model, ids, labels, chunk_size) * window.num_targets
+        total += chunked_loss(model, ids, labels, chunk_config, host_buffers=host_buffers) * window.num_targets
         n += window.num_targets
     model.train()
     return total / n
@@ -324,22 +345,35 @@ def _plan_memory(
 
     Tried in MEMORY_MODES order at the requested max_length (default: `length`, else the
     model's context); when the job left max_length unset and even the most frugal mode
-    cannot fit it, the longest length that mode fits is taken instead. `branch_tokens`:
-    a DPO step's second answer (PlanOptions.branch_tokens).
+    cannot fit it, the longest length that mode fits is taken instead. The options
+    describe what will run: the device kind's fastest chunk size, fused attention
+    kernels where the device and dtype have them, 4-bit weights for NF4 jobs, and a DPO
+    step's second answer (`branch_tokens`, PlanOptions.branch_tokens).
     """
     context = int(getattr(model_config, "max_position_embeddings", 0) or 0)
     lora = spec.seco.lora
     targets = tuple(lora.target_modules) if lora.target_modules else PlanOptions().lora_targets
     budget = spec.memory_budget_bytes or device_budget_bytes(spec.device)
-    host_budget = device_budget_bytes("cpu") if spec.device.startswith("cuda") else None
+    host_budget = host_budget_bytes(spec) if spec.device.startswith("cuda") else None
     default = min(length, context) if length and context else length or context or 4096
     requested = spec.seco.max_length or default
+    kind = torch.device(spec.device).type
+    base = PlanOptions(
+        dtype_bytes=torch.finfo(dtype).bits // 8,
+        lora_r=lora.r,
+        lora_targets=targets,
+        fused_attention=kind == "cpu" or dtype in FUSED_CUDA_DTYPES,
+        max_chunk=FASTEST_CHUNK.get(kind),
+        weights_4bit=spec.seco.load_in_4bit,
+        branch_tokens=branch_tokens,
+    )
     memory: MemoryPlan | None = None
     for mode in MEMORY_MODES:
         if mode["kv_offload"] and host_budget is None:
             continue  # offloading from the CPU to the CPU saves nothing
-        options = PlanOptions(dtype_bytes=torch.finfo(dtype).bits // 8, lora_r=lora.r, lora_targets=targets,
-                              branch_tokens=branch_tokens, **mode)  # fmt: skip
+        options = dataclasses.replace(
+            base, layer_checkpointing=mode["layer_checkpointing"], kv_offload=mode["kv_offload"]
+        )
         memory = plan(model_config, requested, budget, spec.seco.chunk_size, options, host_budget)
         if not memory.fits and spec.seco.max_length is None and memory.longest_length >= 2 and mode is MEMORY_MODES[-1]:
             memory = plan(model_config, memory.longest_length, budget, spec.seco.chunk_size, options, host_budget)
@@ -353,6 +387,14 @@ def _plan_memory(
             )
     assert memory is not None
     raise TrainingError(memory.message, code="does_not_fit", param="seco.max_length")
+
+
+def host_budget_bytes(spec: TrainSpec) -> int:
+    """Host memory this worker's KV offload may use: SECO_HOST_MEMORY_BUDGET, else the
+    host's available memory shared equally by one worker per GPU."""
+    if spec.host_memory_budget_bytes is not None:
+        return spec.host_memory_budget_bytes
+    return device_budget_bytes("cpu") // max(1, torch.cuda.device_count())
 
 
 def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

@@ -17,7 +17,7 @@ from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import files, health, jobs, models
 from service.record.logs import configure_logging
 from service.record.settings import Settings, get_settings
-from service.record.storage import DataDir
+from service.record.storage import open_storage, sweep_scratch
 from service.record.store import Store
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if not redis_url:
         raise RuntimeError("REDIS_URL is not set (use `seco up` to run an embedded server)")
     store = Store.from_url(redis_url)
-    data = DataDir(settings.data_dir)
-    data.ensure()
+    storage = open_storage(settings)
+    sweep_scratch(settings, "uploads")  # uploads a killed API process was receiving
     enqueue = make_enqueue(settings)
     _ = settings.models  # fail at start-up, not at the first request, on a malformed SECO_MODELS
 
@@ -70,7 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis_url, decode_responses=True, socket_connect_timeout=3, socket_timeout=SSE_SOCKET_TIMEOUT
         )
         reaper = asyncio.create_task(_reaper_loop(store, enqueue, settings))
-        log.info("api started", extra={"models": list(settings.models), "tenants": len(settings.api_keys)})
+        log.info("api started", extra={"models": list(settings.models), "tenants": len(settings.api_keys),
+                                       "storage": storage.describe()})  # fmt: skip
         try:
             yield
         finally:
@@ -87,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.store = store
-    app.state.data = data
+    app.state.storage = storage
     app.state.enqueue = enqueue
     app.state.metrics = Metrics(store, settings.lease_seconds)
 

@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.record.settings import Settings
-from service.record.storage import DataDir
+from service.record.storage import Storage
 from service.record.store import Store
 
 # Documents the bearer scheme in the OpenAPI schema; the check itself is BearerAuth.
@@ -29,8 +29,8 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_data(request: Request) -> DataDir:
-    return request.app.state.data
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
 
 
 def get_enqueue(request: Request) -> Callable[[str], None]:
@@ -40,5 +40,5 @@ def get_enqueue(request: Request) -> Callable[[str], None]:
 TenantDep = Annotated[str, Depends(get_tenant)]
 StoreDep = Annotated[Store, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-DataDep = Annotated[DataDir, Depends(get_data)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
 EnqueueDep = Annotated[Callable[[str], None], Depends(get_enqueue)]

@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.record.storage import StorageError
+
 log = logging.getLogger(__name__)
 
 NO_RETRY = {"x-should-retry": "false"}
@@ -121,6 +123,12 @@ def install(app: FastAPI) -> None:
         log.warning("job store unavailable: %s", type(exc).__name__)
         return error_response(503, "The job store (Redis) is unavailable; retry shortly", "server_error",
                               None, "store_unavailable", {"retry-after": "2"})  # fmt: skip
+
+    @app.exception_handler(StorageError)
+    async def _storage_down(_: Request, exc: StorageError) -> JSONResponse:
+        log.warning("file storage failed: %s", exc.reason)
+        return error_response(503, f"File storage is unavailable ({exc.reason}); retry shortly", "server_error",
+                              None, "storage_unavailable", {"retry-after": "2"})  # fmt: skip
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

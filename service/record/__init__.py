@@ -1,8 +1,9 @@
 """The system of record shared by the API and the worker.
 
 Settings from the environment, the Redis records and their state machine (`store`),
-where files live (`storage`), id shapes (`ids`), the training-file formats both sides
-validate with the same rules (`formats`) and structured logging (`logs`). It imports
-only redis, pydantic and the standard library: never the API (FastAPI) nor torch, so
+where files live (`storage`: a local directory or S3), id shapes (`ids`), the
+training-file formats both sides validate with the same rules (`formats`) and structured
+logging (`logs`). It imports redis, pydantic, the object-store client and the standard
+library: never the API (FastAPI) nor torch, so
 the worker and the API can both depend on it without depending on each other.
 """

@@ -10,8 +10,9 @@ import hashlib
 import re
 from functools import cached_property, lru_cache
 from pathlib import Path
+from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -20,6 +21,16 @@ MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def tenant_of(key: str) -> str:
     """A tenant id derived from an API key: short, stable, and not the key itself."""
     return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def parse_storage_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/prefix` -> (bucket, prefix); ValueError naming what is wrong."""
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"SECO_STORAGE_URL must look like s3://bucket/prefix (got {parsed.scheme or 'no'} scheme)")
+    if parsed.query or parsed.fragment or "@" in parsed.netloc:
+        raise ValueError("SECO_STORAGE_URL takes no credentials, query or fragment: set the AWS_* variables")
+    return parsed.netloc, parsed.path.strip("/")
 
 
 def _env(name: str) -> AliasChoices:
@@ -33,7 +44,12 @@ class Settings(BaseSettings):
     """Broker and system of record. `seco up` starts an embedded server when unset."""
 
     data_dir: Path = Field(Path("data"), validation_alias=_env("SECO_DATA_DIR"))
-    """Files, checkpoints and adapters; shared by every API and worker host."""
+    """Files, checkpoints and adapters (shared by every host), or, with `storage_url` set,
+    this host's own scratch space."""
+
+    storage_url: str | None = Field(None, validation_alias=_env("SECO_STORAGE_URL"))
+    """`s3://bucket/prefix`: files, checkpoints and adapters in S3-compatible object storage
+    (endpoint and credentials from the AWS_* variables). Unset: under `data_dir`."""
 
     api_keys_raw: str = Field("", validation_alias=_env("SECO_API_KEYS"))
     """Comma-separated keys; each key is its own tenant."""
@@ -69,12 +85,24 @@ class Settings(BaseSettings):
     """Optimizer steps between checkpoints; None lets the trainer choose."""
 
     memory_budget_bytes: int | None = Field(None, ge=1, validation_alias=_env("SECO_MEMORY_BUDGET"))
-    """Cap on the memory a job may plan for on this worker; None: the device's own size."""
+    """Cap on the memory a job may plan for on this worker; None: the device's free memory."""
+
+    host_memory_budget_bytes: int | None = Field(None, ge=1, validation_alias=_env("SECO_HOST_MEMORY_BUDGET"))
+    """Host memory one worker's KV offload may use; None: the host's available memory
+    divided by the number of GPUs on it (one worker per GPU share the host)."""
 
     queue: str = Field("seco", validation_alias=_env("SECO_QUEUE"))
     """The Celery queue the API publishes to and workers consume."""
 
     log_level: str = Field("INFO", validation_alias=_env("SECO_LOG_LEVEL"))
+
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parse_storage_url(value)  # fails at start-up, naming the problem
+        return value
 
     @cached_property
     def api_keys(self) -> dict[str, str]:

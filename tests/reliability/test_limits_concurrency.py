@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from service.record.settings import tenant_of
+from tests.conftest import flush_db
 
 MAX_JOBS = 5
 FILE_QUOTA = 100_000
@@ -21,8 +22,12 @@ UPLOAD = 30_000  # three fit in the quota, the fourth does not
 
 
 @pytest.fixture(scope="module")
-def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("limits"), SECO_MAX_QUEUED_JOBS=str(MAX_JOBS),
+def svc(
+    launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
+) -> Iterator[Any]:
+    flush_db(redis_url)
+    s = launch_service(redis_url, tmp_path_factory.mktemp(f"limits-{storage_backend}"), storage=storage_backend,
+                       SECO_MAX_QUEUED_JOBS=str(MAX_JOBS),
                        SECO_MAX_FILE_BYTES=str(FILE_QUOTA))  # fmt: skip
     yield s
     s.close()
@@ -48,8 +53,9 @@ def test_parallel_uploads_never_exceed_the_byte_quota(svc: Any, tmp_path: Path) 
         if r.status_code == 429:
             assert "quota" in r.json()["error"]["message"] and r.headers["x-should-retry"] == "false"
     assert svc.store().tenant_file_bytes(tenant_of(svc.key("b"))) == UPLOAD * (FILE_QUOTA // UPLOAD)
-    assert not [p for p in (svc.data_dir / "files").iterdir() if p.name.startswith(".")]
-    assert len(list((svc.data_dir / "files").iterdir())) == FILE_QUOTA // UPLOAD, "refused uploads left no file"
+    assert not svc.upload_leftovers()
+    stored = svc.objects(f"tenants/{tenant_of(svc.key('b'))}/files")
+    assert len(stored) == FILE_QUOTA // UPLOAD, "refused uploads left no file"
 
 
 def test_parallel_job_creations_never_exceed_the_job_limit(svc: Any) -> None:

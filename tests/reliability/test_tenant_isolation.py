@@ -16,14 +16,19 @@ from typing import Any
 import pytest
 
 from service.api.auth import match_key
+from tests.conftest import flush_db
 from tests.reliability.helpers import create_job, docs, events, finished, upload
 
 WRONG_KEY = "sk-wrong-key-that-must-not-be-logged-42"
 
 
 @pytest.fixture(scope="module")
-def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("isolation"), workers=1, SECO_CHECKPOINT_EVERY="2",
+def svc(
+    launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
+) -> Iterator[Any]:
+    flush_db(redis_url)
+    s = launch_service(redis_url, tmp_path_factory.mktemp(f"isolation-{storage_backend}"), storage=storage_backend,
+                       workers=1, SECO_CHECKPOINT_EVERY="2",
                        SECO_LOG_LEVEL="DEBUG")  # fmt: skip
     yield s
     s.close()

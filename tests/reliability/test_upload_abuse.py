@@ -19,6 +19,8 @@ from typing import Any
 import psutil
 import pytest
 
+from tests.conftest import flush_db
+
 MiB = 1 << 20
 MAX_UPLOAD = 128 * MiB
 MAX_LINE = 4 * MiB
@@ -26,8 +28,12 @@ RSS_SLACK = 48 * MiB  # far below the 100 MB+ a buffered upload would cost
 
 
 @pytest.fixture(scope="module")
-def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("upload-abuse"), SECO_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+def svc(
+    launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
+) -> Iterator[Any]:
+    flush_db(redis_url)
+    s = launch_service(redis_url, tmp_path_factory.mktemp(f"upload-abuse-{storage_backend}"), storage=storage_backend,
+                       SECO_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
                        SECO_MAX_LINE_BYTES=str(MAX_LINE))  # fmt: skip
     yield s
     s.close()
@@ -68,7 +74,8 @@ def _multipart(file_chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 
 def _no_partial_files(svc: Any) -> bool:
-    return not [p for p in (svc.data_dir / "files").iterdir() if p.name.startswith(".")]
+    """Nothing left in the API's scratch space, no temporary name (local back-end) in storage."""
+    return not svc.upload_leftovers() and not list(svc.data_dir.glob("tenants/**/.*"))
 
 
 def test_a_100mb_line_is_refused_without_buffering_it(svc: Any) -> None:

@@ -5,6 +5,7 @@ survives, sees the child die and requeues the message itself. Here nothing of th
 survives, so only the job lease and the reaper can bring the job back: the lease expires,
 the API's reaper requeues it, a *new* worker process (started after the kill) resumes it
 from its last checkpoint, and it finishes exactly once with every metrics step once.
+On both storage back-ends: with S3 the new worker fetches the checkpoint from the store.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 import psutil
 import pytest
 
+from service.record.storage import keys
 from service.record.store import REQUEUE_MESSAGE
+from tests.conftest import flush_db
 from tests.reliability.helpers import (
     create_job,
     docs,
@@ -36,9 +39,13 @@ LEASE = 3
 
 
 @pytest.fixture(scope="module")
-def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("worker-kill"), workers=1, SECO_CHECKPOINT_EVERY="3",
-                       SECO_LEASE_SECONDS=str(LEASE), SECO_REAPER_INTERVAL="0.5")  # fmt: skip
+def svc(
+    launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
+) -> Iterator[Any]:
+    flush_db(redis_url)
+    s = launch_service(redis_url, tmp_path_factory.mktemp(f"worker-kill-{storage_backend}"), workers=1,
+                       storage=storage_backend, SECO_CHECKPOINT_EVERY="3", SECO_LEASE_SECONDS=str(LEASE),
+                       SECO_REAPER_INTERVAL="0.5")  # fmt: skip
     yield s
     s.close()
 
@@ -55,7 +62,8 @@ def test_whole_worker_sigkill_resumes_on_a_new_worker(svc: Any, tmp_path: Path, 
     assert len(family) >= 2, "a prefork worker has a main process and a pool child"
     old_worker = store.get_job(job_id).worker
     svc.stop_worker(old, sig=signal.SIGKILL)
-    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family)
+    _, alive = psutil.wait_procs(family, timeout=10)  # SIGKILLed; the kernel may take a moment to tear down
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
     killed_at = max(c.step for c in store.list_checkpoints(job_id, after=None, limit=100)[0])
     if (rec := store.get_job(job_id)).status != "running":
         pytest.fail(f"the job finished before the kill ({rec.status}); give it more steps")
@@ -90,11 +98,13 @@ def test_whole_worker_sigkill_resumes_on_a_new_worker(svc: Any, tmp_path: Path, 
     csv_text = client.files.content(done.result_files[1]).read().decode()
     assert [int(r["step"]) for r in csv.DictReader(io.StringIO(csv_text))] == steps
 
-    # exactly one adapter: two result files for this job, one archive on disk, no temp leftovers
+    # exactly one adapter: two result files for this job, one archive in storage, no temp leftovers
     results = [f for f in client.files.list(purpose="fine-tune-results") if f.filename.startswith(job_id)]
     assert sorted(f.id for f in results) == sorted(done.result_files)
-    job_dir = svc.data_dir / "jobs" / job_id
-    assert [p.name for p in job_dir.glob("*.tar.gz*")] == ["adapter.tar.gz"]
-    assert not [p for p in (job_dir / "adapter").iterdir() if p.name.startswith(".")]
+    prefix = keys.job_prefix(svc.tenant("a"), job_id)
+    assert [k for k in svc.objects(prefix) if "/checkpoints/" not in k] == [f"{prefix}/adapter.tar.gz",
+                                                                           f"{prefix}/metrics.csv"]  # fmt: skip
+    if svc.env.get("SECO_STORAGE_URL") is None:
+        assert not [p for p in (svc.data_dir / prefix).rglob(".*")], "no temporary names left"
     with tarfile.open(fileobj=io.BytesIO(client.files.content(done.result_files[0]).read())) as tar:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())

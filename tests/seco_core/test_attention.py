@@ -6,19 +6,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from seco_core.attention import chunk_attention
+from seco_core.attention import _cuda_backward, _cuda_forward, _math_forward, chunk_attention, kernel_for
+from seco_core.kv_store import DeviceStore, HostStore, LayerPrefix
 
 
 @pytest.mark.parametrize("kernel", ["math", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(4, 2), (3, 3)])
-def test_matches_sdpa_over_the_concatenation(kernel: str, dtype: torch.dtype, q_heads: int, kv_heads: int) -> None:
+@pytest.mark.parametrize("store", ["device", "host"])
+def test_matches_sdpa_over_the_concatenation(
+    kernel: str, dtype: torch.dtype, q_heads: int, kv_heads: int, store: str
+) -> None:
     torch.manual_seed(0)
     bsz, c, d, prefix = 2, 5, 8, [7, 3, 5]
     q = torch.randn(bsz, q_heads, c, d, dtype=dtype, requires_grad=True)
     ks = [torch.randn(bsz, kv_heads, n, d, dtype=dtype, requires_grad=True) for n in [*prefix, c]]
     vs = [torch.randn(bsz, kv_heads, n, d, dtype=dtype, requires_grad=True) for n in [*prefix, c]]
-    out = chunk_attention(q, ks, vs, scale=0.3, kernel=kernel)
+    kv = DeviceStore() if store == "device" else HostStore(torch.device("cpu"), chunk_size=8)
+    blocks = [kv.put(k, v, needs_grad=True) for k, v in zip(ks[:-1], vs[:-1], strict=True)]
+    out = chunk_attention(q, ks[-1], vs[-1], 0.3, LayerPrefix(kv, blocks, 0), kernel=kernel)
 
     g = q_heads // kv_heads
     k_all = torch.cat(ks, dim=2).repeat_interleave(g, dim=1)
@@ -32,10 +38,16 @@ def test_matches_sdpa_over_the_concatenation(kernel: str, dtype: torch.dtype, q_
     assert out.shape == (bsz, c, q_heads, d)
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, [q, *ks, *vs], grad)
+    got = torch.autograd.grad(out, [q, ks[-1], vs[-1]], grad)
     want = torch.autograd.grad(ref, [q, *ks, *vs], grad)
-    for a, b in zip(got, want, strict=True):
+    for a, b in zip(got, [want[0], want[len(ks)], want[-1]], strict=True):  # q and the chunk's own k, v
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    kv.close()
+    for i, block in enumerate(blocks):  # the prefix blocks' gradients went to their sums, in float32 or wider
+        assert block.key_grad is not None and block.value_grad is not None
+        assert block.key_grad.dtype == torch.promote_types(dtype, torch.float32)
+        torch.testing.assert_close(block.key_grad, want[1 + i], rtol=tol, atol=tol)
+        torch.testing.assert_close(block.value_grad, want[len(ks) + 1 + i], rtol=tol, atol=tol)
 
 
 def test_non_contiguous_inputs() -> None:
@@ -43,6 +55,38 @@ def test_non_contiguous_inputs() -> None:
     torch.manual_seed(1)
     qkv = torch.randn(1, 2, 6, 24, dtype=torch.float64)
     q, k, v = qkv.chunk(3, dim=-1)
-    out = chunk_attention(q, [k], [v], scale=0.5)
+    out = chunk_attention(q, k, v, scale=0.5)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5).transpose(1, 2)
     torch.testing.assert_close(out, ref)
+
+
+def test_fused_cuda_kernel_matches_the_installed_ops() -> None:
+    """The fused CUDA kernel runs where a GPU is; here its calls are checked against the
+    installed torch's op schemas by running them on meta tensors (shapes and dtypes only),
+    for a prefix block (folded query heads) and the chunk's own causal block (GQA)."""
+    names = {
+        "_scaled_dot_product_flash_attention": ["query", "key", "value", "dropout_p", "is_causal",
+                                                "return_debug_mask", "scale"],
+        "_scaled_dot_product_flash_attention_backward": [
+            "grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
+            "dropout_p", "is_causal", "philox_seed", "philox_offset", "scale"],
+    }  # fmt: skip
+    for op, args in names.items():
+        assert [a.name for a in getattr(torch.ops.aten, op).default._schema.arguments] == args
+    bsz, kv_heads, groups, c, n, d = 1, 8, 4, 256, 384, 128  # Llama-3-8B's heads
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    q = torch.empty(bsz, kv_heads, groups * c, d, **meta)
+    for k_len, causal in ((n, False), (c, True)):
+        k, v = torch.empty(bsz, kv_heads, k_len, d, **meta), torch.empty(bsz, kv_heads, k_len, d, **meta)
+        out, lse = _cuda_forward(q, k, v, c, causal, 0.088)
+        ref_out, ref_lse = _math_forward(q.to("meta"), k, v, c, causal, 0.088)
+        assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+        assert lse.dtype == torch.float32
+        dq, dk, dv = _cuda_backward(out, q, k, v, out.float(), lse, c, causal, 0.088)
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+
+
+def test_kernel_choice() -> None:
+    assert kernel_for(torch.empty(1, 1, 4, 128)) == "cpu"
+    assert kernel_for(torch.empty(1, 1, 4, 128, device="meta")) == "math"
+    assert kernel_for(torch.empty(1, 1, 4, 128), "math") == "math"

@@ -26,7 +26,8 @@ LLAMA3_8B = LlamaConfig(
     intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
 )  # fmt: skip
 SHAPE = ModelShape.from_config(LLAMA3_8B)
-LEAN = PlanOptions(layer_checkpointing=True, fused_loss=True)  # the anchors' "checkpointing + fused CE"
+# The anchors' "checkpointing + fused CE", with their bf16 K/V gradients (seco_core sums them in fp32).
+LEAN = PlanOptions(layer_checkpointing=True, fused_loss=True, kv_grad_bytes=2)
 
 
 def test_llama3_8b_shape_parameters_and_weights() -> None:
@@ -43,10 +44,11 @@ def test_kv_cache_is_128_kib_per_token_and_2_gib_at_16k() -> None:
     assert SHAPE.kv_bytes_per_token(2) == 128 * KiB
     e = estimate(SHAPE, 16384, 1024)
     assert e.kv_cache == 2 * GiB
-    # Gradients for every chunk before the first backward chunk: (L - c) tokens.
-    assert e.kv_grad == (16384 - 1024) * 128 * KiB
-    fp32_grads = estimate(SHAPE, 16384, 1024, PlanOptions(kv_grad_bytes=4))
-    assert fp32_grads.kv_grad == 2 * e.kv_grad
+    # Gradient sums for every chunk before the first backward chunk: (L - c) tokens, in
+    # float32 as seco_core keeps them (kv_store.py): twice the bf16 cache per token.
+    assert e.kv_grad == (16384 - 1024) * 128 * KiB * 2
+    bf16_grads = estimate(SHAPE, 16384, 1024, PlanOptions(kv_grad_bytes=2))
+    assert 2 * bf16_grads.kv_grad == e.kv_grad
     assert estimate(SHAPE, 16384, 1024, PlanOptions(batch_size=2)).kv_cache == 4 * GiB
 
 
@@ -135,13 +137,16 @@ def test_plan_refuses_and_says_what_would_fit() -> None:
 def test_kv_offload_moves_kv_and_grads_to_the_host() -> None:
     options = PlanOptions(kv_offload=True, layer_checkpointing=True, fused_loss=True)
     e = estimate(SHAPE, 131072, 1024, options)
-    # On the device only the current chunk's own K/V and the gradient relayed into it.
-    assert e.kv_cache == e.kv_grad == 1024 * 128 * KiB
+    # On the device only the current chunk's own K/V and the (float32) gradient relayed into it.
+    assert e.kv_cache == 1024 * 128 * KiB and e.kv_grad == 2 * e.kv_cache
     assert e.host_kv_cache == 16 * GiB  # 128K x 128 KiB
-    assert e.host_kv_grad == (131072 - 1024) * 128 * KiB
-    assert e.host_total == e.host_kv_cache + e.host_kv_grad
-    # Streamed one chunk-sized block at a time: the block in use, the prefetched next, one block's grad.
-    assert e.kv_transient == 1024 * 2 * 8 * 128 * (2 * 2 + 2)
+    assert e.host_kv_grad == (131072 - 1024) * 128 * KiB * 2  # float32 sums
+    block = 1024 * 8 * 128 * 2  # one layer's K (or V) block of 1024 tokens in bf16
+    assert e.host_staging == 32 * block  # the copy-out ring
+    assert e.host_total == e.host_kv_cache + e.host_kv_grad + e.host_staging
+    # Streamed one block at a time: in use, the next, the next layer's first (K and V), and
+    # about two blocks' gradient contributions waiting for their copy out.
+    assert e.kv_transient == 2 * block * (3 + 2)
     assert estimate(SHAPE, 1048576, 1024, options).total == e.total  # device memory does not grow with L
     assert e.total < 24 * GiB  # 128K tokens of an 8B model under 24 GiB
     # A host budget is enforced too.
@@ -198,6 +203,45 @@ def test_cpu_budget_is_available_ram_minus_a_reserve() -> None:
     budget = device_budget_bytes("cpu")
     assert 0 < budget < vm.total
     assert device_budget_bytes("cpu", reserve_bytes=0) >= budget
+
+
+def test_cuda_budget_is_the_free_memory_within_the_process_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process on the GPU (or a memory fraction) leaves less than the card's size."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (70 * GiB, 141 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 0)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 1.0)
+    assert device_budget_bytes("cuda:0") == 69 * GiB  # free memory minus the 1 GiB reserve
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index: 24 / 141)
+    assert device_budget_bytes("cuda") == 23 * GiB  # the 24 GiB cap of gpu_check.sh on an H200
+
+
+def test_logits_and_attention_transients_are_not_added_up() -> None:
+    fused = estimate(SHAPE, 16384, 1024)
+    assert fused.attention_scores == 1024 * 32 * 128 * 4 * 4
+    matmul = estimate(SHAPE, 16384, 1024, PlanOptions(fused_attention=False))
+    assert matmul.attention_scores == 32 * 1024 * 1024 * 4 * 4
+    for e in (fused, matmul):
+        assert e.transient == max(e.logits, e.attention_scores)
+        assert (
+            e.total
+            == e.weights
+            + e.trainable_state
+            + e.kv_cache
+            + e.kv_grad
+            + e.activations
+            + e.transient
+            + e.kv_transient
+            + e.workspace
+        )
+
+
+def test_max_chunk_caps_the_choice() -> None:
+    assert choose_chunk_size(SHAPE, 16384, 500 * GiB) == 16384
+    assert choose_chunk_size(SHAPE, 16384, 500 * GiB, PlanOptions(max_chunk=4096)) == 4096
+    assert choose_chunk_size(SHAPE, 1000, 500 * GiB, PlanOptions(max_chunk=4096)) == 512
 
 
 def test_branch_tokens_add_their_kv_cache_and_gradients() -> None:

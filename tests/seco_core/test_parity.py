@@ -108,7 +108,9 @@ def test_chunked_loss_has_no_gradients() -> None:
     model = tiny_model("olmo2")
     ids, labels = batch()
     ref_loss, _ = reference_grads(model, ids, labels)
-    assert chunked_loss(model, ids, labels, chunk_size=10) == pytest.approx(ref_loss, rel=1e-13)
+    assert chunked_loss(model, ids, labels, ChunkConfig(10)) == pytest.approx(ref_loss, rel=1e-13)
+    offloaded = ChunkConfig(10, offload_kv=True, layer_checkpointing=True)
+    assert chunked_loss(model, ids, labels, offloaded) == pytest.approx(ref_loss, rel=1e-13)
     assert all(p.grad is None for p in model.parameters())
 
 

@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from seco_core import ChunkConfig, UnsupportedModelError, chunked_backward
+from seco_core.arch import unwrap
 from seco_core.lora import attach_lora
 from seco_core.selfcheck import self_check
 from tests.seco_core.tiny import tiny_model
@@ -76,16 +77,39 @@ def test_self_check_passes_on_supported_models(arch: str) -> None:
     assert all(p.grad is None for p in model.parameters())  # grads restored
 
 
-def test_self_check_catches_a_patched_forward() -> None:
-    """A model whose attention does something the chunked path does not see is refused."""
-    model = tiny_model("llama", dtype=torch.float32)
-    attn = model.model.layers[0].self_attn
+def leak_tokens_outside_attention(model: torch.nn.Module) -> None:
+    """Patch the first attention layer to mix in the mean over the positions the call
+    sees: a whole-sequence call and a chunk see different means."""
+    attn = unwrap(model).model.layers[0].self_attn
     original = attn.forward
 
     def leaky_forward(hidden_states: torch.Tensor, *args: object, **kwargs: object) -> object:
-        # mixes in the mean over the positions the call sees: differs chunk by chunk
         return original(hidden_states + hidden_states.mean(dim=1, keepdim=True), *args, **kwargs)
 
     attn.forward = leaky_forward
+
+
+def test_self_check_catches_a_patched_forward() -> None:
+    """A model whose attention does something the chunked path does not see is refused."""
+    model = tiny_model("llama", dtype=torch.float32)
+    leak_tokens_outside_attention(model)
     with pytest.raises(UnsupportedModelError, match="LlamaForCausalLM"):
         self_check(model, seq_len=40, chunk_size=16)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "olmo2"])
+def test_self_check_judges_a_bf16_model_by_its_compute_dtype(arch: str) -> None:
+    """peft keeps LoRA weights in float32 while the model computes in bf16: the tolerance
+    follows the bf16 activations (a float32 tolerance refused every bf16 job)."""
+    model = attach_lora(tiny_model(arch, dtype=torch.bfloat16), r=4, alpha=8)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    report = self_check(model)
+    assert report.compute_dtype == torch.bfloat16
+    assert report.ok and report.rel_error > 1e-4  # bf16 rounding is visible, and accepted
+    if arch == "llama":
+        leak_tokens_outside_attention(model)
+        with pytest.raises(UnsupportedModelError, match=r"tolerance 0\.08 for torch\.bfloat16"):
+            self_check(model)

@@ -1,5 +1,6 @@
 """The whole path: openai SDK -> real API -> Redis -> real Celery worker -> real trainer
-(the tiny demo Llama on CPU) -> events, checkpoints, adapter download."""
+(the tiny demo Llama on CPU) -> events, checkpoints, adapter download; on both storage
+back-ends (local directory, S3)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,20 @@ from typing import Any
 import openai
 import pytest
 
+from service.record.storage import keys
+from tests.conftest import flush_db
+
 SMALL = {"n_epochs": 1, "batch_size": 2}
 SECO = {"chunk_size": 16, "max_length": 64, "lora": {"r": 4, "alpha": 8}}
 
 
 @pytest.fixture(scope="module")
-def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("e2e"), workers=1, SECO_CHECKPOINT_EVERY="2")
+def svc(
+    launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
+) -> Iterator[Any]:
+    flush_db(redis_url)
+    s = launch_service(redis_url, tmp_path_factory.mktemp(f"e2e-{storage_backend}"), workers=1,
+                       storage=storage_backend, SECO_CHECKPOINT_EVERY="2")  # fmt: skip
     yield s
     s.close()
 
@@ -114,6 +122,15 @@ def test_a_job_runs_to_an_adapter(svc: Any, files: dict[str, str], wait: Callabl
     assert client.files.retrieve(done.result_files[0]).purpose == "fine-tune-results"
     csv_text = client.files.content(done.result_files[1]).read().decode()
     assert csv_text.startswith("step,")
+
+    # in storage: the result files and every checkpoint (complete) under the job's prefix,
+    # and nothing left in the worker's scratch space once the job has ended
+    prefix = keys.job_prefix(svc.tenant("a"), job.id)
+    stored = svc.objects(prefix)
+    assert stored[f"{prefix}/adapter.tar.gz"] == len(adapter) and stored[f"{prefix}/metrics.csv"] == len(csv_text)
+    complete = svc.storage().complete_dirs(f"{prefix}/checkpoints", "checkpoint.json")
+    assert complete == sorted(f"step-{c.step_number:06d}" for c in checkpoints)
+    wait(lambda: not list(svc.data_dir.glob(f"scratch/*/jobs/{job.id}.*")), timeout=10, what="scratch cleaned")
 
     assert done.fine_tuned_model in [m.id for m in client.models.list()]
     assert done.fine_tuned_model not in [m.id for m in svc.client("b").models.list()]

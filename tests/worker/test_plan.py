@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -12,17 +14,26 @@ import worker.trainer as trainer
 from worker.spec import SecoSpec, TrainingError, TrainSpec
 
 GiB = 2**30
+TINY_LLAMA = LlamaConfig(
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=65536,
+)  # the benchmark's CPU preset
 LLAMA3_8B = LlamaConfig(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
     num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
 )  # fmt: skip
 
 
-def spec_for(max_length: int | None, budget: int = 24 * GiB) -> TrainSpec:
+def spec_for(max_length: int | None, budget: int = 24 * GiB, device: str = "cuda:0", **seco: Any) -> TrainSpec:
     return TrainSpec(
         job_id="ftjob-plan", model_name="llama3-8b", model_path=Path("."), training_file=Path("."),
-        validation_file=None, output_dir=Path("."), device="cuda:0", memory_budget_bytes=budget,
-        seco=SecoSpec(max_length=max_length),
+        validation_file=None, output_dir=Path("."), device=device, memory_budget_bytes=budget,
+        seco=SecoSpec(max_length=max_length, **seco),
     )  # fmt: skip
 
 
@@ -58,26 +69,55 @@ def test_impossible_job_is_refused_with_alternatives(monkeypatch: pytest.MonkeyP
     assert info.value.code == "does_not_fit"
 
 
-KV_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # Llama-3-8B, bf16: 128 KiB
+def test_the_chunk_is_the_fastest_that_fits_not_the_largest() -> None:
+    """A 32K-token window on a CPU worker with plenty of memory: chunk 2048 (the CPU's
+    fastest), not 16384; the fused CPU kernel holds no c x c scores, so the attention term
+    is the merged output's few floats per token, not gigabytes."""
+    cpu = trainer._plan_memory(spec_for(32768, budget=64 * GiB, device="cpu"), TINY_LLAMA, torch.float32)
+    assert cpu.chunk_size == 2048
+    assert cpu.memory.estimate.attention_scores == 2048 * 4 * 64 * 4 * 4  # c x heads x head_dim x fp32 x 4
+    gpu = trainer._plan_memory(spec_for(32768, budget=80 * GiB), LLAMA3_8B, torch.bfloat16)
+    assert gpu.chunk_size == 4096  # the GPU default, although larger chunks fit in 80 GiB
+    assert gpu.memory.estimate.total + 4 * GiB < trainer.plan(LLAMA3_8B, 32768, 80 * GiB, 32768).estimate.total
+    fp32_gpu = trainer._plan_memory(spec_for(8192, budget=80 * GiB), LLAMA3_8B, torch.float32)
+    assert not fp32_gpu.memory.estimate.attention_scores < 4096 * 4096 * 32 * 4  # the matmul kernel's scores
+
+
+def test_nf4_jobs_plan_with_4bit_weights() -> None:
+    plain = trainer._plan_memory(spec_for(16384), LLAMA3_8B, torch.bfloat16)
+    nf4 = trainer._plan_memory(spec_for(16384, load_in_4bit=True), LLAMA3_8B, torch.bfloat16)
+    assert nf4.memory.estimate.weights < 0.4 * plain.memory.estimate.weights
+
+
+def test_host_budget_is_the_workers_share() -> None:
+    """SECO_HOST_MEMORY_BUDGET bounds KV offload, e.g. for several workers on one host."""
+    spec = replace(spec_for(131072), host_memory_budget_bytes=40 * GiB)
+    with pytest.raises(TrainingError, match=r"host budget 40\.00 GiB"):
+        trainer._plan_memory(spec, LLAMA3_8B, torch.bfloat16)
+    assert trainer._plan_memory(replace(spec, host_memory_budget_bytes=60 * GiB), LLAMA3_8B, torch.bfloat16).offload_kv
+
+
+KV_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # Llama-3-8B, bf16: 128 KiB (their gradient sums: float32, twice that)
 
 
 def test_a_dpo_step_keeps_the_second_answer_beside_the_prompt() -> None:
     """A preference pair of a 16K prompt and two 512-token answers: the plan counts the shorter
-    answer's K/V (and their gradients) on top of prompt + longer answer."""
+    answer's K/V (and their gradient sums) on top of prompt + longer answer."""
     supervised = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16)
     dpo = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16, branch_tokens=512)
-    assert (dpo.chunk_size, dpo.offload_kv) == (supervised.chunk_size, supervised.offload_kv) == (256, False)
+    assert (dpo.chunk_size, dpo.offload_kv) == (supervised.chunk_size, supervised.offload_kv)
+    assert not dpo.offload_kv
     assert dpo.memory.estimate.kv_cache - supervised.memory.estimate.kv_cache == 512 * KV_PER_TOKEN
-    assert dpo.memory.estimate.kv_grad - supervised.memory.estimate.kv_grad == 512 * KV_PER_TOKEN
+    assert dpo.memory.estimate.kv_grad - supervised.memory.estimate.kv_grad == 512 * 2 * KV_PER_TOKEN
 
 
-def test_long_answers_move_a_dpo_step_to_offload_or_refuse_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_long_answers_move_a_dpo_step_to_offload_or_refuse_it() -> None:
     two_long = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16, branch_tokens=16384)
     assert (two_long.layer_checkpointing, two_long.offload_kv) == (True, True)
-    monkeypatch.setattr(trainer, "device_budget_bytes", lambda device: 16 * GiB)  # the host's
-    trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16)  # one sequence fits
+    spec = replace(spec_for(16896), host_memory_budget_bytes=16 * GiB)
+    trainer._plan_memory(spec, LLAMA3_8B, torch.bfloat16)  # one sequence fits
     with pytest.raises(TrainingError, match="host memory") as info:
-        trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16, branch_tokens=65536)
+        trainer._plan_memory(spec, LLAMA3_8B, torch.bfloat16, branch_tokens=65536)
     assert info.value.code == "does_not_fit"
 
 

@@ -159,6 +159,34 @@ def test_validation_loss_is_reported(tmp_path: Path, demo_model: Path) -> None:
     assert with_valid[-1]["valid_loss"] < with_valid[0]["valid_loss"]
 
 
+def test_validation_runs_with_the_training_chunk_configuration(
+    tmp_path: Path, demo_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At lengths that need KV offload to train, validation must offload too (it held the
+    whole K/V cache on the device before, out of memory at the first validation)."""
+    import worker.trainer as trainer
+
+    planned = trainer._plan_memory
+
+    def offloading_plan(*args: Any, **kwargs: Any) -> Any:
+        return replace(planned(*args, **kwargs), offload_kv=True, layer_checkpointing=True)
+
+    seen: list[Any] = []
+    original = trainer.chunked_loss
+
+    def recording_loss(model: Any, ids: Any, labels: Any, config: Any, **kwargs: Any) -> float:
+        seen.append(config)
+        return original(model, ids, labels, config, **kwargs)
+
+    monkeypatch.setattr(trainer, "_plan_memory", offloading_plan)
+    monkeypatch.setattr(trainer, "chunked_loss", recording_loss)
+    valid = write_jsonl(tmp_path / "valid.jsonl", [{"text": TEXT}])
+    rec = Recorder()
+    train(make_spec(tmp_path, demo_model, validation_file=valid, n_epochs=1, checkpoint_every=2), rec)
+    assert seen and all(c.offload_kv and c.layer_checkpointing for c in seen)
+    assert any("KV offload on" in m for m in rec.messages)
+
+
 def test_memory_plan_refuses_an_impossible_job(tmp_path: Path, demo_model: Path) -> None:
     spec = make_spec(tmp_path, demo_model, memory_budget_bytes=int(2.5 * 2**30), seco=SecoSpec(max_length=1_000_000))
     with pytest.raises(TrainingError, match=r"What would fit: .*max_length<=\d+") as info:

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from starlette.responses import Response
 
-from service.api.deps import DataDep, SettingsDep, StoreDep, TenantDep
+from service.api.deps import SettingsDep, StorageDep, StoreDep, TenantDep
+from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
 from service.api.jsonl import InvalidFile, validate_jsonl
 from service.api.schemas import FileDeleted, FileList, FileObject
 from service.api.uploads import TooLarge, receive_file
 from service.record import ids
 from service.record.formats import record_kind
+from service.record.storage import keys, scratch_dir
 from service.record.store import FileInUse, FileRecord, LimitExceeded, now
 
 log = logging.getLogger(__name__)
@@ -53,16 +57,23 @@ def _quota_error(limit: int) -> APIError:
 
 @router.post("", response_model=FileObject, openapi_extra=UPLOAD_BODY)
 async def create_file(
-    request: Request, tenant: TenantDep, store: StoreDep, settings: SettingsDep, data: DataDep
+    request: Request, tenant: TenantDep, store: StoreDep, settings: SettingsDep, storage: StorageDep
 ) -> FileObject:
-    """Upload a JSONL training file (multipart: `file`, `purpose="fine-tune"`)."""
+    """Upload a JSONL training file (multipart: `file`, `purpose="fine-tune"`).
+
+    The body is streamed to this host's scratch space, validated there, and only then
+    published to storage (a rename on the local back-end, a multipart upload on S3):
+    storage never holds a file that did not validate, and readers never see part of one.
+    """
     used = await run_in_threadpool(store.tenant_file_bytes, tenant)
     room = settings.max_file_bytes - used
     if room <= 0:
         raise _quota_error(settings.max_file_bytes)
     limit = min(settings.max_upload_bytes, room)
     file_id = ids.new_file_id()
-    tmp, final = data.upload_temp_path(file_id), data.file_path(file_id)
+    key = keys.file_key(tenant, file_id)
+    tmp = scratch_dir(settings, "uploads", f"api.{os.getpid()}", f"{file_id}.part")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         try:
             up = await receive_file(request, tmp, limit)
@@ -78,17 +89,17 @@ async def create_file(
             n, fmt = await run_in_threadpool(validate_jsonl, tmp, max_line_bytes=settings.max_line_bytes)
         except InvalidFile as e:
             raise bad_request(f"Invalid training file: {e}", param="file", code="invalid_file") from None
-        tmp.replace(final)  # publish: readers only ever see complete, validated files
+        await run_in_threadpool(storage.put_file, key, tmp, move=True)  # publish: complete, validated files only
         kind = record_kind(fmt.split("+")[0])  # a file holds one kind of record (formats.py)
         rec = FileRecord(id=file_id, tenant=tenant, bytes=up.bytes, created_at=now(), filename=up.filename,
-                         purpose=purpose, path=data.relative(final), kind=kind)  # fmt: skip
+                         purpose=purpose, path=key, kind=kind)  # fmt: skip
         try:
             await run_in_threadpool(store.create_file, rec, counted=True, tenant_limit=settings.max_file_bytes)
         except LimitExceeded:
-            final.unlink(missing_ok=True)
+            await run_in_threadpool(storage.delete, key)
             raise _quota_error(settings.max_file_bytes) from None
         except BaseException:
-            final.unlink(missing_ok=True)
+            await run_in_threadpool(storage.delete, key)
             raise
         log.info("file uploaded", extra={"file_id": file_id, "tenant": tenant, "bytes": up.bytes,
                                          "records": n, "format": fmt})  # fmt: skip
@@ -131,24 +142,23 @@ def retrieve_file(file_id: str, tenant: TenantDep, store: StoreDep) -> FileObjec
 
 
 @router.get("/{file_id}/content", response_class=FileResponse)
-def file_content(file_id: str, tenant: TenantDep, store: StoreDep, data: DataDep) -> FileResponse:
-    """The file's bytes, streamed from disk."""
-    rec = _get(store, tenant, file_id)
-    path = data.resolve(rec.path)
-    if not path.is_file():
-        raise APIError(404, f"The content of file {file_id!r} is no longer on disk", code="not_found")
-    return FileResponse(path, media_type="application/octet-stream", filename=rec.filename)
+async def file_content(file_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> Response:
+    """The file's bytes, streamed from storage."""
+    rec = await run_in_threadpool(_get, store, tenant, file_id)
+    response = await object_response(storage, rec.path, rec.filename, "application/octet-stream")
+    if response is None:
+        raise APIError(404, f"The content of file {file_id!r} is no longer in storage", code="not_found")
+    return response
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, tenant: TenantDep, store: StoreDep, data: DataDep) -> FileDeleted:
-    """Delete a file, unless an unfinished job still needs it."""
+def delete_file(file_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> FileDeleted:
+    """Delete a file and its object, unless an unfinished job still needs it."""
     rec = _get(store, tenant, file_id)
     try:
         store.delete_file(rec)
     except FileInUse as e:
         raise bad_request(f"File {file_id!r} is used by job {e} which has not finished; cancel it first",
                           param="file_id", code="file_in_use") from None  # fmt: skip
-    if rec.purpose == "fine-tune":  # result files stay in their job directory with the adapter
-        data.resolve(rec.path).unlink(missing_ok=True)
+    storage.delete(rec.path)
     return FileDeleted(id=file_id)

@@ -12,8 +12,10 @@ import redis
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.responses import Response
 
-from service.api.deps import DataDep, EnqueueDep, SettingsDep, StoreDep, TenantDep
+from service.api.deps import EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
 from service.api.schemas import (
     CheckpointList,
@@ -83,7 +85,12 @@ def _check_kind(param: str, frec: FileRecord, method: str) -> None:
 
 @router.post("", response_model=FineTuningJob)
 def create_job(
-    body: JobCreate, tenant: TenantDep, store: StoreDep, settings: SettingsDep, data: DataDep, enqueue: EnqueueDep
+    body: JobCreate,
+    tenant: TenantDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    enqueue: EnqueueDep,
 ) -> FineTuningJob:
     """Create a job: check its model and files, then queue it for a worker."""
     if body.model not in settings.models:
@@ -91,7 +98,7 @@ def create_job(
         raise bad_request(f"Model {body.model!r} is not offered by this server; choose one of: {offered}",
                           param="model", code="model_not_available")  # fmt: skip
     files = {"training_file": body.training_file, "validation_file": body.validation_file}
-    paths = []
+    stored: dict[str, str] = {}  # file id -> storage key
     for param, file_id in files.items():
         if file_id is None:
             continue
@@ -102,7 +109,7 @@ def create_job(
             raise bad_request(f"{param}: file {file_id!r} has purpose {frec.purpose!r}; upload training data "
                               "with purpose 'fine-tune'", param=param)  # fmt: skip
         _check_kind(param, frec, body.method_type)
-        paths.append(data.resolve(frec.path))
+        stored[file_id] = frec.path
     rec = JobRecord(
         id=ids.new_job_id(), tenant=tenant, status="validating_files", created_at=now(), model=body.model,
         training_file=body.training_file, validation_file=body.validation_file,
@@ -120,10 +127,10 @@ def create_job(
                           param="training_file") from None  # fmt: skip
     store.add_event(rec.id, f"Validating training file: {rec.training_file}"
                     + (f" and validation file: {rec.validation_file}" if rec.validation_file else ""))  # fmt: skip
-    # Records were validated at upload; here only check the bytes are still on the shared disk.
-    missing = [p.name for p in paths if not p.is_file()]
+    # Records were validated at upload; here only check the bytes are still in storage.
+    missing = [file_id for file_id, key in stored.items() if not storage.exists(key)]
     if missing:
-        store.fail_unstarted(rec.id, f"File content missing from the data directory: {', '.join(missing)}",
+        store.fail_unstarted(rec.id, f"File content missing from storage: {', '.join(missing)}",
                              "file_missing")  # fmt: skip
     elif store.transition(rec.id, ["validating_files"], "queued",
                           event="Files validated, moving job to queued state")[0]:  # fmt: skip
@@ -287,14 +294,16 @@ def list_checkpoints(
 
 @router.get("/{fine_tuning_job_id}/adapter", response_class=FileResponse,
             responses={200: {"content": {"application/gzip": {}}}})  # fmt: skip
-def download_adapter(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, data: DataDep) -> FileResponse:
+async def download_adapter(
+    fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep
+) -> Response:
     """The trained LoRA adapter as a .tar.gz (adapter_config.json + adapter_model.safetensors at its root)."""
-    rec = _get(store, tenant, fine_tuning_job_id)
+    rec = await run_in_threadpool(_get, store, tenant, fine_tuning_job_id)
     if rec.status != "succeeded":
         raise bad_request(f"Job {rec.id} is {rec.status}; its adapter is available once it has succeeded",
                           param="fine_tuning_job_id", code="adapter_not_ready")  # fmt: skip
-    frec = store.get_file(rec.adapter_file or "", tenant)
-    path = data.resolve(frec.path) if frec else None
-    if frec is None or path is None or not path.is_file():
+    frec = await run_in_threadpool(store.get_file, rec.adapter_file or "", tenant)
+    response = await object_response(storage, frec.path, frec.filename, "application/gzip") if frec else None
+    if response is None:
         raise APIError(404, f"The adapter of job {rec.id} was deleted", code="not_found")
-    return FileResponse(path, media_type="application/gzip", filename=frec.filename)
+    return response

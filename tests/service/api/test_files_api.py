@@ -1,4 +1,5 @@
-"""/v1/files through the official openai SDK against the real API process and Redis."""
+"""/v1/files through the official openai SDK against the real API process and Redis,
+on both storage back-ends (local directory, S3)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ from typing import Any
 import openai
 import pytest
 
+from service.record.storage import keys
+from tests.conftest import flush_db
+
 UPLOAD_LIMIT = 64 * 1024
 TENANT_QUOTA = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("files-api"), SECO_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
-                       SECO_MAX_FILE_BYTES=str(TENANT_QUOTA))  # fmt: skip
+def svc(
+    launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
+) -> Iterator[Any]:
+    flush_db(redis_url)
+    s = launch_service(redis_url, tmp_path_factory.mktemp(f"files-api-{storage_backend}"), storage=storage_backend,
+                       SECO_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), SECO_MAX_FILE_BYTES=str(TENANT_QUOTA))  # fmt: skip
     yield s
     s.close()
 
@@ -29,13 +36,15 @@ def test_upload_list_retrieve_content_delete(svc: Any, jsonl: Callable[..., Path
     assert (f.bytes, f.filename, f.purpose, f.status) == (path.stat().st_size, "docs.jsonl", "fine-tune", "processed")
     assert client.files.retrieve(f.id).model_dump() == f.model_dump()
     assert client.files.content(f.id).read() == path.read_bytes()
-    assert (svc.data_dir / "files" / f.id).read_bytes() == path.read_bytes()
+    key = keys.file_key(svc.tenant("a"), f.id)
+    assert b"".join(svc.storage().open(key).chunks) == path.read_bytes(), "stored under the tenant's prefix"
     assert f.id in [x.id for x in client.files.list()]
     gone = client.files.delete(f.id)
     assert gone.deleted and gone.id == f.id
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(f.id)
-    assert not (svc.data_dir / "files" / f.id).exists()
+    assert not svc.storage().exists(key), "deleting the file deleted its object"
+    assert not svc.upload_leftovers()
 
 
 def test_pagination_and_order(svc: Any, jsonl: Callable[..., Path]) -> None:
@@ -72,18 +81,19 @@ def test_bad_files_name_the_line(svc: Any, tmp_path: Path, content: bytes, messa
         svc.client().files.create(file=p.open("rb"), purpose="fine-tune")
     assert message in e.value.message and e.value.param == "file" and e.value.code == "invalid_file"
     assert e.value.response.headers.get("x-should-retry") == "false"
-    assert not [x for x in (svc.data_dir / "files").iterdir() if x.name.startswith(".")], "no partial file left"
+    assert not svc.upload_leftovers(), "no partial file left"
+    assert not svc.objects(f"tenants/{svc.tenant('a')}/files"), "nothing published"
 
 
 def test_over_the_size_limit_is_413_and_leaves_nothing(svc: Any, tmp_path: Path) -> None:
     p = tmp_path / "big.jsonl"
     line = b'{"text": "' + b"x" * 1000 + b'"}\n'
     p.write_bytes(line * (UPLOAD_LIMIT // len(line) + 5))
-    before = set((svc.data_dir / "files").iterdir())
+    before = svc.objects()
     with pytest.raises(openai.APIStatusError) as e:
         svc.client().files.create(file=p.open("rb"), purpose="fine-tune")
     assert e.value.status_code == 413 and str(UPLOAD_LIMIT) in e.value.message
-    assert set((svc.data_dir / "files").iterdir()) == before
+    assert svc.objects() == before and not svc.upload_leftovers()
     # also when the client streams it without a Content-Length (chunked)
     with svc.http() as http:
 
@@ -96,7 +106,7 @@ def test_over_the_size_limit_is_413_and_leaves_nothing(svc: Any, tmp_path: Path)
 
         r = http.post("/v1/files", content=body(), headers={"content-type": "multipart/form-data; boundary=B"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
-    assert set((svc.data_dir / "files").iterdir()) == before
+    assert svc.objects() == before and not svc.upload_leftovers()
 
 
 def test_bad_upload_requests(svc: Any, jsonl: Callable[..., Path]) -> None:

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from service.record import ids
-from service.record.settings import Settings
-from service.record.storage import DataDir
+from service.record.settings import Settings, tenant_of
+from service.record.storage import LocalStorage, keys
 from service.record.store import REQUEUE_MESSAGE, STATUSES, FileInUse, FileRecord, JobRecord, LimitExceeded, Store, now
 from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
 from worker.tasks import run_job
@@ -30,18 +30,21 @@ def store(redis_url: str) -> Store:
     return s
 
 
-def make_file(store: Store, data: DataDir, tenant: str = "t1") -> FileRecord:
+T1 = tenant_of("sk-t1")
+OTHER = tenant_of("sk-other")
+
+
+def make_file(store: Store, data: LocalStorage, tenant: str = T1) -> FileRecord:
     fid = ids.new_file_id()
-    path = data.file_path(fid)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text('{"text": "hello world"}\n')
-    rec = FileRecord(id=fid, tenant=tenant, bytes=path.stat().st_size, created_at=now(), filename="a.jsonl",
-                     purpose="fine-tune", path=data.relative(path))  # fmt: skip
+    key = keys.file_key(tenant, fid)
+    data.put_bytes(key, b'{"text": "hello world"}\n')
+    rec = FileRecord(id=fid, tenant=tenant, bytes=data.size(key) or 0, created_at=now(), filename="a.jsonl",
+                     purpose="fine-tune", path=key)  # fmt: skip
     store.create_file(rec, counted=True, tenant_limit=1 << 30)
     return rec
 
 
-def make_job(store: Store, file_id: str, tenant: str = "t1", queued: bool = True, limit: int = 100) -> str:
+def make_job(store: Store, file_id: str, tenant: str = T1, queued: bool = True, limit: int = 100) -> str:
     rec = JobRecord(id=ids.new_job_id(), tenant=tenant, status="validating_files", created_at=now(), model="tiny",
                     training_file=file_id, hyperparameters={"n_epochs": "auto", "batch_size": 2,
                     "learning_rate_multiplier": "auto"}, seed=7, seco={"mode": "seco", "lora": {"r": 4}})  # fmt: skip
@@ -52,13 +55,11 @@ def make_job(store: Store, file_id: str, tenant: str = "t1", queued: bool = True
 
 
 @pytest.fixture
-def data(tmp_path: Path) -> DataDir:
-    d = DataDir(tmp_path / "data")
-    d.ensure()
-    return d
+def data(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "data")
 
 
-def test_state_machine_guards(store: Store, data: DataDir) -> None:
+def test_state_machine_guards(store: Store, data: LocalStorage) -> None:
     f = make_file(store, data)
     job = make_job(store, f.id)
     assert store.queue_position(job) == 1
@@ -80,7 +81,7 @@ def test_state_machine_guards(store: Store, data: DataDir) -> None:
     assert store.status_counts()["succeeded"] == 1 and store.status_counts()["cancelled"] == 1
 
 
-def test_concurrent_starts_exactly_one_wins(store: Store, data: DataDir) -> None:
+def test_concurrent_starts_exactly_one_wins(store: Store, data: LocalStorage) -> None:
     f = make_file(store, data)
     jobs = [make_job(store, f.id) for _ in range(5)]
     wins: list[tuple[str, str]] = []
@@ -128,7 +129,7 @@ def _race(url: str, job: str) -> dict[str, Any]:
     return results
 
 
-def test_cancel_racing_start(store: Store, data: DataDir) -> None:
+def test_cancel_racing_start(store: Store, data: LocalStorage) -> None:
     """A cancel and a start racing on the same queued job: exactly one outcome, consistently."""
     f = make_file(store, data)
     for _ in range(20):
@@ -142,7 +143,7 @@ def test_cancel_racing_start(store: Store, data: DataDir) -> None:
             assert rec.status == "cancelled" and results["cancel"] == "cancelled"
 
 
-def test_metrics_dedupe_events_and_pagination(store: Store, data: DataDir) -> None:
+def test_metrics_dedupe_events_and_pagination(store: Store, data: LocalStorage) -> None:
     f = make_file(store, data)
     job = make_job(store, f.id)
     assert store.start_job(job, "w1", 30)
@@ -162,7 +163,7 @@ def test_metrics_dedupe_events_and_pagination(store: Store, data: DataDir) -> No
     assert all(ids.stream_id_of(i) for i in ids_all)
 
 
-def test_reaper_requeues_then_fails_after_max_attempts(store: Store, data: DataDir) -> None:
+def test_reaper_requeues_then_fails_after_max_attempts(store: Store, data: LocalStorage) -> None:
     f = make_file(store, data)
     job = make_job(store, f.id)
     assert store.start_job(job, "dead-worker", 0.3)
@@ -185,7 +186,7 @@ def test_reaper_requeues_then_fails_after_max_attempts(store: Store, data: DataD
     assert rec is not None and rec.status == "failed" and rec.error["code"] == "worker_lost"  # type: ignore[index]
 
 
-def test_reaper_cancels_a_dead_job_that_was_asked_to_cancel(store: Store, data: DataDir) -> None:
+def test_reaper_cancels_a_dead_job_that_was_asked_to_cancel(store: Store, data: LocalStorage) -> None:
     f = make_file(store, data)
     job = make_job(store, f.id)
     assert store.start_job(job, "w", 0.3)
@@ -195,7 +196,7 @@ def test_reaper_cancels_a_dead_job_that_was_asked_to_cancel(store: Store, data: 
     assert store.get_job(job).status == "cancelled"  # type: ignore[union-attr]
 
 
-def test_tenant_limits_and_file_in_use(store: Store, data: DataDir) -> None:
+def test_tenant_limits_and_file_in_use(store: Store, data: LocalStorage) -> None:
     f = make_file(store, data)
     j1 = make_job(store, f.id, limit=2)
     make_job(store, f.id, limit=2)
@@ -205,20 +206,20 @@ def test_tenant_limits_and_file_in_use(store: Store, data: DataDir) -> None:
         store.delete_file(f)
     assert store.request_cancel(j1) == "cancelled"
     make_job(store, f.id, limit=2)  # a slot was freed
-    big = FileRecord(id=ids.new_file_id(), tenant="t1", bytes=100, created_at=now(), filename="x", purpose="fine-tune",
+    big = FileRecord(id=ids.new_file_id(), tenant=T1, bytes=100, created_at=now(), filename="x", purpose="fine-tune",
                      path="files/x")  # fmt: skip
     with pytest.raises(LimitExceeded):
         store.create_file(big, counted=True, tenant_limit=f.bytes + 99)
-    assert store.tenant_file_bytes("t1") == f.bytes
-    assert store.get_file(f.id, "other-tenant") is None
+    assert store.tenant_file_bytes(T1) == f.bytes
+    assert store.get_file(f.id, OTHER) is None
     with pytest.raises(LookupError):
-        make_job(store, f.id, tenant="other-tenant")
+        make_job(store, f.id, tenant=OTHER)
 
 
 # ----------------------------------------------------------------------------- run_job
 
 
-def settings_for(store: Store, data: DataDir, model_dir: Path) -> Settings:
+def settings_for(store: Store, data: LocalStorage, model_dir: Path) -> Settings:
     return Settings(redis_url=_url(store), data_dir=data.root, models_raw=f"tiny={model_dir}", lease_seconds=3)
 
 
@@ -231,8 +232,10 @@ def fake_train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     for step in (1, 2):
         ctx.metrics({"step": step, "total_steps": 2, "train_loss": 2.0 / step, "peak_memory_bytes": 1000})
         ctx.progress(step, 2, 100 * step, 1.0)
-        ck = out / "checkpoints" / f"step-{step}"
+        ck = out / "checkpoints" / f"step-{step:06d}"
         ck.mkdir(parents=True)
+        (ck / "trainer_state.pt").write_bytes(b"state")
+        (ck / "checkpoint.json").write_text("{}")  # the marker, written last
         ctx.checkpoint_saved(step, ck, {"train_loss": 2.0 / step})
     (out / "adapter").mkdir()
     (out / "adapter" / "adapter_config.json").write_text("{}")
@@ -245,7 +248,7 @@ def fake_train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     )  # fmt: skip
 
 
-def test_run_job_success_registers_results(store: Store, data: DataDir, tmp_path: Path) -> None:
+def test_run_job_success_registers_results(store: Store, data: LocalStorage, tmp_path: Path) -> None:
     settings = settings_for(store, data, tmp_path)
     f = make_file(store, data)
     job = make_job(store, f.id)
@@ -254,11 +257,14 @@ def test_run_job_success_registers_results(store: Store, data: DataDir, tmp_path
     assert rec is not None and rec.status == "succeeded"
     assert rec.fine_tuned_model == f"tiny:{job}" and rec.trained_tokens == 200 and rec.peak_memory_bytes == 5000
     assert len(rec.result_files) == 2 and rec.adapter_file == rec.result_files[0]
-    adapter = store.get_file(rec.adapter_file, "t1")  # type: ignore[arg-type]
+    adapter = store.get_file(rec.adapter_file, T1)  # type: ignore[arg-type]
     assert adapter is not None and adapter.purpose == "fine-tune-results"
-    assert data.resolve(adapter.path) == data.job_dir(job) / "adapter.tar.gz"
+    assert adapter.path == keys.result_key(T1, job, "adapter.tar.gz") and data.exists(adapter.path)
     cks, _ = store.list_checkpoints(job, after=None, limit=10)
     assert [c.step for c in cks] == [2, 1]
+    # each checkpoint was published with its marker, and the worker's scratch space is gone
+    assert data.complete_dirs(keys.checkpoints_prefix(T1, job), "checkpoint.json") == ["step-000001", "step-000002"]
+    assert not list((data.root / "scratch").rglob(f"{job}*")), "scratch space cleaned when the job ended"
     messages = [e.message for e in store.read_events(job)]
     assert messages[-1] == "The job has successfully completed"
     assert "Checkpoint saved at step 2" in messages
@@ -267,7 +273,7 @@ def test_run_job_success_registers_results(store: Store, data: DataDir, tmp_path
     assert store.get_job(job).status == "succeeded"  # type: ignore[union-attr]
 
 
-def test_run_job_failures_and_cancel(store: Store, data: DataDir, tmp_path: Path) -> None:
+def test_run_job_failures_and_cancel(store: Store, data: LocalStorage, tmp_path: Path) -> None:
     settings = settings_for(store, data, tmp_path)
     f = make_file(store, data)
 
@@ -302,7 +308,7 @@ def test_run_job_failures_and_cancel(store: Store, data: DataDir, tmp_path: Path
     assert store.get_job(j4).error["code"] == "model_not_available"  # type: ignore[index,union-attr]
 
 
-def test_lease_is_renewed_while_training(store: Store, data: DataDir, tmp_path: Path) -> None:
+def test_lease_is_renewed_while_training(store: Store, data: LocalStorage, tmp_path: Path) -> None:
     settings = settings_for(store, data, tmp_path)  # 3 s lease, renewed every second
     f = make_file(store, data)
     job = make_job(store, f.id)

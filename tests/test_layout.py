@@ -1,0 +1,69 @@
+"""Which side may import what, checked on every import statement of the source tree.
+
+The library is the ground floor, the worker a recipe on top of it, the service in
+three sides: the client must run on a laptop (standard library and httpx), the shared
+record must not pull in the API or torch, and the worker must not depend on the API.
+Function-level (lazy) imports count too: a rule broken inside a function still breaks
+a deployment that lacks the package.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STDLIB = set(sys.stdlib_module_names)
+
+# package -> (allowed third-party or project top-level names, forbidden dotted prefixes)
+RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
+    "seco_core": (
+        {"seco_core", "torch", "transformers", "peft", "safetensors", "tokenizers", "psutil", "matplotlib",
+         "bitsandbytes"},
+        (),
+    ),
+    "service/record": (
+        {"service", "redis", "pydantic", "pydantic_settings", "obstore"},
+        ("service.api", "service.client"),
+    ),
+    "service/client": ({"service", "httpx"}, ("service.api", "service.record", "service.launch")),
+    "service/api": (
+        {"service", "fastapi", "starlette", "pydantic", "redis", "python_multipart", "prometheus_client", "worker"},
+        ("service.client", "worker.tasks", "worker.trainer"),
+    ),
+    "worker": (
+        {"worker", "service", "seco_core", "celery", "redis", "torch", "transformers", "peft", "safetensors"},
+        ("service.api", "service.client"),
+    ),
+}  # fmt: skip
+
+
+def imported_names(path: Path) -> set[str]:
+    """Dotted names of every absolute import in a module, at any depth."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(RULES))
+def test_imports_respect_the_layout(package: str) -> None:
+    allowed, forbidden = RULES[package]
+    problems = []
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, package
+    for path in files:
+        for name in sorted(imported_names(path)):
+            top = name.split(".")[0]
+            if top == "__future__" or top in STDLIB:
+                continue
+            if top not in allowed or any(name == f or name.startswith(f + ".") for f in forbidden):
+                problems.append(f"{path.relative_to(ROOT)} imports {name}")
+    assert not problems, "\n".join(problems)
