@@ -8,5 +8,16 @@ standard library.
 from seco_core.chunked import ChunkedOutput, chunked_backward, chunked_loss
 from seco_core.config import ChunkConfig
 from seco_core.errors import UnsupportedModelError
+from seco_core.prefix import Continuation, PrefixTreeOutput, prefix_tree_backward, prefix_tree_loss
 
-__all__ = ["ChunkConfig", "ChunkedOutput", "UnsupportedModelError", "chunked_backward", "chunked_loss"]
+__all__ = [
+    "ChunkConfig",
+    "ChunkedOutput",
+    "Continuation",
+    "PrefixTreeOutput",
+    "UnsupportedModelError",
+    "chunked_backward",
+    "chunked_loss",
+    "prefix_tree_backward",
+    "prefix_tree_loss",
+]

@@ -315,10 +315,10 @@ def child_main(spec_json: str) -> int:
 # ---------------------------------------------------------------- the parent: orchestration
 
 
-def run_child(method: str, length: int, spec: dict[str, Any]) -> dict[str, Any]:
-    """Run `measure` in a fresh interpreter; a killed child (OOM killer, CPU cap) is OOM."""
+def run_child(method: str, length: int, spec: dict[str, Any], module: str = "seco_core.bench") -> dict[str, Any]:
+    """Run `module`'s measurement in a fresh interpreter; a killed child (OOM killer, CPU cap) is OOM."""
     child_spec = {**spec, "method": method, "length": length}
-    cmd = [sys.executable, "-m", "seco_core.bench", "--child-spec", json.dumps(child_spec)]
+    cmd = [sys.executable, "-m", module, "--child-spec", json.dumps(child_spec)]
     try:
         env = dict(os.environ)
         if spec.get("mmap_threshold"):

@@ -98,6 +98,16 @@ class ChunkCache(Cache):
             self.store.release(block)
         return grads
 
+    def set_aside_last(self) -> list[KVBlock]:
+        """Remove the last chunk's blocks without releasing them, to `restore` later: a prefix
+        tree runs each branch on the shared prefix alone, then brings the branch back in stage 2."""
+        return [layer.prefix.pop() for layer in self.chunk_layers]
+
+    def restore(self, blocks: list[KVBlock]) -> None:
+        """Put back blocks that `set_aside_last` removed."""
+        for layer, block in zip(self.chunk_layers, blocks, strict=True):
+            layer.prefix.append(block)
+
     def current(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The K/V states the model computed for the current chunk, per layer."""
         out = []

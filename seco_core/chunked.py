@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from seco_core import cache as chunk_cache
-from seco_core.arch import check_length, model_parts
+from seco_core.arch import ModelParts, check_length, model_parts
 from seco_core.config import ChunkConfig
 from seco_core.kv_store import DeviceStore, HostBuffers, HostStore
 from seco_core.sampling import chunk_factors
@@ -56,15 +56,16 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
-def _slice_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of one slice; logits in float32, or the model's dtype if wider."""
+def _slice_ce_rows(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of one slice per row, (B,); logits in float32, or the model's dtype if wider."""
     logits = head(hidden)  # (B, s, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.view(targets.shape).sum(dim=1)
 
 
-def chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
-    """Summed token CE of a chunk without holding its full-vocabulary logits.
+def chunk_row_losses(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
+    """Summed token CE of each row of a chunk, (B,), without holding its full-vocabulary logits.
 
     hidden: (B, c, H); targets: (B, c). Logits exist for `slice_len` tokens at a time;
     under grad each slice is checkpointed so backward recomputes its logits instead of
@@ -72,14 +73,62 @@ def chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     """
     c = hidden.shape[1]
     if c <= slice_len:
-        return _slice_ce_sum(head, hidden, targets)
+        return _slice_ce_rows(head, hidden, targets)
     recompute = torch.is_grad_enabled()
-    total = torch.zeros((), device=hidden.device)
+    total = torch.zeros(targets.shape[0], device=hidden.device)
     for s in range(0, c, slice_len):
         args = (head, hidden[:, s : s + slice_len], targets[:, s : s + slice_len])
-        part = checkpoint(_slice_ce_sum, *args, use_reentrant=False) if recompute else _slice_ce_sum(*args)
+        part = checkpoint(_slice_ce_rows, *args, use_reentrant=False) if recompute else _slice_ce_rows(*args)
         total = total + part
     return total
+
+
+def chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
+    """Summed token CE of a chunk (all rows), see `chunk_row_losses`."""
+    return chunk_row_losses(head, hidden, targets, slice_len).sum()
+
+
+def chunks_with_targets(targets: torch.Tensor, bounds: list[tuple[int, int]]) -> list[bool]:
+    """Per chunk, whether any of its (shifted) targets is not ignored.
+
+    A chunk without targets (inside a prompt) needs no output projection at all: for a
+    small model with a large vocabulary the head costs more than the decoder layers.
+    """
+    if not bounds:
+        return []
+    flags = torch.stack([(targets[:, s:e] != IGNORE_INDEX).any() for s, e in bounds])
+    return [bool(f) for f in flags.tolist()]  # one device sync for all chunks
+
+
+def run_chunk(
+    parts: ModelParts, cache: chunk_cache.ChunkCache, input_ids: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """One chunk through the decoder on top of the cached prefix: (B, c) ids -> (B, c, H) hidden states.
+
+    The chunk's fresh K/V are left in the cache (`cache.current()`) for the caller to
+    push as blocks (stage 1) or relay into (stage 2).
+    """
+    out = parts.decoder(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
+    return out.last_hidden_state
+
+
+def relay_objective(
+    loss: torch.Tensor,
+    current: list[tuple[torch.Tensor, torch.Tensor]],
+    relayed: list[tuple[torch.Tensor, torch.Tensor] | None],
+) -> torch.Tensor:
+    """`loss + sum_layers <K_j, dK'_j> + <V_j, dV'_j>`: the scalar stage 2 back-propagates for chunk j.
+
+    `current` are the chunk's freshly computed (graph-connected) K/V per layer, `relayed`
+    the gradients later chunks (of every branch, in a prefix tree) sent to its blocks
+    (`ChunkCache.pop_last`; None where none were kept). Back-propagating the inner
+    products relays them into the chunk's graph without hooks.
+    """
+    objective = loss
+    for (k_new, v_new), grads in zip(current, relayed, strict=True):
+        if grads is not None:
+            objective = objective + (k_new * grads[0]).sum() + (v_new * grads[1]).sum()
+    return objective
 
 
 @contextlib.contextmanager
@@ -102,7 +151,24 @@ def _checkpointed(layers: nn.ModuleList, enabled: bool) -> Iterator[None]:
             layer.forward = forward
 
 
+@contextlib.contextmanager
+def chunked_session(
+    model: nn.Module, parts: ModelParts, config: ChunkConfig, device: torch.device, host_buffers: HostBuffers | None
+) -> Iterator[chunk_cache.ChunkCache]:
+    """A chunk cache on the store `config` asks for (device, or host with KV offload), the
+    model attending through it and (optionally) checkpointing its layers; closed at the end."""
+    store = HostStore(device, config.chunk_size, host_buffers) if config.offload_kv else DeviceStore()
+    cache = chunk_cache.ChunkCache(parts.num_layers, store)
+    with (
+        contextlib.closing(cache),
+        chunk_cache.activate(model, cache),
+        _checkpointed(parts.layers, config.layer_checkpointing),
+    ):
+        yield cache
+
+
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The random state a chunk's stage-1 pass starts from, so stage 2 replays its dropout masks."""
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda_state
 
@@ -196,29 +262,23 @@ def backward_with_factors(
     # A block needs gradient sums only if it will relay them: its own chunk is
     # back-propagated and some later back-propagated chunk attends to it.
     needs_grad = [f != 0.0 and any(g != 0.0 for g in factors[j + 1 :]) for j, f in enumerate(factors)]
+    has_targets = chunks_with_targets(targets, bounds)
     positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
-
-    store = HostStore(device, config.chunk_size, host_buffers) if config.offload_kv else DeviceStore()
-    cache = chunk_cache.ChunkCache(parts.num_layers, store)
     rng_states = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
 
-    def run_chunk(j: int) -> torch.Tensor:
-        s, e = bounds[j]
-        out = parts.decoder(input_ids=input_ids[:, s:e], position_ids=positions[:, s:e], cache=cache, use_cache=True)
-        return out.last_hidden_state  # (B, c, H)
+    with chunked_session(model, parts, config, device, host_buffers) as cache:
 
-    with (
-        contextlib.closing(cache),
-        chunk_cache.activate(model, cache),
-        _checkpointed(parts.layers, config.layer_checkpointing),
-    ):
+        def run(j: int) -> torch.Tensor:
+            s, e = bounds[j]
+            return run_chunk(parts, cache, input_ids[:, s:e], positions[:, s:e])  # (B, c, H)
+
         # Stage 1: fill the cache; losses of chunks that stage 2 will not revisit.
         with torch.no_grad():
             for j, (s, e) in enumerate(bounds):
                 rng_states.append(_rng_state(device))
-                hidden = run_chunk(j)
-                if factors[j] == 0.0:
+                hidden = run(j)
+                if factors[j] == 0.0 and has_targets[j]:
                     loss_sum += chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice).double()
                 cache.push_current(needs_grad[j])
         final_rng = _rng_state(device)
@@ -232,12 +292,13 @@ def backward_with_factors(
             s, e = bounds[j]
             _set_rng_state(device, rng_states[j])
             with torch.enable_grad():
-                hidden = run_chunk(j)
-                chunk_loss = chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice)
-                objective = chunk_loss * (loss_scale / n_targets)
-                for (k_new, v_new), grads in zip(cache.current(), relayed, strict=True):
-                    if grads is not None:  # gradients later chunks sent to this chunk's K/V
-                        objective = objective + (k_new * grads[0]).sum() + (v_new * grads[1]).sum()
+                hidden = run(j)
+                chunk_loss = (
+                    chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice)
+                    if has_targets[j]
+                    else torch.zeros((), device=device)
+                )
+                objective = relay_objective(chunk_loss * (loss_scale / n_targets), cache.current(), relayed)
                 if objective.requires_grad:
                     (objective * factor).backward()
             loss_sum += chunk_loss.detach().double()

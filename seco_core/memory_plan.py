@@ -235,6 +235,12 @@ class PlanOptions:
     transient T(L). seco_core's block attention reads the leaves in place (no T(L))."""
     workspace_bytes: int = 2 * GiB
     """Allocator slack, cuBLAS/attention workspaces and small tensors not modelled here."""
+    branch_tokens: int = 0
+    """A prefix-tree step (seco_core.prefix; DPO): tokens of the further continuations of
+    the sequence's prefix, whose K/V blocks (and their gradient sums) stay alive beside it
+    until stage 2 reaches them. A DPO pair: the shorter answer's length, with seq_len the
+    prompt plus the longer answer. DPO's reference pass needs no term of its own: it is a
+    stage-1-only tree on the same weights (adapter disabled), freed before the policy's."""
 
     def __post_init__(self) -> None:
         if self.dtype_bytes not in (1, 2, 4, 8):
@@ -247,6 +253,8 @@ class PlanOptions:
             raise ValueError(f"loss_slice must be >= 1 or None, got {self.loss_slice!r}")
         if self.workspace_bytes < 0:
             raise ValueError(f"workspace_bytes must be >= 0, got {self.workspace_bytes!r}")
+        if self.branch_tokens < 0:
+            raise ValueError(f"branch_tokens must be >= 0, got {self.branch_tokens!r}")
 
 
 @dataclass(frozen=True)
@@ -265,9 +273,9 @@ class MemoryEstimate:
     """LoRA: the adapters' fp32 weights + fp32 grads + AdamW m and v (16 B/param). Full
     fine-tuning: accumulated + fresh grad, fp32 master copy (low-precision weights), AdamW."""
     kv_cache: int
-    """The detached K/V leaves m'_1..m'_k of every layer: B·L·kv_per_token."""
+    """The detached K/V blocks m'_1..m'_k of every layer: B·(L + branch_tokens)·kv_per_token."""
     kv_grad: int
-    """Their gradient accumulators for chunks 1..k−1: B·(L−c)·kv_per_token·g."""
+    """Their gradient sums for all but the last chunk: B·(L + branch_tokens − c)·kv_per_token·g."""
     activations: int
     """One chunk's saved tensors: B·c·a; a = layers × layer working set, or with layer
     checkpointing layers × layer input + one layer's working set."""
@@ -389,8 +397,9 @@ def estimate(
     g = o.kv_grad_bytes or max(d, 4)  # float32 sums (kv_store.grad_dtype)
     kv_tok = shape.kv_bytes_per_token(d)  # K,V of all layers for one token
 
-    kv_cache = b * length * kv_tok
-    kv_grad = b * (length - c) * kv_tok * g // d
+    kv_tokens = length + o.branch_tokens  # a prefix tree keeps every branch's blocks until stage 2
+    kv_cache = b * kv_tokens * kv_tok
+    kv_grad = b * (kv_tokens - c) * kv_tok * g // d
 
     layer_act = layer_activation_bytes(shape, d)
     if o.layer_checkpointing:

@@ -19,6 +19,12 @@ Keys of other formats in one record are an error; other keys (e.g. an "id") are 
 Every document's first label is -100: no token precedes it, so it is never a target,
 and writing that down keeps the loss-token counts equal to the true number of targets.
 
+Preference pairs (`{"input", "preferred_output", "non_preferred_output"}`, for DPO jobs)
+are read by `load_preferences`: the prompt is the input chat rendered with the
+generation prompt, each answer the text that rendering the chat with the answer adds
+to it, tokenised on its own (as at inference, where generation starts at the prompt's
+last token; TRL tokenises prompt and completion apart too).
+
 The record formats and their validation live in service/record/formats.py (shared with the API's
 upload check); this module adds tokenisation and loss masks.
 """
@@ -35,6 +41,7 @@ from service.record.formats import (
     ChatRecord,
     DataError,
     Message,
+    PreferenceRecord,
     PromptCompletionRecord,
     Record,
     TextRecord,
@@ -266,6 +273,11 @@ def tokenize_record(tokenizer: PreTrainedTokenizerBase, record: Record, stats: D
         return _text_document(tokenizer, record)
     if isinstance(record, PromptCompletionRecord):
         return _prompt_completion_document(tokenizer, record)
+    if isinstance(record, PreferenceRecord):
+        raise ValueError(
+            "a preference pair (input / preferred_output / non_preferred_output) in a supervised job: "
+            'train on preference pairs with method={"type": "dpo"}'
+        )
     return _chat_document(_ChatRenderer(tokenizer), record, stats)
 
 
@@ -288,3 +300,97 @@ def load_documents(
         stats.add(record.format, document)
         documents.append(document)
     return TokenizedData(documents, stats)
+
+
+# --------------------------------------------------------------------------- preference pairs
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A tokenised preference record: every answer token is a target."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    line: int
+    """Line of the record in its file, for messages about it."""
+
+    def __len__(self) -> int:
+        """The longer of the two sequences, prompt + answer: what max_length bounds."""
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+    @property
+    def tokens(self) -> int:
+        """Tokens a DPO step processes per model and stage: the prompt once, both answers."""
+        return len(self.prompt) + len(self.chosen) + len(self.rejected)
+
+
+@dataclass
+class PreferenceStats:
+    records: int = 0
+    prompt_tokens: int = 0
+    answer_tokens: int = 0
+    longest: int = 0
+    """Longest prompt + answer of any pair (tokens)."""
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class PreferenceData:
+    pairs: list[PreferencePair]
+    stats: PreferenceStats
+
+
+def _preference_pair(renderer: _ChatRenderer, record: PreferenceRecord, line: int) -> PreferencePair:
+    try:
+        prompt_text = renderer.text(record.input, add_generation_prompt=True)
+        full_texts = [renderer.text([*record.input, a], add_generation_prompt=False) for a in
+                      (record.preferred, record.non_preferred)]  # fmt: skip
+    except Exception as exc:  # jinja2 errors, or raise_exception() inside the template
+        raise ValueError(f"the model's chat template cannot render this record: {exc}") from None
+    prompt = renderer.encode(prompt_text)
+    if not prompt:
+        raise ValueError("the prompt renders to no tokens")
+    answers = []
+    for key, text in zip(("preferred_output", "non_preferred_output"), full_texts, strict=True):
+        if not text.startswith(prompt_text):
+            raise ValueError(f"the chat template renders the input differently once {key} follows it")
+        ids = _encode(renderer.tokenizer, text[len(prompt_text) :], special=False)
+        if not renderer.templated:  # the plain format has no end-of-turn marker: EOS ends the answer
+            ids = _with_eos(renderer.tokenizer, ids)
+        if not ids:
+            raise ValueError(f"{key} renders to no tokens")
+        answers.append(ids)
+    return PreferencePair(prompt, answers[0], answers[1], line)
+
+
+def load_preferences(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, display_name: str | None = None
+) -> PreferenceData:
+    """Validate and tokenise every preference pair of a JSONL file (a DPO job's data).
+
+    Raises DataError (file, line, reason) at the first record that is not a preference
+    pair or cannot be rendered.
+    """
+    name = display_name or Path(path).name
+    renderer = _ChatRenderer(tokenizer)
+    stats = PreferenceStats()
+    pairs = []
+    for number, record in read_records(path, name):
+        if not isinstance(record, PreferenceRecord):
+            raise DataError(
+                name, number, f"a {record.format} record: a job with method 'dpo' trains on preference pairs, "
+                "one {\"input\", \"preferred_output\", \"non_preferred_output\"} object per line",
+            )  # fmt: skip
+        try:
+            pair = _preference_pair(renderer, record, number)
+        except ValueError as exc:
+            raise DataError(name, number, str(exc)) from None
+        stats.records += 1
+        stats.prompt_tokens += len(pair.prompt)
+        stats.answer_tokens += len(pair.chosen) + len(pair.rejected)
+        stats.longest = max(stats.longest, len(pair))
+        pairs.append(pair)
+    return PreferenceData(pairs, stats)

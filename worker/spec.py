@@ -47,6 +47,8 @@ class TrainSpec:
     learning_rate_multiplier: float | None = None
     seed: int = 0
     seco: SecoSpec = field(default_factory=SecoSpec)
+    method: str = "supervised"  # "supervised" or "dpo" (preference pairs; trainer_dpo.py)
+    beta: float | None = None  # DPO; None ("auto"): seco_core.dpo.DEFAULT_BETA
     checkpoint_every: int | None = None  # optimizer steps; None: a sensible default
     memory_budget_bytes: int | None = None  # cap for the memory plan (SECO_MEMORY_BUDGET); None: the device's
     host_memory_budget_bytes: int | None = None  # KV offload's share of host memory (SECO_HOST_MEMORY_BUDGET)

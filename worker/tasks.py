@@ -167,6 +167,8 @@ class StoreContext:
             msg += f": training loss={data['train_loss']:.4f}"
         if isinstance(data.get("valid_loss"), int | float):
             msg += f", validation loss={data['valid_loss']:.4f}"
+        if isinstance(data.get("reward_margin"), int | float):  # DPO
+            msg += f", reward margin={data['reward_margin']:.4f}, reward accuracy={data.get('reward_accuracy', 0):.2f}"
         self.persist(lambda: self.store.add_metrics(self.job_id, self.worker_id, data, msg))
 
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
@@ -241,6 +243,7 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storag
         validation_file=file_path(rec.validation_file, "validation_file"), output_dir=scratch / "out",
         device=settings.device, n_epochs=_auto(hp.get("n_epochs")), batch_size=_auto(hp.get("batch_size")),
         learning_rate_multiplier=_auto(hp.get("learning_rate_multiplier")), seed=rec.seed, seco=seco,
+        method=rec.method, beta=_auto(hp.get("beta")),
         checkpoint_every=settings.checkpoint_every, memory_budget_bytes=settings.memory_budget_bytes,
         host_memory_budget_bytes=settings.host_memory_budget_bytes,
     )  # fmt: skip

@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from seco_core import ChunkConfig, UnsupportedModelError, chunked_backward, chunked_loss
 from seco_core.attention import FUSED_CUDA_DTYPES
+from seco_core.dpo import DEFAULT_BETA
 from seco_core.kv_store import HostBuffers
 from seco_core.lora import attach_lora, pack_adapter, save_adapter
 from seco_core.memory_plan import FASTEST_CHUNK, MemoryPlan, PlanOptions, device_budget_bytes, format_bytes, plan
@@ -28,7 +29,9 @@ from seco_core.probes import PeakMemory, return_freed_memory_to_os
 from seco_core.selfcheck import self_check
 from seco_core.windows import Window, split_documents
 from worker.checkpoints import Position, latest_checkpoint, load_checkpoint, save_checkpoint
-from worker.data import DataError, load_documents
+from worker.data import DataError, load_documents, load_preferences
+from worker.objective import Objective, StepResult, step_seed
+from worker.preference import check_pair_lengths, preference_objective
 from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
 
 BASE_LEARNING_RATE = 2e-4
@@ -86,24 +89,11 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
         return_freed_memory_to_os()  # RSS then tracks live tensors, as the memory plan does
     torch.manual_seed(spec.seed)
 
-    # Data: every record is validated and tokenised before the model is loaded.
+    # Data (every record validated and tokenised before the model is loaded) and the memory plan.
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
-    train_data = load_documents(spec.training_file, tokenizer, "training_file")
-    valid_data = load_documents(spec.validation_file, tokenizer, "validation_file") if spec.validation_file else None
-
-    # Memory plan, then windows of at most max_length tokens.
     model_config = AutoConfig.from_pretrained(spec.model_path)
-    job_plan = _plan_memory(spec, model_config, dtype)
-    ctx.message(
-        f"{job_plan.memory.message}; the longest max_length this device can train in this configuration "
-        f"is {job_plan.memory.longest_length}",
-        data={"memory_plan": job_plan.memory.estimate.as_dict(), "longest_max_length": job_plan.memory.longest_length},
-    )
-    split = split_documents(train_data.documents, job_plan.max_length)
-    if not split.windows:
-        raise TrainingError("training_file has no tokens to train on", code="invalid_file", param="training_file")
-    ctx.message(f"training data: {split.stats.summary()}", data={"windows": split.stats.windows})
-    valid_windows = split_documents(valid_data.documents, job_plan.max_length).windows if valid_data else []
+    build = _preference_objective if spec.method == "dpo" else _supervised_objective
+    objective, job_plan = build(spec, tokenizer, model_config, dtype, ctx)
 
     # Model with LoRA; a short self-check that chunk-wise gradients match a plain backward.
     model = _load_model(spec, dtype, device)
@@ -118,7 +108,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     chunk_config = _chunk_config(spec, job_plan)
     batch_size = spec.batch_size or 1
     n_epochs = spec.n_epochs or AUTO_EPOCHS
-    batches_per_epoch = math.ceil(len(split.windows) / batch_size)
+    batches_per_epoch = math.ceil(len(objective.items) / batch_size)
     total_steps = n_epochs * batches_per_epoch
     checkpoint_every = spec.checkpoint_every or max(1, batches_per_epoch // CHECKPOINTS_PER_EPOCH)
 
@@ -135,9 +125,10 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     if resume_from is not None:
         position, _ = load_checkpoint(resume_from, model, optimizer, scheduler)
         ctx.message(f"resumed from checkpoint at step {position.step} of {total_steps}", data={"step": position.step})
-    _truncate_metrics(metrics_csv, position.step)
+    _truncate_metrics(metrics_csv, position.step, objective.fields)
     ctx.message(
-        f"training {total_steps} steps: {n_epochs} epochs x {batches_per_epoch} batches of {batch_size} windows, "
+        f"training {total_steps} steps: {n_epochs} epochs x {batches_per_epoch} batches of {batch_size} "
+        f"{objective.unit}{f' (DPO, beta {_beta(spec)})' if spec.method == 'dpo' else ''}, "
         f"max_length {job_plan.max_length}, chunk_size {chunk_config.chunk_size}, mode {chunk_config.mode}, "
         f"layer checkpointing {'on' if job_plan.layer_checkpointing else 'off'}, "
         f"KV offload {'on' if job_plan.offload_kv else 'off'}"
@@ -150,14 +141,14 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     steps_this_run = 0
     model.train()
     for epoch in range(position.epoch, n_epochs):
-        order = torch.randperm(len(split.windows), generator=torch.Generator().manual_seed(spec.seed + epoch))
+        order = torch.randperm(len(objective.items), generator=torch.Generator().manual_seed(spec.seed + epoch))
         first_batch = position.batch_in_epoch if epoch == position.epoch else 0
         for b in range(first_batch, batches_per_epoch):
-            windows = [split.windows[int(i)] for i in order[b * batch_size : (b + 1) * batch_size]]
+            batch = [objective.items[int(i)] for i in order[b * batch_size : (b + 1) * batch_size]]
             step = position.step + 1
             probe.reset()
             t0 = time.monotonic()
-            loss, chunks = _optimizer_step(model, windows, chunk_config, spec, step, device, ctx, host_buffers)
+            result = objective.step(model, batch, chunk_config, step, host_buffers)
             torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
             learning_rate = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -167,7 +158,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             peak = probe.peak_bytes()
             peak_seen = max(peak_seen, peak)
             step_peak = max(step_peak, probe.peak_extra_bytes)
-            tokens = sum(len(w) for w in windows)
+            tokens = result.tokens
             end_of_epoch = b == batches_per_epoch - 1
             position = Position(
                 step, epoch + end_of_epoch, 0 if end_of_epoch else b + 1, position.trained_tokens + tokens
@@ -177,19 +168,20 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
                 "step": step,
                 "total_steps": total_steps,
                 "epoch": epoch + 1,
-                "train_loss": loss,
+                "train_loss": result.loss,
                 "learning_rate": learning_rate,
                 "tokens": tokens,
                 "tokens_per_second": tokens / seconds,
                 "step_seconds": seconds,
                 "peak_memory_bytes": peak,
-                "chunks_backpropagated": chunks,
+                "chunks_backpropagated": result.chunks,
+                **result.metrics,
             }
             save_now = end_of_epoch or step % checkpoint_every == 0
-            if save_now and valid_windows:
-                metrics["valid_loss"] = _validation_loss(model, valid_windows, chunk_config, device, host_buffers)
+            if save_now and objective.validate is not None:
+                metrics.update(objective.validate(model, chunk_config, host_buffers))
             ctx.metrics(metrics)
-            _append_metrics(metrics_csv, metrics)
+            _append_metrics(metrics_csv, metrics, objective.fields)
             rate = (time.monotonic() - started) / steps_this_run
             ctx.progress(step, total_steps, position.trained_tokens, rate * (total_steps - step))
             if save_now:
@@ -223,6 +215,76 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     )
 
 
+def _announce_plan(ctx: TrainContext, job_plan: Plan) -> None:
+    ctx.message(
+        f"{job_plan.memory.message}; the longest max_length this device can train in this configuration "
+        f"is {job_plan.memory.longest_length}",
+        data={"memory_plan": job_plan.memory.estimate.as_dict(), "longest_max_length": job_plan.memory.longest_length},
+    )
+
+
+def _supervised_objective(
+    spec: TrainSpec, tokenizer: Any, model_config: Any, dtype: torch.dtype, ctx: TrainContext
+) -> tuple[Objective, Plan]:
+    """Windows of at most max_length tokens of the documents, mean token loss per step."""
+    device = torch.device(spec.device)
+    train_data = load_documents(spec.training_file, tokenizer, "training_file")
+    valid_data = load_documents(spec.validation_file, tokenizer, "validation_file") if spec.validation_file else None
+    job_plan = _plan_memory(spec, model_config, dtype)
+    _announce_plan(ctx, job_plan)
+    split = split_documents(train_data.documents, job_plan.max_length)
+    if not split.windows:
+        raise TrainingError("training_file has no tokens to train on", code="invalid_file", param="training_file")
+    ctx.message(f"training data: {split.stats.summary()}", data={"windows": split.stats.windows})
+    valid_windows = split_documents(valid_data.documents, job_plan.max_length).windows if valid_data else []
+
+    def step(
+        model: torch.nn.Module, windows: list[Window], config: ChunkConfig, number: int, buffers: HostBuffers
+    ) -> StepResult:
+        loss, chunks = _optimizer_step(model, windows, config, spec, number, device, ctx, buffers)
+        return StepResult(loss, chunks, sum(len(w) for w in windows))
+
+    def validate(model: torch.nn.Module, config: ChunkConfig, buffers: HostBuffers) -> dict[str, float]:
+        return {"valid_loss": _validation_loss(model, valid_windows, config, device, buffers)}
+
+    return Objective(split.windows, "windows", step, validate if valid_windows else None), job_plan
+
+
+def _beta(spec: TrainSpec) -> float:
+    return spec.beta if spec.beta is not None else DEFAULT_BETA
+
+
+def _preference_objective(
+    spec: TrainSpec, tokenizer: Any, model_config: Any, dtype: torch.dtype, ctx: TrainContext
+) -> tuple[Objective, Plan]:
+    """Preference pairs, one DPO step per batch of pairs (worker/preference.py).
+
+    The memory plan knows the step is a prefix tree: the shorter answer's K/V are kept
+    beside the longer sequence's. With max_length unset it plans for the longest pair.
+    """
+    train = load_preferences(spec.training_file, tokenizer, "training_file")
+    valid = load_preferences(spec.validation_file, tokenizer, "validation_file") if spec.validation_file else None
+    pairs = [*train.pairs, *(valid.pairs if valid else [])]
+    branch_tokens = max(min(len(p.chosen), len(p.rejected)) for p in pairs)
+    job_plan = _plan_memory(spec, model_config, dtype, branch_tokens=branch_tokens,
+                            length=max(len(p) for p in pairs))  # fmt: skip
+    _announce_plan(ctx, job_plan)
+    why = "set by the job" if spec.seco.max_length else "the longest this device fits"
+    check_pair_lengths(train.pairs, job_plan.max_length, "training_file", why)
+    if valid:
+        check_pair_lengths(valid.pairs, job_plan.max_length, "validation_file", why)
+    stats = train.stats
+    ctx.message(
+        f"training data: {stats.records} preference pairs, {stats.prompt_tokens} prompt and {stats.answer_tokens} "
+        f"answer tokens, the longest pair {stats.longest} tokens; reference: the base model (LoRA adapter disabled)",
+        data={"preference_pairs": stats.as_dict()},
+    )
+    objective = preference_objective(
+        train.pairs, valid.pairs if valid else [], _beta(spec), spec.seed, torch.device(spec.device), ctx.cancelled
+    )
+    return objective, job_plan
+
+
 def _optimizer_step(
     model: torch.nn.Module,
     windows: list[Window],
@@ -239,8 +301,8 @@ def _optimizer_step(
     follows the mean token loss of the batch. The random state is derived from (seed,
     step), so a resumed job draws the same dropout masks and SpaCO chunks as the first try.
     """
-    torch.manual_seed(spec.seed * 1_000_003 + step)
-    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + step)
+    torch.manual_seed(step_seed(spec.seed, step))
+    generator = torch.Generator().manual_seed(step_seed(spec.seed, step))
     n_targets = sum(w.num_targets for w in windows)
     loss_sum, chunks = 0.0, 0
     for window in windows:
@@ -276,21 +338,25 @@ def _validation_loss(
     return total / n
 
 
-def _plan_memory(spec: TrainSpec, model_config: Any, dtype: torch.dtype) -> Plan:
+def _plan_memory(
+    spec: TrainSpec, model_config: Any, dtype: torch.dtype, *, branch_tokens: int = 0, length: int | None = None
+) -> Plan:
     """The fastest configuration that fits the device, or a refusal saying what would fit.
 
-    Tried in MEMORY_MODES order at the requested max_length (default: the model's
-    context); when the job left max_length unset and even the most frugal mode cannot
-    fit the context, the longest length that mode fits is taken instead. The options
+    Tried in MEMORY_MODES order at the requested max_length (default: `length`, else the
+    model's context); when the job left max_length unset and even the most frugal mode
+    cannot fit it, the longest length that mode fits is taken instead. The options
     describe what will run: the device kind's fastest chunk size, fused attention
-    kernels where the device and dtype have them, 4-bit weights for NF4 jobs.
+    kernels where the device and dtype have them, 4-bit weights for NF4 jobs, and a DPO
+    step's second answer (`branch_tokens`, PlanOptions.branch_tokens).
     """
     context = int(getattr(model_config, "max_position_embeddings", 0) or 0)
     lora = spec.seco.lora
     targets = tuple(lora.target_modules) if lora.target_modules else PlanOptions().lora_targets
     budget = spec.memory_budget_bytes or device_budget_bytes(spec.device)
     host_budget = host_budget_bytes(spec) if spec.device.startswith("cuda") else None
-    requested = spec.seco.max_length or context or 4096
+    default = min(length, context) if length and context else length or context or 4096
+    requested = spec.seco.max_length or default
     kind = torch.device(spec.device).type
     base = PlanOptions(
         dtype_bytes=torch.finfo(dtype).bits // 8,
@@ -299,6 +365,7 @@ def _plan_memory(spec: TrainSpec, model_config: Any, dtype: torch.dtype) -> Plan
         fused_attention=kind == "cpu" or dtype in FUSED_CUDA_DTYPES,
         max_chunk=FASTEST_CHUNK.get(kind),
         weights_4bit=spec.seco.load_in_4bit,
+        branch_tokens=branch_tokens,
     )
     memory: MemoryPlan | None = None
     for mode in MEMORY_MODES:
@@ -388,16 +455,16 @@ def _warmup_cosine(total_steps: int) -> Any:
     return factor
 
 
-def _append_metrics(path: Path, metrics: dict[str, Any]) -> None:
+def _append_metrics(path: Path, metrics: dict[str, Any], extra_fields: list[str] | None = None) -> None:
     new = not path.exists()
     with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS + (extra_fields or []), extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow(metrics)
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
+def _truncate_metrics(path: Path, last_step: int, extra_fields: list[str] | None = None) -> None:
     """Drop CSV rows a dead attempt wrote after its last checkpoint; the resume redoes them."""
     if not path.exists():
         return
@@ -405,4 +472,4 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= last_step]
     path.unlink()
     for row in rows:
-        _append_metrics(path, row)
+        _append_metrics(path, row, extra_fields)

@@ -18,6 +18,7 @@ Auto = Literal["auto"]
 NEpochs = Auto | Annotated[int, Field(ge=1, le=100, strict=True)]
 BatchSize = Auto | Annotated[int, Field(ge=1, le=1024, strict=True)]
 LrMult = Auto | Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+Beta = Auto | Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)]
 
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -31,6 +32,11 @@ class Hyperparameters(BaseModel):
     """Windows per optimizer step (gradient accumulation)."""
     learning_rate_multiplier: LrMult = "auto"
     """Scales the worker's documented base learning rate."""
+
+
+class DpoHyperparameters(Hyperparameters):
+    beta: Beta = "auto"
+    """DPO's temperature: how far the policy may move from the reference ("auto": 0.1)."""
 
 
 class LoraSettings(BaseModel):
@@ -79,12 +85,25 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
-    """OpenAI's newer way to pass hyperparameters; only "supervised" is offered here."""
+    """OpenAI's training method: "supervised" (the default) or "dpo" (preference pairs)."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"]
+    type: Literal["supervised", "dpo"]
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> Method:
+        other = "dpo" if self.type == "supervised" else "supervised"
+        if getattr(self, other) is not None:
+            raise ValueError(f"method.{other} does not apply to method.type {self.type!r}")
+        return self
 
 
 class JobCreate(BaseModel):
@@ -117,10 +136,18 @@ class JobCreate(BaseModel):
             raise ValueError("integrations are not supported by this server; follow the events stream instead")
         return v
 
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method is not None else "supervised"
+
     def effective_hyperparameters(self) -> Hyperparameters:
-        if self.method is not None and self.method.supervised and self.method.supervised.hyperparameters:
-            return self.method.supervised.hyperparameters
-        return self.hyperparameters or Hyperparameters()
+        """The method's hyperparameters, else the top-level (older) ones; a DPO job's include beta."""
+        if self.method is not None:
+            section = self.method.dpo if self.method.type == "dpo" else self.method.supervised
+            if section is not None and section.hyperparameters is not None:
+                return section.hyperparameters
+        hp = self.hyperparameters or Hyperparameters()
+        return DpoHyperparameters(**hp.model_dump()) if self.method_type == "dpo" else hp
 
 
 # --------------------------------------------------------------------------- responses

@@ -67,8 +67,11 @@ def register(sub: Any) -> None:
     p.add_argument("--validation-file", help="validation data: a local .jsonl file or a file id")
     hp = p.add_argument_group("hyperparameters")
     hp.add_argument("--epochs", type=_int_or_auto, help="passes over the data (default: auto)")
-    hp.add_argument("--batch-size", type=_int_or_auto, help="windows per optimizer step (default: auto)")
+    hp.add_argument("--batch-size", type=_int_or_auto, help="windows (dpo: pairs) per optimizer step (default: auto)")
     hp.add_argument("--lr-multiplier", type=_float_or_auto, help="scales the base learning rate (default: auto)")
+    hp.add_argument("--method", choices=["supervised", "dpo"], help="dpo: preference pairs (default: supervised)")
+    hp.add_argument("--beta", type=_float_or_auto, help="dpo: how far the policy may move from the reference "
+                    "(default: auto = 0.1)")  # fmt: skip
     hp.add_argument("--suffix", help="added to the fine-tuned model's name")
     hp.add_argument("--seed", type=int)
     hp.add_argument("--metadata", action="append", metavar="KEY=VALUE", default=[], help="repeatable")
@@ -202,7 +205,12 @@ def job_body(args: argparse.Namespace, training_file: str, validation_file: str 
     if validation_file:
         body["validation_file"] = validation_file
     hp = {"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate_multiplier": args.lr_multiplier}
-    if hp := {k: v for k, v in hp.items() if v is not None}:
+    if args.beta is not None and args.method != "dpo":
+        raise ClientError("--beta applies to --method dpo")
+    if args.method == "dpo":  # OpenAI's method object carries a DPO job's hyperparameters, beta included
+        hp["beta"] = args.beta
+        body["method"] = {"type": "dpo", "dpo": {"hyperparameters": {k: v for k, v in hp.items() if v is not None}}}
+    elif hp := {k: v for k, v in hp.items() if v is not None}:
         body["hyperparameters"] = hp
     for name in ("suffix", "seed"):
         if getattr(args, name) is not None:
@@ -298,6 +306,7 @@ def cmd_status(args: argparse.Namespace, client: Client) -> int:
         ("peak memory", human_bytes(job["peak_memory_bytes"]) if job.get("peak_memory_bytes") else None),
         ("training file", job.get("training_file")),
         ("validation file", job.get("validation_file")),
+        ("method", (job.get("method") or {}).get("type")),
         ("hyperparameters", _kv(job.get("hyperparameters") or {})),
         ("seco", _kv(job.get("seco") or {})),
         ("lora", _kv((job.get("seco") or {}).get("lora") or {})),

@@ -100,6 +100,10 @@ class ProgressLine:
     valid_loss: float | None = None
     peak_bytes: float | None = None
     tokens_per_second: float | None = None
+    reward_margin: float | None = None
+    """DPO jobs: the step's mean reward margin and the share of pairs ranked right."""
+    reward_accuracy: float | None = None
+    valid_reward_margin: float | None = None
     _step_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=20))
 
     def update(self, metrics: dict[str, Any]) -> None:
@@ -110,6 +114,9 @@ class ProgressLine:
         peak = _num(metrics.get("peak_memory_bytes"))
         self.peak_bytes = max(self.peak_bytes or 0, peak) if peak is not None else self.peak_bytes
         self.tokens_per_second = _newer(metrics.get("tokens_per_second"), self.tokens_per_second)
+        self.reward_margin = _newer(metrics.get("reward_margin"), self.reward_margin)
+        self.reward_accuracy = _newer(metrics.get("reward_accuracy"), self.reward_accuracy)
+        self.valid_reward_margin = _newer(metrics.get("valid_reward_margin"), self.valid_reward_margin)
         if (s := _num(metrics.get("step_seconds"))) is not None:
             self._step_seconds.append(s)
 
@@ -131,6 +138,13 @@ class ProgressLine:
             if self.valid_loss is not None:
                 loss += f" (val {self.valid_loss:.4f})"
             parts.append(loss)
+        if self.reward_margin is not None:
+            margin = f"margin {self.reward_margin:.3f}"
+            if self.valid_reward_margin is not None:
+                margin += f" (val {self.valid_reward_margin:.3f})"
+            if self.reward_accuracy is not None:
+                margin += f" acc {self.reward_accuracy * 100:.0f}%"
+            parts.append(margin)
         if self.peak_bytes is not None:
             parts.append(f"peak {human_bytes(self.peak_bytes)}")
         return "  ".join(parts)

@@ -3,12 +3,22 @@
 Used twice with the same rules: by the API when a file is uploaded (so a bad file is
 refused at once, naming its first bad line) and by the worker before it tokenises.
 
-Three record formats, told apart by their keys; one file may mix them:
+Three supervised record formats, told apart by their keys; one file may mix them:
 
 * `{"text": str}`: long documents, continued pre-training (loss on every token).
 * `{"prompt": str, "completion": str}`: loss on the completion only.
 * `{"messages": [{"role", "content", "weight"?}, ...]}`: chat; loss on assistant
   messages, except those with `"weight": 0`.
+
+And OpenAI's preference format, for jobs with `method.type = "dpo"`:
+
+* `{"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", ...}],
+  "non_preferred_output": [{"role": "assistant", ...}]}`: a prompt (a chat) and two
+  answers, the first preferred.
+
+A file holds either preference pairs or supervised records, never both (the first
+record decides, a record of the other kind is an error naming its line), so a job's
+method can be checked against its files when it is created.
 
 Keys of two formats in one record are an error, and so is any other key (a typo such
 as "complettion" would otherwise silently train on the wrong thing). Lines are read
@@ -30,7 +40,16 @@ MAX_DEPTH = 32
 """Deepest JSON nesting accepted: a chat record needs 4 levels."""
 
 ROLES = ("system", "user", "assistant")
-FORMAT_KEYS = {"text": ("text",), "chat": ("messages",), "prompt_completion": ("prompt", "completion")}
+FORMAT_KEYS = {
+    "text": ("text",),
+    "chat": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "preference": ("input", "preferred_output", "non_preferred_output"),
+}
+PREFERENCE = "preference"
+"""The format of DPO training data, and the kind of a file that holds it."""
+SUPERVISED = "supervised"
+"""The kind of a file of text, chat or prompt/completion records."""
 UNSUPPORTED_KEYS = ("tools", "functions", "parallel_tool_calls")  # chat extras we cannot render faithfully
 MESSAGE_KEYS = {"role", "content", "weight", "name"}
 
@@ -91,7 +110,22 @@ class PromptCompletionRecord:
     format: str = "prompt_completion"
 
 
-Record = TextRecord | ChatRecord | PromptCompletionRecord
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """A prompt (chat messages) and two assistant answers, `preferred` the better one."""
+
+    input: tuple[Message, ...]
+    preferred: Message
+    non_preferred: Message
+    format: str = PREFERENCE
+
+
+Record = TextRecord | ChatRecord | PromptCompletionRecord | PreferenceRecord
+
+
+def record_kind(fmt: str) -> str:
+    """ "preference" for preference pairs, "supervised" for the other formats."""
+    return PREFERENCE if fmt == PREFERENCE else SUPERVISED
 
 
 def _string(value: object, what: str, *, allow_empty: bool = True) -> str:
@@ -114,8 +148,8 @@ def _content(value: object, what: str) -> str:
     return _string(value, what)
 
 
-def _message(index: int, raw: object) -> Message:
-    where = f"messages[{index}]"
+def _message(index: int, raw: object, field: str = "messages") -> Message:
+    where = f"{field}[{index}]"
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be an object with 'role' and 'content'")
     if "tool_calls" in raw or "function_call" in raw:
@@ -151,13 +185,55 @@ def _chat(raw: dict[str, Any]) -> ChatRecord:
     return ChatRecord(parsed)
 
 
+def _answer(raw: dict[str, Any], key: str) -> Message:
+    """A preference answer: a list holding one assistant message."""
+    value = raw[key]
+    if not isinstance(value, list) or len(value) != 1:
+        raise ValueError(f"'{key}' must be a list with one assistant message")
+    message = _message(0, value[0], key)
+    if message.role != "assistant":
+        raise ValueError(f"{key}[0].role must be 'assistant', got {message.role!r}")
+    if "weight" in value[0]:
+        raise ValueError(f"{key}[0]: 'weight' has no meaning in a preference record")
+    return message
+
+
+def _preference(raw: dict[str, Any]) -> PreferenceRecord:
+    missing = [k for k in FORMAT_KEYS[PREFERENCE] if k not in raw]
+    if missing:
+        raise ValueError(f"a preference record needs {missing} too")
+    inp = raw["input"]
+    if not isinstance(inp, dict) or "messages" not in inp:
+        raise ValueError("'input' must be an object with 'messages'")
+    unsupported = sorted(k for k in UNSUPPORTED_KEYS if k in inp)
+    if unsupported:
+        raise ValueError(f"input {unsupported} are not supported (no tool or function calling)")
+    unknown = sorted(set(inp) - {"messages"})
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} in 'input'")
+    messages = inp["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'input.messages' must be a non-empty list")
+    parsed = tuple(_message(i, m, "input.messages") for i, m in enumerate(messages))
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and "weight" in m:
+            raise ValueError(f"input.messages[{i}]: 'weight' has no meaning in a preference record")
+    preferred, non_preferred = _answer(raw, "preferred_output"), _answer(raw, "non_preferred_output")
+    if preferred.content == non_preferred.content:
+        raise ValueError("'preferred_output' and 'non_preferred_output' are the same answer")
+    return PreferenceRecord(parsed, preferred, non_preferred)
+
+
 def parse_record(raw: object) -> Record:
     """Validate one decoded JSON value; raises ValueError with the reason."""
     if not isinstance(raw, dict):
         raise ValueError(f"each line must be a JSON object, got {type(raw).__name__}")
     formats = [name for name, keys in FORMAT_KEYS.items() if any(k in raw for k in keys)]
     if not formats:
-        raise ValueError("a record needs 'text', 'messages', or 'prompt' and 'completion'")
+        raise ValueError(
+            "a record needs 'text', 'messages', or 'prompt' and 'completion' (supervised), "
+            "or 'input', 'preferred_output' and 'non_preferred_output' (preference)"
+        )
     if len(formats) > 1:
         found = sorted(k for keys in FORMAT_KEYS.values() for k in keys if k in raw)
         raise ValueError(f"a record must use one format, found keys {found}")
@@ -171,6 +247,8 @@ def parse_record(raw: object) -> Record:
         return TextRecord(_string(raw["text"], "'text'", allow_empty=False))
     if formats[0] == "chat":
         return _chat(raw)
+    if formats[0] == PREFERENCE:
+        return _preference(raw)
     for key in ("prompt", "completion"):
         if key not in raw:
             raise ValueError(f"a prompt/completion record needs '{key}'")
@@ -237,6 +315,7 @@ def _json(text: str) -> object:
 
 def _records(lines: Iterable[bytes], name: str, max_line_bytes: int) -> Iterator[tuple[int, Record]]:
     count = 0
+    first: tuple[int, str] | None = None  # (line, kind) of the first record
     for number, line in enumerate(lines, start=1):
         try:
             if len(line) > max_line_bytes and not line.endswith(b"\n"):
@@ -245,6 +324,13 @@ def _records(lines: Iterable[bytes], name: str, max_line_bytes: int) -> Iterator
             if not text.strip():
                 continue
             record = parse_record(_json(text))
+            kind = record_kind(record.format)
+            first = first or (number, kind)
+            if kind != first[1]:
+                raise ValueError(
+                    f"a {kind} record in a file of {first[1]} records (line {first[0]} is one); a file holds "
+                    "either preference pairs (for method 'dpo') or supervised records, not both"
+                )
         except ValueError as exc:
             raise DataError(name, number, str(exc)) from None
         count += 1

@@ -73,6 +73,7 @@ class FileRecord(BaseModel):
     status: str = "processed"
     path: str  # relative to the data dir
     job_id: str | None = None  # for result files: the job that produced it
+    kind: str | None = None  # training data: "supervised" or "preference" (formats.record_kind); None: unknown
 
 
 class JobRecord(BaseModel):
@@ -88,6 +89,7 @@ class JobRecord(BaseModel):
     seed: int
     metadata: dict[str, str] | None = None
     seco: dict[str, Any]
+    method: str = "supervised"  # OpenAI's method.type: "supervised" or "dpo"
     worker: str | None = None
     cancel_requested: bool = False
     attempts: int = 0
@@ -106,7 +108,8 @@ class JobRecord(BaseModel):
 
 
 # Job fields written once at creation, kept as one JSON blob ("spec") in the hash.
-SPEC_FIELDS = ("model", "training_file", "validation_file", "hyperparameters", "suffix", "seed", "metadata", "seco")
+SPEC_FIELDS = ("model", "training_file", "validation_file", "hyperparameters", "suffix", "seed", "metadata", "seco",
+               "method")  # fmt: skip
 
 
 class Checkpoint(BaseModel):
@@ -383,7 +386,7 @@ class Store:
         return FileRecord(
             id=h["id"], tenant=h["tenant"], bytes=int(h["bytes"]), created_at=int(h["created_at"]),
             filename=h["filename"], purpose=h["purpose"], status=h.get("status") or "processed",
-            path=h["path"], job_id=h.get("job_id") or None,
+            path=h["path"], job_id=h.get("job_id") or None, kind=h.get("kind") or None,
         )  # fmt: skip
 
     def list_files(

@@ -242,3 +242,21 @@ def test_max_chunk_caps_the_choice() -> None:
     assert choose_chunk_size(SHAPE, 16384, 500 * GiB) == 16384
     assert choose_chunk_size(SHAPE, 16384, 500 * GiB, PlanOptions(max_chunk=4096)) == 4096
     assert choose_chunk_size(SHAPE, 1000, 500 * GiB, PlanOptions(max_chunk=4096)) == 512
+
+
+def test_branch_tokens_add_their_kv_cache_and_gradients() -> None:
+    """A prefix tree (DPO) keeps every branch's leaves until stage 2: L + branch tokens of K/V."""
+    shape = ModelShape(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
+                       intermediate_size=128, vocab_size=100, num_params=10**6)  # fmt: skip
+    for offload in (False, True):
+        tree = estimate(shape, 1000, 128, PlanOptions(branch_tokens=300, kv_offload=offload))
+        longer = estimate(shape, 1300, 128, PlanOptions(kv_offload=offload))
+        assert (tree.kv_cache, tree.kv_grad, tree.host_kv_cache, tree.host_kv_grad) == (
+            longer.kv_cache,
+            longer.kv_grad,
+            longer.host_kv_cache,
+            longer.host_kv_grad,
+        )
+        assert tree.activations == estimate(shape, 1000, 128, PlanOptions(kv_offload=offload)).activations
+    with pytest.raises(ValueError, match="branch_tokens must be >= 0"):
+        PlanOptions(branch_tokens=-1)

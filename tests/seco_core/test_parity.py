@@ -212,3 +212,17 @@ def test_layer_checkpointing_recomputes_layers_in_backward(enabled: bool, calls_
     out = chunked_backward(model, ids, labels, ChunkConfig(chunk_size=15, layer_checkpointing=enabled))
     assert len(calls) == calls_per_chunk * out.num_chunks
     assert layer.forward is counting  # restored
+
+
+def test_chunks_without_targets_skip_the_output_head() -> None:
+    """A long masked prompt costs no logits: only chunks with targets run the head (stage 1 or 2)."""
+    model = tiny_model("llama")
+    ids, labels = batch(length=40, mask_prefix=30)  # positions 0..28 predict nothing
+    calls: list[int] = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+    _, ref = reference_grads(model, ids, labels)
+    calls.clear()
+    chunked_backward(model, ids, labels, ChunkConfig(chunk_size=10))
+    hook.remove()
+    assert calls == [10, 10]  # stage 2 of chunks 30-39 and 20-29 (position 29 has a target), nothing else
+    assert max_rel_error(model, ref) < REL_TOL

@@ -197,7 +197,11 @@ def test_mixed_formats_in_one_file(tmp_path: Path) -> None:
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": "hi"}, "'messages' must be a non-empty list"),
         ([1, 2], "each line must be a JSON object, got list"),
-        ({"foo": 1}, "a record needs 'text', 'messages', or 'prompt' and 'completion'"),
+        (
+            {"foo": 1},
+            "a record needs 'text', 'messages', or 'prompt' and 'completion' (supervised), "
+            "or 'input', 'preferred_output' and 'non_preferred_output' (preference)",
+        ),
         ({"text": "a", "prompt": "b"}, "a record must use one format, found keys ['prompt', 'text']"),
         ({"text": "a", "id": 7}, "unknown field(s) ['id'] in a 'text' record"),
         ({"text": ""}, "'text' must be a non-empty string"),

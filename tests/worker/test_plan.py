@@ -95,3 +95,32 @@ def test_host_budget_is_the_workers_share() -> None:
     with pytest.raises(TrainingError, match=r"host budget 40\.00 GiB"):
         trainer._plan_memory(spec, LLAMA3_8B, torch.bfloat16)
     assert trainer._plan_memory(replace(spec, host_memory_budget_bytes=60 * GiB), LLAMA3_8B, torch.bfloat16).offload_kv
+
+
+KV_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # Llama-3-8B, bf16: 128 KiB (their gradient sums: float32, twice that)
+
+
+def test_a_dpo_step_keeps_the_second_answer_beside_the_prompt() -> None:
+    """A preference pair of a 16K prompt and two 512-token answers: the plan counts the shorter
+    answer's K/V (and their gradient sums) on top of prompt + longer answer."""
+    supervised = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16)
+    dpo = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16, branch_tokens=512)
+    assert (dpo.chunk_size, dpo.offload_kv) == (supervised.chunk_size, supervised.offload_kv)
+    assert not dpo.offload_kv
+    assert dpo.memory.estimate.kv_cache - supervised.memory.estimate.kv_cache == 512 * KV_PER_TOKEN
+    assert dpo.memory.estimate.kv_grad - supervised.memory.estimate.kv_grad == 512 * 2 * KV_PER_TOKEN
+
+
+def test_long_answers_move_a_dpo_step_to_offload_or_refuse_it() -> None:
+    two_long = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16, branch_tokens=16384)
+    assert (two_long.layer_checkpointing, two_long.offload_kv) == (True, True)
+    spec = replace(spec_for(16896), host_memory_budget_bytes=16 * GiB)
+    trainer._plan_memory(spec, LLAMA3_8B, torch.bfloat16)  # one sequence fits
+    with pytest.raises(TrainingError, match="host memory") as info:
+        trainer._plan_memory(spec, LLAMA3_8B, torch.bfloat16, branch_tokens=65536)
+    assert info.value.code == "does_not_fit"
+
+
+def test_dpo_plans_for_its_longest_pair_when_max_length_is_unset() -> None:
+    plan = trainer._plan_memory(spec_for(None), LLAMA3_8B, torch.bfloat16, branch_tokens=300, length=5000)
+    assert plan.max_length == 5000 and plan.memory.estimate.kv_cache == 5300 * KV_PER_TOKEN

@@ -19,6 +19,7 @@ from service.api.jsonl import InvalidFile, validate_jsonl
 from service.api.schemas import FileDeleted, FileList, FileObject
 from service.api.uploads import TooLarge, receive_file
 from service.record import ids
+from service.record.formats import record_kind
 from service.record.storage import keys, scratch_dir
 from service.record.store import FileInUse, FileRecord, LimitExceeded, now
 
@@ -89,8 +90,9 @@ async def create_file(
         except InvalidFile as e:
             raise bad_request(f"Invalid training file: {e}", param="file", code="invalid_file") from None
         await run_in_threadpool(storage.put_file, key, tmp, move=True)  # publish: complete, validated files only
+        kind = record_kind(fmt.split("+")[0])  # a file holds one kind of record (formats.py)
         rec = FileRecord(id=file_id, tenant=tenant, bytes=up.bytes, created_at=now(), filename=up.filename,
-                         purpose=purpose, path=key)  # fmt: skip
+                         purpose=purpose, path=key, kind=kind)  # fmt: skip
         try:
             await run_in_threadpool(store.create_file, rec, counted=True, tenant_limit=settings.max_file_bytes)
         except LimitExceeded:

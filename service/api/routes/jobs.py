@@ -28,7 +28,8 @@ from service.api.schemas import (
     JobList,
 )
 from service.record import ids
-from service.record.store import TERMINAL, Event, JobRecord, LimitExceeded, Store, now
+from service.record.formats import PREFERENCE, SUPERVISED
+from service.record.store import TERMINAL, Event, FileRecord, JobRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
@@ -45,7 +46,7 @@ def public_job(rec: JobRecord, store: Store) -> FineTuningJob:
         hyperparameters=hp, trained_tokens=rec.trained_tokens,
         error=JobError(**rec.error) if rec.error else None, seed=rec.seed,
         estimated_finish=rec.estimated_finish if rec.status == "running" else None, metadata=rec.metadata,
-        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        method={"type": rec.method, rec.method: {"hyperparameters": hp}},
         user_provided_suffix=rec.suffix,
         queue_position=store.queue_position(rec.id) if rec.status == "queued" else None,
         progress=1.0 if rec.status == "succeeded" else rec.progress, step=rec.step, total_steps=rec.total_steps,
@@ -64,6 +65,22 @@ def _get(store: Store, tenant: str, job_id: str) -> JobRecord:
     if rec is None:
         raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
     return rec
+
+
+def _check_kind(param: str, frec: FileRecord, method: str) -> None:
+    """A preference file needs method "dpo" and a supervised file the other methods: a clear 400 now,
+    not a failed job later. Files uploaded before their kind was recorded are checked by the worker."""
+    wanted = PREFERENCE if method == "dpo" else SUPERVISED
+    if frec.kind is None or frec.kind == wanted:
+        return
+    if wanted == PREFERENCE:
+        message = (f"{param}: file {frec.id!r} holds supervised records (text, chat or prompt/completion); a job "
+                   "with method type 'dpo' needs preference pairs, one {\"input\", \"preferred_output\", "
+                   "\"non_preferred_output\"} object per line")  # fmt: skip
+    else:
+        message = (f"{param}: file {frec.id!r} holds preference pairs; train on them with "
+                   "method={\"type\": \"dpo\"}, or give this job supervised records")  # fmt: skip
+    raise bad_request(message, param=param, code="invalid_file_format")
 
 
 @router.post("", response_model=FineTuningJob)
@@ -91,13 +108,14 @@ def create_job(
         if frec.purpose != "fine-tune":
             raise bad_request(f"{param}: file {file_id!r} has purpose {frec.purpose!r}; upload training data "
                               "with purpose 'fine-tune'", param=param)  # fmt: skip
+        _check_kind(param, frec, body.method_type)
         stored[file_id] = frec.path
     rec = JobRecord(
         id=ids.new_job_id(), tenant=tenant, status="validating_files", created_at=now(), model=body.model,
         training_file=body.training_file, validation_file=body.validation_file,
         hyperparameters=body.effective_hyperparameters().model_dump(), suffix=body.suffix,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31), metadata=body.metadata,
-        seco=body.seco.model_dump(),
+        seco=body.seco.model_dump(), method=body.method_type,
     )  # fmt: skip
     try:
         store.create_job(rec, tenant_limit=settings.max_queued_jobs)

@@ -143,6 +143,15 @@ function makeCharts() {
       yIncrements: BYTE_INCREMENTS,
       yFromZero: true, // how much memory, not how it wobbles
     }),
+    // DPO jobs: TRL's reward margin (train and held-out pairs) and the share of pairs ranked right
+    rewards: new LineChart($("reward-chart"), {
+      series: [
+        { label: "reward margin", stroke: "#7c3aed" },
+        { label: "validation margin", stroke: "#ea580c", points: true },
+        { label: "reward accuracy", stroke: "#0891b2" },
+      ],
+      yFormat: (v) => v.toFixed(2),
+    }),
   };
   return state.charts;
 }
@@ -160,6 +169,8 @@ function selectJob(jobId) {
   const charts = makeCharts();
   charts.loss.reset();
   charts.memory.reset();
+  charts.rewards.reset();
+  $("reward-figure").hidden = true;
   $("events").replaceChildren();
   $("job-id").textContent = jobId;
   refreshJob();
@@ -215,12 +226,15 @@ function renderJob(job) {
   const seco = job.seco || {};
   const lora = seco.lora || {};
   const hp = job.hyperparameters || {};
+  const dpo = job.method && job.method.type === "dpo";
+  $("reward-figure").hidden = !dpo;
   const facts = [
     ["Created", dateTime(job.created_at)],
     ["Started", dateTime(job.started_at)],
     ["Finished", dateTime(job.finished_at)],
     ["Trained tokens", job.trained_tokens ? job.trained_tokens.toLocaleString() : "–"],
     ["Peak memory", formatBytes(job.peak_memory_bytes)],
+    ["Method", dpo ? `DPO (β ${hp.beta ?? "auto"})` : "supervised"],
     ["Mode", seco.mode === "spaco" ? `SpaCO (budget ${seco.budget}, ${seco.sampling})` : "SeCO (exact)"],
     ["Chunk / window", `${seco.chunk_size ?? "auto"} / ${seco.max_length ?? "auto"} tokens`],
     ["LoRA", `r=${lora.r ?? "–"} α=${lora.alpha ?? "–"}`],
@@ -238,6 +252,10 @@ function onEvent(jobId, ev) {
     const d = ev.data;
     state.charts.loss.add(d.step, [d.train_loss ?? null, d.valid_loss ?? null]);
     if (d.peak_memory_bytes != null) state.charts.memory.add(d.step, [d.peak_memory_bytes]);
+    if (d.reward_margin != null) {
+      $("reward-figure").hidden = false;
+      state.charts.rewards.add(d.step, [d.reward_margin, d.valid_reward_margin ?? null, d.reward_accuracy ?? null]);
+    }
   }
   if (ev.type !== "metrics" && /checkpoint/i.test(ev.message)) refreshCheckpoints(jobId);
   addEventRow(ev);

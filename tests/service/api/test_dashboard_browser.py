@@ -153,3 +153,34 @@ def test_dashboard_follows_a_job_live_and_downloads_its_adapter(svc: Any, browse
         page.close()
     finally:
         proxy.close()
+
+
+def test_dashboard_charts_a_dpo_jobs_rewards(svc: Any, browser: Any, tmp_path: Path) -> None:
+    from tests.conftest import write_jsonl
+    from tests.preference_task import preference_records
+
+    client = svc.client()
+    train = client.files.create(file=write_jsonl(tmp_path / "p.jsonl", preference_records(12, 1)).open("rb"),
+                                purpose="fine-tune").id  # fmt: skip
+    valid = client.files.create(file=write_jsonl(tmp_path / "v.jsonl", preference_records(4, 2)).open("rb"),
+                                purpose="fine-tune").id  # fmt: skip
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=train, validation_file=valid,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 1, "batch_size": 4}}},
+        extra_body={"seco": {"chunk_size": 16, "lora": {"r": 8, "alpha": 16}}},
+    )  # fmt: skip
+    page = browser.new_page(viewport={"width": 1440, "height": 1080})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.goto(f"{svc.url}/ui#{job.id}")
+    page.fill("#key-input", svc.key())
+    page.click("#key-save")
+    page.wait_for_selector("#reward-figure:not([hidden])", timeout=15_000)
+    assert "DPO (β 0.5)" in page.text_content("#facts")
+    page.wait_for_selector("#reward-chart[data-points='3']", timeout=240_000)  # 12 pairs / 4 per step
+    done = client.fine_tuning.jobs.retrieve(job.id)
+    assert done.status in ("running", "succeeded"), svc.logs()
+    legend = page.text_content("#reward-figure")
+    assert "reward margin" in legend and "reward accuracy" in legend and "validation margin" in legend
+    assert not problems, problems
+    page.close()

@@ -167,3 +167,27 @@ def test_formatting() -> None:
     assert text.startswith("step 2/4  ############------------  50%  ETA 0:06")  # (2 s + 4 s) / 2 * 2 steps left
     assert "1,234 tok/s" in text and "loss 2.2500 (val 2.7500)" in text and "peak 1.0 MiB" in text
     assert json.dumps(text)  # one plain line
+
+
+def test_submit_a_dpo_job() -> None:
+    """A DPO job's hyperparameters travel in OpenAI's method object, beta included."""
+    parser = cli.build_parser()
+    args = parser.parse_args(["submit", "p.jsonl", "--model", "tiny", "--method", "dpo", "--beta", "0.2",
+                              "--epochs", "2"])  # fmt: skip
+    assert job_body(args, "file-1", None) == {
+        "model": "tiny", "training_file": "file-1",
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "beta": 0.2}}},
+    }  # fmt: skip
+    bare = job_body(parser.parse_args(["submit", "p.jsonl", "--model", "tiny", "--method", "dpo"]), "file-1", None)
+    assert bare["method"] == {"type": "dpo", "dpo": {"hyperparameters": {}}}
+    with pytest.raises(ClientError, match="--beta applies to --method dpo"):
+        job_body(parser.parse_args(["submit", "p.jsonl", "--model", "tiny", "--beta", "0.2"]), "file-1", None)
+
+
+def test_progress_line_of_a_dpo_job() -> None:
+    line = ProgressLine(unicode=False)
+    line.update({"step": 3, "total_steps": 6, "train_loss": 0.5, "reward_margin": 0.75, "reward_accuracy": 0.875,
+                 "valid_loss": 0.6, "valid_reward_margin": 0.5})  # fmt: skip
+    line.update({"step": 4, "total_steps": 6, "train_loss": 0.4, "reward_margin": 1.25, "reward_accuracy": 1.0})
+    text = line.render()
+    assert "loss 0.4000 (val 0.6000)" in text and "margin 1.250 (val 0.500) acc 100%" in text
