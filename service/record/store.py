@@ -688,6 +688,8 @@ class Store:
 
     def list_events(self, job_id: str, *, after: str | None, limit: int) -> tuple[list[Event], bool]:
         """Newest first, like OpenAI; `after` is a stream id: return events older than it."""
+        if after == ids.MIN_STREAM_ID:  # nothing is older, and Redis refuses the empty interval
+            return [], False
         top = f"({after}" if after else "+"
         raw = cast(list[tuple[str, dict[str, str]]], self.r.xrevrange(self._events_key(job_id), top, "-",
                                                                       count=limit + 1))  # fmt: skip
@@ -696,6 +698,8 @@ class Store:
 
     def read_events(self, job_id: str, after: str = "0-0") -> list[Event]:
         """Every event after stream id `after`, oldest first."""
+        if after == ids.MAX_STREAM_ID:  # nothing is newer, and Redis refuses the empty interval
+            return []
         raw = cast(list[tuple[str, dict[str, str]]], self.r.xrange(self._events_key(job_id), f"({after}", "+"))
         return [self.event_from_entry(sid, f) for sid, f in raw]
 
