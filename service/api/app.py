@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from service.api import dashboard, errors
 from service.api.auth import BearerAuth
+from service.api.body_limit import BodyLimit
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import files, health, jobs, models
 from service.record.logs import configure_logging
@@ -100,6 +101,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     dashboard.install(app)  # the web UI at /ui (static files, no auth: the page asks for the key)
     errors.install(app)
+    # Inside the key check (a caller without a key gets its 401 before any body is read);
+    # uploads stream to disk under their own limit.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=frozenset({("POST", "/v1/files")}))
     app.add_middleware(BearerAuth, keys=settings.api_keys)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(1 << 30, ge=1, validation_alias=_env("SECO_MAX_UPLOAD_BYTES"))
     """Largest single upload; beyond it the request gets a 413 and the partial file is removed."""
 
+    max_body_bytes: int = Field(1 << 20, ge=1024, validation_alias=_env("SECO_MAX_BODY_BYTES"))
+    """Largest request body of any other route (JSON); beyond it a 413, before anything is parsed."""
+
     max_line_bytes: int = Field(64 << 20, ge=1, validation_alias=_env("SECO_MAX_LINE_BYTES"))
     """Largest JSONL line accepted (a long document is one line)."""
 

@@ -17,7 +17,7 @@ from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
 from service.api.jsonl import InvalidFile, validate_jsonl
 from service.api.schemas import FileDeleted, FileList, FileObject
-from service.api.uploads import TooLarge, receive_file
+from service.api.uploads import UNREAD_BODY, TooLarge, receive_file
 from service.record import ids
 from service.record.storage import keys, scratch_dir
 from service.record.store import FileInUse, FileRecord, LimitExceeded, now
@@ -49,9 +49,9 @@ def public(rec: FileRecord) -> FileObject:
                       purpose=rec.purpose, status=rec.status)  # fmt: skip
 
 
-def _quota_error(limit: int) -> APIError:
+def _quota_error(limit: int, headers: dict[str, str] | None = None) -> APIError:
     return APIError(429, f"File storage quota of {limit} bytes for this API key is used up; delete files first",
-                    code="quota_exceeded", retry=False)  # fmt: skip
+                    code="quota_exceeded", retry=False, headers=headers)  # fmt: skip
 
 
 @router.post("", response_model=FileObject, openapi_extra=UPLOAD_BODY)
@@ -78,9 +78,9 @@ async def create_file(
             up = await receive_file(request, tmp, limit)
         except TooLarge:
             if limit < settings.max_upload_bytes:
-                raise _quota_error(settings.max_file_bytes) from None
+                raise _quota_error(settings.max_file_bytes, UNREAD_BODY) from None
             raise APIError(413, f"File is larger than the limit of {settings.max_upload_bytes} bytes",
-                           param="file", code="file_too_large", retry=False) from None  # fmt: skip
+                           param="file", code="file_too_large", retry=False, headers=UNREAD_BODY) from None  # fmt: skip
         purpose = up.fields["purpose"]
         if purpose != "fine-tune":
             raise bad_request(f"purpose must be 'fine-tune' (got {purpose!r})", param="purpose")
