@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,18 @@ every SSE stream to end, i.e. for the job it follows to finish (hours), so a dep
 completes; cut off, a client reconnects to the new process with `Last-Event-ID`."""
 
 
-def api_argv(host: str, port: int) -> list[str]:
+def _max_concurrency(env: Mapping[str, str]) -> int:
+    """SECO_MAX_CONCURRENCY: connections the API process serves at once; uvicorn answers 503 beyond."""
+    from service.record.settings import Settings
+
+    return int(env.get("SECO_MAX_CONCURRENCY") or Settings.model_fields["max_concurrency"].default)
+
+
+def api_argv(host: str, port: int, env: Mapping[str, str] | None = None) -> list[str]:
+    """The API under uvicorn; `env` is the environment it will run with (default: ours)."""
+    limit = _max_concurrency(os.environ if env is None else env)
     return [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--host", host,
-            "--port", str(port), "--no-access-log",
+            "--port", str(port), "--no-access-log", "--limit-concurrency", str(limit),
             "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_SECONDS)]  # fmt: skip
 
 
@@ -81,6 +91,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port, access_log=False,
+                limit_concurrency=_max_concurrency(os.environ),
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip
     return 0
 

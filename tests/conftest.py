@@ -332,7 +332,7 @@ def launch_service(demo_model: Path, request: pytest.FixtureRequest) -> Iterator
         from service.launch import api_argv
 
         log = open(log_dir / "api.log", "ab")  # noqa: SIM115
-        svc.api = subprocess.Popen(api_argv("127.0.0.1", port), cwd=ROOT, env=env, stdout=log, stderr=log,
+        svc.api = subprocess.Popen(api_argv("127.0.0.1", port, env), cwd=ROOT, env=env, stdout=log, stderr=log,
                                    start_new_session=True)  # fmt: skip
         launched.append(svc)
         wait_healthy(svc)

@@ -73,7 +73,7 @@ def default_worker_id() -> str:
 @functools.cache
 def _store(url: str, pid: int) -> Store:
     """One store per process (keyed by pid: a forked child never reuses its parent's sockets)."""
-    return Store.from_url(url)
+    return Store.from_url(url, name="seco-worker")
 
 
 def process_store(settings: Settings) -> Store:
@@ -430,7 +430,7 @@ class WorkerHeartbeat(threading.Thread):
         super().__init__(name="seco-heartbeat", daemon=True)
         self.settings = settings
         self.worker_id = worker_id
-        self.store = Store.from_url(settings.redis_url or "")
+        self.store = Store.from_url(settings.redis_url or "", name="seco-worker")
         self._stop_event = threading.Event()
 
     def sweep(self) -> None:

@@ -16,10 +16,11 @@ from service.api.auth import BearerAuth
 from service.api.body_limit import BodyLimit
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import files, health, jobs, models
+from service.api.streams import StreamSlots
 from service.record.logs import configure_logging
 from service.record.settings import Settings, get_settings
 from service.record.storage import open_storage, sweep_scratch
-from service.record.store import Store
+from service.record.store import POOL_WAIT_SECONDS, Store
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     redis_url = settings.redis_url
     if not redis_url:
         raise RuntimeError("REDIS_URL is not set (use `seco up` to run an embedded server)")
-    store = Store.from_url(redis_url)
+    store = Store.from_url(redis_url, name="seco-api")
     storage = open_storage(settings)
     sweep_scratch(settings, "uploads")  # uploads a killed API process was receiving
     enqueue = make_enqueue(settings)
@@ -67,9 +68,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # SSE readers block on XREAD for up to the keep-alive interval: the read timeout must be longer.
-        app.state.aredis = aioredis.from_url(
-            redis_url, decode_responses=True, socket_connect_timeout=3, socket_timeout=SSE_SOCKET_TIMEOUT
-        )
+        # One connection at most per request uvicorn serves at once, so streams cannot exhaust the pool.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=settings.max_concurrency, timeout=POOL_WAIT_SECONDS, decode_responses=True,
+            socket_connect_timeout=3, socket_timeout=SSE_SOCKET_TIMEOUT, client_name="seco-api-async",
+        )  # fmt: skip
+        app.state.aredis = aioredis.Redis.from_pool(pool)
+        app.state.stream_slots = StreamSlots(app.state.aredis)
         reaper = asyncio.create_task(_reaper_loop(store, enqueue, settings))
         log.info("api started", extra={"models": list(settings.models), "tenants": len(settings.api_keys),
                                        "storage": storage.describe()})  # fmt: skip

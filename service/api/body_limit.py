@@ -78,5 +78,7 @@ def _content_length(scope: Scope) -> int | None:
 
 async def _refuse(limit: int, scope: Scope, receive: Receive, send: Send) -> None:
     exc = BodyTooLarge(limit)
-    response = error_response(413, str(exc.detail), "invalid_request_error", None, TOO_LARGE_CODE, exc.headers)
+    response = error_response(
+        413, str(exc.detail), "invalid_request_error", None, TOO_LARGE_CODE, dict(exc.headers or {})
+    )
     await response(scope, receive, send)

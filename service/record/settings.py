@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     max_file_bytes: int = Field(10 << 30, ge=1, validation_alias=_env("SECO_MAX_FILE_BYTES"))
     """Per tenant: total bytes of uploaded files (429 beyond)."""
 
+    max_streams: int = Field(16, ge=1, validation_alias=_env("SECO_MAX_STREAMS"))
+    """Per tenant: event streams (SSE) open at once, across every API process (429 beyond)."""
+
+    max_concurrency: int = Field(512, ge=4, validation_alias=_env("SECO_MAX_CONCURRENCY"))
+    """Per API process: connections served at once (uvicorn answers 503 beyond); also the size
+    of its asyncio Redis pool, so open streams can never exhaust it."""
+
     lease_seconds: int = Field(30, ge=2, validation_alias=_env("SECO_LEASE_SECONDS"))
     """A running job's lease; a job whose worker stops refreshing it is requeued."""
 

@@ -54,6 +54,10 @@ P = "seco:"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 REQUEUE_MESSAGE = "worker lost; job requeued, will resume from its last checkpoint"
+MAX_CONNECTIONS = 64
+"""Redis connections per process and pool: above the API's thread pool (40) plus its reaper."""
+POOL_WAIT_SECONDS = 5
+"""How long a caller waits for a free pooled connection before the request fails (503)."""
 
 
 def now() -> int:
@@ -327,16 +331,24 @@ class Store:
         self._live_workers = self.r.register_script(_LIVE_WORKERS)
 
     @classmethod
-    def from_url(cls, url: str) -> Store:
-        """Short connect timeout: when Redis is down the API answers 503 quickly, not after a hang."""
-        client = redis.Redis.from_url(
+    def from_url(cls, url: str, *, max_connections: int = MAX_CONNECTIONS, name: str | None = None) -> Store:
+        """Short connect timeout: when Redis is down the API answers 503 quickly, not after a hang.
+
+        The pool is bounded: a burst of requests waits up to a few seconds for a free
+        connection (then a 503) instead of opening as many connections as there are
+        requests. `name` shows in Redis's CLIENT LIST (who holds which connection).
+        """
+        pool = redis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=POOL_WAIT_SECONDS,
             decode_responses=True,
             socket_connect_timeout=3,
             socket_timeout=15,
             health_check_interval=15,
+            client_name=name,
         )
-        return cls(client)
+        return cls(redis.Redis(connection_pool=pool))
 
     def ping(self) -> bool:
         return bool(self.r.ping())

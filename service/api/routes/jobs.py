@@ -12,6 +12,7 @@ import redis
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.responses import Response
 
 from service.api.deps import EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
@@ -200,6 +201,7 @@ async def stream_events(
     request: Request,
     tenant: TenantDep,
     store: StoreDep,
+    settings: SettingsDep,
     after: str | None = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
@@ -207,9 +209,14 @@ async def stream_events(
 
     Resumes after `Last-Event-ID` (or `?after=`); without either it replays from the
     first event. Ends with `event: end` once the job is finished and every event sent.
+    A key holds at most SECO_MAX_STREAMS streams open at once (429 beyond).
     """
     rec = await run_in_threadpool(_get, store, tenant, fine_tuning_job_id)
     start = _stream_id(last_event_id, "Last-Event-ID") or _stream_id(after, "after") or "0-0"
+    slot = await request.app.state.stream_slots.take(tenant, settings.max_streams)
+    if slot is None:
+        raise APIError(429, f"This API key already has {settings.max_streams} open event streams; close one "
+                       "(or poll the events list) first", code="too_many_streams", retry=False)  # fmt: skip
     aredis: Any = request.app.state.aredis
     key = store.events_key(rec.id)
     job_key = f"seco:job:{rec.id}"
@@ -229,6 +236,7 @@ async def stream_events(
         last = start
         yield "retry: 2000\n\n"
         while True:
+            await slot.renew()
             events = await read(last, None)
             if not events:
                 status = await aredis.hget(job_key, "status")
@@ -247,7 +255,9 @@ async def stream_events(
                 yield _sse(ev)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
+    # the slot is given back once the stream ends, the client's disconnect included
+    return StreamingResponse(gen(), media_type="text/event-stream", headers=headers,
+                             background=BackgroundTask(slot.release))  # fmt: skip
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
