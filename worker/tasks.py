@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from service.record import ids
+from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
 from service.record.storage import (
     ObjectNotFound,
@@ -458,6 +459,13 @@ class WorkerHeartbeat(threading.Thread):
 
 
 _heartbeat: WorkerHeartbeat | None = None
+
+
+@worker_init.connect
+def _on_init(**_: Any) -> None:
+    """Before the pool forks: the children inherit a umask of 077 (checkpoints, adapters 0600)."""
+    restrict_umask()
+    private_dir(Path(get_settings().data_dir))
 
 
 @worker_ready.connect

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
@@ -18,6 +19,7 @@ from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import files, health, jobs, models
 from service.api.streams import StreamSlots
 from service.record.logs import configure_logging
+from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
 from service.record.storage import open_storage, sweep_scratch
 from service.record.store import POOL_WAIT_SECONDS, Store
@@ -56,6 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app from `settings` (default: the environment)."""
     settings = settings or get_settings()
     configure_logging(settings.log_level)
+    restrict_umask()  # however the process was started: what it writes is its user's only
+    private_dir(Path(settings.data_dir))
     redis_url = settings.redis_url
     if not redis_url:
         raise RuntimeError("REDIS_URL is not set (use `seco up` to run an embedded server)")
