@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from service.api import dashboard, errors
+from service.api import dashboard, docs, errors
 from service.api.auth import BearerAuth
 from service.api.body_limit import BodyLimit
 from service.api.metrics import Metrics, MetricsMiddleware
@@ -95,6 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="OpenAI-compatible long-context LoRA fine-tuning (SeCO / SpaCO)",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: see service/api/docs.py
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.store = store
@@ -109,6 +111,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1)
     app.include_router(health.router)
     dashboard.install(app)  # the web UI at /ui (static files, no auth: the page asks for the key)
+    if settings.api_docs:
+        docs.install(app)
     errors.install(app)
     # Inside the key check (a caller without a key gets its 401 before any body is read);
     # uploads stream to disk under their own limit.

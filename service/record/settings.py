@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     """Per API process: connections served at once (uvicorn answers 503 beyond); also the size
     of its asyncio Redis pool, so open streams can never exhaust it."""
 
+    api_docs: bool = Field(False, validation_alias=_env("SECO_API_DOCS"))
+    """Serve the interactive API reference (Swagger UI, self-hosted) at /docs."""
+
     lease_seconds: int = Field(30, ge=2, validation_alias=_env("SECO_LEASE_SECONDS"))
     """A running job's lease; a job whose worker stops refreshing it is requeued."""
 

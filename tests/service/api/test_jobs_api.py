@@ -276,6 +276,9 @@ def test_models_health_metrics_openapi(svc: Any) -> None:
         assert "multipart/form-data" in spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]
         r = http.get("/v1/nothing-here", headers={"Authorization": f"Bearer {svc.key('a')}"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        # FastAPI's reference pages load their scripts from a CDN: off unless SECO_API_DOCS is set
+        for page in ("/docs", "/redoc", "/docs/swagger-ui/swagger-ui-bundle.js"):
+            assert http.get(page).status_code == 404, page
 
 
 def test_redis_down_is_503(launch_service: Callable[..., Any], tmp_path: Path) -> None:
