@@ -25,6 +25,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("seco", broker=settings.redis_url or "redis://127.0.0.1:6379/0", include=["worker.tasks"])
     app.conf.update(
+        # JSON only, stated rather than left to the default: a pickled message would run
+        # whatever code it names in the worker. Task arguments are job ids.
+        accept_content=["json"],
+        task_serializer="json",
+        result_accept_content=["json"],
         task_default_queue=settings.queue,
         task_ignore_result=True,  # state lives in our own records, not a result backend
         task_acks_late=True,
