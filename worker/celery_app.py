@@ -19,6 +19,8 @@ from service.record.logs import configure_logging
 from service.record.settings import Settings, get_settings
 
 VISIBILITY_TIMEOUT = 7 * 24 * 3600
+TASK_NAME = "seco.train_job"
+_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -43,6 +45,18 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def enqueue(celery: Celery, settings: Settings, job_id: str) -> None:
+    """Ask for a worker for a job that was just queued: the one way a job reaches the workers.
+
+    Used by job creation (through the API's `make_enqueue`) and by every reaper's requeue.
+    The message names the job, but a worker that takes it starts whichever queued job the
+    fair order puts first (`Store.claim_next`): one message per queued job, any worker, and
+    the choice made when a worker is free. Published by task name, so the API never imports
+    the training code.
+    """
+    celery.send_task(TASK_NAME, args=[job_id], queue=settings.queue, retry=True, retry_policy=_RETRY_POLICY)
 
 
 @setup_logging.connect

@@ -5,8 +5,11 @@ Importing this module stays light (no torch): `worker.trainer` is imported insid
 task, in the child process that runs it.
 
 Guarantees:
-- Only a `queued` job starts (atomic queued -> running); a duplicate delivery, a
-  cancelled or a finished job does nothing.
+- A task message means "a job is waiting": the worker starts the queued job that the
+  fair order across tenants puts first (`Store.claim_next`, `service.record.scheduling`),
+  which is not necessarily the job the message names.
+- Only a `queued` job starts (atomic queued -> running); a message that finds no queued
+  job (a duplicate delivery, a job cancelled meanwhile) does nothing.
 - While training, a thread renews the job's lease. If this process dies the lease
   expires and a reaper (API or any worker) requeues the job, which resumes from its
   last checkpoint. If the lease is lost while we still run (a long stall), the job is
@@ -47,7 +50,7 @@ from service.record.storage import (
     sweep_scratch,
 )
 from service.record.store import FileRecord, JobRecord, Store, now
-from worker.celery_app import app
+from worker.celery_app import TASK_NAME, app, enqueue
 from worker.checkpoint_store import METRICS_CSV, publish_checkpoint, restore_latest_checkpoint
 from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
 
@@ -324,7 +327,7 @@ def _scrub(message: str, settings: Settings) -> str:
 def run_job(
     job_id: str, settings: Settings, store: Store, *, worker_id: str | None = None, train: TrainFn | None = None
 ) -> str:
-    """Run one delivery of a job; returns what happened (for logs and tests)."""
+    """Run this job if it is queued; returns what happened (for logs and tests)."""
     worker_id = worker_id or default_worker_id()
     if not ids.is_job_id(job_id):
         log.error("refusing a task with a malformed job id %r", job_id)
@@ -334,6 +337,21 @@ def run_job(
         log.info("job %s is %s; nothing to do (a duplicate or stale delivery)", job_id,
                  rec.status if rec else "missing", extra={"job_id": job_id})  # fmt: skip
         return "skipped"
+    return _run_owned(job_id, settings, store, worker_id, train)
+
+
+def run_next(settings: Settings, store: Store, *, worker_id: str | None = None, train: TrainFn | None = None) -> str:
+    """Run the queued job the fair order puts first; "idle" when none is queued."""
+    worker_id = worker_id or default_worker_id()
+    job_id = store.claim_next(worker_id, settings.lease_seconds)
+    if job_id is None:
+        log.info("no queued job to start (its message outlived it: a duplicate, or the job was cancelled)")
+        return "idle"
+    return _run_owned(job_id, settings, store, worker_id, train)
+
+
+def _run_owned(job_id: str, settings: Settings, store: Store, worker_id: str, train: TrainFn | None) -> str:
+    """Run a job this worker has just started (it holds the job's lease)."""
     lease = LeaseKeeper(store, job_id, worker_id, settings.lease_seconds)
     lease.start()
     try:
@@ -414,11 +432,15 @@ def _run_in_scratch(
     return "succeeded" if done else "lost"
 
 
-@app.task(name="seco.train_job", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def train_job(job_id: str) -> str:
-    """Celery entry point: `send_task("seco.train_job", args=[job_id])`."""
+    """Celery entry point (`worker.celery_app.enqueue`): `job_id` was queued; start the next
+    job in fair order, which may be another tenant's."""
     settings = get_settings()
-    return run_job(job_id, settings, process_store(settings))
+    if not ids.is_job_id(job_id):
+        log.error("refusing a task with a malformed job id %r", job_id)
+        return "invalid"
+    return run_next(settings, process_store(settings))
 
 
 # --------------------------------------------------------------------------- worker process
@@ -436,7 +458,7 @@ class WorkerHeartbeat(threading.Thread):
 
     def sweep(self) -> None:
         for job_id in self.store.reap_expired(self.settings.max_attempts):
-            app.send_task("seco.train_job", args=[job_id], queue=self.settings.queue)
+            enqueue(app, self.settings, job_id)
 
     def run(self) -> None:
         interval = self.settings.lease_seconds / 3

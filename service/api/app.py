@@ -26,21 +26,16 @@ from service.record.store import POOL_WAIT_SECONDS, Store
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "seco.train_job"
 SSE_SOCKET_TIMEOUT = 60.0  # > routes.jobs.KEEPALIVE_MS
 
 
 def make_enqueue(settings: Settings) -> Callable[[str], None]:
-    """Publish a job to the workers by task *name*: the API never imports the training code."""
-    from worker.celery_app import make_celery  # celery only; no torch
+    """`enqueue(job_id)` for a job just queued: a free worker will start the next job in fair
+    order (`worker.celery_app.enqueue`, `service.record.scheduling`)."""
+    from worker.celery_app import enqueue, make_celery  # celery only; no torch
 
     celery = make_celery(settings)
-    policy = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
-
-    def enqueue(job_id: str) -> None:
-        celery.send_task(TASK_NAME, args=[job_id], queue=settings.queue, retry=True, retry_policy=policy)
-
-    return enqueue
+    return lambda job_id: enqueue(celery, settings, job_id)
 
 
 async def _reaper_loop(store: Store, enqueue: Callable[[str], None], settings: Settings) -> None:

@@ -15,6 +15,9 @@ State machine::
 
 A succeeded, failed or cancelled job never changes again.
 
+Which queued job starts next is not first-come first-served but fair across tenants
+(`service.record.scheduling`): a free worker claims the first job of `queue_order()`.
+
 Keys (prefix `seco:`)::
 
     seq                           global counter: list order and queue order
@@ -30,6 +33,7 @@ Keys (prefix `seco:`)::
     tenant:<t>:active             set of the tenant's queued/running jobs (quota)
     queue                         zset of queued job ids (score: seq when queued)
     running                       set of running job ids (what the reaper sweeps)
+    sched:served                  hash tenant -> seq of its last job start (round-robin)
     lease:<job>                   owner worker id, with a TTL refreshed while training
     workers                       zset worker id -> Redis server time of its last heartbeat
     stats:status                  hash status -> number of jobs (Prometheus gauges)
@@ -40,6 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -47,6 +52,7 @@ import redis
 from pydantic import BaseModel
 
 from service.record import ids
+from service.record.scheduling import Queued, fair_order
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +64,8 @@ MAX_CONNECTIONS = 64
 """Redis connections per process and pool: above the API's thread pool (40) plus its reaper."""
 POOL_WAIT_SECONDS = 5
 """How long a caller waits for a free pooled connection before the request fails (503)."""
+CLAIM_ATTEMPTS = 100
+"""Claims a worker tries before giving up; each failed one means another worker started a job."""
 
 
 def now() -> int:
@@ -297,6 +305,28 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', s - 10 * tonumber(ARGV[2]))
 return s
 """
 
+# What the fair order is computed from, read in one step: every queued job with its tenant
+# and its age (score in the tenant's job index), the tenant of every running job, and when
+# each tenant was last served. Job hashes are read by the ids found (a single Redis, as
+# everywhere here). KEYS: queue, running, served. ARGV: key prefix. Returns {{id, tenant, seq}...}, {tenant...}, served.
+_QUEUE_SNAPSHOT = """
+local p = ARGV[1]
+local queued = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local t = redis.call('HGET', p .. 'job:' .. id, 'tenant')
+  if t then
+    local seq = redis.call('ZSCORE', p .. 'tenant:' .. t .. ':jobs', id)
+    table.insert(queued, {id, t, seq or '0'})
+  end
+end
+local running = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local t = redis.call('HGET', p .. 'job:' .. id, 'tenant')
+  if t then table.insert(running, t) end
+end
+return {queued, running, redis.call('HGETALL', KEYS[3])}
+"""
+
 _LIVE_WORKERS = """
 local t = redis.call('TIME')
 return redis.call('ZRANGEBYSCORE', KEYS[1], tonumber(t[1]) - tonumber(ARGV[1]), '+inf')
@@ -329,6 +359,7 @@ class Store:
         self._request_cancel = self.r.register_script(_REQUEST_CANCEL)
         self._heartbeat = self.r.register_script(_HEARTBEAT)
         self._live_workers = self.r.register_script(_LIVE_WORKERS)
+        self._queue_snapshot = self.r.register_script(_QUEUE_SNAPSHOT)
 
     @classmethod
     def from_url(cls, url: str, *, max_connections: int = MAX_CONNECTIONS, name: str | None = None) -> Store:
@@ -508,9 +539,42 @@ class Store:
         return out, False
 
     def queue_position(self, job_id: str) -> int | None:
-        """1 = next to be picked up; None when the job is not queued."""
-        rank = self.r.zrank(f"{P}queue", job_id)
-        return None if rank is None else int(cast(int, rank)) + 1
+        """1 = the next job a free worker starts; None when the job is not queued.
+
+        Its rank in the fair order (`service.record.scheduling`): how many queued jobs, of
+        any tenant, start before it if no job is added, cancelled or finishes meanwhile.
+        """
+        order = self.queue_order()
+        return order.index(job_id) + 1 if job_id in order else None
+
+    def queue_order(self) -> list[str]:
+        """Every queued job id, in the order free workers will start them."""
+        keys = [f"{P}queue", f"{P}running", f"{P}sched:served"]
+        queued, running, served = cast(list[Any], self._queue_snapshot(keys=keys, args=[P]))
+        return fair_order(
+            (Queued(job_id=j, tenant=t, seq=int(float(seq))) for j, t, seq in queued),
+            Counter(running),
+            {served[i]: int(served[i + 1]) for i in range(0, len(served), 2)},
+        )
+
+    def claim_next(self, worker_id: str, lease_seconds: float) -> str | None:
+        """Start the first job of the fair order for `worker_id`; its id, or None when none is queued.
+
+        The start itself is the guarded queued -> running transition, so two workers racing
+        for the same job cannot both get it: the loser takes the next one in a fresh order.
+        """
+        for _ in range(CLAIM_ATTEMPTS):
+            order = self.queue_order()
+            if not order:
+                return None
+            job_id = order[0]
+            if self.start_job(job_id, worker_id, lease_seconds):
+                tenant = self.r.hget(self._job_key(job_id), "tenant")
+                if tenant:
+                    self.r.hset(f"{P}sched:served", str(tenant), int(cast(int, self.r.incr(f"{P}seq"))))
+                return job_id
+        log.warning("no queued job could be claimed in %d attempts (workers racing for them)", CLAIM_ATTEMPTS)
+        return None
 
     def transition(
         self,
