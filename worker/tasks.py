@@ -38,6 +38,7 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from service.record import ids
+from service.record.outputs import measure_outputs
 from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
 from service.record.storage import (
@@ -51,7 +52,7 @@ from service.record.storage import (
 )
 from service.record.store import FileRecord, JobRecord, Store, now
 from worker.celery_app import TASK_NAME, app, enqueue
-from worker.checkpoint_store import METRICS_CSV, publish_checkpoint, restore_latest_checkpoint
+from worker.checkpoint_store import METRICS_CSV, prune_checkpoints, publish_checkpoint, restore_latest_checkpoint
 from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -135,11 +136,12 @@ class StoreContext:
     CANCEL_POLL_SECONDS = 0.25
 
     def __init__(self, store: Store, rec: JobRecord, worker_id: str, lease: LeaseKeeper, storage: Storage,
-                 output_dir: Path) -> None:  # fmt: skip
+                 output_dir: Path, keep_checkpoints: int = 3) -> None:  # fmt: skip
         self.store, self.job_id, self.tenant, self.worker_id = store, rec.id, rec.tenant, worker_id
         self.lease = lease
         self.storage = storage
         self.output_dir = output_dir
+        self.keep_checkpoints = keep_checkpoints
         self._cancel_checked = 0.0
         self._cancel = False
 
@@ -182,13 +184,18 @@ class StoreContext:
         self.persist(lambda: self.store.update_running(self.job_id, self.worker_id, fields))
 
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
-        """Publish the checkpoint to storage (marker last), then record it."""
+        """Publish the checkpoint to storage (marker last), record it, prune the oldest
+        beyond SECO_KEEP_CHECKPOINTS, and count what the job's outputs now take."""
         if self.lease.lost:
             return
         key = publish_checkpoint(self.storage, self.tenant, self.job_id, path, self.output_dir / METRICS_CSV)
         self.persist(lambda: self.store.add_checkpoint(self.job_id, step, key, metrics))
         self.persist(lambda: self.store.add_event(self.job_id, f"Checkpoint saved at step {step}",
                                                   data={"step": step}))  # fmt: skip
+        pruned = prune_checkpoints(self.storage, self.tenant, self.job_id, self.keep_checkpoints)
+        self.persist(lambda: self.store.remove_checkpoints(self.job_id, pruned))
+        size = self.storage.size_under(keys.job_prefix(self.tenant, self.job_id))
+        self.persist(lambda: self.store.set_output_bytes(self.job_id, self.tenant, size))
 
     def cancelled(self) -> bool:
         """A cancel request or a lost lease; Redis is read at most every 0.25 s."""
@@ -380,7 +387,7 @@ def _run_in_scratch(
 ) -> str:  # fmt: skip
     job_id = rec.id
     storage = process_storage(settings)
-    ctx = StoreContext(store, rec, worker_id, lease, storage, scratch / "out")
+    ctx = StoreContext(store, rec, worker_id, lease, storage, scratch / "out", settings.keep_checkpoints)
     log.info("job started", extra={"job_id": job_id, "worker": worker_id, "attempt": rec.attempts + 1})
 
     def fail(code: str, message: str, param: str | None = None) -> str:
@@ -402,6 +409,7 @@ def _run_in_scratch(
         if lease.lost:
             return "lost"
         adapter_id, metrics_id = ctx.persist(lambda: _register_results(rec, published, store))
+        ctx.persist(lambda: measure_outputs(store, storage, rec.tenant, job_id))  # the quota counts them
     except JobCancelled:
         if lease.lost:
             log.warning("job %s lost its lease; another worker owns it now", job_id)

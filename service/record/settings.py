@@ -73,7 +73,8 @@ class Settings(BaseSettings):
     """Per tenant: queued + running jobs at once (429 beyond)."""
 
     max_file_bytes: int = Field(10 << 30, ge=1, validation_alias=_env("SECO_MAX_FILE_BYTES"))
-    """Per tenant: total bytes of uploaded files (429 beyond)."""
+    """Per tenant: storage quota, uploaded files and job outputs (checkpoints, adapters, metrics)
+    together; uploads and new jobs get a 429 beyond it."""
 
     max_streams: int = Field(16, ge=1, validation_alias=_env("SECO_MAX_STREAMS"))
     """Per tenant: event streams (SSE) open at once, across every API process (429 beyond)."""
@@ -96,6 +97,10 @@ class Settings(BaseSettings):
 
     checkpoint_every: int | None = Field(None, ge=1, validation_alias=_env("SECO_CHECKPOINT_EVERY"))
     """Optimizer steps between checkpoints; None lets the trainer choose."""
+
+    keep_checkpoints: int = Field(3, ge=1, validation_alias=_env("SECO_KEEP_CHECKPOINTS"))
+    """Checkpoints a job keeps in storage: the newest ones (the newest of a succeeded job is
+    its final state); older ones are deleted as new ones are published."""
 
     memory_budget_bytes: int | None = Field(None, ge=1, validation_alias=_env("SECO_MEMORY_BUDGET"))
     """Cap on the memory a job may plan for on this worker; None: the device's free memory."""

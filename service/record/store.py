@@ -24,6 +24,7 @@ Keys (prefix `seco:`)::
     file:<id>                     hash per file
     tenant:<t>:files              zset of the tenant's file ids (score: seq)
     tenant:<t>:file_bytes         bytes of the tenant's uploaded files (quota)
+    tenant:<t>:output_bytes       bytes of its jobs' outputs in storage (quota; job field output_bytes)
     file:<id>:jobs                set of unfinished jobs using the file (blocks delete)
     job:<id>                      hash per job
     job:<id>:events               stream of events; entry id = event id = SSE id
@@ -31,6 +32,7 @@ Keys (prefix `seco:`)::
     job:<id>:checkpoints          hash step -> checkpoint JSON
     tenant:<t>:jobs               zset of the tenant's job ids (score: seq)
     tenant:<t>:active             set of the tenant's queued/running jobs (quota)
+    tenant:<t>:streams            zset of its open event streams (service/api/streams.py)
     queue                         zset of queued job ids (score: seq when queued)
     running                       set of running job ids (what the reaper sweeps)
     sched:served                  hash tenant -> seq of its last job start (round-robin)
@@ -296,6 +298,45 @@ end
 return status
 """
 
+# Record what a job's outputs (checkpoints, adapter, metrics) take in storage, measured by
+# the caller; the tenant's total moves by the difference, so measuring twice counts once.
+# KEYS: job, tenant output bytes. ARGV: bytes. Returns 0 when the job no longer exists.
+_SET_OUTPUT_BYTES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local old = tonumber(redis.call('HGET', KEYS[1], 'output_bytes') or '0')
+redis.call('HSET', KEYS[1], 'output_bytes', ARGV[1])
+redis.call('INCRBY', KEYS[2], tonumber(ARGV[1]) - old)
+return 1
+"""
+
+# Forget a finished job's outputs: its checkpoint records and result files go in one step,
+# so nothing serves part of them while the caller deletes the objects. KEYS: job,
+# checkpoints, tenant files, then each result file's hash. ARGV: result file ids (JSON).
+# Returns the job's status, which must be final for anything to happen.
+_FORGET_OUTPUTS = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' then return status or '' end
+redis.call('DEL', KEYS[2])
+for i, id in ipairs(cjson.decode(ARGV[1])) do
+  redis.call('DEL', KEYS[3 + i])
+  redis.call('ZREM', KEYS[3], id)
+end
+redis.call('HSET', KEYS[1], 'result_files', '[]', 'adapter_file', '')
+return status
+"""
+
+# Remove a finished job that has no outputs left: its record, events and index entries.
+# KEYS: job, events, metrics step, checkpoints, tenant jobs, stats. ARGV: job id.
+_DELETE_JOB = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' then return status or '' end
+if tonumber(redis.call('HGET', KEYS[1], 'output_bytes') or '0') ~= 0 then return 'has_outputs' end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('HINCRBY', KEYS[6], status, -1)
+return 'deleted'
+"""
+
 # Heartbeat of a worker process, timed by the Redis server's clock (no skew between hosts).
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -360,6 +401,9 @@ class Store:
         self._heartbeat = self.r.register_script(_HEARTBEAT)
         self._live_workers = self.r.register_script(_LIVE_WORKERS)
         self._queue_snapshot = self.r.register_script(_QUEUE_SNAPSHOT)
+        self._set_output_bytes = self.r.register_script(_SET_OUTPUT_BYTES)
+        self._forget_outputs = self.r.register_script(_FORGET_OUTPUTS)
+        self._delete_job = self.r.register_script(_DELETE_JOB)
 
     @classmethod
     def from_url(cls, url: str, *, max_connections: int = MAX_CONNECTIONS, name: str | None = None) -> Store:
@@ -415,6 +459,16 @@ class Store:
 
     def tenant_file_bytes(self, tenant: str) -> int:
         return int(self.r.get(f"{P}tenant:{tenant}:file_bytes") or 0)
+
+    def tenant_output_bytes(self, tenant: str) -> int:
+        """What the tenant's jobs' outputs take in storage (checkpoints, adapters, metrics)."""
+        return int(self.r.get(f"{P}tenant:{tenant}:output_bytes") or 0)
+
+    def tenant_storage_bytes(self, tenant: str) -> int:
+        """Everything counted against the tenant's storage quota: uploads and job outputs."""
+        files, outputs = cast(list[str | None], self.r.mget(f"{P}tenant:{tenant}:file_bytes",
+                                                             f"{P}tenant:{tenant}:output_bytes"))  # fmt: skip
+        return int(files or 0) + int(outputs or 0)
 
     def get_file(self, file_id: str, tenant: str | None = None) -> FileRecord | None:
         """The file, or None when it does not exist or belongs to another tenant."""
@@ -797,6 +851,33 @@ class Store:
                 raise KeyError(after)
             cks = cks[idx + 1 :]
         return cks[:limit], len(cks) > limit
+
+    def remove_checkpoints(self, job_id: str, steps: Iterable[int]) -> None:
+        """Drop checkpoint records (their objects were pruned from storage)."""
+        fields = [str(step) for step in steps]
+        if fields:
+            self.r.hdel(f"{P}job:{job_id}:checkpoints", *fields)
+
+    # ------------------------------------------------------------------ outputs
+
+    def set_output_bytes(self, job_id: str, tenant: str, size: int) -> bool:
+        """Record the measured size of a job's outputs (False when the job no longer exists)."""
+        keys = [self._job_key(job_id), f"{P}tenant:{tenant}:output_bytes"]
+        return bool(self._set_output_bytes(keys=keys, args=[size]))
+
+    def forget_outputs(self, rec: JobRecord) -> str:
+        """Unregister a finished job's checkpoints and result files; returns its status (a final
+        one when this happened; otherwise nothing changed)."""
+        files = list(rec.result_files)
+        keys = [self._job_key(rec.id), f"{P}job:{rec.id}:checkpoints", f"{P}tenant:{rec.tenant}:files",
+                *(self._file_key(f) for f in files)]  # fmt: skip
+        return str(self._forget_outputs(keys=keys, args=[_dumps(files)]))
+
+    def delete_job(self, rec: JobRecord) -> str:
+        """Remove a finished job whose outputs are gone: "deleted", "has_outputs", or its status."""
+        keys = [self._job_key(rec.id), self._events_key(rec.id), f"{P}job:{rec.id}:metrics_step",
+                f"{P}job:{rec.id}:checkpoints", f"{P}tenant:{rec.tenant}:jobs", f"{P}stats:status"]  # fmt: skip
+        return str(self._delete_job(keys=keys, args=[rec.id]))
 
     # ------------------------------------------------------------------ metrics
 

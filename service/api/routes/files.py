@@ -19,6 +19,7 @@ from service.api.jsonl import InvalidFile, validate_jsonl
 from service.api.schemas import FileDeleted, FileList, FileObject
 from service.api.uploads import UNREAD_BODY, TooLarge, receive_file
 from service.record import ids
+from service.record.outputs import measure_outputs
 from service.record.storage import keys, scratch_dir
 from service.record.store import FileInUse, FileRecord, LimitExceeded, now
 
@@ -50,8 +51,9 @@ def public(rec: FileRecord) -> FileObject:
 
 
 def _quota_error(limit: int, headers: dict[str, str] | None = None) -> APIError:
-    return APIError(429, f"File storage quota of {limit} bytes for this API key is used up; delete files first",
-                    code="quota_exceeded", retry=False, headers=headers)  # fmt: skip
+    return APIError(429, f"Storage quota of {limit} bytes for this API key is used up by files and job outputs; "
+                    "delete files or finished jobs first", code="quota_exceeded", retry=False,
+                    headers=headers)  # fmt: skip
 
 
 @router.post("", response_model=FileObject, openapi_extra=UPLOAD_BODY)
@@ -64,7 +66,7 @@ async def create_file(
     published to storage (a rename on the local back-end, a multipart upload on S3):
     storage never holds a file that did not validate, and readers never see part of one.
     """
-    used = await run_in_threadpool(store.tenant_file_bytes, tenant)
+    used = await run_in_threadpool(store.tenant_storage_bytes, tenant)  # uploads and job outputs
     room = settings.max_file_bytes - used
     if room <= 0:
         raise _quota_error(settings.max_file_bytes)
@@ -91,8 +93,10 @@ async def create_file(
         await run_in_threadpool(storage.put_file, key, tmp, move=True)  # publish: complete, validated files only
         rec = FileRecord(id=file_id, tenant=tenant, bytes=up.bytes, created_at=now(), filename=up.filename,
                          purpose=purpose, path=key)  # fmt: skip
-        try:
-            await run_in_threadpool(store.create_file, rec, counted=True, tenant_limit=settings.max_file_bytes)
+        outputs = await run_in_threadpool(store.tenant_output_bytes, tenant)
+        try:  # the script checks uploads against what the outputs leave of the quota, atomically
+            await run_in_threadpool(store.create_file, rec, counted=True,
+                                    tenant_limit=settings.max_file_bytes - outputs)  # fmt: skip
         except LimitExceeded:
             await run_in_threadpool(storage.delete, key)
             raise _quota_error(settings.max_file_bytes) from None
@@ -159,4 +163,6 @@ def delete_file(file_id: str, tenant: TenantDep, store: StoreDep, storage: Stora
         raise bad_request(f"File {file_id!r} is used by job {e} which has not finished; cancel it first",
                           param="file_id", code="file_in_use") from None  # fmt: skip
     storage.delete(rec.path)
+    if rec.job_id:  # a job's result file: the job's outputs shrank
+        measure_outputs(store, storage, tenant, rec.job_id)
     return FileDeleted(id=file_id)

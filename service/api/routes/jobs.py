@@ -24,11 +24,13 @@ from service.api.schemas import (
     FineTuningJob,
     JobCheckpoint,
     JobCreate,
+    JobDeleted,
     JobError,
     JobEvent,
     JobList,
 )
 from service.record import ids
+from service.record.outputs import JobNotFinished, delete_outputs
 from service.record.store import TERMINAL, Event, JobRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,10 @@ def create_job(
             raise bad_request(f"{param}: file {file_id!r} has purpose {frec.purpose!r}; upload training data "
                               "with purpose 'fine-tune'", param=param)  # fmt: skip
         stored[file_id] = frec.path
+    if store.tenant_storage_bytes(tenant) >= settings.max_file_bytes:  # its outputs would not fit
+        raise APIError(429, f"Storage quota of {settings.max_file_bytes} bytes for this API key is used up by files "
+                       "and job outputs; delete files or finished jobs first", code="quota_exceeded",
+                       retry=False)  # fmt: skip
     rec = JobRecord(
         id=ids.new_job_id(), tenant=tenant, status="validating_files", created_at=now(), model=body.model,
         training_file=body.training_file, validation_file=body.validation_file,
@@ -165,6 +171,22 @@ def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> F
         raise bad_request(f"Job {rec.id} has already {status} and cannot be cancelled", param="fine_tuning_job_id",
                           code="invalid_state")  # fmt: skip
     return public_job(_get(store, tenant, rec.id), store)
+
+
+@router.delete("/{fine_tuning_job_id}", response_model=JobDeleted)
+def delete_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> JobDeleted:
+    """Delete a finished job: its checkpoints, adapter and metrics (freeing their storage
+    quota), then the job and its events. A queued or running job must be cancelled first."""
+    rec = _get(store, tenant, fine_tuning_job_id)
+    try:
+        delete_outputs(store, storage, rec)
+    except JobNotFinished as e:
+        raise bad_request(f"Job {rec.id} is {e}; only a finished job can be deleted (cancel it first)",
+                          param="fine_tuning_job_id", code="invalid_state") from None  # fmt: skip
+    if store.delete_job(rec) != "deleted":  # something wrote under the job meanwhile: deleting again clears it
+        raise APIError(409, f"Job {rec.id} was still being written to; retry", code="conflict")
+    log.info("job deleted", extra={"job_id": rec.id, "tenant": tenant})
+    return JobDeleted(id=rec.id)
 
 
 def _stream_id(value: str | None, param: str) -> str | None:
