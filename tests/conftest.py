@@ -211,9 +211,9 @@ class Service:
 
     def tenant(self, tenant: str = "a") -> str:
         """The tenant id of tenant "a" or "b" (the prefix of its storage keys)."""
-        from service.record.settings import tenant_of
+        from service.record.tenants import tenant_of
 
-        return tenant_of(self.key(tenant))
+        return tenant_of(self.key(tenant), self.store().tenant_secret())
 
     def objects(self, prefix: str = "tenants") -> dict[str, int]:
         """Every stored object under `prefix` (key -> bytes), whichever the back-end."""

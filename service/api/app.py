@@ -8,12 +8,13 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import redis
 import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from service.api import dashboard, docs, errors
-from service.api.auth import BearerAuth
+from service.api.auth import BearerAuth, TenantKeys
 from service.api.body_limit import BodyLimit
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import files, health, jobs, models
@@ -21,12 +22,16 @@ from service.api.streams import StreamSlots
 from service.record.logs import configure_logging
 from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
-from service.record.storage import open_storage, sweep_scratch
+from service.record.storage import Storage, StorageError, open_storage, sweep_scratch
 from service.record.store import POOL_WAIT_SECONDS, Store
+from service.record.tenants import resolve_tenants
 
 log = logging.getLogger(__name__)
 
 SSE_SOCKET_TIMEOUT = 60.0  # > routes.jobs.KEEPALIVE_MS
+STARTUP_WAIT_SECONDS = 10.0
+"""How long start-up waits for a first try at the tenant ids (a long move of old data may take
+longer: requests get a 503 until it is done)."""
 
 
 def make_enqueue(settings: Settings) -> Callable[[str], None]:
@@ -36,6 +41,19 @@ def make_enqueue(settings: Settings) -> Callable[[str], None]:
 
     celery = make_celery(settings)
     return lambda job_id: enqueue(celery, settings, job_id)
+
+
+async def _resolve_tenants(store: Store, storage: Storage, keys: TenantKeys, tried: asyncio.Event) -> None:
+    """Tenant ids for the configured keys (moving data still under an old id first), once Redis answers."""
+    while True:
+        try:
+            keys.tenants = await run_in_threadpool(resolve_tenants, store, storage, list(keys.keys))
+            return
+        except (redis.RedisError, StorageError) as e:
+            log.warning("tenant ids not resolved yet (%s); retrying", type(e).__name__)
+            await asyncio.sleep(1)
+        finally:
+            tried.set()
 
 
 async def _reaper_loop(store: Store, enqueue: Callable[[str], None], settings: Settings) -> None:
@@ -62,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     storage = open_storage(settings)
     sweep_scratch(settings, "uploads")  # uploads a killed API process was receiving
     enqueue = make_enqueue(settings)
+    tenant_keys = TenantKeys(settings.api_keys)
     _ = settings.models  # fail at start-up, not at the first request, on a malformed SECO_MODELS
 
     @contextlib.asynccontextmanager
@@ -74,15 +93,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )  # fmt: skip
         app.state.aredis = aioredis.Redis.from_pool(pool)
         app.state.stream_slots = StreamSlots(app.state.aredis)
+        tried = asyncio.Event()
+        resolver = asyncio.create_task(_resolve_tenants(store, storage, tenant_keys, tried))
+        with contextlib.suppress(asyncio.TimeoutError):  # Redis up: requests are served with their tenants at once
+            await asyncio.wait_for(tried.wait(), STARTUP_WAIT_SECONDS)
         reaper = asyncio.create_task(_reaper_loop(store, enqueue, settings))
         log.info("api started", extra={"models": list(settings.models), "tenants": len(settings.api_keys),
                                        "storage": storage.describe()})  # fmt: skip
         try:
             yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            for task in (reaper, resolver):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await app.state.aredis.aclose()
 
     app = FastAPI(
@@ -112,6 +136,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Inside the key check (a caller without a key gets its 401 before any body is read);
     # uploads stream to disk under their own limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=frozenset({("POST", "/v1/files")}))
-    app.add_middleware(BearerAuth, keys=settings.api_keys)
+    app.add_middleware(BearerAuth, keys=tenant_keys)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

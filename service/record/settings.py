@@ -6,7 +6,6 @@ attributes are short aliases so code reads `settings.data_dir`, not `seco_data_d
 
 from __future__ import annotations
 
-import hashlib
 import re
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -16,11 +15,6 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def tenant_of(key: str) -> str:
-    """A tenant id derived from an API key: short, stable, and not the key itself."""
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def parse_storage_url(url: str) -> tuple[str, str]:
@@ -123,10 +117,9 @@ class Settings(BaseSettings):
         return value
 
     @cached_property
-    def api_keys(self) -> dict[str, str]:
-        """key -> tenant id."""
-        keys = [k.strip() for k in self.api_keys_raw.split(",") if k.strip()]
-        return {k: tenant_of(k) for k in keys}
+    def api_keys(self) -> list[str]:
+        """The configured keys (their tenant ids: `service.record.tenants`)."""
+        return [k.strip() for k in self.api_keys_raw.split(",") if k.strip()]
 
     @cached_property
     def models(self) -> dict[str, Path]:

@@ -33,6 +33,8 @@ Keys (prefix `seco:`)::
     tenant:<t>:jobs               zset of the tenant's job ids (score: seq)
     tenant:<t>:active             set of the tenant's queued/running jobs (quota)
     tenant:<t>:streams            zset of its open event streams (service/api/streams.py)
+    tenant_secret                 the secret tenant ids are derived with (service/record/tenants.py)
+    lock:<name>                   a lock between processes (SET NX with an expiry)
     queue                         zset of queued job ids (score: seq when queued)
     running                       set of running job ids (what the reaper sweeps)
     sched:served                  hash tenant -> seq of its last job start (round-robin)
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -337,6 +340,54 @@ redis.call('HINCRBY', KEYS[6], status, -1)
 return 'deleted'
 """
 
+# Give every record of tenant ARGV[2] to tenant ARGV[3] (whose id replaced it; its objects
+# have moved from tenants/<old>/ to tenants/<new>/ already): tenant fields, storage paths
+# in file and checkpoint records, the tenant's own keys. ARGV: key prefix, old, new.
+# Returns how many file and job records changed.
+_RENAME_TENANT = """
+local p, old, new = ARGV[1], ARGV[2], ARGV[3]
+local oldp, newp = 'tenants/' .. old .. '/', 'tenants/' .. new .. '/'
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', p .. 'tenant:' .. old .. ':files', 0, -1)) do
+  local k = p .. 'file:' .. id
+  local path = redis.call('HGET', k, 'path')
+  if path then
+    if string.sub(path, 1, #oldp) == oldp then path = newp .. string.sub(path, #oldp + 1) end
+    redis.call('HSET', k, 'tenant', new, 'path', path)
+    n = n + 1
+  end
+end
+for _, id in ipairs(redis.call('ZRANGE', p .. 'tenant:' .. old .. ':jobs', 0, -1)) do
+  local k = p .. 'job:' .. id
+  if redis.call('EXISTS', k) == 1 then
+    redis.call('HSET', k, 'tenant', new)
+    n = n + 1
+    local ck = redis.call('HGETALL', k .. ':checkpoints')
+    for i = 1, #ck, 2 do  -- ids are hex: no pattern characters in them
+      local rec = string.gsub(ck[i + 1], '"path":"' .. oldp, '"path":"' .. newp)
+      redis.call('HSET', k .. ':checkpoints', ck[i], rec)
+    end
+  end
+end
+for _, suffix in ipairs({':files', ':file_bytes', ':jobs', ':active', ':output_bytes'}) do
+  if redis.call('EXISTS', p .. 'tenant:' .. old .. suffix) == 1 then
+    redis.call('RENAME', p .. 'tenant:' .. old .. suffix, p .. 'tenant:' .. new .. suffix)
+  end
+end
+redis.call('DEL', p .. 'tenant:' .. old .. ':streams')
+local served = redis.call('HGET', p .. 'sched:served', old)
+if served then
+  redis.call('HSET', p .. 'sched:served', new, served)
+  redis.call('HDEL', p .. 'sched:served', old)
+end
+return n
+"""
+
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # Heartbeat of a worker process, timed by the Redis server's clock (no skew between hosts).
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -404,6 +455,9 @@ class Store:
         self._set_output_bytes = self.r.register_script(_SET_OUTPUT_BYTES)
         self._forget_outputs = self.r.register_script(_FORGET_OUTPUTS)
         self._delete_job = self.r.register_script(_DELETE_JOB)
+        self._rename_tenant = self.r.register_script(_RENAME_TENANT)
+        self._release_lock = self.r.register_script(_RELEASE_LOCK)
+        self._lock_tokens: dict[str, str] = {}
 
     @classmethod
     def from_url(cls, url: str, *, max_connections: int = MAX_CONNECTIONS, name: str | None = None) -> Store:
@@ -878,6 +932,33 @@ class Store:
         keys = [self._job_key(rec.id), self._events_key(rec.id), f"{P}job:{rec.id}:metrics_step",
                 f"{P}job:{rec.id}:checkpoints", f"{P}tenant:{rec.tenant}:jobs", f"{P}stats:status"]  # fmt: skip
         return str(self._delete_job(keys=keys, args=[rec.id]))
+
+    # ------------------------------------------------------------------ tenants
+
+    def tenant_secret(self) -> bytes:
+        """The secret tenant ids derive from: created by the first process that asks, then the same for all."""
+        self.r.set(f"{P}tenant_secret", secrets.token_hex(32), nx=True)
+        return bytes.fromhex(cast(str, self.r.get(f"{P}tenant_secret")))
+
+    def tenant_has_records(self, tenant: str) -> bool:
+        return bool(self.r.exists(f"{P}tenant:{tenant}:files", f"{P}tenant:{tenant}:jobs"))
+
+    def rename_tenant(self, old: str, new: str) -> int:
+        """Give every record of tenant `old` to `new` (see tenants.migrate_tenant); returns how many."""
+        return int(self._rename_tenant(keys=[], args=[P, old, new]))
+
+    def acquire_lock(self, name: str, ttl_seconds: int) -> bool:
+        """Take a lock shared by every process (it expires after `ttl_seconds` if never released)."""
+        token = secrets.token_hex(8)
+        if self.r.set(f"{P}lock:{name}", token, nx=True, ex=ttl_seconds):
+            self._lock_tokens[name] = token
+            return True
+        return False
+
+    def release_lock(self, name: str) -> None:
+        token = self._lock_tokens.pop(name, None)
+        if token is not None:
+            self._release_lock(keys=[f"{P}lock:{name}"], args=[token])
 
     # ------------------------------------------------------------------ metrics
 

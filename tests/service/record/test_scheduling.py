@@ -14,10 +14,9 @@ from collections import Counter
 import pytest
 
 from service.record.scheduling import Queued, fair_order
-from service.record.settings import tenant_of
 from service.record.storage import LocalStorage
 from service.record.store import Store
-from tests.service.record.test_store import _url, data, make_file, make_job, store
+from tests.service.record.test_store import _url, data, make_file, make_job, store, tenant
 
 __all__ = ["data", "store"]  # fixtures shared with test_store
 
@@ -48,7 +47,7 @@ def test_queue_positions_are_the_start_order_with_one_worker(store: Store, data:
     """Random mixes of tenants and arrival orders: the positions reported before any start are
     exactly the order in which one worker then starts the jobs."""
     rng = random.Random(1234)
-    tenants = [tenant_of(f"sk-sched-{i}") for i in range(4)]
+    tenants = [tenant(f"sk-sched-{i}") for i in range(4)]
     files = {t: make_file(store, data, t).id for t in tenants}
     for round_ in range(5):
         jobs = [make_job(store, files[t], t) for t in rng.choices(tenants, weights=[6, 3, 1, 1], k=12)]
@@ -68,7 +67,7 @@ def test_queue_positions_are_the_start_order_with_one_worker(store: Store, data:
 
 
 def test_two_workers_favour_the_tenant_with_fewer_running_jobs(store: Store, data: LocalStorage) -> None:
-    ta, tb = tenant_of("sk-sched-a"), tenant_of("sk-sched-b")
+    ta, tb = tenant("sk-sched-a"), tenant("sk-sched-b")
     fa, fb = make_file(store, data, ta).id, make_file(store, data, tb).id
     a_jobs = [make_job(store, fa, ta) for _ in range(4)]
     b_job = make_job(store, fb, tb)
@@ -80,7 +79,7 @@ def test_two_workers_favour_the_tenant_with_fewer_running_jobs(store: Store, dat
 
 
 def test_concurrent_claims_start_every_job_exactly_once(store: Store, data: LocalStorage) -> None:
-    tenants = [tenant_of(f"sk-race-{i}") for i in range(3)]
+    tenants = [tenant(f"sk-race-{i}") for i in range(3)]
     files = {t: make_file(store, data, t).id for t in tenants}
     jobs = [make_job(store, files[tenants[i % 3]], tenants[i % 3]) for i in range(18)]
     claims: list[tuple[str, str]] = []
