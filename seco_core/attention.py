@@ -20,6 +20,8 @@ ones with. The fused kernels never materialise a block's scores.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,99 +94,96 @@ def _heads(x: torch.Tensor, q_len: int) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, q_len, *x.shape[3:])
 
 
-def _cpu_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_len: int, causal: bool, scale: float
+# The fused kernels. PyTorch's flash-attention ops take (B, H, L, D) with equal query and
+# key/value heads and return the log-sum-exp as (B, H, L). A prefix block (no mask) takes
+# the folded rows as they are: grouped query heads are just more rows attending to the
+# same key/value head. The chunk's own block needs the causal mask by position, so its
+# query heads are unfolded and its key/value heads repeated to match (c x heads x D:
+# small next to the prefix), and the repeated heads' gradients are summed back.
+
+FusedForward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _fused_forward(
+    op: FusedForward, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_len: int, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if not causal:
+        out, lse = op(q, k, v, False, scale)
+        return out, lse[..., : q.shape[-2]].unsqueeze(-1)
+    groups = q.shape[-2] // q_len
+    out, lse = op(_heads(q, q_len), k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), True, scale)
+    return out.reshape(q.shape), lse[..., :q_len].reshape(*q.shape[:-1], 1)
+
+
+def _fused_backward(
+    op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_len: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op's backward given the *merged* output and log-sum-exp of all blocks: it
+    recomputes this block's probabilities as exp(q k^T * scale - lse) and takes
+    rowsum(dO * O) from the merged output, i.e. exactly this block's share of dq and
+    its dk, dv."""
+    out, lse = out.to(q.dtype).contiguous(), lse.squeeze(-1).contiguous()
+    if not causal:
+        return op(do, q, k, v, out, lse, False, scale)
+    groups = q.shape[-2] // q_len
+    dq, dk, dv = op(_heads(do, q_len), _heads(q, q_len), k.repeat_interleave(groups, 1),
+                    v.repeat_interleave(groups, 1), _heads(out, q_len), _heads(lse, q_len), True, scale)  # fmt: skip
+    fold = (k.shape[0], k.shape[1], groups, *k.shape[2:])  # sum the repeated heads' gradients
+    return dq.reshape(q.shape), dk.reshape(fold).sum(2), dv.reshape(fold).sum(2)
+
+
+def _cpu_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch's fused CPU flash-attention kernel, which also returns the log-sum-exp."""
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    if causal:  # rows must be positions for the causal mask: unfold the query groups
-        groups = q.shape[-2] // q_len
-        out, lse = flash(
-            _heads(q, q_len), k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), 0.0, True, scale=scale
-        )
-        return out.reshape(q.shape), lse.reshape(*q.shape[:-1], 1)
-    out, lse = flash(q, k, v, 0.0, False, scale=scale)
-    return out, lse.unsqueeze(-1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
 
 
-def _cpu_backward(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    q_len: int,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    out, lse = out.to(q.dtype), lse.squeeze(-1)
-    if not causal:
-        return flash_backward(do, q, k, v, out, lse, 0.0, False, scale=scale)
-    groups = q.shape[-2] // q_len
-    dq, dk, dv = flash_backward(
-        _heads(do, q_len), _heads(q, q_len), k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-        _heads(out, q_len), _heads(lse, q_len), 0.0, True, scale=scale,
-    )  # fmt: skip
-    fold = (k.shape[0], k.shape[1], groups, *k.shape[2:])  # sum the repeated heads' gradients
-    return dq.reshape(q.shape), dk.reshape(fold).sum(2), dv.reshape(fold).sum(2)
+def _cpu_op_backward(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    do, q, k, v, out, lse, causal, scale = args
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    dq, dk, dv = backward(do, q, k, v, out, lse, 0.0, causal, scale=scale)
+    return dq, dk, dv
 
 
-def _cuda_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_len: int, causal: bool, scale: float
+def _cuda_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch's FlashAttention-2 forward (bf16/fp16 on CUDA), which returns the log-sum-exp.
-
-    A prefix block (no mask) takes the folded rows as they are: the grouped query heads
-    are just more rows attending to the same key/value head. The chunk's own block needs
-    the causal mask by position, so its query heads are unfolded and its key/value heads
-    repeated to match them (c x heads x D: small next to the prefix).
-    """
-    flash = torch.ops.aten._scaled_dot_product_flash_attention
-    if causal:
-        groups = q.shape[-2] // q_len
-        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        out, lse = flash(_heads(q, q_len), k, v, 0.0, True, False, scale=scale)[:2]
-        return out.reshape(q.shape), lse[..., :q_len].reshape(*q.shape[:-1], 1)
-    out, lse = flash(q, k, v, 0.0, False, False, scale=scale)[:2]
-    return out, lse[..., : q.shape[-2]].unsqueeze(-1)
+    """PyTorch's FlashAttention-2 forward (bf16/fp16 on CUDA), which returns the log-sum-exp."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    return out, lse
 
 
-def _cuda_backward(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    q_len: int,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FlashAttention-2's backward given the *merged* output and log-sum-exp of all blocks.
-
-    It recomputes this block's probabilities as exp(q k^T * scale - lse) and takes
-    rowsum(dO * O) from the merged output: exactly this block's share of dq and its
-    dk, dv. Dense (no cumulative sequence lengths) and no dropout, so the random-state
-    arguments are unused placeholders.
-    """
-    flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_backward
-    out, lse = out.to(q.dtype).contiguous(), lse.squeeze(-1).contiguous()
+def _cuda_op_backward(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dense (no cumulative sequence lengths) and no dropout: the random-state arguments are
+    unused placeholders."""
+    do, q, k, v, out, lse, causal, scale = args
     unused = torch.empty((), dtype=torch.long, device=q.device)
-    if not causal:
-        return flash_backward(do, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, False, unused,
-                              unused, scale=scale)  # fmt: skip
-    groups = q.shape[-2] // q_len
-    dq, dk, dv = flash_backward(
-        _heads(do, q_len), _heads(q, q_len), k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1),
-        _heads(out, q_len), _heads(lse, q_len), None, None, q_len, q_len, 0.0, True, unused, unused, scale=scale,
-    )  # fmt: skip
-    fold = (k.shape[0], k.shape[1], groups, *k.shape[2:])  # sum the repeated heads' gradients
-    return dq.reshape(q.shape), dk.reshape(fold).sum(2), dv.reshape(fold).sum(2)
+    backward = torch.ops.aten._scaled_dot_product_flash_attention_backward
+    dq, dk, dv = backward(do, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, causal, unused, unused,
+                          scale=scale)  # fmt: skip
+    return dq, dk, dv
 
 
-KERNELS = {
+_cpu_forward = functools.partial(_fused_forward, _cpu_op)
+_cpu_backward = functools.partial(_fused_backward, _cpu_op_backward)
+_cuda_forward = functools.partial(_fused_forward, _cuda_op)
+_cuda_backward = functools.partial(_fused_backward, _cuda_op_backward)
+
+
+BlockForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+BlockBackward = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+KERNELS: dict[str, tuple[BlockForward, BlockBackward]] = {
     "math": (_math_forward, _math_backward),
     "cpu": (_cpu_forward, _cpu_backward),
     "cuda": (_cuda_forward, _cuda_backward),

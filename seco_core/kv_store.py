@@ -240,25 +240,29 @@ class HostStore(DeviceStore):
 
     # ------------------------------------------------------------------ buffers
 
-    def _host(self, like: torch.Tensor, dtype: torch.dtype, owned: list[torch.Tensor]) -> torch.Tensor:
-        """A pool buffer shaped like `like` (a chunk-sized buffer, viewed down to its length)."""
+    def _capacity(self, like: torch.Tensor) -> int:
+        """Elements of a chunk-sized buffer for tensors shaped like `like` (B, H, n, D)."""
         b, h, n, d = like.shape
-        buffer = self.buffers.take((b, h, max(n, self.chunk_size), d), dtype, pin=self.cuda)
+        return b * h * max(n, self.chunk_size) * d
+
+    def _host(self, like: torch.Tensor, dtype: torch.dtype, owned: list[torch.Tensor]) -> torch.Tensor:
+        """A flat chunk-sized pool buffer viewed as `like`'s shape: contiguous whatever the
+        length, so copies to and from the device stay single asynchronous transfers."""
+        buffer = self.buffers.take((self._capacity(like),), dtype, pin=self.cuda)
         owned.append(buffer)
-        return buffer[:, :, :n]
+        return buffer[: like.numel()].view(like.shape)
 
     def _stage(self, like: torch.Tensor, staging: list[tuple[torch.Tensor, queue.Queue[torch.Tensor]]]) -> torch.Tensor:
         """A copy-out buffer shaped like `like`, from a fixed ring (allocated on first use)."""
-        b, h, n, d = like.shape
-        shape, key = (b, h, max(n, self.chunk_size), d), (b, h, max(n, self.chunk_size), d, like.dtype)
+        key = (self._capacity(like), like.dtype)
         ring = self._rings.get(key)
         if ring is None:
             ring = self._rings[key] = queue.Queue()
             for _ in range(STAGING_BUFFERS):
-                ring.put(self.buffers.take(shape, like.dtype, pin=self.cuda))
+                ring.put(self.buffers.take((key[0],), like.dtype, pin=self.cuda))
         buffer = ring.get()  # waits while every buffer of the ring is in flight
         staging.append((buffer, ring))
-        return buffer[:, :, :n]
+        return buffer[: like.numel()].view(like.shape)
 
     def _copy_out(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         """Copy device tensors into host buffers, asynchronously on CUDA; returns the copy's event."""

@@ -71,6 +71,32 @@ def _reset_rss_peak() -> bool:
     return _status_kib("VmHWM") is not None
 
 
+M_MMAP_THRESHOLD = -3
+"""glibc's mallopt parameter number for the mmap threshold."""
+
+
+def return_freed_memory_to_os(threshold_bytes: int = 64 * 1024) -> bool:
+    """Serve allocations of `threshold_bytes` and more with mmap, so freeing them unmaps them.
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after
+    which such blocks come from the heap and stay resident when freed: a CPU training
+    process then keeps the high-water mark of every tensor size it ever used, RSS no
+    longer tracks live tensors (a 4096-token step of the demo model measured 26 MiB above
+    its baseline against 10.5 MiB of live tensors), and a CPU worker holds memory its host
+    could use. A fixed threshold stops that. Returns False where glibc is not the C library.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False
+
+
 def _cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 

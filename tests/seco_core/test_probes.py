@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from seco_core.probes import PeakMemory, Stopwatch, current_rss_bytes
+from tests.conftest import ROOT
 
 MB = 1024 * 1024
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM reset is Linux-only")
@@ -53,3 +54,24 @@ def test_stopwatch_measures_wall_time() -> None:
     sw2 = Stopwatch()
     with pytest.raises(RuntimeError):
         sw2.stop()
+
+
+def test_freed_tensor_memory_goes_back_to_the_os() -> None:
+    """After return_freed_memory_to_os, a freed 16 MiB tensor leaves the resident set each time
+    (glibc's dynamic threshold keeps a block of that size on the heap once one was freed:
+    from the second time on, freeing it gave back nothing)."""
+    import subprocess
+
+    code = (
+        "import torch\n"
+        "from seco_core.probes import current_rss_bytes, return_freed_memory_to_os\n"
+        "assert return_freed_memory_to_os()\n"
+        "for _ in range(3):\n"
+        "    t = torch.ones(4 * 2**20)\n"
+        "    held = current_rss_bytes()\n"
+        "    del t\n"
+        "    print(held - current_rss_bytes())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert all(int(freed) > 15 * 2**20 for freed in out.stdout.split()), out.stdout
