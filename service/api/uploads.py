@@ -145,11 +145,9 @@ async def receive_file(request: Request, dest: Path, max_bytes: int) -> Upload:
     received = 0
     try:
         async for chunk in request.stream():
+            parser.write(chunk)  # first: a bad part in this chunk is named, not just counted
             received += len(chunk)
-            if received > max_bytes + MULTIPART_OVERHEAD:  # every part counts, not only the file
-                raise TooLarge()
-            parser.write(chunk)
-            if rx.too_large:
+            if rx.too_large or received > max_bytes + MULTIPART_OVERHEAD:  # every part counts, not only the file
                 raise TooLarge()
         parser.finalize()
     except (TooLarge, APIError):
