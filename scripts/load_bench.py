@@ -125,9 +125,10 @@ def local_service(workdir: Path, max_jobs: int) -> Iterator[tuple[str, str]]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": f"{server.connection_url}/0",
            "SECO_DATA_DIR": str(workdir / "data"), "SECO_API_KEYS": KEY, "SECO_MODELS": f"tiny={model}",
            "SECO_DEVICE": "cpu", "SECO_MAX_QUEUED_JOBS": str(max_jobs), "SECO_LOG_LEVEL": "WARNING",
+           "SECO_MAX_STREAMS": "10000",  # one key stands for every client here: no per-key stream cap
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     logs = open(workdir / "service.log", "ab")  # noqa: SIM115 (closed below)
-    procs = [subprocess.Popen(api_argv("127.0.0.1", port), cwd=ROOT, env=env, stdout=logs, stderr=logs,
+    procs = [subprocess.Popen(api_argv("127.0.0.1", port, env), cwd=ROOT, env=env, stdout=logs, stderr=logs,
                               start_new_session=True),
              subprocess.Popen(worker_argv("bench@%h"), cwd=ROOT, env=env, stdout=logs, stderr=logs,
                               start_new_session=True)]  # fmt: skip

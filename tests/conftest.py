@@ -211,9 +211,9 @@ class Service:
 
     def tenant(self, tenant: str = "a") -> str:
         """The tenant id of tenant "a" or "b" (the prefix of its storage keys)."""
-        from service.record.settings import tenant_of
+        from service.record.tenants import tenant_of
 
-        return tenant_of(self.key(tenant))
+        return tenant_of(self.key(tenant), self.store().tenant_secret())
 
     def objects(self, prefix: str = "tenants") -> dict[str, int]:
         """Every stored object under `prefix` (key -> bytes), whichever the back-end."""
@@ -332,7 +332,7 @@ def launch_service(demo_model: Path, request: pytest.FixtureRequest) -> Iterator
         from service.launch import api_argv
 
         log = open(log_dir / "api.log", "ab")  # noqa: SIM115
-        svc.api = subprocess.Popen(api_argv("127.0.0.1", port), cwd=ROOT, env=env, stdout=log, stderr=log,
+        svc.api = subprocess.Popen(api_argv("127.0.0.1", port, env), cwd=ROOT, env=env, stdout=log, stderr=log,
                                    start_new_session=True)  # fmt: skip
         launched.append(svc)
         wait_healthy(svc)

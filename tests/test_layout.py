@@ -31,7 +31,8 @@ RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
     ),
     "service/client": ({"service", "httpx"}, ("service.api", "service.record", "service.launch")),
     "service/api": (
-        {"service", "fastapi", "starlette", "pydantic", "redis", "python_multipart", "prometheus_client", "worker"},
+        {"service", "fastapi", "starlette", "pydantic", "redis", "python_multipart", "prometheus_client", "worker",
+         "swagger_ui_bundle"},
         ("service.client", "worker.tasks", "worker.trainer"),
     ),
     "worker": (

@@ -32,6 +32,23 @@ def publish_checkpoint(storage: Storage, tenant: str, job_id: str, ckpt_dir: Pat
     return prefix
 
 
+def prune_checkpoints(storage: Storage, tenant: str, job_id: str, keep: int) -> list[int]:
+    """Delete all but the newest `keep` complete checkpoints, and unfinished uploads older than
+    the newest one (left by a worker killed mid-upload); returns the steps of those deleted.
+
+    Only ever called after a newer checkpoint is complete, so a resume always finds one.
+    """
+    prefix = keys.checkpoints_prefix(tenant, job_id)
+    complete = storage.complete_dirs(prefix, MARKER)
+    if not complete:
+        return []
+    everything = {o.key[len(prefix) + 1 :].partition("/")[0] for o in storage.list_under(prefix)}
+    stale = set(complete[:-keep]) | {n for n in everything - set(complete) if n < complete[-1]}
+    for name in sorted(stale):
+        storage.delete_under(f"{prefix}/{name}")
+    return sorted(int(name.rsplit("-", 1)[1]) for name in stale)
+
+
 def restore_latest_checkpoint(storage: Storage, tenant: str, job_id: str, output_dir: Path) -> int | None:
     """Fetch the newest complete checkpoint into `output_dir/checkpoints/` and its metrics CSV
     to `output_dir/metrics.csv`; returns its step, or None when there is none."""

@@ -6,11 +6,17 @@ RNG states and the position in the data, plus the metrics of the step. It is wri
 under a temporary name and renamed, so a worker killed mid-write leaves either the
 previous checkpoint or a complete new one, never a half-written one that a resume
 would load.
+
+The state file holds tensors and plain containers only (AdamW's and LambdaLR's state
+dicts, RNG byte tensors), so it is loaded with `weights_only=True`: a checkpoint comes
+back from shared storage, and a full unpickler would run whatever code a file planted
+there names. Anything else in it fails the job with `invalid_checkpoint`.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +26,7 @@ import torch
 from torch import nn
 
 from seco_core.lora import save_adapter
+from worker.spec import TrainingError
 
 STATE_FILE = "trainer_state.pt"
 META_FILE = "checkpoint.json"
@@ -89,7 +96,11 @@ def load_checkpoint(
 
     weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, weights)
-    state = torch.load(path / STATE_FILE, weights_only=False)
+    try:
+        state = torch.load(path / STATE_FILE, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise TrainingError(f"checkpoint {path.name} holds more than tensors and plain values; refusing to load it",
+                            code="invalid_checkpoint") from e  # fmt: skip
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["cpu_rng"])

@@ -5,8 +5,11 @@ Importing this module stays light (no torch): `worker.trainer` is imported insid
 task, in the child process that runs it.
 
 Guarantees:
-- Only a `queued` job starts (atomic queued -> running); a duplicate delivery, a
-  cancelled or a finished job does nothing.
+- A task message means "a job is waiting": the worker starts the queued job that the
+  fair order across tenants puts first (`Store.claim_next`, `service.record.scheduling`),
+  which is not necessarily the job the message names.
+- Only a `queued` job starts (atomic queued -> running); a message that finds no queued
+  job (a duplicate delivery, a job cancelled meanwhile) does nothing.
 - While training, a thread renews the job's lease. If this process dies the lease
   expires and a reaper (API or any worker) requeues the job, which resumes from its
   last checkpoint. If the lease is lost while we still run (a long stall), the job is
@@ -32,9 +35,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from service.record import ids
+from service.record.outputs import measure_outputs
+from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
 from service.record.storage import (
     ObjectNotFound,
@@ -46,8 +51,8 @@ from service.record.storage import (
     sweep_scratch,
 )
 from service.record.store import FileRecord, JobRecord, Store, now
-from worker.celery_app import app
-from worker.checkpoint_store import METRICS_CSV, publish_checkpoint, restore_latest_checkpoint
+from worker.celery_app import TASK_NAME, app, enqueue
+from worker.checkpoint_store import METRICS_CSV, prune_checkpoints, publish_checkpoint, restore_latest_checkpoint
 from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
 
 log = logging.getLogger(__name__)
@@ -73,7 +78,7 @@ def default_worker_id() -> str:
 @functools.cache
 def _store(url: str, pid: int) -> Store:
     """One store per process (keyed by pid: a forked child never reuses its parent's sockets)."""
-    return Store.from_url(url)
+    return Store.from_url(url, name="seco-worker")
 
 
 def process_store(settings: Settings) -> Store:
@@ -131,11 +136,12 @@ class StoreContext:
     CANCEL_POLL_SECONDS = 0.25
 
     def __init__(self, store: Store, rec: JobRecord, worker_id: str, lease: LeaseKeeper, storage: Storage,
-                 output_dir: Path) -> None:  # fmt: skip
+                 output_dir: Path, keep_checkpoints: int = 3) -> None:  # fmt: skip
         self.store, self.job_id, self.tenant, self.worker_id = store, rec.id, rec.tenant, worker_id
         self.lease = lease
         self.storage = storage
         self.output_dir = output_dir
+        self.keep_checkpoints = keep_checkpoints
         self._cancel_checked = 0.0
         self._cancel = False
 
@@ -180,13 +186,18 @@ class StoreContext:
         self.persist(lambda: self.store.update_running(self.job_id, self.worker_id, fields))
 
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
-        """Publish the checkpoint to storage (marker last), then record it."""
+        """Publish the checkpoint to storage (marker last), record it, prune the oldest
+        beyond SECO_KEEP_CHECKPOINTS, and count what the job's outputs now take."""
         if self.lease.lost:
             return
         key = publish_checkpoint(self.storage, self.tenant, self.job_id, path, self.output_dir / METRICS_CSV)
         self.persist(lambda: self.store.add_checkpoint(self.job_id, step, key, metrics))
         self.persist(lambda: self.store.add_event(self.job_id, f"Checkpoint saved at step {step}",
                                                   data={"step": step}))  # fmt: skip
+        pruned = prune_checkpoints(self.storage, self.tenant, self.job_id, self.keep_checkpoints)
+        self.persist(lambda: self.store.remove_checkpoints(self.job_id, pruned))
+        size = self.storage.size_under(keys.job_prefix(self.tenant, self.job_id))
+        self.persist(lambda: self.store.set_output_bytes(self.job_id, self.tenant, size))
 
     def cancelled(self) -> bool:
         """A cancel request or a lost lease; Redis is read at most every 0.25 s."""
@@ -326,7 +337,7 @@ def _scrub(message: str, settings: Settings) -> str:
 def run_job(
     job_id: str, settings: Settings, store: Store, *, worker_id: str | None = None, train: TrainFn | None = None
 ) -> str:
-    """Run one delivery of a job; returns what happened (for logs and tests)."""
+    """Run this job if it is queued; returns what happened (for logs and tests)."""
     worker_id = worker_id or default_worker_id()
     if not ids.is_job_id(job_id):
         log.error("refusing a task with a malformed job id %r", job_id)
@@ -336,6 +347,21 @@ def run_job(
         log.info("job %s is %s; nothing to do (a duplicate or stale delivery)", job_id,
                  rec.status if rec else "missing", extra={"job_id": job_id})  # fmt: skip
         return "skipped"
+    return _run_owned(job_id, settings, store, worker_id, train)
+
+
+def run_next(settings: Settings, store: Store, *, worker_id: str | None = None, train: TrainFn | None = None) -> str:
+    """Run the queued job the fair order puts first; "idle" when none is queued."""
+    worker_id = worker_id or default_worker_id()
+    job_id = store.claim_next(worker_id, settings.lease_seconds)
+    if job_id is None:
+        log.info("no queued job to start (its message outlived it: a duplicate, or the job was cancelled)")
+        return "idle"
+    return _run_owned(job_id, settings, store, worker_id, train)
+
+
+def _run_owned(job_id: str, settings: Settings, store: Store, worker_id: str, train: TrainFn | None) -> str:
+    """Run a job this worker has just started (it holds the job's lease)."""
     lease = LeaseKeeper(store, job_id, worker_id, settings.lease_seconds)
     lease.start()
     try:
@@ -364,7 +390,7 @@ def _run_in_scratch(
 ) -> str:  # fmt: skip
     job_id = rec.id
     storage = process_storage(settings)
-    ctx = StoreContext(store, rec, worker_id, lease, storage, scratch / "out")
+    ctx = StoreContext(store, rec, worker_id, lease, storage, scratch / "out", settings.keep_checkpoints)
     log.info("job started", extra={"job_id": job_id, "worker": worker_id, "attempt": rec.attempts + 1})
 
     def fail(code: str, message: str, param: str | None = None) -> str:
@@ -386,6 +412,7 @@ def _run_in_scratch(
         if lease.lost:
             return "lost"
         adapter_id, metrics_id = ctx.persist(lambda: _register_results(rec, published, store))
+        ctx.persist(lambda: measure_outputs(store, storage, rec.tenant, job_id))  # the quota counts them
     except JobCancelled:
         if lease.lost:
             log.warning("job %s lost its lease; another worker owns it now", job_id)
@@ -416,11 +443,15 @@ def _run_in_scratch(
     return "succeeded" if done else "lost"
 
 
-@app.task(name="seco.train_job", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def train_job(job_id: str) -> str:
-    """Celery entry point: `send_task("seco.train_job", args=[job_id])`."""
+    """Celery entry point (`worker.celery_app.enqueue`): `job_id` was queued; start the next
+    job in fair order, which may be another tenant's."""
     settings = get_settings()
-    return run_job(job_id, settings, process_store(settings))
+    if not ids.is_job_id(job_id):
+        log.error("refusing a task with a malformed job id %r", job_id)
+        return "invalid"
+    return run_next(settings, process_store(settings))
 
 
 # --------------------------------------------------------------------------- worker process
@@ -433,12 +464,12 @@ class WorkerHeartbeat(threading.Thread):
         super().__init__(name="seco-heartbeat", daemon=True)
         self.settings = settings
         self.worker_id = worker_id
-        self.store = Store.from_url(settings.redis_url or "")
+        self.store = Store.from_url(settings.redis_url or "", name="seco-worker")
         self._stop_event = threading.Event()
 
     def sweep(self) -> None:
         for job_id in self.store.reap_expired(self.settings.max_attempts):
-            app.send_task("seco.train_job", args=[job_id], queue=self.settings.queue)
+            enqueue(app, self.settings, job_id)
 
     def run(self) -> None:
         interval = self.settings.lease_seconds / 3
@@ -461,6 +492,13 @@ class WorkerHeartbeat(threading.Thread):
 
 
 _heartbeat: WorkerHeartbeat | None = None
+
+
+@worker_init.connect
+def _on_init(**_: Any) -> None:
+    """Before the pool forks: the children inherit a umask of 077 (checkpoints, adapters 0600)."""
+    restrict_umask()
+    private_dir(Path(get_settings().data_dir))
 
 
 @worker_ready.connect

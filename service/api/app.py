@@ -6,37 +6,54 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
+import redis
 import redis.asyncio as aioredis
 from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from service.api import dashboard, errors
-from service.api.auth import BearerAuth
+from service.api import dashboard, docs, errors
+from service.api.auth import BearerAuth, TenantKeys
+from service.api.body_limit import BodyLimit
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import files, health, jobs, models
+from service.api.streams import StreamSlots
 from service.record.logs import configure_logging
+from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
-from service.record.storage import open_storage, sweep_scratch
-from service.record.store import Store
+from service.record.storage import Storage, StorageError, open_storage, sweep_scratch
+from service.record.store import POOL_WAIT_SECONDS, Store
+from service.record.tenants import resolve_tenants
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "seco.train_job"
 SSE_SOCKET_TIMEOUT = 60.0  # > routes.jobs.KEEPALIVE_MS
+STARTUP_WAIT_SECONDS = 10.0
+"""How long start-up waits for a first try at the tenant ids (a long move of old data may take
+longer: requests get a 503 until it is done)."""
 
 
 def make_enqueue(settings: Settings) -> Callable[[str], None]:
-    """Publish a job to the workers by task *name*: the API never imports the training code."""
-    from worker.celery_app import make_celery  # celery only; no torch
+    """`enqueue(job_id)` for a job just queued: a free worker will start the next job in fair
+    order (`worker.celery_app.enqueue`, `service.record.scheduling`)."""
+    from worker.celery_app import enqueue, make_celery  # celery only; no torch
 
     celery = make_celery(settings)
-    policy = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+    return lambda job_id: enqueue(celery, settings, job_id)
 
-    def enqueue(job_id: str) -> None:
-        celery.send_task(TASK_NAME, args=[job_id], queue=settings.queue, retry=True, retry_policy=policy)
 
-    return enqueue
+async def _resolve_tenants(store: Store, storage: Storage, keys: TenantKeys, tried: asyncio.Event) -> None:
+    """Tenant ids for the configured keys (moving data still under an old id first), once Redis answers."""
+    while True:
+        try:
+            keys.tenants = await run_in_threadpool(resolve_tenants, store, storage, list(keys.keys))
+            return
+        except (redis.RedisError, StorageError) as e:
+            log.warning("tenant ids not resolved yet (%s); retrying", type(e).__name__)
+            await asyncio.sleep(1)
+        finally:
+            tried.set()
 
 
 async def _reaper_loop(store: Store, enqueue: Callable[[str], None], settings: Settings) -> None:
@@ -54,30 +71,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app from `settings` (default: the environment)."""
     settings = settings or get_settings()
     configure_logging(settings.log_level)
+    restrict_umask()  # however the process was started: what it writes is its user's only
+    private_dir(Path(settings.data_dir))
     redis_url = settings.redis_url
     if not redis_url:
         raise RuntimeError("REDIS_URL is not set (use `seco up` to run an embedded server)")
-    store = Store.from_url(redis_url)
+    store = Store.from_url(redis_url, name="seco-api")
     storage = open_storage(settings)
     sweep_scratch(settings, "uploads")  # uploads a killed API process was receiving
     enqueue = make_enqueue(settings)
+    tenant_keys = TenantKeys(settings.api_keys)
     _ = settings.models  # fail at start-up, not at the first request, on a malformed SECO_MODELS
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # SSE readers block on XREAD for up to the keep-alive interval: the read timeout must be longer.
-        app.state.aredis = aioredis.from_url(
-            redis_url, decode_responses=True, socket_connect_timeout=3, socket_timeout=SSE_SOCKET_TIMEOUT
-        )
+        # One connection at most per request uvicorn serves at once, so streams cannot exhaust the pool.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=settings.max_concurrency, timeout=POOL_WAIT_SECONDS, decode_responses=True,
+            socket_connect_timeout=3, socket_timeout=SSE_SOCKET_TIMEOUT, client_name="seco-api-async",
+        )  # fmt: skip
+        app.state.aredis = aioredis.Redis.from_pool(pool)
+        app.state.stream_slots = StreamSlots(app.state.aredis)
+        tried = asyncio.Event()
+        resolver = asyncio.create_task(_resolve_tenants(store, storage, tenant_keys, tried))
+        with contextlib.suppress(asyncio.TimeoutError):  # Redis up: requests are served with their tenants at once
+            await asyncio.wait_for(tried.wait(), STARTUP_WAIT_SECONDS)
         reaper = asyncio.create_task(_reaper_loop(store, enqueue, settings))
         log.info("api started", extra={"models": list(settings.models), "tenants": len(settings.api_keys),
                                        "storage": storage.describe()})  # fmt: skip
         try:
             yield
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            for task in (reaper, resolver):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await app.state.aredis.aclose()
 
     app = FastAPI(
@@ -85,6 +114,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="OpenAI-compatible long-context LoRA fine-tuning (SeCO / SpaCO)",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN: see service/api/docs.py
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.store = store
@@ -99,7 +130,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v1)
     app.include_router(health.router)
     dashboard.install(app)  # the web UI at /ui (static files, no auth: the page asks for the key)
+    if settings.api_docs:
+        docs.install(app)
     errors.install(app)
-    app.add_middleware(BearerAuth, keys=settings.api_keys)
+    # Inside the key check (a caller without a key gets its 401 before any body is read);
+    # uploads stream to disk under their own limit.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=frozenset({("POST", "/v1/files")}))
+    app.add_middleware(BearerAuth, keys=tenant_keys)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

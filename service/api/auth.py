@@ -4,6 +4,10 @@ A middleware (not only a dependency) so that the key is checked before anything 
 looks at the request: an unauthenticated caller gets a 401 even when its body is
 malformed, and learns nothing about which ids exist. Keys are compared in constant
 time against every configured key, and never logged.
+
+A key's tenant id derives from a secret kept in Redis (`service.record.tenants`), read
+when the API starts or, if Redis is down then, as soon as it answers: until then a valid
+key gets a 503 like any request that needs Redis.
 """
 
 from __future__ import annotations
@@ -24,8 +28,16 @@ def match_key(presented: str, keys: dict[str, str]) -> str | None:
     return found
 
 
+class TenantKeys:
+    """The configured API keys and, once resolved, their tenant ids."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self.keys = {k: k for k in keys}
+        self.tenants: dict[str, str] = {}
+
+
 class BearerAuth:
-    def __init__(self, app: ASGIApp, keys: dict[str, str], prefix: str = "/v1") -> None:
+    def __init__(self, app: ASGIApp, keys: TenantKeys, prefix: str = "/v1") -> None:
         self.app = app
         self.keys = keys
         self.prefix = prefix
@@ -43,22 +55,30 @@ class BearerAuth:
         if not header:
             await _deny(send, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.", None)
             return
-        tenant = match_key(token.strip(), self.keys) if scheme.lower() == "bearer" else None
-        if tenant is None:
+        key = match_key(token.strip(), self.keys.keys) if scheme.lower() == "bearer" else None
+        if key is None:
             await _deny(send, "Incorrect API key provided.", "invalid_api_key")
+            return
+        tenant = self.keys.tenants.get(key)
+        if tenant is None:
+            await _respond(send, 503, {"message": "The job store (Redis) is unavailable; retry shortly",
+                                       "type": "server_error", "param": None, "code": "store_unavailable"},
+                           [(b"retry-after", b"2")])  # fmt: skip
             return
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
 
 
 async def _deny(send: Send, message: str, code: str | None) -> None:
-    body: dict[str, Any] = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                      "code": code}}  # fmt: skip
-    raw = json.dumps(body).encode()
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    await _respond(send, 401, error, [(b"www-authenticate", b"Bearer"), (b"x-should-retry", b"false")])
+
+
+async def _respond(send: Send, status: int, error: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+    raw = json.dumps({"error": error}).encode()
     await send({
         "type": "http.response.start",
-        "status": 401,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-                    (b"www-authenticate", b"Bearer"), (b"x-should-retry", b"false")],
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *headers],
     })  # fmt: skip
     await send({"type": "http.response.body", "body": raw})

@@ -179,6 +179,12 @@ class FileDeleted(BaseModel):
     deleted: bool = True
 
 
+class JobDeleted(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    deleted: bool = True
+
+
 class JobError(BaseModel):
     code: str
     message: str

@@ -14,7 +14,11 @@ FILE_RE = re.compile(r"^file-[0-9a-f]{24}$")
 JOB_RE = re.compile(r"^ftjob-[0-9a-f]{24}$")
 EVENT_RE = re.compile(r"^ftevent-([0-9]{1,20})-([0-9]{1,20})$")
 CHECKPOINT_RE = re.compile(r"^ftckpt-[0-9a-f]{24}$")
-STREAM_ID_RE = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+STREAM_ID_RE = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})$")
+STREAM_ID_MAX = 2**64 - 1
+"""Both halves of a Redis Stream id are unsigned 64-bit integers; Redis refuses anything larger."""
+MIN_STREAM_ID = "0-0"
+MAX_STREAM_ID = f"{STREAM_ID_MAX}-{STREAM_ID_MAX}"
 
 
 def new_file_id() -> str:
@@ -41,11 +45,18 @@ def event_id(stream_id: str) -> str:
 
 
 def stream_id_of(value: str) -> str | None:
-    """Accept an `ftevent-...` id or a raw stream id (SSE Last-Event-ID); None if neither."""
-    m = EVENT_RE.match(value)
-    if m:
-        return f"{m.group(1)}-{m.group(2)}"
-    return value if STREAM_ID_RE.match(value) else None
+    """Accept an `ftevent-...` id or a raw stream id (SSE Last-Event-ID); None if neither.
+
+    Range-checked, not only pattern-checked: twenty digits can exceed 2^64 - 1, which
+    Redis refuses with an error, so such an id is as invalid as a malformed one.
+    """
+    m = EVENT_RE.match(value) or STREAM_ID_RE.match(value)
+    if m is None:
+        return None
+    ms, seq = int(m.group(1)), int(m.group(2))
+    if ms > STREAM_ID_MAX or seq > STREAM_ID_MAX:
+        return None
+    return f"{ms}-{seq}"  # normalised: "007-1" and "7-1" are the same entry
 
 
 def is_file_id(value: str) -> bool:

@@ -6,7 +6,6 @@ attributes are short aliases so code reads `settings.data_dir`, not `seco_data_d
 
 from __future__ import annotations
 
-import hashlib
 import re
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -16,11 +15,6 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-def tenant_of(key: str) -> str:
-    """A tenant id derived from an API key: short, stable, and not the key itself."""
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def parse_storage_url(url: str) -> tuple[str, str]:
@@ -63,6 +57,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(1 << 30, ge=1, validation_alias=_env("SECO_MAX_UPLOAD_BYTES"))
     """Largest single upload; beyond it the request gets a 413 and the partial file is removed."""
 
+    max_body_bytes: int = Field(1 << 20, ge=1024, validation_alias=_env("SECO_MAX_BODY_BYTES"))
+    """Largest request body of any other route (JSON); beyond it a 413, before anything is parsed."""
+
     max_line_bytes: int = Field(64 << 20, ge=1, validation_alias=_env("SECO_MAX_LINE_BYTES"))
     """Largest JSONL line accepted (a long document is one line)."""
 
@@ -70,7 +67,18 @@ class Settings(BaseSettings):
     """Per tenant: queued + running jobs at once (429 beyond)."""
 
     max_file_bytes: int = Field(10 << 30, ge=1, validation_alias=_env("SECO_MAX_FILE_BYTES"))
-    """Per tenant: total bytes of uploaded files (429 beyond)."""
+    """Per tenant: storage quota, uploaded files and job outputs (checkpoints, adapters, metrics)
+    together; uploads and new jobs get a 429 beyond it."""
+
+    max_streams: int = Field(16, ge=1, validation_alias=_env("SECO_MAX_STREAMS"))
+    """Per tenant: event streams (SSE) open at once, across every API process (429 beyond)."""
+
+    max_concurrency: int = Field(512, ge=4, validation_alias=_env("SECO_MAX_CONCURRENCY"))
+    """Per API process: connections served at once (uvicorn answers 503 beyond); also the size
+    of its asyncio Redis pool, so open streams can never exhaust it."""
+
+    api_docs: bool = Field(False, validation_alias=_env("SECO_API_DOCS"))
+    """Serve the interactive API reference (Swagger UI, self-hosted) at /docs."""
 
     lease_seconds: int = Field(30, ge=2, validation_alias=_env("SECO_LEASE_SECONDS"))
     """A running job's lease; a job whose worker stops refreshing it is requeued."""
@@ -83,6 +91,10 @@ class Settings(BaseSettings):
 
     checkpoint_every: int | None = Field(None, ge=1, validation_alias=_env("SECO_CHECKPOINT_EVERY"))
     """Optimizer steps between checkpoints; None lets the trainer choose."""
+
+    keep_checkpoints: int = Field(3, ge=1, validation_alias=_env("SECO_KEEP_CHECKPOINTS"))
+    """Checkpoints a job keeps in storage: the newest ones (the newest of a succeeded job is
+    its final state); older ones are deleted as new ones are published."""
 
     memory_budget_bytes: int | None = Field(None, ge=1, validation_alias=_env("SECO_MEMORY_BUDGET"))
     """Cap on the memory a job may plan for on this worker; None: the device's free memory."""
@@ -105,10 +117,9 @@ class Settings(BaseSettings):
         return value
 
     @cached_property
-    def api_keys(self) -> dict[str, str]:
-        """key -> tenant id."""
-        keys = [k.strip() for k in self.api_keys_raw.split(",") if k.strip()]
-        return {k: tenant_of(k) for k in keys}
+    def api_keys(self) -> list[str]:
+        """The configured keys (their tenant ids: `service.record.tenants`)."""
+        return [k.strip() for k in self.api_keys_raw.split(",") if k.strip()]
 
     @cached_property
     def models(self) -> dict[str, Path]:

@@ -15,12 +15,16 @@ State machine::
 
 A succeeded, failed or cancelled job never changes again.
 
+Which queued job starts next is not first-come first-served but fair across tenants
+(`service.record.scheduling`): a free worker claims the first job of `queue_order()`.
+
 Keys (prefix `seco:`)::
 
     seq                           global counter: list order and queue order
     file:<id>                     hash per file
     tenant:<t>:files              zset of the tenant's file ids (score: seq)
     tenant:<t>:file_bytes         bytes of the tenant's uploaded files (quota)
+    tenant:<t>:output_bytes       bytes of its jobs' outputs in storage (quota; job field output_bytes)
     file:<id>:jobs                set of unfinished jobs using the file (blocks delete)
     job:<id>                      hash per job
     job:<id>:events               stream of events; entry id = event id = SSE id
@@ -28,8 +32,12 @@ Keys (prefix `seco:`)::
     job:<id>:checkpoints          hash step -> checkpoint JSON
     tenant:<t>:jobs               zset of the tenant's job ids (score: seq)
     tenant:<t>:active             set of the tenant's queued/running jobs (quota)
+    tenant:<t>:streams            zset of its open event streams (service/api/streams.py)
+    tenant_secret                 the secret tenant ids are derived with (service/record/tenants.py)
+    lock:<name>                   a lock between processes (SET NX with an expiry)
     queue                         zset of queued job ids (score: seq when queued)
     running                       set of running job ids (what the reaper sweeps)
+    sched:served                  hash tenant -> seq of its last job start (round-robin)
     lease:<job>                   owner worker id, with a TTL refreshed while training
     workers                       zset worker id -> Redis server time of its last heartbeat
     stats:status                  hash status -> number of jobs (Prometheus gauges)
@@ -39,7 +47,9 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, cast
 
@@ -47,6 +57,7 @@ import redis
 from pydantic import BaseModel
 
 from service.record import ids
+from service.record.scheduling import Queued, fair_order
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +65,12 @@ P = "seco:"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
 REQUEUE_MESSAGE = "worker lost; job requeued, will resume from its last checkpoint"
+MAX_CONNECTIONS = 64
+"""Redis connections per process and pool: above the API's thread pool (40) plus its reaper."""
+POOL_WAIT_SECONDS = 5
+"""How long a caller waits for a free pooled connection before the request fails (503)."""
+CLAIM_ATTEMPTS = 100
+"""Claims a worker tries before giving up; each failed one means another worker started a job."""
 
 
 def now() -> int:
@@ -287,6 +304,93 @@ end
 return status
 """
 
+# Record what a job's outputs (checkpoints, adapter, metrics) take in storage, measured by
+# the caller; the tenant's total moves by the difference, so measuring twice counts once.
+# KEYS: job, tenant output bytes. ARGV: bytes. Returns 0 when the job no longer exists.
+_SET_OUTPUT_BYTES = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local old = tonumber(redis.call('HGET', KEYS[1], 'output_bytes') or '0')
+redis.call('HSET', KEYS[1], 'output_bytes', ARGV[1])
+redis.call('INCRBY', KEYS[2], tonumber(ARGV[1]) - old)
+return 1
+"""
+
+# Forget a finished job's outputs: its checkpoint records and result files go in one step,
+# so nothing serves part of them while the caller deletes the objects. KEYS: job,
+# checkpoints, tenant files, then each result file's hash. ARGV: result file ids (JSON).
+# Returns the job's status, which must be final for anything to happen.
+_FORGET_OUTPUTS = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' then return status or '' end
+redis.call('DEL', KEYS[2])
+for i, id in ipairs(cjson.decode(ARGV[1])) do
+  redis.call('DEL', KEYS[3 + i])
+  redis.call('ZREM', KEYS[3], id)
+end
+redis.call('HSET', KEYS[1], 'result_files', '[]', 'adapter_file', '')
+return status
+"""
+
+# Remove a finished job that has no outputs left: its record, events and index entries.
+# KEYS: job, events, metrics step, checkpoints, tenant jobs, stats. ARGV: job id.
+_DELETE_JOB = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'succeeded' and status ~= 'failed' and status ~= 'cancelled' then return status or '' end
+if tonumber(redis.call('HGET', KEYS[1], 'output_bytes') or '0') ~= 0 then return 'has_outputs' end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('HINCRBY', KEYS[6], status, -1)
+return 'deleted'
+"""
+
+# Give every record of tenant ARGV[2] to tenant ARGV[3] (whose id replaced it; its objects
+# have moved from tenants/<old>/ to tenants/<new>/ already): tenant fields, storage paths
+# in file and checkpoint records, the tenant's own keys. ARGV: key prefix, old, new.
+# Returns how many file and job records changed.
+_RENAME_TENANT = """
+local p, old, new = ARGV[1], ARGV[2], ARGV[3]
+local oldp, newp = 'tenants/' .. old .. '/', 'tenants/' .. new .. '/'
+local n = 0
+for _, id in ipairs(redis.call('ZRANGE', p .. 'tenant:' .. old .. ':files', 0, -1)) do
+  local k = p .. 'file:' .. id
+  local path = redis.call('HGET', k, 'path')
+  if path then
+    if string.sub(path, 1, #oldp) == oldp then path = newp .. string.sub(path, #oldp + 1) end
+    redis.call('HSET', k, 'tenant', new, 'path', path)
+    n = n + 1
+  end
+end
+for _, id in ipairs(redis.call('ZRANGE', p .. 'tenant:' .. old .. ':jobs', 0, -1)) do
+  local k = p .. 'job:' .. id
+  if redis.call('EXISTS', k) == 1 then
+    redis.call('HSET', k, 'tenant', new)
+    n = n + 1
+    local ck = redis.call('HGETALL', k .. ':checkpoints')
+    for i = 1, #ck, 2 do  -- ids are hex: no pattern characters in them
+      local rec = string.gsub(ck[i + 1], '"path":"' .. oldp, '"path":"' .. newp)
+      redis.call('HSET', k .. ':checkpoints', ck[i], rec)
+    end
+  end
+end
+for _, suffix in ipairs({':files', ':file_bytes', ':jobs', ':active', ':output_bytes'}) do
+  if redis.call('EXISTS', p .. 'tenant:' .. old .. suffix) == 1 then
+    redis.call('RENAME', p .. 'tenant:' .. old .. suffix, p .. 'tenant:' .. new .. suffix)
+  end
+end
+redis.call('DEL', p .. 'tenant:' .. old .. ':streams')
+local served = redis.call('HGET', p .. 'sched:served', old)
+if served then
+  redis.call('HSET', p .. 'sched:served', new, served)
+  redis.call('HDEL', p .. 'sched:served', old)
+end
+return n
+"""
+
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 # Heartbeat of a worker process, timed by the Redis server's clock (no skew between hosts).
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -294,6 +398,28 @@ local s = tonumber(t[1])
 redis.call('ZADD', KEYS[1], s, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', s - 10 * tonumber(ARGV[2]))
 return s
+"""
+
+# What the fair order is computed from, read in one step: every queued job with its tenant
+# and its age (score in the tenant's job index), the tenant of every running job, and when
+# each tenant was last served. Job hashes are read by the ids found (a single Redis, as
+# everywhere here). KEYS: queue, running, served. ARGV: key prefix. Returns {{id, tenant, seq}...}, {tenant...}, served.
+_QUEUE_SNAPSHOT = """
+local p = ARGV[1]
+local queued = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local t = redis.call('HGET', p .. 'job:' .. id, 'tenant')
+  if t then
+    local seq = redis.call('ZSCORE', p .. 'tenant:' .. t .. ':jobs', id)
+    table.insert(queued, {id, t, seq or '0'})
+  end
+end
+local running = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local t = redis.call('HGET', p .. 'job:' .. id, 'tenant')
+  if t then table.insert(running, t) end
+end
+return {queued, running, redis.call('HGETALL', KEYS[3])}
 """
 
 _LIVE_WORKERS = """
@@ -328,18 +454,33 @@ class Store:
         self._request_cancel = self.r.register_script(_REQUEST_CANCEL)
         self._heartbeat = self.r.register_script(_HEARTBEAT)
         self._live_workers = self.r.register_script(_LIVE_WORKERS)
+        self._queue_snapshot = self.r.register_script(_QUEUE_SNAPSHOT)
+        self._set_output_bytes = self.r.register_script(_SET_OUTPUT_BYTES)
+        self._forget_outputs = self.r.register_script(_FORGET_OUTPUTS)
+        self._delete_job = self.r.register_script(_DELETE_JOB)
+        self._rename_tenant = self.r.register_script(_RENAME_TENANT)
+        self._release_lock = self.r.register_script(_RELEASE_LOCK)
+        self._lock_tokens: dict[str, str] = {}
 
     @classmethod
-    def from_url(cls, url: str) -> Store:
-        """Short connect timeout: when Redis is down the API answers 503 quickly, not after a hang."""
-        client = redis.Redis.from_url(
+    def from_url(cls, url: str, *, max_connections: int = MAX_CONNECTIONS, name: str | None = None) -> Store:
+        """Short connect timeout: when Redis is down the API answers 503 quickly, not after a hang.
+
+        The pool is bounded: a burst of requests waits up to a few seconds for a free
+        connection (then a 503) instead of opening as many connections as there are
+        requests. `name` shows in Redis's CLIENT LIST (who holds which connection).
+        """
+        pool = redis.BlockingConnectionPool.from_url(
             url,
+            max_connections=max_connections,
+            timeout=POOL_WAIT_SECONDS,
             decode_responses=True,
             socket_connect_timeout=3,
             socket_timeout=15,
             health_check_interval=15,
+            client_name=name,
         )
-        return cls(client)
+        return cls(redis.Redis(connection_pool=pool))
 
     def ping(self) -> bool:
         return bool(self.r.ping())
@@ -375,6 +516,16 @@ class Store:
 
     def tenant_file_bytes(self, tenant: str) -> int:
         return int(self.r.get(f"{P}tenant:{tenant}:file_bytes") or 0)
+
+    def tenant_output_bytes(self, tenant: str) -> int:
+        """What the tenant's jobs' outputs take in storage (checkpoints, adapters, metrics)."""
+        return int(self.r.get(f"{P}tenant:{tenant}:output_bytes") or 0)
+
+    def tenant_storage_bytes(self, tenant: str) -> int:
+        """Everything counted against the tenant's storage quota: uploads and job outputs."""
+        files, outputs = cast(list[str | None], self.r.mget(f"{P}tenant:{tenant}:file_bytes",
+                                                             f"{P}tenant:{tenant}:output_bytes"))  # fmt: skip
+        return int(files or 0) + int(outputs or 0)
 
     def get_file(self, file_id: str, tenant: str | None = None) -> FileRecord | None:
         """The file, or None when it does not exist or belongs to another tenant."""
@@ -499,9 +650,42 @@ class Store:
         return out, False
 
     def queue_position(self, job_id: str) -> int | None:
-        """1 = next to be picked up; None when the job is not queued."""
-        rank = self.r.zrank(f"{P}queue", job_id)
-        return None if rank is None else int(cast(int, rank)) + 1
+        """1 = the next job a free worker starts; None when the job is not queued.
+
+        Its rank in the fair order (`service.record.scheduling`): how many queued jobs, of
+        any tenant, start before it if no job is added, cancelled or finishes meanwhile.
+        """
+        order = self.queue_order()
+        return order.index(job_id) + 1 if job_id in order else None
+
+    def queue_order(self) -> list[str]:
+        """Every queued job id, in the order free workers will start them."""
+        keys = [f"{P}queue", f"{P}running", f"{P}sched:served"]
+        queued, running, served = cast(list[Any], self._queue_snapshot(keys=keys, args=[P]))
+        return fair_order(
+            (Queued(job_id=j, tenant=t, seq=int(float(seq))) for j, t, seq in queued),
+            Counter(running),
+            {served[i]: int(served[i + 1]) for i in range(0, len(served), 2)},
+        )
+
+    def claim_next(self, worker_id: str, lease_seconds: float) -> str | None:
+        """Start the first job of the fair order for `worker_id`; its id, or None when none is queued.
+
+        The start itself is the guarded queued -> running transition, so two workers racing
+        for the same job cannot both get it: the loser takes the next one in a fresh order.
+        """
+        for _ in range(CLAIM_ATTEMPTS):
+            order = self.queue_order()
+            if not order:
+                return None
+            job_id = order[0]
+            if self.start_job(job_id, worker_id, lease_seconds):
+                tenant = self.r.hget(self._job_key(job_id), "tenant")
+                if tenant:
+                    self.r.hset(f"{P}sched:served", str(tenant), int(cast(int, self.r.incr(f"{P}seq"))))
+                return job_id
+        log.warning("no queued job could be claimed in %d attempts (workers racing for them)", CLAIM_ATTEMPTS)
+        return None
 
     def transition(
         self,
@@ -691,6 +875,8 @@ class Store:
 
     def list_events(self, job_id: str, *, after: str | None, limit: int) -> tuple[list[Event], bool]:
         """Newest first, like OpenAI; `after` is a stream id: return events older than it."""
+        if after == ids.MIN_STREAM_ID:  # nothing is older, and Redis refuses the empty interval
+            return [], False
         top = f"({after}" if after else "+"
         raw = cast(list[tuple[str, dict[str, str]]], self.r.xrevrange(self._events_key(job_id), top, "-",
                                                                       count=limit + 1))  # fmt: skip
@@ -699,6 +885,8 @@ class Store:
 
     def read_events(self, job_id: str, after: str = "0-0") -> list[Event]:
         """Every event after stream id `after`, oldest first."""
+        if after == ids.MAX_STREAM_ID:  # nothing is newer, and Redis refuses the empty interval
+            return []
         raw = cast(list[tuple[str, dict[str, str]]], self.r.xrange(self._events_key(job_id), f"({after}", "+"))
         return [self.event_from_entry(sid, f) for sid, f in raw]
 
@@ -720,6 +908,60 @@ class Store:
                 raise KeyError(after)
             cks = cks[idx + 1 :]
         return cks[:limit], len(cks) > limit
+
+    def remove_checkpoints(self, job_id: str, steps: Iterable[int]) -> None:
+        """Drop checkpoint records (their objects were pruned from storage)."""
+        fields = [str(step) for step in steps]
+        if fields:
+            self.r.hdel(f"{P}job:{job_id}:checkpoints", *fields)
+
+    # ------------------------------------------------------------------ outputs
+
+    def set_output_bytes(self, job_id: str, tenant: str, size: int) -> bool:
+        """Record the measured size of a job's outputs (False when the job no longer exists)."""
+        keys = [self._job_key(job_id), f"{P}tenant:{tenant}:output_bytes"]
+        return bool(self._set_output_bytes(keys=keys, args=[size]))
+
+    def forget_outputs(self, rec: JobRecord) -> str:
+        """Unregister a finished job's checkpoints and result files; returns its status (a final
+        one when this happened; otherwise nothing changed)."""
+        files = list(rec.result_files)
+        keys = [self._job_key(rec.id), f"{P}job:{rec.id}:checkpoints", f"{P}tenant:{rec.tenant}:files",
+                *(self._file_key(f) for f in files)]  # fmt: skip
+        return str(self._forget_outputs(keys=keys, args=[_dumps(files)]))
+
+    def delete_job(self, rec: JobRecord) -> str:
+        """Remove a finished job whose outputs are gone: "deleted", "has_outputs", or its status."""
+        keys = [self._job_key(rec.id), self._events_key(rec.id), f"{P}job:{rec.id}:metrics_step",
+                f"{P}job:{rec.id}:checkpoints", f"{P}tenant:{rec.tenant}:jobs", f"{P}stats:status"]  # fmt: skip
+        return str(self._delete_job(keys=keys, args=[rec.id]))
+
+    # ------------------------------------------------------------------ tenants
+
+    def tenant_secret(self) -> bytes:
+        """The secret tenant ids derive from: created by the first process that asks, then the same for all."""
+        self.r.set(f"{P}tenant_secret", secrets.token_hex(32), nx=True)
+        return bytes.fromhex(cast(str, self.r.get(f"{P}tenant_secret")))
+
+    def tenant_has_records(self, tenant: str) -> bool:
+        return bool(self.r.exists(f"{P}tenant:{tenant}:files", f"{P}tenant:{tenant}:jobs"))
+
+    def rename_tenant(self, old: str, new: str) -> int:
+        """Give every record of tenant `old` to `new` (see tenants.migrate_tenant); returns how many."""
+        return int(self._rename_tenant(keys=[], args=[P, old, new]))
+
+    def acquire_lock(self, name: str, ttl_seconds: int) -> bool:
+        """Take a lock shared by every process (it expires after `ttl_seconds` if never released)."""
+        token = secrets.token_hex(8)
+        if self.r.set(f"{P}lock:{name}", token, nx=True, ex=ttl_seconds):
+            self._lock_tokens[name] = token
+            return True
+        return False
+
+    def release_lock(self, name: str) -> None:
+        token = self._lock_tokens.pop(name, None)
+        if token is not None:
+            self._release_lock(keys=[f"{P}lock:{name}"], args=[token])
 
     # ------------------------------------------------------------------ metrics
 

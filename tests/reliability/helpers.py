@@ -99,6 +99,6 @@ def restart_api(svc: Any, sig: int = signal.SIGKILL) -> None:
     kill_group(svc.api, sig)
     port = int(svc.url.rsplit(":", 1)[1])
     log = open(svc.log_dir / "api.log", "ab")  # noqa: SIM115 (owned by the process)
-    svc.api = subprocess.Popen(api_argv("127.0.0.1", port), cwd=ROOT, env=svc.env, stdout=log, stderr=log,
+    svc.api = subprocess.Popen(api_argv("127.0.0.1", port, svc.env), cwd=ROOT, env=svc.env, stdout=log, stderr=log,
                                start_new_session=True)  # fmt: skip
     wait_healthy(svc)

@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import pytest
 
-from service.record.settings import tenant_of
 from tests.conftest import flush_db
 
 MAX_JOBS = 5
@@ -52,9 +51,9 @@ def test_parallel_uploads_never_exceed_the_byte_quota(svc: Any, tmp_path: Path) 
     for r in answers:
         if r.status_code == 429:
             assert "quota" in r.json()["error"]["message"] and r.headers["x-should-retry"] == "false"
-    assert svc.store().tenant_file_bytes(tenant_of(svc.key("b"))) == UPLOAD * (FILE_QUOTA // UPLOAD)
+    assert svc.store().tenant_file_bytes(svc.tenant("b")) == UPLOAD * (FILE_QUOTA // UPLOAD)
     assert not svc.upload_leftovers()
-    stored = svc.objects(f"tenants/{tenant_of(svc.key('b'))}/files")
+    stored = svc.objects(f"tenants/{svc.tenant('b')}/files")
     assert len(stored) == FILE_QUOTA // UPLOAD, "refused uploads left no file"
 
 

@@ -192,6 +192,37 @@ def test_non_finite_numbers_are_refused(svc: Any) -> None:
         assert r.json()["error"]["param"] == "hyperparameters.learning_rate_multiplier"
 
 
+def test_a_24mb_json_body_is_refused_at_the_body_limit_without_reading_it(svc: Any) -> None:
+    """A huge `integrations` list used to be read whole and parsed (1.3 GiB of RSS) before a 400;
+    now the body stops at 1 MiB (SECO_MAX_BODY_BYTES), declared length or chunked alike."""
+    item = b'{"type": "wandb", "wandb": {"project": "p", "tags": ["x"]}},'
+    count = (24 * MiB) // len(item)
+    head = b'{"model": "tiny", "training_file": "file-' + b"0" * 24 + b'", "integrations": ['
+
+    def chunked() -> Iterator[bytes]:
+        yield head
+        for _ in range(count // 1000 + 1):
+            yield item * 1000
+        yield b'{"type": "wandb", "wandb": {"project": "p"}}]}'
+
+    body = b"".join(chunked())
+    assert len(body) > 24 * MiB
+    with svc.http() as http, PeakRss(svc.api.pid) as rss:
+        for content in (body, chunked()):
+            r = http.post("/v1/fine_tuning/jobs", content=content, headers={"content-type": "application/json"})
+            assert r.status_code == 413, r.text[:300]
+            err = r.json()["error"]
+            assert err["code"] == "request_too_large" and str(MiB) in err["message"], err
+            assert r.headers["x-should-retry"] == "false"
+    assert rss.growth < 16 * MiB, f"API RSS grew by {rss.growth / MiB:.0f} MiB for a 24 MiB body"
+    with svc.http() as http:  # just under the limit: parsed and judged on its content
+        r = http.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": "file-" + "0" * 24,
+                                                    "suffix": "s" * (MiB - 200)})  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["param"] == "suffix", r.text[:300]
+        r = http.post("/v1/fine_tuning/jobs", content=body, headers={"authorization": "Bearer sk-not-a-key"})
+        assert r.status_code == 401, "the key is checked before any body is read"
+
+
 def test_huge_and_deep_json_bodies(svc: Any) -> None:
     with svc.http() as http:
         deep = "[" * 100_000 + "]" * 100_000

@@ -1,4 +1,6 @@
-"""`seco up` as a newcomer runs it: one command, a short summary, a working service, a clean stop."""
+"""`seco up` as a newcomer runs it: one command, a short summary, a working service, a clean stop,
+and nothing another local user could read or rewrite: the embedded Redis needs a password,
+and every file and directory under the data dir is its owner's only."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import redis
 
 from tests.conftest import ROOT, free_port, wait_for
 
@@ -46,8 +49,60 @@ def test_seco_up_prints_a_summary_and_serves(tmp_path: Path) -> None:
         key = (tmp_path / "data" / "api_key").read_text().strip()
         models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["seco-tiny-demo"]
+        assert "password in" in summary and "redis_password" in summary
+        _train_one_job(base, key, tmp_path)
+        _redis_needs_the_password(tmp_path / "data")
+        _everything_is_private(tmp_path / "data")
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out.decode()
     assert out.decode().strip().endswith("seco stopped")
+
+
+def _train_one_job(base: str, key: str, tmp_path: Path) -> None:
+    """An upload, checkpoints and an adapter, so that each kind of file exists on disk."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a short document to train on"}\n' * 2)
+    f = client.files.create(file=data.open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="seco-tiny-demo", training_file=f.id, hyperparameters={"n_epochs": 1},
+                                         extra_body={"seco": {"chunk_size": 16, "max_length": 32}})  # fmt: skip
+    done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+                    120, what="the job")  # fmt: skip
+    assert done.status == "succeeded", done.error
+
+
+def _redis_needs_the_password(data_dir: Path) -> None:
+    """A local process without the password can neither read nor rewrite a record (only PING)."""
+    conf = (data_dir / "redis" / "valkey.conf").read_text()
+    port = int(next(line.split()[1] for line in conf.splitlines() if line.startswith("port ")))
+    anonymous = redis.Redis(port=port, socket_timeout=5)
+    for call in (lambda: anonymous.keys("seco:*"), lambda: anonymous.hset("seco:file:x", "tenant", "t")):
+        try:
+            call()
+            raise AssertionError("the embedded Redis answered a client without the password")
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError):
+            pass
+    password = (data_dir / "redis_password").read_text().strip()
+    assert redis.Redis(port=port, username="seco", password=password, socket_timeout=5).keys("seco:file:*")
+
+
+def _everything_is_private(data_dir: Path) -> None:
+    """Uploads, checkpoints, adapters, the AOF, keys, logs, the demo model: 0600 files in 0700 directories."""
+    seen = {"file": 0, "dir": 0}
+    open_ones = []
+    for path in [data_dir, *data_dir.rglob("*")]:
+        mode = path.lstat().st_mode
+        kind = "dir" if path.is_dir() else "file"
+        seen[kind] += 1
+        if mode & 0o077:
+            open_ones.append(f"{oct(mode & 0o777)} {path.relative_to(data_dir.parent)}")
+    assert not open_ones, "\n".join(open_ones)
+    names = {p.name for p in data_dir.rglob("*")}
+    for expected in ("api_key", "redis_password", "valkey.conf", "adapter.tar.gz", "metrics.csv", "trainer_state.pt",
+                     "api.log", "worker.log"):  # fmt: skip
+        assert expected in names, (expected, sorted(names))
+    assert any(n.startswith("file-") for n in names) and any(n.endswith(".aof") for n in names), sorted(names)

@@ -1,4 +1,4 @@
-"""The worker process's environment for training."""
+"""The worker process's environment for training, and what its Celery app accepts."""
 
 from __future__ import annotations
 
@@ -24,3 +24,13 @@ def test_workers_use_expandable_cuda_segments_unless_configured(given: str | Non
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
+
+
+def test_celery_accepts_json_only_and_says_so() -> None:
+    """Stated in the app's own configuration, not inherited from Celery's defaults."""
+    from worker.celery_app import make_celery
+
+    conf = make_celery().conf
+    explicit = conf.table(with_defaults=False)
+    assert explicit["accept_content"] == ["json"] and explicit["task_serializer"] == "json"
+    assert explicit["result_accept_content"] == ["json"]

@@ -143,6 +143,32 @@ def test_resume_after_death_matches_an_uninterrupted_run(tmp_path: Path, demo_mo
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, resumed.steps + 1))
 
 
+class _Planted:
+    """What a planted state file could carry: unpickling it would create `marker`."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_carrying_code_is_refused_not_run(tmp_path: Path, demo_model: Path) -> None:
+    """State files are loaded with weights_only=True: a pickled object in one (a file planted in
+    shared storage) fails the resume with `invalid_checkpoint`, and its code never runs."""
+    spec = make_spec(tmp_path / "job", demo_model, n_epochs=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(spec, Recorder(die_at=2))
+    state_file = spec.output_dir / "checkpoints" / "step-000001" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)  # what the trainer wrote loads as it is
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "extra": _Planted(marker)}, state_file)
+    with pytest.raises(TrainingError) as e:
+        train(spec, Recorder())
+    assert e.value.code == "invalid_checkpoint" and "step-000001" in str(e.value)
+    assert not marker.exists(), "the planted object's code ran"
+
+
 def test_cancel_is_honoured_within_a_step(tmp_path: Path, demo_model: Path) -> None:
     rec = Recorder(cancel_at=2)
     with pytest.raises(JobCancelled):

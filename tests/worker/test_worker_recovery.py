@@ -54,3 +54,30 @@ def test_sigkill_mid_job_resumes_from_checkpoint(svc: Any, tmp_path: Path, wait:
     assert steps == list(range(1, total + 1)), "every step exactly once, in order"
     assert messages.count("The job has successfully completed") == 1
     assert len(done.result_files) == 2 and len({f.id for f in client.files.list(purpose="fine-tune-results")}) == 2
+
+
+def test_a_pickled_task_message_is_refused(svc: Any, tmp_path: Path, wait: Callable[..., Any]) -> None:
+    """The worker accepts JSON messages only: a pickled one (which could name any code to run
+    when it is loaded) is refused and starts nothing; a JSON one then starts the job."""
+    import time
+
+    from service.record.settings import Settings
+    from tests.service.record.test_store import make_job
+    from worker.celery_app import TASK_NAME, enqueue, make_celery
+
+    p = tmp_path / "train.jsonl"
+    p.write_text(json.dumps({"text": "abc def ghi " * 5}) + "\n")
+    file_id = svc.client().files.create(file=p.open("rb"), purpose="fine-tune").id
+    store = svc.store()
+    job_id = make_job(store, file_id, svc.tenant("a"))  # queued, but no message asks for a worker yet
+    settings = Settings(redis_url=svc.redis_url)
+    celery = make_celery(settings)
+    celery.send_task(TASK_NAME, args=[job_id], queue=settings.queue, serializer="pickle")
+    log = svc.log_dir / "worker-0.log"
+    wait(lambda: "untrusted content of type pickle" in log.read_text(errors="replace"), timeout=30,
+         what="the worker to refuse the pickled message")  # fmt: skip
+    time.sleep(1)
+    assert store.get_job(job_id).status == "queued", "the refused message started nothing"  # type: ignore[union-attr]
+    enqueue(celery, settings, job_id)
+    done = wait(lambda: (r := store.get_job(job_id)).status in ("succeeded", "failed") and r, timeout=120)
+    assert done.status == "succeeded", svc.logs()

@@ -17,9 +17,10 @@ from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
 from service.api.jsonl import InvalidFile, validate_jsonl
 from service.api.schemas import FileDeleted, FileList, FileObject
-from service.api.uploads import TooLarge, receive_file
+from service.api.uploads import UNREAD_BODY, TooLarge, receive_file
 from service.record import ids
 from service.record.formats import record_kind
+from service.record.outputs import measure_outputs
 from service.record.storage import keys, scratch_dir
 from service.record.store import FileInUse, FileRecord, LimitExceeded, now
 
@@ -50,9 +51,10 @@ def public(rec: FileRecord) -> FileObject:
                       purpose=rec.purpose, status=rec.status)  # fmt: skip
 
 
-def _quota_error(limit: int) -> APIError:
-    return APIError(429, f"File storage quota of {limit} bytes for this API key is used up; delete files first",
-                    code="quota_exceeded", retry=False)  # fmt: skip
+def _quota_error(limit: int, headers: dict[str, str] | None = None) -> APIError:
+    return APIError(429, f"Storage quota of {limit} bytes for this API key is used up by files and job outputs; "
+                    "delete files or finished jobs first", code="quota_exceeded", retry=False,
+                    headers=headers)  # fmt: skip
 
 
 @router.post("", response_model=FileObject, openapi_extra=UPLOAD_BODY)
@@ -65,7 +67,7 @@ async def create_file(
     published to storage (a rename on the local back-end, a multipart upload on S3):
     storage never holds a file that did not validate, and readers never see part of one.
     """
-    used = await run_in_threadpool(store.tenant_file_bytes, tenant)
+    used = await run_in_threadpool(store.tenant_storage_bytes, tenant)  # uploads and job outputs
     room = settings.max_file_bytes - used
     if room <= 0:
         raise _quota_error(settings.max_file_bytes)
@@ -79,9 +81,9 @@ async def create_file(
             up = await receive_file(request, tmp, limit)
         except TooLarge:
             if limit < settings.max_upload_bytes:
-                raise _quota_error(settings.max_file_bytes) from None
+                raise _quota_error(settings.max_file_bytes, UNREAD_BODY) from None
             raise APIError(413, f"File is larger than the limit of {settings.max_upload_bytes} bytes",
-                           param="file", code="file_too_large", retry=False) from None  # fmt: skip
+                           param="file", code="file_too_large", retry=False, headers=UNREAD_BODY) from None  # fmt: skip
         purpose = up.fields["purpose"]
         if purpose != "fine-tune":
             raise bad_request(f"purpose must be 'fine-tune' (got {purpose!r})", param="purpose")
@@ -93,8 +95,10 @@ async def create_file(
         kind = record_kind(fmt.split("+")[0])  # a file holds one kind of record (formats.py)
         rec = FileRecord(id=file_id, tenant=tenant, bytes=up.bytes, created_at=now(), filename=up.filename,
                          purpose=purpose, path=key, kind=kind)  # fmt: skip
-        try:
-            await run_in_threadpool(store.create_file, rec, counted=True, tenant_limit=settings.max_file_bytes)
+        outputs = await run_in_threadpool(store.tenant_output_bytes, tenant)
+        try:  # the script checks uploads against what the outputs leave of the quota, atomically
+            await run_in_threadpool(store.create_file, rec, counted=True,
+                                    tenant_limit=settings.max_file_bytes - outputs)  # fmt: skip
         except LimitExceeded:
             await run_in_threadpool(storage.delete, key)
             raise _quota_error(settings.max_file_bytes) from None
@@ -161,4 +165,6 @@ def delete_file(file_id: str, tenant: TenantDep, store: StoreDep, storage: Stora
         raise bad_request(f"File {file_id!r} is used by job {e} which has not finished; cancel it first",
                           param="file_id", code="file_in_use") from None  # fmt: skip
     storage.delete(rec.path)
+    if rec.job_id:  # a job's result file: the job's outputs shrank
+        measure_outputs(store, storage, tenant, rec.job_id)
     return FileDeleted(id=file_id)

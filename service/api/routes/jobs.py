@@ -12,6 +12,7 @@ import redis
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.responses import Response
 
 from service.api.deps import EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
@@ -23,12 +24,14 @@ from service.api.schemas import (
     FineTuningJob,
     JobCheckpoint,
     JobCreate,
+    JobDeleted,
     JobError,
     JobEvent,
     JobList,
 )
 from service.record import ids
 from service.record.formats import PREFERENCE, SUPERVISED
+from service.record.outputs import JobNotFinished, delete_outputs
 from service.record.store import TERMINAL, Event, FileRecord, JobRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,10 @@ def create_job(
                               "with purpose 'fine-tune'", param=param)  # fmt: skip
         _check_kind(param, frec, body.method_type)
         stored[file_id] = frec.path
+    if store.tenant_storage_bytes(tenant) >= settings.max_file_bytes:  # its outputs would not fit
+        raise APIError(429, f"Storage quota of {settings.max_file_bytes} bytes for this API key is used up by files "
+                       "and job outputs; delete files or finished jobs first", code="quota_exceeded",
+                       retry=False)  # fmt: skip
     rec = JobRecord(
         id=ids.new_job_id(), tenant=tenant, status="validating_files", created_at=now(), model=body.model,
         training_file=body.training_file, validation_file=body.validation_file,
@@ -184,6 +191,22 @@ def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> F
     return public_job(_get(store, tenant, rec.id), store)
 
 
+@router.delete("/{fine_tuning_job_id}", response_model=JobDeleted)
+def delete_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> JobDeleted:
+    """Delete a finished job: its checkpoints, adapter and metrics (freeing their storage
+    quota), then the job and its events. A queued or running job must be cancelled first."""
+    rec = _get(store, tenant, fine_tuning_job_id)
+    try:
+        delete_outputs(store, storage, rec)
+    except JobNotFinished as e:
+        raise bad_request(f"Job {rec.id} is {e}; only a finished job can be deleted (cancel it first)",
+                          param="fine_tuning_job_id", code="invalid_state") from None  # fmt: skip
+    if store.delete_job(rec) != "deleted":  # something wrote under the job meanwhile: deleting again clears it
+        raise APIError(409, f"Job {rec.id} was still being written to; retry", code="conflict")
+    log.info("job deleted", extra={"job_id": rec.id, "tenant": tenant})
+    return JobDeleted(id=rec.id)
+
+
 def _stream_id(value: str | None, param: str) -> str | None:
     if value is None:
         return None
@@ -218,6 +241,7 @@ async def stream_events(
     request: Request,
     tenant: TenantDep,
     store: StoreDep,
+    settings: SettingsDep,
     after: str | None = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> StreamingResponse:
@@ -225,9 +249,14 @@ async def stream_events(
 
     Resumes after `Last-Event-ID` (or `?after=`); without either it replays from the
     first event. Ends with `event: end` once the job is finished and every event sent.
+    A key holds at most SECO_MAX_STREAMS streams open at once (429 beyond).
     """
     rec = await run_in_threadpool(_get, store, tenant, fine_tuning_job_id)
     start = _stream_id(last_event_id, "Last-Event-ID") or _stream_id(after, "after") or "0-0"
+    slot = await request.app.state.stream_slots.take(tenant, settings.max_streams)
+    if slot is None:
+        raise APIError(429, f"This API key already has {settings.max_streams} open event streams; close one "
+                       "(or poll the events list) first", code="too_many_streams", retry=False)  # fmt: skip
     aredis: Any = request.app.state.aredis
     key = store.events_key(rec.id)
     job_key = f"seco:job:{rec.id}"
@@ -247,6 +276,7 @@ async def stream_events(
         last = start
         yield "retry: 2000\n\n"
         while True:
+            await slot.renew()
             events = await read(last, None)
             if not events:
                 status = await aredis.hget(job_key, "status")
@@ -265,7 +295,9 @@ async def stream_events(
                 yield _sse(ev)
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return StreamingResponse(gen(), media_type="text/event-stream", headers=headers)
+    # the slot is given back once the stream ends, the client's disconnect included
+    return StreamingResponse(gen(), media_type="text/event-stream", headers=headers,
+                             background=BackgroundTask(slot.release))  # fmt: skip
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)

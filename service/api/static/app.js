@@ -5,6 +5,8 @@
 import { Api, ApiError } from "./api.js";
 import { BYTE_INCREMENTS, LineChart, formatBytes } from "./charts.js";
 
+// The key is kept for this tab (sessionStorage) unless the user asks to remember it on this
+// browser (localStorage): a key that outlives the tab is one more thing to leak.
 const KEY_STORAGE = "seco.apiKey";
 const JOBS_EVERY_MS = 3000;
 const JOB_EVERY_MS = 2000;
@@ -67,13 +69,25 @@ function badge(status, cancelling) {
 function showKeyDialog(error) {
   const dialog = $("key-dialog");
   $("key-input").value = "";
+  $("key-remember").checked = localStorage.getItem(KEY_STORAGE) !== null;
   $("key-error").hidden = !error;
   $("key-error").textContent = error || "";
   if (!dialog.open) dialog.showModal();
   $("key-input").focus();
 }
 
-async function useKey(key) {
+function keepKey(key, remember) {
+  sessionStorage.setItem(KEY_STORAGE, key);
+  if (remember) localStorage.setItem(KEY_STORAGE, key);
+  else localStorage.removeItem(KEY_STORAGE);
+}
+
+function forgetKey() {
+  sessionStorage.removeItem(KEY_STORAGE);
+  localStorage.removeItem(KEY_STORAGE);
+}
+
+async function useKey(key, remember) {
   const api = new Api(key);
   try {
     await api.get("/models");
@@ -84,7 +98,7 @@ async function useKey(key) {
     }
     setConn(false, e.message);
   }
-  localStorage.setItem(KEY_STORAGE, key);
+  keepKey(key, remember);
   state.api = api;
   return true;
 }
@@ -330,14 +344,14 @@ async function start() {
     e.preventDefault();
     const key = $("key-input").value.trim();
     if (!key) return;
-    if (await useKey(key)) {
+    if (await useKey(key, $("key-remember").checked)) {
       $("key-dialog").close();
       await refreshJobs();
       fromHash();
     }
   });
   $("key-forget").addEventListener("click", () => {
-    localStorage.removeItem(KEY_STORAGE);
+    forgetKey();
     state.api = null;
     showKeyDialog();
   });
@@ -348,8 +362,9 @@ async function start() {
   window.addEventListener("hashchange", fromHash);
   setInterval(refreshJobs, JOBS_EVERY_MS);
 
-  const saved = localStorage.getItem(KEY_STORAGE);
-  if (saved && (await useKey(saved))) {
+  const remembered = localStorage.getItem(KEY_STORAGE);
+  const saved = sessionStorage.getItem(KEY_STORAGE) || remembered;
+  if (saved && (await useKey(saved, remembered === saved))) {
     await refreshJobs();
     fromHash();
   } else if (!saved) {

@@ -183,6 +183,24 @@ class Storage(ABC):
             self.delete(obj.key)
         return len(objects)
 
+    # ---------------------------------------------------------------- moves
+
+    @abstractmethod
+    def copy(self, src: str, dest: str) -> None:
+        """Copy one object to another key (replacing what is there)."""
+
+    def move_under(self, src: str, dest: str) -> int:
+        """Move every object under `src/` to the same place under `dest/`; returns how many.
+
+        Object by object, each copied before it is deleted: a move cut short leaves every
+        object under one prefix or the other, and running it again finishes it.
+        """
+        objects = self.list_under(src)
+        for obj in objects:
+            self.copy(obj.key, f"{dest}/{obj.key[len(src) + 1 :]}")
+            self.delete(obj.key)
+        return len(objects)
+
     # ---------------------------------------------------------------- helpers
 
     @staticmethod

@@ -7,7 +7,7 @@ Layout (the same for the local directory and the object store)::
     tenants/<tenant>/jobs/<job_id>/adapter.tar.gz              the trained adapter (a result file)
     tenants/<tenant>/jobs/<job_id>/metrics.csv                 per-step metrics (a result file)
 
-A tenant id is the 16 hex digits `settings.tenant_of` derives from an API key; file and
+A tenant id is the 16 hex digits `tenants.tenant_of` derives from an API key; file and
 job ids match `service.record.ids`. Nothing a user sends ever becomes part of a key, so
 one tenant's keys can never reach into another's, and a bucket policy or lifecycle rule
 can be written per tenant (`tenants/<tenant>/`) or per job.

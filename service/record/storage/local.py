@@ -180,5 +180,27 @@ class LocalStorage(Storage):
             raise _failure(e) from e
         return n
 
+    # ---------------------------------------------------------------- moves
+
+    def copy(self, src: str, dest: str) -> None:
+        source = self.path(src)
+        if not source.is_file():
+            raise ObjectNotFound(src)
+        self.put_file(dest, source)
+
+    def move_under(self, src: str, dest: str) -> int:
+        """One rename when nothing is at `dest` yet (a directory on one filesystem); object by
+        object otherwise (a move cut short before)."""
+        n = len(self.list_under(src))
+        source, target = self.path(src), self.path(dest)
+        try:
+            if source.is_dir() and not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source.rename(target)
+                return n
+        except OSError as e:
+            raise _failure(e) from e
+        return super().move_under(src, dest)
+
     def describe(self) -> str:
         return f"local directory {self.root}"

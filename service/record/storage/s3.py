@@ -159,5 +159,11 @@ class S3Storage(Storage):
             self._call("delete", prefix, lambda b=batch: obstore.delete(self.store, b))  # type: ignore[misc]
         return len(keys)
 
+    # ---------------------------------------------------------------- moves
+
+    def copy(self, src: str, dest: str) -> None:
+        src, dest = self.key(src), self.key(dest)
+        self._call("copy", src, lambda: obstore.copy(self.store, src, dest))  # server-side: no bytes through us
+
     def describe(self) -> str:
         return f"s3 bucket {self.bucket}" + (f" under {self.prefix}/" if self.prefix else "")

@@ -35,7 +35,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("ui"), workers=1, SECO_CHECKPOINT_EVERY="10")
+    s = launch_service(redis_url, tmp_path_factory.mktemp("ui"), workers=1, SECO_CHECKPOINT_EVERY="10",
+                       SECO_API_DOCS="true")  # fmt: skip
     yield s
     s.close()
 
@@ -75,7 +76,8 @@ def test_dashboard_follows_a_job_live_and_downloads_its_adapter(svc: Any, browse
     page.fill("#key-input", svc.key())
     page.click("#key-save")
     page.wait_for_selector("#key-dialog", state="hidden")
-    assert page.evaluate("localStorage.getItem('seco.apiKey')") == svc.key()
+    assert page.evaluate("sessionStorage.getItem('seco.apiKey')") == svc.key()
+    assert page.evaluate("localStorage.getItem('seco.apiKey')") is None, "kept for the tab only"
 
     train, valid = _files(svc, tmp_path)
     client = svc.client()
@@ -183,4 +185,49 @@ def test_dashboard_charts_a_dpo_jobs_rewards(svc: Any, browser: Any, tmp_path: P
     legend = page.text_content("#reward-figure")
     assert "reward margin" in legend and "reward accuracy" in legend and "validation margin" in legend
     assert not problems, problems
+
+
+def test_the_key_is_kept_for_the_tab_unless_remembered(svc: Any, browser: Any) -> None:
+    context = browser.new_context()
+    try:
+        first = context.new_page()
+        first.goto(svc.url + "/ui")
+        first.fill("#key-input", svc.key())
+        first.click("#key-save")
+        first.wait_for_selector("#key-dialog", state="hidden")
+        second = context.new_page()  # another tab of the same browser: asks again
+        second.goto(svc.url + "/ui")
+        second.wait_for_selector("#key-dialog[open]")
+        second.fill("#key-input", svc.key())
+        second.check("#key-remember")
+        second.click("#key-save")
+        second.wait_for_selector("#key-dialog", state="hidden")
+        assert second.evaluate("localStorage.getItem('seco.apiKey')") == svc.key()
+        third = context.new_page()  # remembered: a new tab needs no key
+        third.goto(svc.url + "/ui")
+        third.wait_for_selector("#conn.ok")
+        assert third.is_hidden("#key-dialog")
+        third.click("#change-key")
+        third.click("#key-forget")
+        assert third.evaluate("localStorage.getItem('seco.apiKey')") is None
+        assert third.evaluate("sessionStorage.getItem('seco.apiKey')") is None
+    finally:
+        context.close()
+
+
+def test_api_reference_is_self_hosted_under_the_dashboards_csp(svc: Any, browser: Any) -> None:
+    """/docs (SECO_API_DOCS=true) loads nothing from another origin and runs under the CSP."""
+    page = browser.new_page()
+    requests: list[str] = []
+    problems: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+    response = page.goto(svc.url + "/docs")
+    assert response is not None and response.status == 200
+    assert "script-src 'self'" in response.headers["content-security-policy"]
+    page.wait_for_selector(".opblock-summary-path[data-path='/v1/fine_tuning/jobs/{fine_tuning_job_id}/events/stream']")
+    assert requests and all(u.startswith(svc.url) or u.startswith("data:") for u in requests), requests
+    assert not problems, problems
+    assert page.request.get(svc.url + "/redoc").status == 404, "ReDoc is not offered"
     page.close()

@@ -120,6 +120,77 @@ def test_bad_upload_requests(svc: Any, jsonl: Callable[..., Path]) -> None:
         assert r.status_code == 400 and "Missing the 'file' part" in r.json()["error"]["message"]
 
 
+PURPOSE_PART = b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+FILE_PART = b'--B\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\n\r\n{"text": "hi"}\n\r\n'
+END = b"--B--\r\n"
+MULTIPART = {"content-type": "multipart/form-data; boundary=B"}
+
+
+class Body:
+    """A streamed (chunked) request body that records how much of it the client got to send."""
+
+    def __init__(self, *chunks: bytes, repeat: bytes = b"", times: int = 0, tail: bytes = b"") -> None:
+        self.chunks, self.repeat, self.times, self.tail = chunks, repeat, times, tail
+        self.sent = 0
+        self.total = sum(map(len, chunks)) + len(repeat) * times + len(tail)
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in [*self.chunks, *([self.repeat] * self.times), self.tail]:
+            self.sent += len(chunk)
+            yield chunk
+
+
+def _post(svc: Any, body: Body) -> Any:
+    import httpx
+
+    with svc.http() as http:
+        try:
+            return http.post("/v1/files", content=iter(body), headers=MULTIPART, timeout=60)
+        except httpx.HTTPError as e:  # the server answered and closed before the client finished writing
+            raise AssertionError(f"no response after {body.sent} of {body.total} bytes: {e!r}") from e
+
+
+def test_extra_form_fields_are_refused_without_reading_them(svc: Any) -> None:
+    """25,000 extra 4 KB fields (~100 MB) around a tiny file used to be read and accepted on an
+    instance whose upload limit is 64 KiB; an unknown field is now refused as its headers arrive."""
+    extra = b'--B\r\nContent-Disposition: form-data; name="x"\r\n\r\n' + b"v" * 4000 + b"\r\n"
+    before = svc.objects()
+    body = Body(PURPOSE_PART, repeat=extra, times=25_000, tail=FILE_PART + END)
+    r = _post(svc, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "x" and err["code"] == "invalid_upload" and "Unknown form field 'x'" in err["message"]
+    assert body.sent < body.total / 2, f"the client sent {body.sent} of {body.total} bytes"
+    # each documented field once
+    r = _post(svc, Body(PURPOSE_PART, repeat=PURPOSE_PART, times=3, tail=FILE_PART + END))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose", r.text
+    assert "more than once" in r.json()["error"]["message"]
+    r = _post(svc, Body(PURPOSE_PART, FILE_PART, FILE_PART, END))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file", r.text
+    # a field's value and a part's headers are bounded too
+    long_purpose = b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n' + b"p" * 5000 + b"\r\n"
+    r = _post(svc, Body(long_purpose, FILE_PART, END))
+    assert r.status_code == 400 and "longer than 4096 bytes" in r.json()["error"]["message"], r.text
+    fat_header = b'--B\r\nContent-Disposition: form-data; name="file"; filename="x.jsonl"\r\nX-Pad: ' + b"h" * 20_000
+    r = _post(svc, Body(PURPOSE_PART, fat_header + b'\r\n\r\n{"text": "hi"}\n\r\n', END))
+    assert r.status_code == 400 and "Maximum header size exceeded" in r.json()["error"]["message"], r.text
+    assert svc.objects() == before and not svc.upload_leftovers()
+
+
+def test_every_byte_of_the_body_counts_against_the_limit(svc: Any) -> None:
+    """Bytes after the closing boundary are legal multipart and skipped by the parser; they
+    still count: a tiny file with 64 MiB behind it is over a 64 KiB upload limit."""
+    before = svc.objects()
+    body = Body(PURPOSE_PART, FILE_PART, END, repeat=b"e" * 4096, times=16384)
+    r = _post(svc, body)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large", r.text
+    assert body.sent < body.total / 2, f"the client sent {body.sent} of {body.total} bytes"
+    assert svc.objects() == before and not svc.upload_leftovers()
+    ok = _post(svc, Body(PURPOSE_PART, FILE_PART, END))  # the same upload without the padding is fine
+    assert ok.status_code == 200, ok.text
+    svc.client().files.delete(ok.json()["id"])
+
+
 def test_auth_required(svc: Any) -> None:
     with svc.http(tenant=None) as http:
         for method, path in [("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/fine_tuning/jobs"),

@@ -189,6 +189,36 @@ def test_sse_replays_and_resumes_with_last_event_id(svc: Any, train_file: str) -
         assert [e.get("id") for e in sse_events(r) if "data" in e][:-1] == [e["id"] for e in evs[2:-1]]
 
 
+U64 = 2**64 - 1
+
+
+def test_event_ids_beyond_what_redis_accepts_are_400_not_500(svc: Any, train_file: str) -> None:
+    """Each half of a stream id is an unsigned 64-bit integer: twenty digits can pass a pattern
+    check and still be refused by Redis, which must not surface as a 500."""
+    client = svc.client()
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=train_file)
+    client.fine_tuning.jobs.cancel(job.id)
+    events = f"/v1/fine_tuning/jobs/{job.id}/events"
+    too_big = [f"ftevent-{U64 + 1}-0", f"ftevent-0-{U64 + 1}", "ftevent-99999999999999999999-99999999999999999999",
+               f"{U64 + 1}-1"]  # fmt: skip
+    with svc.http() as http:
+        for bad in too_big:
+            r = http.get(events, params={"after": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "after", (bad, r.text)
+            r = http.get(events + "/stream", params={"after": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "after", (bad, r.text)
+            r = http.get(events + "/stream", headers={"Last-Event-ID": bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "Last-Event-ID", (bad, r.text)
+        # the edges Redis does accept: nothing is older than 0-0, nothing newer than max-max
+        r = http.get(events, params={"after": "ftevent-0-0"})
+        assert r.status_code == 200 and r.json()["data"] == [] and r.json()["has_more"] is False, r.text
+        r = http.get(events, params={"after": f"ftevent-{U64}-{U64}"})
+        assert r.status_code == 200 and len(r.json()["data"]) == 4, r.text
+        with http.stream("GET", events + "/stream", params={"after": f"ftevent-{U64}-{U64}"}) as r:
+            assert [e["event"] for e in sse_events(r) if "data" in e] == ["end"]
+    assert "Traceback" not in (svc.log_dir / "api.log").read_text()
+
+
 def test_sse_follows_a_live_job(svc: Any, train_file: str) -> None:
     """A stream opened on a queued job receives the cancel as it happens, then ends."""
     client = svc.client()
@@ -246,6 +276,9 @@ def test_models_health_metrics_openapi(svc: Any) -> None:
         assert "multipart/form-data" in spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]
         r = http.get("/v1/nothing-here", headers={"Authorization": f"Bearer {svc.key('a')}"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        # FastAPI's reference pages load their scripts from a CDN: off unless SECO_API_DOCS is set
+        for page in ("/docs", "/redoc", "/docs/swagger-ui/swagger-ui-bundle.js"):
+            assert http.get(page).status_code == 404, page
 
 
 def test_redis_down_is_503(launch_service: Callable[..., Any], tmp_path: Path) -> None:

@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from service.record import ids
-from service.record.settings import Settings, tenant_of
+from service.record.settings import Settings
 from service.record.storage import LocalStorage, ObjectNotFound, Storage, StorageError, keys, open_storage
+from service.record.tenants import tenant_of
 from tests.conftest import BACKENDS, S3_CREDENTIALS, free_port
 
-TENANT = tenant_of("sk-storage-test")
+TENANT = tenant_of("sk-storage-test", b"a test secret")
 MiB = 1 << 20
 
 
@@ -104,6 +105,23 @@ def test_a_directory_is_complete_only_with_its_marker(storage: Storage, tmp_path
     assert not [p for p in fetched.parent.iterdir() if p.name.startswith(".")], "no temporary left"
     with pytest.raises(ValueError, match="marker"):
         storage.put_dir(f"{prefix}/step-000009", ckpt / "adapter", "checkpoint.json")
+
+
+def test_move_under_moves_everything_and_finishes_an_interrupted_move(storage: Storage, tmp_path: Path) -> None:
+    src, dest = "tenants/0123456789abcdef", "tenants/fedcba9876543210"
+    contents = {f"files/{ids.new_file_id()}": os.urandom(100), "jobs/x/checkpoints/step-000001/a": b"a",
+                "jobs/x/adapter.tar.gz": os.urandom(3000)}  # fmt: skip
+    for rel, data in contents.items():
+        storage.put_bytes(f"{src}/{rel}", data)
+    storage.copy(f"{src}/jobs/x/adapter.tar.gz", f"{dest}/jobs/x/adapter.tar.gz")  # as a move cut short leaves it
+    assert storage.move_under(src, dest) == len(contents)
+    assert storage.list_under(src) == []
+    assert {o.key: _read(storage, o.key) for o in storage.list_under(dest)} == {
+        f"{dest}/{rel}": data for rel, data in contents.items()
+    }
+    assert storage.move_under(src, dest) == 0, "moving again has nothing left to do"
+    with pytest.raises(ObjectNotFound):
+        storage.copy(f"{src}/nothing", f"{dest}/nothing")
 
 
 def test_fetch_gives_a_local_file(storage: Storage, tmp_path: Path) -> None:

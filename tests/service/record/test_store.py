@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from service.record import ids
-from service.record.settings import Settings, tenant_of
+from service.record.settings import Settings
 from service.record.storage import LocalStorage, keys
 from service.record.store import REQUEUE_MESSAGE, STATUSES, FileInUse, FileRecord, JobRecord, LimitExceeded, Store, now
+from service.record.tenants import tenant_of
 from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
 from worker.tasks import run_job
 
@@ -30,8 +31,13 @@ def store(redis_url: str) -> Store:
     return s
 
 
-T1 = tenant_of("sk-t1")
-OTHER = tenant_of("sk-other")
+def tenant(key: str) -> str:
+    """A tenant id as the service derives one (the secret here is a fixed test value)."""
+    return tenant_of(key, b"a test secret")
+
+
+T1 = tenant("sk-t1")
+OTHER = tenant("sk-other")
 
 
 def make_file(store: Store, data: LocalStorage, tenant: str = T1) -> FileRecord:
