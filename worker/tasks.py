@@ -404,6 +404,10 @@ def _run_in_scratch(
         if train is None:
             from worker.trainer import train as real_train  # torch is imported here, in the child only
 
+            if settings.device == "cpu":  # this child runs one job: RSS then tracks live tensors, as the plan does
+                from seco_core.probes import return_freed_memory_to_os
+
+                return_freed_memory_to_os()
             train = real_train
         result = train(spec, ctx)
         if lease.lost:

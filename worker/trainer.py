@@ -25,7 +25,7 @@ from seco_core.dpo import DEFAULT_BETA
 from seco_core.kv_store import HostBuffers
 from seco_core.lora import attach_lora, pack_adapter, save_adapter
 from seco_core.memory_plan import FASTEST_CHUNK, MemoryPlan, PlanOptions, device_budget_bytes, format_bytes, plan
-from seco_core.probes import PeakMemory, return_freed_memory_to_os
+from seco_core.probes import PeakMemory
 from seco_core.selfcheck import self_check
 from seco_core.windows import Window, split_documents
 from worker.checkpoints import Position, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -85,8 +85,6 @@ def train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
 def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     device = torch.device(spec.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        return_freed_memory_to_os()  # RSS then tracks live tensors, as the memory plan does
     torch.manual_seed(spec.seed)
 
     # Data (every record validated and tokenised before the model is loaded) and the memory plan.
