@@ -82,12 +82,16 @@ def _max_concurrency(env: Mapping[str, str]) -> int:
     return int(env.get("SECO_MAX_CONCURRENCY") or Settings.model_fields["max_concurrency"].default)
 
 
-def api_argv(host: str, port: int, env: Mapping[str, str] | None = None) -> list[str]:
-    """The API under uvicorn; `env` is the environment it will run with (default: ours)."""
+def api_argv(host: str, port: int, env: Mapping[str, str] | None = None, *, workers: int = 1) -> list[str]:
+    """The API under uvicorn; `env` is the environment it will run with (default: ours).
+
+    `workers` > 1: that many API processes behind one listening socket (uvicorn's supervisor
+    restarts one that dies); each has its own connection limit and Redis pools.
+    """
     limit = _max_concurrency(os.environ if env is None else env)
     return [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--host", host,
             "--port", str(port), "--no-access-log", "--limit-concurrency", str(limit),
-            "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_SECONDS)]  # fmt: skip
+            "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_SECONDS), "--workers", str(workers)]  # fmt: skip
 
 
 def cmd_api(args: argparse.Namespace) -> int:

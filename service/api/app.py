@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 import redis.asyncio as aioredis
-from fastapi import APIRouter, FastAPI
+from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from service.api import dashboard, docs, errors
@@ -21,6 +21,7 @@ from service.api.routes import files, health, jobs, models
 from service.api.streams import StreamSlots
 from service.record.logs import configure_logging
 from service.record.private import private_dir, restrict_umask
+from service.record.reads import Reads
 from service.record.settings import Settings, get_settings
 from service.record.storage import Storage, StorageError, open_storage, sweep_scratch
 from service.record.store import POOL_WAIT_SECONDS, Store
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_connect_timeout=3, socket_timeout=SSE_SOCKET_TIMEOUT, client_name="seco-api-async",
         )  # fmt: skip
         app.state.aredis = aioredis.Redis.from_pool(pool)
+        app.state.reads = Reads.from_url(redis_url, name="seco-api-reads")  # the hot read routes
         app.state.stream_slots = StreamSlots(app.state.aredis)
         tried = asyncio.Event()
         resolver = asyncio.create_task(_resolve_tenants(store, storage, tenant_keys, tried))
@@ -108,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await app.state.aredis.aclose()
+            await app.state.reads.aclose()
 
     app = FastAPI(
         title="seco fine-tuning service",
@@ -123,11 +126,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.enqueue = enqueue
     app.state.metrics = Metrics(store, settings.lease_seconds)
 
-    v1 = APIRouter(prefix="/v1")
-    v1.include_router(files.router)
-    v1.include_router(jobs.router)
-    v1.include_router(models.router)
-    app.include_router(v1)
+    # Routes are matched in order, router by router: the jobs routes, which clients poll all
+    # day, come first, and each router is included at the app itself (one level to descend).
+    for router in (jobs.router, files.router, models.router):
+        app.include_router(router, prefix="/v1")
     app.include_router(health.router)
     dashboard.install(app)  # the web UI at /ui (static files, no auth: the page asks for the key)
     if settings.api_docs:

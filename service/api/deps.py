@@ -1,4 +1,8 @@
-"""Dependencies as `Annotated` aliases, as in full-stack-fastapi-template."""
+"""Dependencies as `Annotated` aliases.
+
+All `async def`: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per
+dependency per request for what is an attribute lookup.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.record.reads import Reads
 from service.record.settings import Settings
 from service.record.storage import Storage
 from service.record.store import Store
@@ -16,29 +21,34 @@ from service.record.store import Store
 _bearer = HTTPBearer(auto_error=False)
 
 
-def get_tenant(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
+async def get_tenant(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     """The caller's tenant, set by the BearerAuth middleware."""
     return str(request.state.tenant)
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_reads(request: Request) -> Reads:
+    return request.app.state.reads
+
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def get_enqueue(request: Request) -> Callable[[str], None]:
+async def get_enqueue(request: Request) -> Callable[[str], None]:
     return request.app.state.enqueue
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
 StoreDep = Annotated[Store, Depends(get_store)]
+ReadsDep = Annotated[Reads, Depends(get_reads)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 EnqueueDep = Annotated[Callable[[str], None], Depends(get_enqueue)]

@@ -1,4 +1,12 @@
-"""Fine-tuning jobs: create, list, retrieve, cancel, events (paged and live), checkpoints, adapter."""
+"""Fine-tuning jobs: create, list, retrieve, cancel, events (paged and live), checkpoints, adapter.
+
+The read routes (retrieve, list, events, checkpoints, the event stream) are what clients
+poll all day: they are `async def`, read through `service.record.reads` (one Redis round
+trip on the asyncio client, no thread-pool hop) and answer pre-serialised JSON
+(`service.api.views`). The write routes use the sync `Store` in the thread pool. Both map a
+record to the public object with the same functions (`public_job`, `public_event`,
+`public_checkpoints`).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
-from service.api.deps import EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from service.api.deps import EnqueueDep, ReadsDep, SettingsDep, StorageDep, StoreDep, TenantDep
 from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
 from service.api.schemas import (
@@ -29,10 +37,12 @@ from service.api.schemas import (
     JobEvent,
     JobList,
 )
+from service.api.views import json_response
 from service.record import ids
 from service.record.formats import PREFERENCE, SUPERVISED
 from service.record.outputs import JobNotFinished, delete_outputs
-from service.record.store import TERMINAL, Event, FileRecord, JobRecord, LimitExceeded, Store, now
+from service.record.reads import EVENT_BATCH, QueuePositions, Reads
+from service.record.store import TERMINAL, Checkpoint, Event, FileRecord, JobRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
@@ -40,7 +50,9 @@ router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 KEEPALIVE_MS = 15_000
 
 
-def public_job(rec: JobRecord, store: Store) -> FineTuningJob:
+def public_job(rec: JobRecord, store: QueuePositions) -> FineTuningJob:
+    """The OpenAI job object of a record: the one mapping every route uses (`store` answers
+    the queue position: the sync Store, or the positions a read took with the job)."""
     hp = rec.hyperparameters
     return FineTuningJob(
         id=rec.id, created_at=rec.created_at, finished_at=rec.finished_at, model=rec.model,
@@ -63,11 +75,29 @@ def public_event(ev: Event) -> JobEvent:
                     data=ev.data)  # fmt: skip
 
 
+def public_checkpoints(rec: JobRecord, cks: list[Checkpoint], more: bool) -> CheckpointList:
+    base = f"{rec.model}:{rec.suffix}:{rec.id}" if rec.suffix else f"{rec.model}:{rec.id}"
+    data = [
+        JobCheckpoint(id=c.id, created_at=c.created_at, fine_tuned_model_checkpoint=f"{base}:ckpt-step-{c.step}",
+                      fine_tuning_job_id=rec.id, step_number=c.step, metrics={"step": c.step, **c.metrics})
+        for c in cks
+    ]  # fmt: skip
+    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
+                          last_id=data[-1].id if data else None)  # fmt: skip
+
+
 def _get(store: Store, tenant: str, job_id: str) -> JobRecord:
     rec = store.get_job(job_id, tenant)
     if rec is None:
         raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
     return rec
+
+
+async def _read(reads: Reads, tenant: str, job_id: str) -> JobRecord:
+    found = await reads.job(job_id, tenant)
+    if found is None:
+        raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return found[0]
 
 
 def _check_kind(param: str, frec: FileRecord, method: str) -> None:
@@ -153,26 +183,29 @@ def create_job(
 
 
 @router.get("", response_model=JobList)
-def list_jobs(
+async def list_jobs(
     request: Request,
     tenant: TenantDep,
-    store: StoreDep,
+    reads: ReadsDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> JobList:
+) -> Response:
     """The caller's jobs, newest first; `metadata[k]=v` query parameters filter them."""
     meta = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
     try:
-        recs, more = store.list_jobs(tenant, after=after, limit=limit, metadata=meta or None)
+        recs, more, positions = await reads.jobs(tenant, after=after, limit=limit, metadata=meta or None)
     except KeyError:
         raise bad_request(f"after: no such job {after!r}", param="after") from None
-    return JobList(data=[public_job(r, store) for r in recs], has_more=more)
+    return json_response(JobList(data=[public_job(r, positions) for r in recs], has_more=more))
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob)
-def retrieve_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> FineTuningJob:
+async def retrieve_job(fine_tuning_job_id: str, tenant: TenantDep, reads: ReadsDep) -> Response:
     """One job, with its progress, ETA and queue position."""
-    return public_job(_get(store, tenant, fine_tuning_job_id), store)
+    found = await reads.job(fine_tuning_job_id, tenant)
+    if found is None:
+        raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
+    return json_response(public_job(*found))
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
@@ -217,17 +250,21 @@ def _stream_id(value: str | None, param: str) -> str | None:
 
 
 @router.get("/{fine_tuning_job_id}/events", response_model=EventList)
-def list_events(
+async def list_events(
     fine_tuning_job_id: str,
     tenant: TenantDep,
-    store: StoreDep,
+    reads: ReadsDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-) -> EventList:
+) -> Response:
     """The job's events, newest first; `after` (an event id) pages to older ones."""
-    rec = _get(store, tenant, fine_tuning_job_id)
-    events, more = store.list_events(rec.id, after=_stream_id(after, "after"), limit=limit)
-    return EventList(data=[public_event(e) for e in events], has_more=more)
+    if after is not None and ids.stream_id_of(after) is None:
+        await _read(reads, tenant, fine_tuning_job_id)  # an unknown job is a 404 whatever the parameters
+    found = await reads.events(fine_tuning_job_id, tenant, after=_stream_id(after, "after"), limit=limit)
+    if found is None:
+        raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
+    events, more = found
+    return json_response(EventList(data=[public_event(e) for e in events], has_more=more))
 
 
 def _sse(ev: Event) -> str:
@@ -241,6 +278,7 @@ async def stream_events(
     request: Request,
     tenant: TenantDep,
     store: StoreDep,
+    reads: ReadsDep,
     settings: SettingsDep,
     after: str | None = None,
     last_event_id: Annotated[str | None, Header()] = None,
@@ -251,7 +289,7 @@ async def stream_events(
     first event. Ends with `event: end` once the job is finished and every event sent.
     A key holds at most SECO_MAX_STREAMS streams open at once (429 beyond).
     """
-    rec = await run_in_threadpool(_get, store, tenant, fine_tuning_job_id)
+    rec = await _read(reads, tenant, fine_tuning_job_id)
     start = _stream_id(last_event_id, "Last-Event-ID") or _stream_id(after, "after") or "0-0"
     slot = await request.app.state.stream_slots.take(tenant, settings.max_streams)
     if slot is None:
@@ -259,11 +297,6 @@ async def stream_events(
                        "(or poll the events list) first", code="too_many_streams", retry=False)  # fmt: skip
     aredis: Any = request.app.state.aredis
     key = store.events_key(rec.id)
-    job_key = f"seco:job:{rec.id}"
-
-    async def read(last: str, block: int | None) -> list[Event]:
-        resp = await aredis.xread({key: last}, count=500, block=block)
-        return [Store.event_from_entry(sid, f) for _, entries in resp for sid, f in entries]
 
     async def gen() -> AsyncIterator[str]:
         try:
@@ -277,22 +310,20 @@ async def stream_events(
         yield "retry: 2000\n\n"
         while True:
             await slot.renew()
-            events = await read(last, None)
+            # new events and the status in one read: none new and a final status means none will come
+            # (the final event is written atomically with the status)
+            events, status = await reads.stream(rec.id, last)
             if not events:
-                status = await aredis.hget(job_key, "status")
                 if status in TERMINAL:
-                    # the final event is written atomically with the status; read it if we missed it
-                    for ev in await read(last, None):
-                        last = ev.stream_id
-                        yield _sse(ev)
                     yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
                     return
-                events = await read(last, KEEPALIVE_MS)
+                resp = await aredis.xread({key: last}, count=EVENT_BATCH, block=KEEPALIVE_MS)
+                events = [Store.event_from_entry(sid, f) for _, entries in resp for sid, f in entries]
                 if not events:
                     yield ": keep-alive\n\n"
-            for ev in events:
-                last = ev.stream_id
-                yield _sse(ev)
+                    continue
+            last = events[-1].stream_id
+            yield "".join(_sse(ev) for ev in events)  # a batch in one write
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     # the slot is given back once the stream ends, the client's disconnect included
@@ -301,27 +332,21 @@ async def stream_events(
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
-def list_checkpoints(
+async def list_checkpoints(
     fine_tuning_job_id: str,
     tenant: TenantDep,
-    store: StoreDep,
+    reads: ReadsDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 10,
-) -> CheckpointList:
+) -> Response:
     """The job's checkpoints with their metrics, newest first."""
-    rec = _get(store, tenant, fine_tuning_job_id)
     try:
-        cks, more = store.list_checkpoints(rec.id, after=after, limit=limit)
+        found = await reads.checkpoints(fine_tuning_job_id, tenant, after=after, limit=limit)
     except KeyError:
         raise bad_request(f"after: no such checkpoint {after!r}", param="after") from None
-    base = f"{rec.model}:{rec.suffix}:{rec.id}" if rec.suffix else f"{rec.model}:{rec.id}"
-    data = [
-        JobCheckpoint(id=c.id, created_at=c.created_at, fine_tuned_model_checkpoint=f"{base}:ckpt-step-{c.step}",
-                      fine_tuning_job_id=rec.id, step_number=c.step, metrics={"step": c.step, **c.metrics})
-        for c in cks
-    ]  # fmt: skip
-    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
-                          last_id=data[-1].id if data else None)  # fmt: skip
+    if found is None:
+        raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
+    return json_response(public_checkpoints(*found))
 
 
 @router.get("/{fine_tuning_job_id}/adapter", response_class=FileResponse,
