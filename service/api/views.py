@@ -3,17 +3,64 @@
 A route that returns a pydantic model under `response_model` has FastAPI dump it, validate
 the dump against the model again and dump that: three passes over every job of a list.
 These routes build their model once (with the same mapping functions as every other route)
-and answer its JSON directly, byte for byte what FastAPI would have sent: Starlette's JSON
-rendering of the model's JSON-mode dump (non-finite floats as null, as before).
-`response_model` stays on the routes for the OpenAPI schema.
+and answer its JSON directly, as FastAPI would have: Starlette's JSON rendering of the
+model's JSON-mode dump (non-finite floats as null, as before). `response_model` stays on
+the routes for the OpenAPI schema.
+
+Events are the exception, because a page holds many and a stream replays hundreds: the
+public event object (OpenAI's `fine_tuning.job.event`, `schemas.JobEvent`) is written
+straight from its stream entry by `event_json`, its `data` copied as stored (the store wrote
+it with `json.dumps`), except that NaN and infinities, which the store's JSON keeps but JSON
+has no word for, become null. The event list and the event stream both use it.
 """
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
+
+from service.record.reads import Entry
+
+_encode_str = json.JSONEncoder(ensure_ascii=False).encode
+_decode_finite = json.JSONDecoder(parse_constant=lambda _: None).decode
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 def json_response(model: BaseModel) -> JSONResponse:
     """`model` as FastAPI would serialise it for a `response_model` of its own class."""
     return JSONResponse(model.model_dump(mode="json"))
+
+
+def _data_json(raw: str | None) -> str:
+    """An event's `data`, stored as JSON text by the store, as JSON without NaN or infinities."""
+    if not raw:
+        return "null"
+    if "NaN" in raw or "Infinity" in raw:  # maybe a non-finite number (or only a string saying so)
+        return _encode(_decode_finite(raw))
+    return raw
+
+
+def event_json(entry: Entry) -> str:
+    """The public event object of a stream entry, as JSON text (`schemas.JobEvent`)."""
+    sid, f = entry
+    return (f'{{"id":"ftevent-{sid}","object":"fine_tuning.job.event","created_at":{int(f.get("created_at") or 0)},'
+            f'"level":{_encode_str(f.get("level", "info"))},"message":{_encode_str(f.get("message", ""))},'
+            f'"type":{_encode_str(f.get("type", "message"))},"data":{_data_json(f.get("data"))}}}')  # fmt: skip
+
+
+def event_list_response(entries: list[Entry], has_more: bool) -> Response:
+    """A page of events (`schemas.EventList`)."""
+    body = '{"object":"list","data":[' + ",".join(map(event_json, entries)) + '],"has_more":'
+    return Response(body + ("true}" if has_more else "false}"), media_type="application/json")
+
+
+def sse_events(entries: list[Entry]) -> str:
+    """Server-Sent Events frames for a batch of entries: `id:` the stream id, `data:` the event."""
+    return "".join(f"id: {entry[0]}\ndata: {event_json(entry)}\n\n" for entry in entries)
+
+
+def sse_end(status: str) -> str:
+    """The frame that ends a finished job's stream."""
+    return f"event: end\ndata: {json.dumps({'status': status})}\n\n"

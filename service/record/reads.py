@@ -30,9 +30,7 @@ from service.record.store import (
     POOL_WAIT_SECONDS,
     QUEUE_SNAPSHOT_FN,
     Checkpoint,
-    Event,
     JobRecord,
-    Store,
     job_from_hash,
     order_from_snapshot,
     page_checkpoints,
@@ -132,15 +130,26 @@ local entries = redis.call('XREAD', 'COUNT', ARGV[2], 'STREAMS', KEYS[1], ARGV[1
 return cjson.encode({entries, redis.call('HGET', KEYS[2], 'status')})
 """
 
+# A job and its events after a stream id, read together. KEYS: job, events. ARGV: last id, count.
+# Returns [hash, entries] as JSON.
+_OPEN = """
+local h = redis.call('HGETALL', KEYS[1])
+return cjson.encode({h, redis.call('XREAD', 'COUNT', ARGV[2], 'STREAMS', KEYS[2], ARGV[1])})
+"""
+
 
 def _pairs(flat: list[str]) -> dict[str, str]:
     """A dict from a flat [field, value, ...] list (cjson writes an empty one as `{}`)."""
     return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
 
 
-def _events(entries: list[Any]) -> list[Event]:
-    """Events from raw stream entries ({id, {field, value, ...}}), as `Store.event_from_entry` reads them."""
-    return [Store.event_from_entry(sid, _pairs(fields)) for sid, fields in entries or ()]
+Entry = tuple[str, dict[str, str]]
+"""A stream entry: (stream id, fields); `Store.event_from_entry` makes an `Event` of one."""
+
+
+def _entries(raw: list[Any]) -> list[Entry]:
+    """Stream entries from a script's [[id, [field, value, ...]], ...] (an empty one is `{}`)."""
+    return [(sid, _pairs(fields)) for sid, fields in raw or ()]
 
 
 class QueuePositions(Protocol):
@@ -170,6 +179,7 @@ class Reads:
         self._events = client.register_script(_EVENTS)
         self._checkpoints = client.register_script(_CHECKPOINTS)
         self._stream = client.register_script(_STREAM)
+        self._open = client.register_script(_OPEN)
 
     @classmethod
     def from_url(cls, url: str, *, max_connections: int = MAX_CONNECTIONS, name: str | None = None) -> Reads:
@@ -214,15 +224,16 @@ class Reads:
 
     async def events(
         self, job_id: str, tenant: str, *, after: str | None, limit: int
-    ) -> tuple[list[Event], bool] | None:
-        """The caller's job's events, newest first, older than stream id `after`; None: not its job."""
+    ) -> tuple[list[Entry], bool] | None:
+        """The caller's job's events (stream entries), newest first, older than stream id `after`;
+        None: not its job."""
         if not ids.is_job_id(job_id):
             return None
         top = "" if after == ids.MIN_STREAM_ID else f"({after}" if after else "+"
         raw = await self._events(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:events"], args=[tenant, top, limit + 1])
         if raw is None:
             return None
-        evs = _events(json.loads(raw))
+        evs = _entries(json.loads(raw))
         return evs[:limit], len(evs) > limit
 
     async def checkpoints(
@@ -238,8 +249,20 @@ class Reads:
         cks, more = page_checkpoints(raw, after=after, limit=limit)
         return job_from_hash(job), cks, more
 
-    async def stream(self, job_id: str, after: str) -> tuple[list[Event], str | None]:
+    async def open_stream(self, job_id: str, tenant: str, after: str) -> tuple[JobRecord, list[Entry]] | None:
+        """The caller's job and its events after stream id `after` (oldest first, a batch), read together:
+        when the job is finished and the batch is not full, these are all its events."""
+        if not ids.is_job_id(job_id):
+            return None
+        h, entries = json.loads(await self._open(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:events"],
+                                                 args=[after, EVENT_BATCH]))  # fmt: skip
+        job = _pairs(h)
+        if job.get("tenant") != tenant:
+            return None
+        return job_from_hash(job), (_entries(entries[0][1]) if entries else [])
+
+    async def stream(self, job_id: str, after: str) -> tuple[list[Entry], str | None]:
         """The job's events after stream id `after` (oldest first, a batch) and its status, read together."""
         entries, status = json.loads(await self._stream(keys=[f"{P}job:{job_id}:events", f"{P}job:{job_id}"],
                                                         args=[after, EVENT_BATCH]))  # fmt: skip
-        return (_events(entries[0][1]) if entries else []), status or None
+        return (_entries(entries[0][1]) if entries else []), status or None

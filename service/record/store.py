@@ -544,9 +544,10 @@ class Store:
     def _events_key(job_id: str) -> str:
         return f"{P}job:{job_id}:events"
 
-    def events_key(self, job_id: str) -> str:
+    @staticmethod
+    def events_key(job_id: str) -> str:
         """Exposed for the SSE route, which reads the stream with an asyncio client."""
-        return self._events_key(job_id)
+        return f"{P}job:{job_id}:events"
 
     # ------------------------------------------------------------------ files
 

@@ -4,13 +4,12 @@ The read routes (retrieve, list, events, checkpoints, the event stream) are what
 poll all day: they are `async def`, read through `service.record.reads` (one Redis round
 trip on the asyncio client, no thread-pool hop) and answer pre-serialised JSON
 (`service.api.views`). The write routes use the sync `Store` in the thread pool. Both map a
-record to the public object with the same functions (`public_job`, `public_event`,
-`public_checkpoints`).
+record to the public object with the same functions (`public_job`, `public_checkpoints`;
+events: `views.event_json`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
@@ -23,7 +22,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
-from service.api.deps import EnqueueDep, ReadsDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from service.api.deps import BEARER, EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep, caller
 from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
 from service.api.schemas import (
@@ -34,15 +33,15 @@ from service.api.schemas import (
     JobCreate,
     JobDeleted,
     JobError,
-    JobEvent,
     JobList,
 )
-from service.api.views import json_response
+from service.api.views import event_list_response, json_response, sse_end, sse_events
 from service.record import ids
 from service.record.formats import PREFERENCE, SUPERVISED
 from service.record.outputs import JobNotFinished, delete_outputs
 from service.record.reads import EVENT_BATCH, QueuePositions, Reads
-from service.record.store import TERMINAL, Checkpoint, Event, FileRecord, JobRecord, LimitExceeded, Store, now
+from service.record.settings import Settings
+from service.record.store import TERMINAL, Checkpoint, FileRecord, JobRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
@@ -68,11 +67,6 @@ def public_job(rec: JobRecord, store: QueuePositions) -> FineTuningJob:
         peak_memory_bytes=rec.peak_memory_bytes, cancel_requested=rec.cancel_requested,
         attempts=rec.attempts, started_at=rec.started_at, seco=rec.seco,
     )  # fmt: skip
-
-
-def public_event(ev: Event) -> JobEvent:
-    return JobEvent(id=ev.id, created_at=ev.created_at, level=ev.level, message=ev.message, type=ev.type,
-                    data=ev.data)  # fmt: skip
 
 
 def public_checkpoints(rec: JobRecord, cks: list[Checkpoint], more: bool) -> CheckpointList:
@@ -182,15 +176,14 @@ def create_job(
     return public_job(_get(store, tenant, rec.id), store)
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, openapi_extra=BEARER)
 async def list_jobs(
     request: Request,
-    tenant: TenantDep,
-    reads: ReadsDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Response:
     """The caller's jobs, newest first; `metadata[k]=v` query parameters filter them."""
+    tenant, reads = caller(request)
     meta = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
     try:
         recs, more, positions = await reads.jobs(tenant, after=after, limit=limit, metadata=meta or None)
@@ -199,9 +192,10 @@ async def list_jobs(
     return json_response(JobList(data=[public_job(r, positions) for r in recs], has_more=more))
 
 
-@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob)
-async def retrieve_job(fine_tuning_job_id: str, tenant: TenantDep, reads: ReadsDep) -> Response:
+@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, openapi_extra=BEARER)
+async def retrieve_job(fine_tuning_job_id: str, request: Request) -> Response:
     """One job, with its progress, ETA and queue position."""
+    tenant, reads = caller(request)
     found = await reads.job(fine_tuning_job_id, tenant)
     if found is None:
         raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
@@ -249,54 +243,57 @@ def _stream_id(value: str | None, param: str) -> str | None:
     return sid
 
 
-@router.get("/{fine_tuning_job_id}/events", response_model=EventList)
+@router.get("/{fine_tuning_job_id}/events", response_model=EventList, openapi_extra=BEARER)
 async def list_events(
     fine_tuning_job_id: str,
-    tenant: TenantDep,
-    reads: ReadsDep,
+    request: Request,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> Response:
     """The job's events, newest first; `after` (an event id) pages to older ones."""
+    tenant, reads = caller(request)
     if after is not None and ids.stream_id_of(after) is None:
         await _read(reads, tenant, fine_tuning_job_id)  # an unknown job is a 404 whatever the parameters
     found = await reads.events(fine_tuning_job_id, tenant, after=_stream_id(after, "after"), limit=limit)
     if found is None:
         raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
-    events, more = found
-    return json_response(EventList(data=[public_event(e) for e in events], has_more=more))
-
-
-def _sse(ev: Event) -> str:
-    return f"id: {ev.stream_id}\ndata: {public_event(ev).model_dump_json()}\n\n"
+    return event_list_response(*found)
 
 
 @router.get("/{fine_tuning_job_id}/events/stream", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})  # fmt: skip
+            responses={200: {"content": {"text/event-stream": {}}}}, openapi_extra=BEARER)  # fmt: skip
 async def stream_events(
     fine_tuning_job_id: str,
     request: Request,
-    tenant: TenantDep,
-    store: StoreDep,
-    reads: ReadsDep,
-    settings: SettingsDep,
     after: str | None = None,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> StreamingResponse:
+) -> Response:
     """Server-Sent Events, oldest first: `id:` is the event's stream id, `data:` the event.
 
     Resumes after `Last-Event-ID` (or `?after=`); without either it replays from the
     first event. Ends with `event: end` once the job is finished and every event sent.
-    A key holds at most SECO_MAX_STREAMS streams open at once (429 beyond).
+    A key holds at most SECO_MAX_STREAMS streams open at once (429 beyond); a finished
+    job's events are answered at once, in one response that holds no stream open.
     """
-    rec = await _read(reads, tenant, fine_tuning_job_id)
+    tenant, reads = caller(request)
+    settings: Settings = request.app.state.settings
+    if any(v is not None and ids.stream_id_of(v) is None for v in (last_event_id, after)):
+        await _read(reads, tenant, fine_tuning_job_id)  # an unknown job is a 404 whatever the parameters
     start = _stream_id(last_event_id, "Last-Event-ID") or _stream_id(after, "after") or "0-0"
+    opened = await reads.open_stream(fine_tuning_job_id, tenant, start)
+    if opened is None:
+        raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
+    rec, first = opened
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if rec.status in TERMINAL and len(first) < EVENT_BATCH:  # read with the final status: nothing more will come
+        body = "retry: 2000\n\n" + sse_events(first) + sse_end(rec.status)
+        return Response(body, media_type="text/event-stream", headers=headers)
     slot = await request.app.state.stream_slots.take(tenant, settings.max_streams)
     if slot is None:
         raise APIError(429, f"This API key already has {settings.max_streams} open event streams; close one "
                        "(or poll the events list) first", code="too_many_streams", retry=False)  # fmt: skip
     aredis: Any = request.app.state.aredis
-    key = store.events_key(rec.id)
+    key = Store.events_key(rec.id)
 
     async def gen() -> AsyncIterator[str]:
         try:
@@ -306,8 +303,8 @@ async def stream_events(
             log.warning("event stream of %s interrupted: %s", rec.id, type(e).__name__)
 
     async def follow() -> AsyncIterator[str]:
-        last = start
-        yield "retry: 2000\n\n"
+        yield "retry: 2000\n\n" + sse_events(first)
+        last = first[-1][0] if first else start
         while True:
             await slot.renew()
             # new events and the status in one read: none new and a final status means none will come
@@ -315,31 +312,30 @@ async def stream_events(
             events, status = await reads.stream(rec.id, last)
             if not events:
                 if status in TERMINAL:
-                    yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                    yield sse_end(status)
                     return
                 resp = await aredis.xread({key: last}, count=EVENT_BATCH, block=KEEPALIVE_MS)
-                events = [Store.event_from_entry(sid, f) for _, entries in resp for sid, f in entries]
+                events = [entry for _, entries in resp for entry in entries]
                 if not events:
                     yield ": keep-alive\n\n"
                     continue
-            last = events[-1].stream_id
-            yield "".join(_sse(ev) for ev in events)  # a batch in one write
+            last = events[-1][0]
+            yield sse_events(events)  # a batch in one write
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     # the slot is given back once the stream ends, the client's disconnect included
     return StreamingResponse(gen(), media_type="text/event-stream", headers=headers,
                              background=BackgroundTask(slot.release))  # fmt: skip
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList, openapi_extra=BEARER)
 async def list_checkpoints(
     fine_tuning_job_id: str,
-    tenant: TenantDep,
-    reads: ReadsDep,
+    request: Request,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 10,
 ) -> Response:
     """The job's checkpoints with their metrics, newest first."""
+    tenant, reads = caller(request)
     try:
         found = await reads.checkpoints(fine_tuning_job_id, tenant, after=after, limit=limit)
     except KeyError:
