@@ -3,9 +3,10 @@
 A route that returns a pydantic model under `response_model` has FastAPI dump it, validate
 the dump against the model again and dump that: three passes over every job of a list.
 These routes build their model once (with the same mapping functions as every other route)
-and answer its JSON directly, as FastAPI would have: Starlette's JSON rendering of the
-model's JSON-mode dump (non-finite floats as null, as before). `response_model` stays on
-the routes for the OpenAPI schema.
+and answer pydantic's own JSON of it: the same object, fields and values FastAPI sent
+(non-finite floats as null, as before; a float below 1e-4 may be written in the other
+notation, 0.00001 for 1e-05), serialised in Rust rather than dumped to Python objects and
+encoded again. `response_model` stays on the routes for the OpenAPI schema.
 
 Events are the exception, because a page holds many and a stream replays hundreds: the
 public event object (OpenAI's `fine_tuning.job.event`, `schemas.JobEvent`) is written
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 
 from pydantic import BaseModel
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from service.record.reads import Entry
 
@@ -28,9 +29,9 @@ _decode_finite = json.JSONDecoder(parse_constant=lambda _: None).decode
 _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
-def json_response(model: BaseModel) -> JSONResponse:
-    """`model` as FastAPI would serialise it for a `response_model` of its own class."""
-    return JSONResponse(model.model_dump(mode="json"))
+def json_response(model: BaseModel) -> Response:
+    """`model`'s JSON, as a route with a `response_model` of its own class would answer it."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def _data_json(raw: str | None) -> str:
@@ -50,10 +51,15 @@ def event_json(entry: Entry) -> str:
             f'"type":{_encode_str(f.get("type", "message"))},"data":{_data_json(f.get("data"))}}}')  # fmt: skip
 
 
+def list_response(items: list[str], has_more: bool) -> Response:
+    """A page of objects already written as JSON (`schemas.JobList`, `schemas.EventList`)."""
+    body = '{"object":"list","data":[' + ",".join(items) + '],"has_more":'
+    return Response(body + ("true}" if has_more else "false}"), media_type="application/json")
+
+
 def event_list_response(entries: list[Entry], has_more: bool) -> Response:
     """A page of events (`schemas.EventList`)."""
-    body = '{"object":"list","data":[' + ",".join(map(event_json, entries)) + '],"has_more":'
-    return Response(body + ("true}" if has_more else "false}"), media_type="application/json")
+    return list_response([event_json(e) for e in entries], has_more)
 
 
 def sse_events(entries: list[Entry]) -> str:

@@ -20,6 +20,7 @@ reloaded on NOSCRIPT (a restarted server has forgotten them) by redis-py.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -138,10 +139,14 @@ return cjson.encode({h, redis.call('XREAD', 'COUNT', ARGV[2], 'STREAMS', KEYS[2]
 """
 
 
-def _pairs(flat: list[str]) -> dict[str, str]:
+def _pairs(flat: list[str] | tuple[str, ...]) -> dict[str, str]:
     """A dict from a flat [field, value, ...] list (cjson writes an empty one as `{}`)."""
     return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
 
+
+JobHash = tuple[str, ...]
+"""A job's Redis hash as read, [field, value, ...]: immutable and hashable, so what is derived
+from it can be memoised (`job_record`, the API's `public_job_json`)."""
 
 Entry = tuple[str, dict[str, str]]
 """A stream entry: (stream id, fields); `Store.event_from_entry` makes an `Event` of one."""
@@ -150,6 +155,13 @@ Entry = tuple[str, dict[str, str]]
 def _entries(raw: list[Any]) -> list[Entry]:
     """Stream entries from a script's [[id, [field, value, ...]], ...] (an empty one is `{}`)."""
     return [(sid, _pairs(fields)) for sid, fields in raw or ()]
+
+
+@lru_cache(maxsize=4096)
+def job_record(flat: JobHash) -> JobRecord:
+    """The record of a job hash (memoised: a job that has not changed since it was last read is
+    not parsed again; callers must not modify it)."""
+    return job_from_hash(_pairs(list(flat)))
 
 
 class QueuePositions(Protocol):
@@ -194,21 +206,22 @@ class Reads:
     async def aclose(self) -> None:
         await self.r.aclose()
 
-    async def job(self, job_id: str, tenant: str) -> tuple[JobRecord, KnownPositions] | None:
-        """The caller's job with its queue position (when queued); None for another tenant's or no job."""
+    async def job(self, job_id: str, tenant: str) -> tuple[JobHash, KnownPositions] | None:
+        """The caller's job (its hash as read) with its queue position; None for another tenant's or no job."""
         if not ids.is_job_id(job_id):
             return None
         res = json.loads(await self._job(keys=[f"{P}job:{job_id}"], args=[P]))
-        h = _pairs(res[0])
-        if h.get("tenant") != tenant:
+        flat = tuple(res[0])
+        if _pairs(res[0]).get("tenant") != tenant:
             return None
-        return job_from_hash(h), KnownPositions(order_from_snapshot(res[1]) if len(res) > 1 else None)
+        return flat, KnownPositions(order_from_snapshot(res[1]) if len(res) > 1 else None)
 
     async def jobs(
         self, tenant: str, *, after: str | None, limit: int, metadata: dict[str, str] | None = None
-    ) -> tuple[list[JobRecord], bool, KnownPositions]:
-        """A page of the caller's jobs, newest first, and their queue positions (KeyError: unknown `after`)."""
-        found: list[JobRecord] = []
+    ) -> tuple[list[JobHash], bool, KnownPositions]:
+        """A page of the caller's jobs (their hashes as read), newest first, and their queue positions
+        (KeyError: unknown `after`)."""
+        found: list[JobHash] = []
         snapshot: list[Any] | None = None
         bound = ""
         meta = json.dumps(metadata, separators=(",", ":")) if metadata else ""
@@ -217,7 +230,7 @@ class Reads:
             state, hashes, bound, snap = json.loads(await self._jobs(keys=[f"{P}tenant:{tenant}:jobs"], args=args))
             if state == -1:
                 raise KeyError(after)
-            found += [job_from_hash(_pairs(h)) for h in hashes]
+            found += [tuple(h) for h in hashes]
             snapshot = snap or snapshot
             if state != 2:
                 return found, state == 1, KnownPositions(order_from_snapshot(snapshot) if snapshot else None)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from functools import lru_cache
 from typing import Annotated, Any
 
 import redis
@@ -35,11 +36,11 @@ from service.api.schemas import (
     JobError,
     JobList,
 )
-from service.api.views import event_list_response, json_response, sse_end, sse_events
+from service.api.views import event_list_response, json_response, list_response, sse_end, sse_events
 from service.record import ids
 from service.record.formats import PREFERENCE, SUPERVISED
 from service.record.outputs import JobNotFinished, delete_outputs
-from service.record.reads import EVENT_BATCH, QueuePositions, Reads
+from service.record.reads import EVENT_BATCH, JobHash, QueuePositions, Reads, job_record
 from service.record.settings import Settings
 from service.record.store import TERMINAL, Checkpoint, FileRecord, JobRecord, LimitExceeded, Store, now
 
@@ -51,7 +52,11 @@ KEEPALIVE_MS = 15_000
 
 def public_job(rec: JobRecord, store: QueuePositions) -> FineTuningJob:
     """The OpenAI job object of a record: the one mapping every route uses (`store` answers
-    the queue position: the sync Store, or the positions a read took with the job)."""
+    the queue position: the sync Store, or the positions a read took with the job).
+
+    A function of the record and the queue position only: the read routes memoise its JSON
+    (`public_job_json`), so anything else it came to depend on would be served stale.
+    """
     hp = rec.hyperparameters
     return FineTuningJob(
         id=rec.id, created_at=rec.created_at, finished_at=rec.finished_at, model=rec.model,
@@ -67,6 +72,23 @@ def public_job(rec: JobRecord, store: QueuePositions) -> FineTuningJob:
         peak_memory_bytes=rec.peak_memory_bytes, cancel_requested=rec.cancel_requested,
         attempts=rec.attempts, started_at=rec.started_at, seco=rec.seco,
     )  # fmt: skip
+
+
+class _Position:
+    """The one queue position `public_job` may ask for."""
+
+    def __init__(self, position: int | None) -> None:
+        self.position = position
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self.position
+
+
+@lru_cache(maxsize=4096)
+def public_job_json(flat: JobHash, position: int | None) -> str:
+    """`public_job`'s JSON for a job hash as read and its queue position: a poll of a job that has
+    not changed since (queued, finished, or between two steps) costs a lookup."""
+    return public_job(job_record(flat), _Position(position)).model_dump_json()
 
 
 def public_checkpoints(rec: JobRecord, cks: list[Checkpoint], more: bool) -> CheckpointList:
@@ -91,7 +113,7 @@ async def _read(reads: Reads, tenant: str, job_id: str) -> JobRecord:
     found = await reads.job(job_id, tenant)
     if found is None:
         raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
-    return found[0]
+    return job_record(found[0])
 
 
 def _check_kind(param: str, frec: FileRecord, method: str) -> None:
@@ -186,10 +208,11 @@ async def list_jobs(
     tenant, reads = caller(request)
     meta = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
     try:
-        recs, more, positions = await reads.jobs(tenant, after=after, limit=limit, metadata=meta or None)
+        flats, more, positions = await reads.jobs(tenant, after=after, limit=limit, metadata=meta or None)
     except KeyError:
         raise bad_request(f"after: no such job {after!r}", param="after") from None
-    return json_response(JobList(data=[public_job(r, positions) for r in recs], has_more=more))
+    jobs = [public_job_json(f, positions.queue_position(job_record(f).id)) for f in flats]
+    return list_response(jobs, more)  # JobList
 
 
 @router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, openapi_extra=BEARER)
@@ -199,7 +222,8 @@ async def retrieve_job(fine_tuning_job_id: str, request: Request) -> Response:
     found = await reads.job(fine_tuning_job_id, tenant)
     if found is None:
         raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
-    return json_response(public_job(*found))
+    flat, positions = found
+    return Response(public_job_json(flat, positions.queue_position(fine_tuning_job_id)), media_type="application/json")
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
