@@ -93,7 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             socket_connect_timeout=3, socket_timeout=SSE_SOCKET_TIMEOUT, client_name="seco-api-async",
         )  # fmt: skip
         app.state.aredis = aioredis.Redis.from_pool(pool)
-        app.state.reads = Reads.from_url(redis_url, name="seco-api-reads")  # the hot read routes
+        app.state.reads = Reads.from_url(redis_url, max_connections=settings.max_concurrency,
+                                         name="seco-api-reads")  # the hot read routes  # fmt: skip
         app.state.stream_slots = StreamSlots(app.state.aredis)
         tried = asyncio.Event()
         resolver = asyncio.create_task(_resolve_tenants(store, storage, tenant_keys, tried))

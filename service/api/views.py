@@ -21,8 +21,12 @@ import json
 
 from pydantic import BaseModel
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service.record.reads import Entry
+
+EVENTS_PER_WRITE = 8
+"""Events per write of an event stream (see `sse_writes`)."""
 
 _encode_str = json.JSONEncoder(ensure_ascii=False).encode
 _decode_finite = json.JSONDecoder(parse_constant=lambda _: None).decode
@@ -62,11 +66,32 @@ def event_list_response(entries: list[Entry], has_more: bool) -> Response:
     return list_response([event_json(e) for e in entries], has_more)
 
 
-def sse_events(entries: list[Entry]) -> str:
-    """Server-Sent Events frames for a batch of entries: `id:` the stream id, `data:` the event."""
-    return "".join(f"id: {entry[0]}\ndata: {event_json(entry)}\n\n" for entry in entries)
+def sse_writes(entries: list[Entry]) -> list[str]:
+    """Server-Sent Events frames for a batch of entries (`id:` the stream id, `data:` the event),
+    `EVENTS_PER_WRITE` to a write: a client whose connection is cut keeps the writes that arrived
+    whole (a browser drops a torn chunk of a chunked response, so one big write would leave it
+    nothing and it would resume from where it was, again and again)."""
+    frames = [f"id: {entry[0]}\ndata: {event_json(entry)}\n\n" for entry in entries]
+    return ["".join(frames[i : i + EVENTS_PER_WRITE]) for i in range(0, len(frames), EVENTS_PER_WRITE)]
 
 
 def sse_end(status: str) -> str:
     """The frame that ends a finished job's stream."""
     return f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+
+
+class EventReplay(Response):
+    """A finished job's whole event stream, known at once: sent as `writes` (chunked, like a live
+    stream, so a cut connection keeps what arrived whole) without a streaming response's
+    machinery (a task watching for the client's disconnect, a generator)."""
+
+    def __init__(self, writes: list[str], headers: dict[str, str]) -> None:
+        super().__init__(None, media_type="text/event-stream", headers=headers)
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.writes = writes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        for chunk in self.writes:
+            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

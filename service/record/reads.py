@@ -27,8 +27,6 @@ import redis.asyncio as aioredis
 
 from service.record import ids
 from service.record.store import (
-    MAX_CONNECTIONS,
-    POOL_WAIT_SECONDS,
     QUEUE_SNAPSHOT_FN,
     Checkpoint,
     JobRecord,
@@ -194,12 +192,14 @@ class Reads:
         self._open = client.register_script(_OPEN)
 
     @classmethod
-    def from_url(cls, url: str, *, max_connections: int = MAX_CONNECTIONS, name: str | None = None) -> Reads:
-        """Bounded like the sync store's pool: a burst waits a few seconds for a connection (then a
-        503) instead of opening one per request; a short connect timeout so an outage is a quick 503."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS, decode_responses=True,
-            socket_connect_timeout=3, socket_timeout=15, health_check_interval=15, client_name=name,
+    def from_url(cls, url: str, *, max_connections: int, name: str | None = None) -> Reads:
+        """A pool of at most `max_connections`: the API passes its connection limit (uvicorn's
+        `--limit-concurrency`), and a request holds at most one connection of it at a time, so it is
+        never exhausted and needs no waiting (the blocking pool's timer and condition per command
+        cost more than the read); a short connect timeout so an outage is a quick 503."""
+        pool = aioredis.ConnectionPool.from_url(
+            url, max_connections=max_connections, decode_responses=True, socket_connect_timeout=3,
+            socket_timeout=15, health_check_interval=15, client_name=name,
         )  # fmt: skip
         return cls(aioredis.Redis.from_pool(pool))
 

@@ -36,7 +36,7 @@ from service.api.schemas import (
     JobError,
     JobList,
 )
-from service.api.views import event_list_response, json_response, list_response, sse_end, sse_events
+from service.api.views import EventReplay, event_list_response, json_response, list_response, sse_end, sse_writes
 from service.record import ids
 from service.record.formats import PREFERENCE, SUPERVISED
 from service.record.outputs import JobNotFinished, delete_outputs
@@ -310,8 +310,7 @@ async def stream_events(
     rec, first = opened
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     if rec.status in TERMINAL and len(first) < EVENT_BATCH:  # read with the final status: nothing more will come
-        body = "retry: 2000\n\n" + sse_events(first) + sse_end(rec.status)
-        return Response(body, media_type="text/event-stream", headers=headers)
+        return EventReplay(["retry: 2000\n\n", *sse_writes(first), sse_end(rec.status)], headers)
     slot = await request.app.state.stream_slots.take(tenant, settings.max_streams)
     if slot is None:
         raise APIError(429, f"This API key already has {settings.max_streams} open event streams; close one "
@@ -327,7 +326,9 @@ async def stream_events(
             log.warning("event stream of %s interrupted: %s", rec.id, type(e).__name__)
 
     async def follow() -> AsyncIterator[str]:
-        yield "retry: 2000\n\n" + sse_events(first)
+        yield "retry: 2000\n\n"
+        for chunk in sse_writes(first):
+            yield chunk
         last = first[-1][0] if first else start
         while True:
             await slot.renew()
@@ -344,7 +345,8 @@ async def stream_events(
                     yield ": keep-alive\n\n"
                     continue
             last = events[-1][0]
-            yield sse_events(events)  # a batch in one write
+            for chunk in sse_writes(events):
+                yield chunk
 
     # the slot is given back once the stream ends, the client's disconnect included
     return StreamingResponse(gen(), media_type="text/event-stream", headers=headers,

@@ -38,7 +38,7 @@ def _jobs(store: Store, file_id: str, n: int, tenant: str = T1, **meta: str) -> 
 
 def _run(redis_url: str, call: Any) -> Any:
     async def go() -> Any:
-        reads = Reads.from_url(redis_url)
+        reads = Reads.from_url(redis_url, max_connections=8)
         try:
             return await call(reads)
         finally:
