@@ -83,7 +83,7 @@ class Row:
 
     @staticmethod
     def _median(runs: list[Run], attr: str) -> float:
-        return float(statistics.median(getattr(r, attr) for r in runs)) if runs else 0.0
+        return round(float(statistics.median(getattr(r, attr) for r in runs)), 1) if runs else 0.0
 
     def summary(self) -> dict[str, Any]:
         ours_rps, ref_rps = self._median(self.ours, "rps"), self._median(self.reference, "rps")

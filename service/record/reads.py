@@ -20,7 +20,6 @@ reloaded on NOSCRIPT (a restarted server has forgotten them) by redis-py.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -144,7 +143,7 @@ def _pairs(flat: list[str] | tuple[str, ...]) -> dict[str, str]:
 
 JobHash = tuple[str, ...]
 """A job's Redis hash as read, [field, value, ...]: immutable and hashable, so what is derived
-from it can be memoised (`job_record`, the API's `public_job_json`)."""
+from it can be memoised (the API's `public_job_json`)."""
 
 Entry = tuple[str, dict[str, str]]
 """A stream entry: (stream id, fields); `Store.event_from_entry` makes an `Event` of one."""
@@ -155,11 +154,17 @@ def _entries(raw: list[Any]) -> list[Entry]:
     return [(sid, _pairs(fields)) for sid, fields in raw or ()]
 
 
-@lru_cache(maxsize=4096)
 def job_record(flat: JobHash) -> JobRecord:
-    """The record of a job hash (memoised: a job that has not changed since it was last read is
-    not parsed again; callers must not modify it)."""
-    return job_from_hash(_pairs(list(flat)))
+    """The record of a job hash as read."""
+    return job_from_hash(_pairs(flat))
+
+
+def hash_field(flat: JobHash, name: str) -> str | None:
+    """One field of a job hash as read, without parsing the record."""
+    for i in range(0, len(flat), 2):
+        if flat[i] == name:
+            return flat[i + 1]
+    return None
 
 
 class QueuePositions(Protocol):

@@ -40,7 +40,7 @@ from service.api.views import EventReplay, event_list_response, json_response, l
 from service.record import ids
 from service.record.formats import PREFERENCE, SUPERVISED
 from service.record.outputs import JobNotFinished, delete_outputs
-from service.record.reads import EVENT_BATCH, JobHash, QueuePositions, Reads, job_record
+from service.record.reads import EVENT_BATCH, JobHash, QueuePositions, Reads, hash_field, job_record
 from service.record.settings import Settings
 from service.record.store import TERMINAL, Checkpoint, FileRecord, JobRecord, LimitExceeded, Store, now
 
@@ -211,7 +211,7 @@ async def list_jobs(
         flats, more, positions = await reads.jobs(tenant, after=after, limit=limit, metadata=meta or None)
     except KeyError:
         raise bad_request(f"after: no such job {after!r}", param="after") from None
-    jobs = [public_job_json(f, positions.queue_position(job_record(f).id)) for f in flats]
+    jobs = [public_job_json(f, positions.queue_position(hash_field(f, "id") or "")) for f in flats]
     return list_response(jobs, more)  # JobList
 
 
