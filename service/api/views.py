@@ -92,6 +92,6 @@ class EventReplay(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        for chunk in self.writes:
-            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        last = len(self.writes) - 1
+        for i, chunk in enumerate(self.writes):
+            await send({"type": "http.response.body", "body": chunk.encode(), "more_body": i < last})

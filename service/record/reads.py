@@ -159,7 +159,7 @@ def job_record(flat: JobHash) -> JobRecord:
     return job_from_hash(_pairs(flat))
 
 
-def hash_field(flat: JobHash, name: str) -> str | None:
+def hash_field(flat: JobHash | list[str], name: str) -> str | None:
     """One field of a job hash as read, without parsing the record."""
     for i in range(0, len(flat), 2):
         if flat[i] == name:
@@ -267,17 +267,16 @@ class Reads:
         cks, more = page_checkpoints(raw, after=after, limit=limit)
         return job_from_hash(job), cks, more
 
-    async def open_stream(self, job_id: str, tenant: str, after: str) -> tuple[JobRecord, list[Entry]] | None:
+    async def open_stream(self, job_id: str, tenant: str, after: str) -> tuple[JobHash, list[Entry]] | None:
         """The caller's job and its events after stream id `after` (oldest first, a batch), read together:
         when the job is finished and the batch is not full, these are all its events."""
         if not ids.is_job_id(job_id):
             return None
         h, entries = json.loads(await self._open(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:events"],
                                                  args=[after, EVENT_BATCH]))  # fmt: skip
-        job = _pairs(h)
-        if job.get("tenant") != tenant:
+        if hash_field(h, "tenant") != tenant:
             return None
-        return job_from_hash(job), (_entries(entries[0][1]) if entries else [])
+        return tuple(h), (_entries(entries[0][1]) if entries else [])
 
     async def stream(self, job_id: str, after: str) -> tuple[list[Entry], str | None]:
         """The job's events after stream id `after` (oldest first, a batch) and its status, read together."""

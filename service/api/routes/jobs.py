@@ -307,23 +307,26 @@ async def stream_events(
     opened = await reads.open_stream(fine_tuning_job_id, tenant, start)
     if opened is None:
         raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
-    rec, first = opened
+    flat, first = opened
+    status = hash_field(flat, "status")
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    if rec.status in TERMINAL and len(first) < EVENT_BATCH:  # read with the final status: nothing more will come
-        return EventReplay(["retry: 2000\n\n", *sse_writes(first), sse_end(rec.status)], headers)
+    if status in TERMINAL and len(first) < EVENT_BATCH:  # read with the final status: nothing more will come
+        writes = sse_writes(first) or [""]  # the retry hint rides with the first write, the end with the last
+        writes[0], writes[-1] = "retry: 2000\n\n" + writes[0], writes[-1] + sse_end(str(status))
+        return EventReplay(writes, headers)
     slot = await request.app.state.stream_slots.take(tenant, settings.max_streams)
     if slot is None:
         raise APIError(429, f"This API key already has {settings.max_streams} open event streams; close one "
                        "(or poll the events list) first", code="too_many_streams", retry=False)  # fmt: skip
     aredis: Any = request.app.state.aredis
-    key = Store.events_key(rec.id)
+    key = Store.events_key(fine_tuning_job_id)
 
     async def gen() -> AsyncIterator[str]:
         try:
             async for chunk in follow():
                 yield chunk
         except redis.RedisError as e:  # headers are sent: end the stream; the client resumes by Last-Event-ID
-            log.warning("event stream of %s interrupted: %s", rec.id, type(e).__name__)
+            log.warning("event stream of %s interrupted: %s", fine_tuning_job_id, type(e).__name__)
 
     async def follow() -> AsyncIterator[str]:
         yield "retry: 2000\n\n"
@@ -334,7 +337,7 @@ async def stream_events(
             await slot.renew()
             # new events and the status in one read: none new and a final status means none will come
             # (the final event is written atomically with the status)
-            events, status = await reads.stream(rec.id, last)
+            events, status = await reads.stream(fine_tuning_job_id, last)
             if not events:
                 if status in TERMINAL:
                     yield sse_end(status)
