@@ -30,6 +30,7 @@ from seco_core.selfcheck import self_check
 from seco_core.windows import Window, split_documents
 from worker.checkpoints import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from worker.data import DataError, load_documents, load_preferences
+from worker.divergence import DivergenceGuard
 from worker.objective import Objective, StepResult, step_seed
 from worker.preference import check_pair_lengths, preference_objective
 from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
@@ -128,8 +129,10 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     metrics_csv = spec.output_dir / "metrics.csv"
     position = Position(step=0, epoch=0, batch_in_epoch=0, trained_tokens=0)
     resume_from = latest_checkpoint(checkpoints)
+    guard = DivergenceGuard()
     if resume_from is not None:
-        position, _ = load_checkpoint(resume_from, model, optimizer, scheduler)
+        position, resumed_metrics = load_checkpoint(resume_from, model, optimizer, scheduler)
+        guard.resumed(position.step, resumed_metrics)
         ctx.message(f"resumed from checkpoint at step {position.step} of {total_steps}", data={"step": position.step})
     _truncate_metrics(metrics_csv, position.step, objective.fields)
     ctx.message(
@@ -155,7 +158,8 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             probe.reset()
             t0 = time.monotonic()
             result = objective.step(model, batch, chunk_config, step, host_buffers)
-            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+            guard.check(step, result.loss, float(grad_norm))  # before the optimizer can apply a NaN
             learning_rate = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -194,6 +198,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             ctx.progress(step, total_steps, position.trained_tokens, rate * (total_steps - step))
             if save_now:
                 path = save_checkpoint(checkpoints, model, spec.model_name, optimizer, scheduler, position, metrics)
+                guard.checkpointed(step)
                 ctx.checkpoint_saved(step, path, metrics)
 
     estimate = job_plan.memory.estimate

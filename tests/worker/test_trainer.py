@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import tarfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -291,3 +292,53 @@ def test_each_format_trains_only_its_targets(
     targets_per_record = len(trained_text.encode()) + 1
     summary = next(m for m in rec.messages if m.startswith("training data:"))
     assert f"{2 * targets_per_record} trained" in summary, summary
+
+
+def _poisoned_steps(monkeypatch: pytest.MonkeyPatch, at: int, *, loss: bool) -> list[bool]:
+    """Make step `at` non-finite (its loss, or its gradient: a NaN in one LoRA weight's grad),
+    and record, for every optimizer step the job applies, whether all its gradients were finite."""
+    import worker.trainer as trainer
+
+    original = trainer._optimizer_step
+
+    def poisoned(model: torch.nn.Module, *args: Any) -> tuple[float, float, int]:
+        value, accuracy, chunks = original(model, *args)
+        if args[3] == at:  # the step number
+            if loss:
+                return math.inf, accuracy, chunks
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan  # type: ignore[union-attr]
+        return value, accuracy, chunks
+
+    applied: list[bool] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self: torch.optim.AdamW, *args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        applied.append(all(bool(torch.isfinite(g).all()) for g in grads))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_optimizer_step", poisoned)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return applied
+
+
+@pytest.mark.parametrize("what", ["gradient", "loss"])
+def test_a_non_finite_step_fails_the_job_before_the_optimizer_applies_it(
+    tmp_path: Path, demo_model: Path, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    applied = _poisoned_steps(monkeypatch, at=3, loss=what == "loss")
+    rec = Recorder()
+    spec = make_spec(tmp_path, demo_model, n_epochs=1)
+    with pytest.raises(TrainingError) as e:
+        train(spec, rec)
+    assert e.value.code == "training_diverged"
+    message = str(e.value)
+    last = rec.steps[-1]
+    assert f"Training diverged at step 3: the {what} is not finite" in message
+    assert f"the last finite training loss was {last['train_loss']:.6g} at step 2" in message
+    assert "the last good checkpoint (step 2) is kept" in message
+    assert applied == [True, True], "steps 1 and 2 applied, step 3 never reached the optimizer"
+    assert [m["step"] for m in rec.steps] == [1, 2] and rec.checkpoints == [1, 2]
+    # the kept checkpoint is a good adapter
+    weights = adapter_weights(spec.output_dir / "checkpoints" / "step-000002" / "adapter")
+    assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())
