@@ -50,7 +50,8 @@ class DivergenceGuard:
             else "no checkpoint had been written yet"
         )
         raise TrainingError(
-            f"Training diverged at step {step}: the {what} is not finite (loss {loss:.6g}, gradient norm {grad_norm:.6g}); "
+            f"Training diverged at step {step}: the {what} is not finite "
+            f"(loss {loss:.6g}, gradient norm {grad_norm:.6g}); "
             f"{last}. This step was not applied to the weights, and {kept}. "
             "Try a lower learning_rate_multiplier.",
             code=DIVERGED,
