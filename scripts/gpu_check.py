@@ -99,6 +99,9 @@ class _Recorder:
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
         pass
 
+    def hyperparameters(self, resolved: dict[str, Any]) -> None:
+        self.results.emit("hyperparameters", **resolved)
+
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         self.results.emit("checkpoint", step=step)
 

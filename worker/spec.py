@@ -66,6 +66,10 @@ class TrainContext(Protocol):
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
         """Fields shown on the job object."""
 
+    def hyperparameters(self, resolved: dict[str, Any]) -> None:
+        """The values training uses, "auto" resolved (n_epochs, batch_size,
+        learning_rate_multiplier; beta for DPO), once the data is read; shown on the job."""
+
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         """A complete checkpoint directory now exists at `path`."""
 

@@ -185,6 +185,10 @@ class StoreContext:
         }  # fmt: skip
         self.persist(lambda: self.store.update_running(self.job_id, self.worker_id, fields))
 
+    def hyperparameters(self, resolved: dict[str, Any]) -> None:
+        if not self.lease.lost:
+            self.persist(lambda: self.store.resolve_hyperparameters(self.job_id, self.worker_id, resolved))
+
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         """Publish the checkpoint to storage (marker last), record it, prune the oldest
         beyond SECO_KEEP_CHECKPOINTS, and count what the job's outputs now take."""
@@ -278,7 +282,10 @@ def _publish_results(rec: JobRecord, result: TrainResult, storage: Storage) -> l
 
 
 def _register_results(rec: JobRecord, published: list[tuple[str, str, int]], store: Store) -> tuple[str, str]:
-    """The published adapter archive and metrics CSV as `fine-tune-results` files (ids fixed per job)."""
+    """The published adapter archive and metrics CSV as `fine-tune-results` files (ids fixed per job).
+
+    The job lists them metrics CSV first: OpenAI's `result_files[0]` is the metrics CSV, and
+    scripts read it from there; the adapter is `adapter_file` (and the `/adapter` route)."""
     out = []
     for kind, key, size in published:
         fid = ids.result_file_id(rec.id, kind)
@@ -441,7 +448,7 @@ def _run_in_scratch(
     done = ctx.persist(lambda: store.finish_job(
         job_id, worker_id, "succeeded", event="The job has successfully completed",
         fields={"fine_tuned_model": fine_tuned, "trained_tokens": str(result.trained_tokens),
-                "result_files": [adapter_id, metrics_id], "adapter_file": adapter_id, "progress": "1",
+                "result_files": [metrics_id, adapter_id], "adapter_file": adapter_id, "progress": "1",
                 "peak_memory_bytes": str(peak), "step": str(result.steps)},
     ))  # fmt: skip
     return "succeeded" if done else "lost"

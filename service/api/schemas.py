@@ -226,6 +226,9 @@ class FineTuningJob(BaseModel):
     """How many times the job lost its worker and was requeued."""
     started_at: int | None = None
     seco: dict[str, Any]
+    adapter_file: str | None = None
+    """Once succeeded: the result file holding the adapter archive (`result_files[0]` is the
+    metrics CSV, as OpenAI's)."""
 
 
 class JobList(BaseModel):

@@ -124,7 +124,9 @@ class JobRecord(BaseModel):
     adapter_file: str | None = None
 
 
-# Job fields written once at creation, kept as one JSON blob ("spec") in the hash.
+# Job fields written at creation, kept as one JSON blob ("spec") in the hash. Only its
+# hyperparameters change later: the worker replaces "auto" by the values it trains with
+# (`resolve_hyperparameters`), which a retry or resume then reads back and uses as they are.
 SPEC_FIELDS = ("model", "training_file", "validation_file", "hyperparameters", "suffix", "seed", "metadata", "seco",
                "method")  # fmt: skip
 
@@ -776,6 +778,20 @@ class Store:
         for k, v in fields.items():
             flat += [k, "" if v is None else str(v)]
         return bool(self._update_owned(keys=[self._job_key(job_id)], args=flat))
+
+    def resolve_hyperparameters(self, job_id: str, worker_id: str, resolved: dict[str, Any]) -> bool:
+        """Record the hyperparameters the owning worker trains with in place of "auto".
+
+        OpenAI's job object shows the values in use once training starts; a later attempt
+        (resume after a crash) reads them back and trains with the same ones. Only the
+        running job's owner writes; nothing else rewrites the spec after creation.
+        """
+        raw = cast(str | None, self.r.hget(self._job_key(job_id), "spec"))
+        if raw is None:
+            return False
+        spec = json.loads(raw)
+        spec["hyperparameters"] = {**spec.get("hyperparameters", {}), **resolved}
+        return self.update_running(job_id, worker_id, {"spec": _dumps(spec)})
 
     def finish_job(
         self,

@@ -54,7 +54,7 @@ def public_job(rec: JobRecord, store: Store) -> FineTuningJob:
         queue_position=store.queue_position(rec.id) if rec.status == "queued" else None,
         progress=1.0 if rec.status == "succeeded" else rec.progress, step=rec.step, total_steps=rec.total_steps,
         peak_memory_bytes=rec.peak_memory_bytes, cancel_requested=rec.cancel_requested,
-        attempts=rec.attempts, started_at=rec.started_at, seco=rec.seco,
+        attempts=rec.attempts, started_at=rec.started_at, seco=rec.seco, adapter_file=rec.adapter_file,
     )  # fmt: skip
 
 

@@ -67,7 +67,7 @@ def test_submit_and_follow_to_success(run: Run, data: dict[str, Path], done_job:
     job_id = out.splitlines()[0]
     assert re.fullmatch(r"ftjob-[0-9a-f]{24}", job_id)
     assert "Uploaded train.jsonl as file-" in err and "Uploaded valid.jsonl as file-" in err
-    steps = re.findall(r"^step (\d+)/(\d+) .* loss \d+\.\d+( \(val \d+\.\d+\))?  peak \d", out, re.M)
+    steps = re.findall(r"^step (\d+)/(\d+) .* loss \d+\.\d+( \(val \d+\.\d+\))? tok acc \d+\.\d%  peak \d", out, re.M)
     total = int(steps[-1][1])
     assert [int(s) for s, _, _ in steps] == list(range(1, total + 1)), out  # every step once, in order
     assert steps[-1][2], "the validation loss is shown once measured"
