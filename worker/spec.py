@@ -72,6 +72,10 @@ class TrainContext(Protocol):
     def cancelled(self) -> bool:
         """True once the user asked to cancel; checked every optimizer step."""
 
+    def pause_requested(self) -> bool:
+        """True once the user asked to pause; checked after every optimizer step, which is then
+        checkpointed before the loop raises JobPaused."""
+
 
 @dataclass
 class TrainResult:
@@ -85,6 +89,17 @@ class TrainResult:
 
 class JobCancelled(Exception):
     """Raised by the training loop when the context reports a cancel request."""
+
+
+class JobPaused(Exception):
+    """Raised by the training loop after the checkpoint of `step`, when the context reports a pause request.
+
+    Resuming the job is a resume from that checkpoint, the same path as after a crash.
+    """
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"paused at step {step}")
+        self.step = step
 
 
 class TrainingError(Exception):

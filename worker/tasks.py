@@ -38,6 +38,7 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from service.record import ids
+from service.record.models import fine_tuned_model_name
 from service.record.outputs import measure_outputs
 from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
@@ -53,7 +54,7 @@ from service.record.storage import (
 from service.record.store import FileRecord, JobRecord, Store, now
 from worker.celery_app import TASK_NAME, app, enqueue
 from worker.checkpoint_store import METRICS_CSV, prune_checkpoints, publish_checkpoint, restore_latest_checkpoint
-from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
+from worker.spec import JobCancelled, JobPaused, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class StoreContext:
         self.keep_checkpoints = keep_checkpoints
         self._cancel_checked = 0.0
         self._cancel = False
+        self._pause_checked = 0.0
+        self._pause = False
 
     def persist(self, call: Callable[[], T]) -> T:
         """`call()` against the store, riding out a Redis outage while the lease may still be valid.
@@ -208,6 +211,14 @@ class StoreContext:
             self._cancel_checked = t
             self._cancel = self.persist(lambda: self.store.cancel_requested(self.job_id))
         return self._cancel
+
+    def pause_requested(self) -> bool:
+        """A pause request; asked once per optimizer step, Redis read at most every 0.25 s."""
+        t = time.monotonic()
+        if not self._pause and t - self._pause_checked >= self.CANCEL_POLL_SECONDS:
+            self._pause_checked = t
+            self._pause = self.persist(lambda: self.store.pause_requested(self.job_id))
+        return self._pause
 
 
 # --------------------------------------------------------------------------- the job
@@ -423,6 +434,13 @@ def _run_in_scratch(
             return "lost"
         store.finish_job(job_id, worker_id, "cancelled", event="Fine-tuning job cancelled")
         return "cancelled"
+    except JobPaused as e:  # its checkpoint is stored: resuming is a resume from it, as after a crash
+        if lease.lost:
+            return "lost"
+        paused_at = e.step
+        ctx.persist(lambda: store.pause_running(job_id, worker_id, paused_at))
+        log.info("job paused", extra={"job_id": job_id, "step": paused_at})
+        return "paused"
     except TrainingError as e:
         log.info("job failed: %s", e, extra={"job_id": job_id, "code": e.code})
         return fail(e.code, str(e), e.param)
@@ -434,7 +452,7 @@ def _run_in_scratch(
             return fail("storage_error", f"The worker could not save this job's files: {reason}. "
                         f"{remedy or storage.remedy}")  # fmt: skip
         return fail("internal_error", _scrub(f"Training failed: {type(e).__name__}: {e}", settings))
-    fine_tuned = f"{rec.model}:{rec.suffix}:{job_id}" if rec.suffix else f"{rec.model}:{job_id}"
+    fine_tuned = fine_tuned_model_name(rec.base_model, rec.tenant, rec.suffix, job_id)
     ctx.persist(lambda: store.add_event(job_id, f"New fine-tuned model created: {fine_tuned}"))
     recorded = ctx.persist(lambda: store.get_job(job_id))
     peak = max(int(result.peak_memory_bytes or 0), (recorded.peak_memory_bytes if recorded else 0) or 0)

@@ -32,7 +32,7 @@ from worker.checkpoints import Position, latest_checkpoint, load_checkpoint, sav
 from worker.data import DataError, load_documents, load_preferences
 from worker.objective import Objective, StepResult, step_seed
 from worker.preference import check_pair_lengths, preference_objective
-from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
+from worker.spec import JobCancelled, JobPaused, TrainContext, TrainingError, TrainResult, TrainSpec
 
 BASE_LEARNING_RATE = 2e-4
 """Learning rate at learning_rate_multiplier=1 (a common LoRA default)."""
@@ -176,15 +176,18 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
                 **result.metrics,
             }
             save_now = end_of_epoch or step % checkpoint_every == 0
+            pause = step < total_steps and ctx.pause_requested()
             if save_now and objective.validate is not None:
                 metrics.update(objective.validate(model, chunk_config, host_buffers))
             ctx.metrics(metrics)
             _append_metrics(metrics_csv, metrics, objective.fields)
             rate = (time.monotonic() - started) / steps_this_run
             ctx.progress(step, total_steps, position.trained_tokens, rate * (total_steps - step))
-            if save_now:
+            if save_now or pause:
                 path = save_checkpoint(checkpoints, model, spec.model_name, optimizer, scheduler, position, metrics)
                 ctx.checkpoint_saved(step, path, metrics)
+            if pause:
+                raise JobPaused(step)
 
     estimate = job_plan.memory.estimate
     ctx.message(

@@ -1,4 +1,4 @@
-"""Fine-tuning jobs: create, list, retrieve, cancel, events (paged and live), checkpoints, adapter."""
+"""Fine-tuning jobs: create, list, retrieve, cancel, pause/resume, events (paged and live), checkpoints, adapter."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from service.api.schemas import (
 )
 from service.record import ids
 from service.record.formats import PREFERENCE, SUPERVISED
+from service.record.models import checkpoint_model_name, organization_id
 from service.record.outputs import JobNotFinished, delete_outputs
 from service.record.store import TERMINAL, Event, FileRecord, JobRecord, LimitExceeded, Store, now
 
@@ -44,7 +45,8 @@ def public_job(rec: JobRecord, store: Store) -> FineTuningJob:
     hp = rec.hyperparameters
     return FineTuningJob(
         id=rec.id, created_at=rec.created_at, finished_at=rec.finished_at, model=rec.model,
-        fine_tuned_model=rec.fine_tuned_model, organization_id=f"org-{rec.tenant}", result_files=rec.result_files,
+        fine_tuned_model=rec.fine_tuned_model, organization_id=organization_id(rec.tenant),
+        result_files=rec.result_files,
         status=rec.status, training_file=rec.training_file, validation_file=rec.validation_file,
         hyperparameters=hp, trained_tokens=rec.trained_tokens,
         error=JobError(**rec.error) if rec.error else None, seed=rec.seed,
@@ -54,6 +56,7 @@ def public_job(rec: JobRecord, store: Store) -> FineTuningJob:
         queue_position=store.queue_position(rec.id) if rec.status == "queued" else None,
         progress=1.0 if rec.status == "succeeded" else rec.progress, step=rec.step, total_steps=rec.total_steps,
         peak_memory_bytes=rec.peak_memory_bytes, cancel_requested=rec.cancel_requested,
+        pause_requested=rec.pause_requested,
         attempts=rec.attempts, started_at=rec.started_at, seco=rec.seco,
     )  # fmt: skip
 
@@ -191,6 +194,42 @@ def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> F
     return public_job(_get(store, tenant, rec.id), store)
 
 
+@router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
+def pause_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> FineTuningJob:
+    """Pause: a queued job at once; a running job after its next optimizer step, once that
+    step's checkpoint is stored (its worker then takes the next job).
+
+    A running job is returned with `status: "running"` and `pause_requested: true`; it
+    becomes `paused` when its worker stops. Pausing a paused job returns it unchanged;
+    pausing a finished one is a 400.
+    """
+    rec = _get(store, tenant, fine_tuning_job_id)
+    status = store.request_pause(rec.id)
+    if status in TERMINAL:
+        raise bad_request(f"Job {rec.id} has already {'been ' if status == 'cancelled' else ''}{status} and "
+                          "cannot be paused", param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
+    return public_job(_get(store, tenant, rec.id), store)
+
+
+@router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob)
+def resume_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, enqueue: EnqueueDep) -> FineTuningJob:
+    """Resume a paused job: it is queued again and continues from its last checkpoint, exactly
+    as a job resumed after its worker died. A job that is not paused is a 400."""
+    rec = _get(store, tenant, fine_tuning_job_id)
+    before = store.resume(rec.id)
+    if before != "queued":
+        raise bad_request(f"Job {rec.id} is {before}, not paused; only a paused job can be resumed",
+                          param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
+    try:
+        enqueue(rec.id)
+    except Exception as e:  # it stays queued; a later message (any queued job's) or a resume retry starts it
+        log.exception("could not enqueue resumed job %s", rec.id)
+        raise APIError(503, f"The job queue is unavailable ({type(e).__name__}); the job is queued and starts "
+                       "once the queue is back", type="server_error", code="queue_unavailable") from None  # fmt: skip
+    log.info("job resumed", extra={"job_id": rec.id, "tenant": tenant})
+    return public_job(_get(store, tenant, rec.id), store)
+
+
 @router.delete("/{fine_tuning_job_id}", response_model=JobDeleted)
 def delete_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> JobDeleted:
     """Delete a finished job: its checkpoints, adapter and metrics (freeing their storage
@@ -314,9 +353,10 @@ def list_checkpoints(
         cks, more = store.list_checkpoints(rec.id, after=after, limit=limit)
     except KeyError:
         raise bad_request(f"after: no such checkpoint {after!r}", param="after") from None
-    base = f"{rec.model}:{rec.suffix}:{rec.id}" if rec.suffix else f"{rec.model}:{rec.id}"
     data = [
-        JobCheckpoint(id=c.id, created_at=c.created_at, fine_tuned_model_checkpoint=f"{base}:ckpt-step-{c.step}",
+        JobCheckpoint(id=c.id, created_at=c.created_at,
+                      fine_tuned_model_checkpoint=checkpoint_model_name(rec.base_model, rec.tenant, rec.suffix,
+                                                                        rec.id, c.step),
                       fine_tuning_job_id=rec.id, step_number=c.step, metrics={"step": c.step, **c.metrics})
         for c in cks
     ]  # fmt: skip
