@@ -808,12 +808,12 @@ class Store:
                                      "its checkpoint", event_data={"step": step})  # fmt: skip
         return applied
 
-    def resume(self, job_id: str) -> str:
-        """paused -> queued (the caller then enqueues it); returns the status before the call."""
+    def resume(self, job_id: str) -> tuple[bool, str]:
+        """paused -> queued (the caller then enqueues it); returns (applied, the status before the call)."""
         applied, before = self.transition(job_id, ["paused"], "queued", set_fields={"pause_requested": "0"},
                                           event="Fine-tuning job resumed; queued to continue from its last "
                                           "checkpoint")  # fmt: skip
-        return "queued" if applied else before
+        return applied, before
 
     # ------------------------------------------------------------------ worker side
 

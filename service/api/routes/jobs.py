@@ -216,8 +216,8 @@ def resume_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, enqu
     """Resume a paused job: it is queued again and continues from its last checkpoint, exactly
     as a job resumed after its worker died. A job that is not paused is a 400."""
     rec = _get(store, tenant, fine_tuning_job_id)
-    before = store.resume(rec.id)
-    if before != "queued":
+    applied, before = store.resume(rec.id)
+    if not applied:
         raise bad_request(f"Job {rec.id} is {before}, not paused; only a paused job can be resumed",
                           param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
     try:

@@ -34,11 +34,11 @@ def test_a_queued_job_pauses_at_once_resumes_and_can_be_cancelled(store: Store, 
     assert store.get_job(job).status == "paused"  # type: ignore[union-attr]
     assert store.queue_order() == [], "a paused job is out of the queue"
     assert store.request_pause(job) == "paused", "pausing again changes nothing"
-    assert store.resume(job) == "queued" and store.queue_order() == [job]
-    assert store.resume(job) == "queued" and store.get_job(job).status == "queued"  # type: ignore[union-attr]
+    assert store.resume(job) == (True, "paused") and store.queue_order() == [job]
+    assert store.resume(job) == (False, "queued"), "only a paused job resumes"
     assert store.request_pause(job) == "paused"
     assert store.request_cancel(job) == "cancelled"
-    assert store.request_pause(job) == "cancelled" and store.resume(job) == "cancelled"
+    assert store.request_pause(job) == "cancelled" and store.resume(job) == (False, "cancelled")
     messages = [e.message for e in store.read_events(job)]
     assert messages.count("Fine-tuning job paused") == 2 and any(
         m.startswith("Fine-tuning job resumed") for m in messages
@@ -59,7 +59,7 @@ def test_a_running_job_is_flagged_and_only_its_worker_pauses_it(store: Store, da
     rec = store.get_job(job)
     assert rec is not None and rec.status == "paused" and not rec.pause_requested and rec.worker is None
     assert not store.r.sismember("seco:running", job) and not store.r.exists(f"seco:lease:{job}")
-    assert store.resume(job) == "queued"
+    assert store.resume(job) == (True, "paused")
 
 
 def test_the_reaper_pauses_a_job_whose_worker_died_after_a_pause_request(store: Store, data: LocalStorage) -> None:
