@@ -28,6 +28,7 @@ Keys (prefix `seco:`)::
     tenant:<t>:file_bytes         bytes of the tenant's uploaded files (quota)
     tenant:<t>:output_bytes       bytes of its jobs' outputs in storage (quota; job field output_bytes)
     file:<id>:jobs                set of unfinished jobs using the file (blocks delete)
+    files:expiring                zset of file ids with an `expires_after` (score: expires_at)
     job:<id>                      hash per job
     job:<id>:events               stream of events; entry id = event id = SSE id
     job:<id>:metrics_step         last metrics step recorded (dedupe after a resume)
@@ -94,6 +95,7 @@ class FileRecord(BaseModel):
     path: str  # relative to the data dir
     job_id: str | None = None  # for result files: the job that produced it
     kind: str | None = None  # training data: "supervised" or "preference" (formats.record_kind); None: unknown
+    expires_at: int | None = None  # OpenAI's expires_after: deleted by `service.record.expiry` once past
 
 
 class JobRecord(BaseModel):
@@ -246,8 +248,10 @@ redis.call('XADD', KEYS[6], '*', 'type', 'message', 'level', 'info', 'message', 
 return 1
 """
 
-# Register a file; counted files (uploads) must fit the tenant's byte quota.
-# KEYS: file hash, tenant files, tenant bytes, seq. ARGV[1]: JSON {id, fields, bytes, counted, limit}
+# Register a file; counted files (uploads) must fit the tenant's byte quota. A file with an
+# expiry (expires_at > 0) is indexed for the sweep in the same step.
+# KEYS: file hash, tenant files, tenant bytes, seq, expiring. ARGV[1]: JSON {id, fields, bytes, counted, limit,
+# expires_at}
 _CREATE_FILE = """
 local a = cjson.decode(ARGV[1])
 if a['counted'] then
@@ -258,16 +262,18 @@ end
 local existed = redis.call('EXISTS', KEYS[1])
 for k, v in pairs(a['fields']) do redis.call('HSET', KEYS[1], k, v) end
 if existed == 0 then redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), a['id']) end
+if a['expires_at'] > 0 then redis.call('ZADD', KEYS[5], a['expires_at'], a['id']) end
 return 1
 """
 
 # Delete a file unless an unfinished job still uses it.
-# KEYS: file hash, tenant files, tenant bytes, file jobs. ARGV: id, counted ('1'/'0')
+# KEYS: file hash, tenant files, tenant bytes, file jobs, expiring. ARGV: id, counted ('1'/'0')
 _DELETE_FILE = """
 if redis.call('SCARD', KEYS[4]) > 0 then return redis.call('SRANDMEMBER', KEYS[4]) end
 local b = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 if ARGV[2] == '1' then redis.call('DECRBY', KEYS[3], b) end
 return 1
 """
@@ -538,9 +544,10 @@ class Store:
     def create_file(self, rec: FileRecord, *, counted: bool, tenant_limit: int) -> None:
         """Register a file; `counted` uploads must fit the tenant's byte quota (else LimitExceeded)."""
         fields = {k: ("" if v is None else str(v)) for k, v in rec.model_dump().items()}
-        args = {"id": rec.id, "fields": fields, "bytes": rec.bytes, "counted": counted, "limit": tenant_limit}
+        args = {"id": rec.id, "fields": fields, "bytes": rec.bytes, "counted": counted, "limit": tenant_limit,
+                "expires_at": rec.expires_at or 0}  # fmt: skip
         keys = [self._file_key(rec.id), f"{P}tenant:{rec.tenant}:files", f"{P}tenant:{rec.tenant}:file_bytes",
-                f"{P}seq"]  # fmt: skip
+                f"{P}seq", f"{P}files:expiring"]  # fmt: skip
         if int(self._create_file(keys=keys, args=[_dumps(args)])) < 0:
             raise LimitExceeded("file storage quota exceeded")
 
@@ -568,6 +575,7 @@ class Store:
             id=h["id"], tenant=h["tenant"], bytes=int(h["bytes"]), created_at=int(h["created_at"]),
             filename=h["filename"], purpose=h["purpose"], status=h.get("status") or "processed",
             path=h["path"], job_id=h.get("job_id") or None, kind=h.get("kind") or None,
+            expires_at=_opt_int(h.get("expires_at")),
         )  # fmt: skip
 
     def list_files(
@@ -588,11 +596,19 @@ class Store:
     def delete_file(self, rec: FileRecord) -> None:
         """Remove the record (FileInUse when an unfinished job still needs it)."""
         keys = [self._file_key(rec.id), f"{P}tenant:{rec.tenant}:files", f"{P}tenant:{rec.tenant}:file_bytes",
-                f"{self._file_key(rec.id)}:jobs"]  # fmt: skip
+                f"{self._file_key(rec.id)}:jobs", f"{P}files:expiring"]  # fmt: skip
         counted = "1" if rec.purpose == "fine-tune" else "0"
         res = self._delete_file(keys=keys, args=[rec.id, counted])
         if res != 1:
             raise FileInUse(str(res))
+
+    def expired_files(self, at: int, limit: int = 100) -> list[str]:
+        """Ids of files whose `expires_at` is at or before `at`, soonest first."""
+        return cast(list[str], self.r.zrangebyscore(f"{P}files:expiring", "-inf", at, start=0, num=limit))
+
+    def forget_expiry(self, file_id: str) -> None:
+        """Drop a file id from the expiry index (its record is gone already)."""
+        self.r.zrem(f"{P}files:expiring", file_id)
 
     def _zpage(self, key: str, after: str | None, order: str) -> Iterable[str]:
         """Ids of a sorted set from just past `after`, in batches (newest first for "desc")."""

@@ -30,6 +30,7 @@ from service.api.schemas import (
     JobList,
 )
 from service.record import ids
+from service.record.expiry import is_expired
 from service.record.formats import PREFERENCE, SUPERVISED
 from service.record.models import checkpoint_model_name, organization_id
 from service.record.outputs import JobNotFinished, delete_outputs
@@ -109,7 +110,7 @@ def create_job(
         if file_id is None:
             continue
         frec = store.get_file(file_id, tenant)
-        if frec is None:
+        if frec is None or is_expired(frec):
             raise bad_request(f"{param}: no such file {file_id!r}", param=param, code="file_not_found")
         if frec.purpose != "fine-tune":
             raise bad_request(f"{param}: file {file_id!r} has purpose {frec.purpose!r}; upload training data "
