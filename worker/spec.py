@@ -52,6 +52,7 @@ class TrainSpec:
     checkpoint_every: int | None = None  # optimizer steps; None: a sensible default
     memory_budget_bytes: int | None = None  # cap for the memory plan (SECO_MEMORY_BUDGET); None: the device's
     host_memory_budget_bytes: int | None = None  # KV offload's share of host memory (SECO_HOST_MEMORY_BUDGET)
+    init_adapter: Path | None = None  # a fine-tuned model's PEFT adapter to continue training (same LoRA shape)
 
 
 class TrainContext(Protocol):

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import socket
+import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,7 +39,8 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from service.record import ids
-from service.record.models import fine_tuned_model_name
+from service.record.model_sources import resolve_fine_tuned
+from service.record.models import fine_tuned_model_name, parse_model_name
 from service.record.outputs import measure_outputs
 from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
@@ -234,9 +236,9 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storag
     The job's files come from storage into `scratch/inputs/` (the local back-end hands
     out the stored file itself); its outputs go to `scratch/out/`.
     """
-    model_path = settings.models.get(rec.model)
+    model_path = settings.models.get(rec.base_model)
     if model_path is None:
-        raise TrainingError(f"Model {rec.model!r} is not configured on this worker (SECO_MODELS)",
+        raise TrainingError(f"Model {rec.base_model!r} is not configured on this worker (SECO_MODELS)",
                             code="model_not_available", param="model")  # fmt: skip
 
     def file_path(file_id: str | None, param: str) -> Path | None:
@@ -261,14 +263,39 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storag
                     max_length=s.get("max_length"), load_in_4bit=bool(s.get("load_in_4bit", False)),
                     lora=LoraSpec(**lora))  # fmt: skip
     return TrainSpec(
-        job_id=rec.id, model_name=rec.model, model_path=model_path, training_file=training,
+        job_id=rec.id, model_name=rec.base_model, model_path=model_path, training_file=training,
         validation_file=file_path(rec.validation_file, "validation_file"), output_dir=scratch / "out",
         device=settings.device, n_epochs=_auto(hp.get("n_epochs")), batch_size=_auto(hp.get("batch_size")),
         learning_rate_multiplier=_auto(hp.get("learning_rate_multiplier")), seed=rec.seed, seco=seco,
         method=rec.method, beta=_auto(hp.get("beta")),
         checkpoint_every=settings.checkpoint_every, memory_budget_bytes=settings.memory_budget_bytes,
         host_memory_budget_bytes=settings.host_memory_budget_bytes,
+        init_adapter=fetch_start_adapter(rec, store, storage, scratch / "inputs" / "start-adapter"),
     )  # fmt: skip
+
+
+def fetch_start_adapter(rec: JobRecord, store: Store, storage: Storage, dest: Path) -> Path | None:
+    """The PEFT adapter of the fine-tuned model (or checkpoint) the job names as `model`, fetched
+    into `dest`; None for a job on a base model. Its owner may have deleted it since the job
+    was created: a clear failure then."""
+    if parse_model_name(rec.model) is None:
+        return None
+    found = resolve_fine_tuned(rec.model, rec.tenant, store)
+    where = found.adapter_location(store) if found is not None else None
+    try:
+        if where is None:
+            raise ObjectNotFound(rec.model)
+        kind, key = where
+        if kind == "dir":
+            return storage.fetch_dir(key, dest)
+        archive = storage.fetch(key, dest.with_name("start-adapter.tar.gz"))
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(dest, filter="data")  # our own archive; the filter refuses links and paths out of dest
+        return dest
+    except ObjectNotFound:
+        raise TrainingError(f"Model {rec.model!r} no longer exists (it was deleted after this job was created)",
+                            code="model_not_available", param="model") from None  # fmt: skip
 
 
 def _publish_results(rec: JobRecord, result: TrainResult, storage: Storage) -> list[tuple[str, str, int]]:

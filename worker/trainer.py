@@ -406,7 +406,27 @@ def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> to
         base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
         base.to(device)
     lora = spec.seco.lora
-    return attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    model = attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    if spec.init_adapter is not None:
+        _start_from_adapter(model, spec.init_adapter)
+    return model
+
+
+def _start_from_adapter(model: torch.nn.Module, directory: Path) -> None:
+    """Continue training a fine-tuned model: its LoRA weights replace the fresh ones.
+
+    The job has the adapter's LoRA shape (the API copies it), so every LoRA weight of the
+    model gets a value; anything else means the adapter does not fit this model.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(directory / "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(model)
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
+        raise TrainingError("the fine-tuned model this job starts from has a LoRA adapter of another shape than "
+                            "the job's seco.lora", code="invalid_lora", param="model")  # fmt: skip
+    set_peft_model_state_dict(model, weights)
 
 
 def _load_4bit(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> Any:

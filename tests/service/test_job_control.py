@@ -33,12 +33,20 @@ def adapter_tensors(archive: bytes) -> dict[str, torch.Tensor]:
         return load(member.read())
 
 
-def create(client: Any, fid: str, n_epochs: int = 3, **kw: Any) -> Any:
+SECO = {"chunk_size": 16, "max_length": 48, "lora": {"r": 4}}
+
+
+def create(client: Any, fid: str, n_epochs: int = 3, lr: float = 1.0, **kw: Any) -> Any:
     return client.fine_tuning.jobs.create(
         model=kw.pop("model", "tiny"), training_file=fid, seed=11,
-        hyperparameters={"n_epochs": n_epochs, "batch_size": 1},
-        extra_body={"seco": {"chunk_size": 16, "max_length": 48, "lora": {"r": 4}}}, **kw,
+        hyperparameters={"n_epochs": n_epochs, "batch_size": 1, "learning_rate_multiplier": lr},
+        extra_body={"seco": kw.pop("seco", SECO)}, **kw,
     )  # fmt: skip
+
+
+def first_loss(client: Any, job_id: str) -> float:
+    events = client.fine_tuning.jobs.list_events(job_id, limit=1000).data
+    return float(next(e.data["train_loss"] for e in events if e.type == "metrics" and e.data["step"] == 1))
 
 
 def finished(client: Any, job_id: str, wait: Callable[..., Any], timeout: float = 300) -> Any:
@@ -105,7 +113,7 @@ def test_model_names_resolve_for_their_owner_and_a_model_can_be_deleted(
     p.write_text("".join(json.dumps({"text": f"record {i} " + "abc def " * 3}) + "\n" for i in range(3)))
     client = svc.client()
     fid = client.files.create(file=p.open("rb"), purpose="fine-tune").id
-    job = create(client, fid, n_epochs=1, suffix="named")
+    job = create(client, fid, n_epochs=2, lr=20.0, suffix="named")
     done = finished(client, job.id, wait)
     assert done.status == "succeeded", (done.error, svc.logs())
     name = done.fine_tuned_model
@@ -117,6 +125,23 @@ def test_model_names_resolve_for_their_owner_and_a_model_can_be_deleted(
         with pytest.raises(openai.NotFoundError):
             svc.client("b").models.retrieve(model)
     assert name in [m.id for m in client.models.list()]
+
+    # fine-tuning on top: the job continues the named adapter (final or checkpoint) on its base model
+    with pytest.raises(openai.BadRequestError) as e:
+        create(svc.client("b"), svc.client("b").files.create(file=p.open("rb"), purpose="fine-tune").id, model=name)
+    assert e.value.code == "model_not_available" and "neither offered" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        create(client, fid, model=name, seco={**SECO, "lora": {"r": 8}})
+    assert e.value.code == "invalid_lora" and "'r': 4" in e.value.message
+    on_top = create(client, fid, n_epochs=1, model=name, seco={"chunk_size": 16, "max_length": 48}, suffix="child")
+    from_ckpt = create(client, fid, n_epochs=1, model=ckpt.fine_tuned_model_checkpoint)
+    assert on_top.model == name and (on_top.model_extra or {})["seco"]["lora"]["r"] == 4
+    for child in (on_top, from_ckpt):
+        child_done = finished(client, child.id, wait)
+        assert child_done.status == "succeeded", (child_done.error, svc.logs())
+        assert child_done.fine_tuned_model.startswith(f"ft:tiny:{done.organization_id}:")
+        assert first_loss(client, child.id) < first_loss(client, job.id) - 0.05, "it started from the trained adapter"
+    assert finished(client, on_top.id, wait).fine_tuned_model.endswith(f":child:{on_top.id.removeprefix('ftjob-')}")
 
     with pytest.raises(openai.NotFoundError):
         svc.client("b").models.delete(name)

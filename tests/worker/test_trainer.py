@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seco_core.demo import build_demo_model
 from seco_core.lora import load_adapter
-from worker.spec import JobCancelled, JobPaused, SecoSpec, TrainingError, TrainSpec
+from worker.spec import JobCancelled, JobPaused, LoraSpec, SecoSpec, TrainingError, TrainSpec
 from worker.trainer import train
 
 
@@ -171,6 +171,25 @@ def test_a_pause_after_the_last_step_lets_the_job_finish(tmp_path: Path, demo_mo
     rec = Recorder(pause_at=5)  # seen at the end of step 6, the last: nothing is left to pause before
     result = train(make_spec(tmp_path, demo_model, n_epochs=1), rec)
     assert rec.pause_requested() and result.steps == 6 and rec.checkpoints == list(range(1, 7))
+
+
+def test_a_job_on_top_of_a_fine_tuned_model_continues_its_adapter(tmp_path: Path, demo_model: Path) -> None:
+    parent = train(make_spec(tmp_path / "parent", demo_model, n_epochs=1), Recorder())
+    child_rec = Recorder()
+    child = train(make_spec(tmp_path / "child", demo_model, n_epochs=1, learning_rate_multiplier=1e-9,
+                            init_adapter=parent.adapter_dir), child_rec)  # fmt: skip
+    a, b = adapter_weights(parent.adapter_dir), adapter_weights(child.adapter_dir)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "it started from it"
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k), "a fresh adapter would have zero lora_B"
+    fresh = train(make_spec(tmp_path / "fresh", demo_model, n_epochs=1, learning_rate_multiplier=1e-9), Recorder())
+    c = adapter_weights(fresh.adapter_dir)
+    assert all(c[k].abs().max() < 1e-6 for k in c if "lora_B" in k)
+
+    other_shape = make_spec(tmp_path / "bad", demo_model, n_epochs=1, init_adapter=parent.adapter_dir,
+                            seco=SecoSpec(chunk_size=64, max_length=128, lora=LoraSpec(r=2)))  # fmt: skip
+    with pytest.raises(TrainingError) as info:
+        train(other_shape, Recorder())
+    assert info.value.code == "invalid_lora"
 
 
 class _Planted:

@@ -32,8 +32,10 @@ from service.api.schemas import (
 from service.record import ids
 from service.record.expiry import is_expired
 from service.record.formats import PREFERENCE, SUPERVISED
+from service.record.model_sources import resolve_fine_tuned
 from service.record.models import checkpoint_model_name, organization_id
 from service.record.outputs import JobNotFinished, delete_outputs
+from service.record.settings import Settings
 from service.record.store import TERMINAL, Event, FileRecord, JobRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,26 @@ def _check_kind(param: str, frec: FileRecord, method: str) -> None:
     raise bad_request(message, param=param, code="invalid_file_format")
 
 
+def _parent_lora(body: JobCreate, tenant: str, store: Store, settings: Settings) -> dict[str, Any]:
+    """The LoRA settings of the fine-tuned model (or checkpoint) a job starts from; a 400 when
+    `body.model` is no such model of the caller's, or asks for another LoRA shape."""
+    found = resolve_fine_tuned(body.model, tenant, store)
+    if found is None:
+        offered = ", ".join(settings.models) or "(none configured)"
+        raise bad_request(f"Model {body.model!r} is neither offered by this server nor one of your fine-tuned "
+                          f"models or checkpoints; choose one of: {offered}, or a fine-tuned model listed by "
+                          "GET /v1/models", param="model", code="model_not_available")  # fmt: skip
+    if found.name.base not in settings.models:
+        raise bad_request(f"Model {body.model!r} adapts base model {found.name.base!r}, which this server no "
+                          "longer offers", param="model", code="model_not_available")  # fmt: skip
+    lora = dict(found.job.seco.get("lora") or {})
+    if "lora" in body.seco.model_fields_set and body.seco.lora.model_dump() != lora:
+        raise bad_request(f"seco.lora: a job on top of {body.model!r} continues training its adapter, whose LoRA "
+                          f"settings are {lora}; leave seco.lora out or give the same", param="seco.lora",
+                          code="invalid_lora")  # fmt: skip
+    return lora
+
+
 @router.post("", response_model=FineTuningJob)
 def create_job(
     body: JobCreate,
@@ -99,11 +121,14 @@ def create_job(
     storage: StorageDep,
     enqueue: EnqueueDep,
 ) -> FineTuningJob:
-    """Create a job: check its model and files, then queue it for a worker."""
+    """Create a job: check its model and files, then queue it for a worker.
+
+    `model` is a base model, or one of the caller's fine-tuned models or checkpoints: the
+    job then continues training that adapter (its LoRA shape is kept) on the same base.
+    """
+    seco = body.seco.model_dump()
     if body.model not in settings.models:
-        offered = ", ".join(settings.models) or "(none configured)"
-        raise bad_request(f"Model {body.model!r} is not offered by this server; choose one of: {offered}",
-                          param="model", code="model_not_available")  # fmt: skip
+        seco["lora"] = _parent_lora(body, tenant, store, settings)
     files = {"training_file": body.training_file, "validation_file": body.validation_file}
     stored: dict[str, str] = {}  # file id -> storage key
     for param, file_id in files.items():
@@ -126,7 +151,7 @@ def create_job(
         training_file=body.training_file, validation_file=body.validation_file,
         hyperparameters=body.effective_hyperparameters().model_dump(), suffix=body.suffix,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31), metadata=body.metadata,
-        seco=body.seco.model_dump(), method=body.method_type,
+        seco=seco, method=body.method_type,
     )  # fmt: skip
     try:
         store.create_job(rec, tenant_limit=settings.max_queued_jobs)

@@ -15,10 +15,11 @@ from fastapi import APIRouter
 from service.api.deps import SettingsDep, StorageDep, StoreDep, TenantDep
 from service.api.errors import APIError, bad_request, not_found
 from service.api.schemas import Model, ModelDeleted, ModelList
-from service.record.models import ModelName, organization_id, parse_model_name
+from service.record.model_sources import resolve_fine_tuned
+from service.record.models import organization_id
 from service.record.outputs import delete_outputs
 from service.record.settings import Settings
-from service.record.store import Checkpoint, JobRecord, Store
+from service.record.store import Store
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/models", tags=["models"])
@@ -38,25 +39,6 @@ def _all(tenant: str, store: Store, settings: Settings) -> list[Model]:
         after = recs[-1].id
 
 
-def resolve_fine_tuned(name: str, tenant: str, store: Store) -> tuple[ModelName, JobRecord, Checkpoint | None] | None:
-    """The job (and, for a checkpoint name, the checkpoint) a fine-tuned model name stands for,
-    when it exists and belongs to `tenant`; None otherwise.
-
-    A final model exists while its job has succeeded and its outputs were not deleted; a
-    checkpoint model while its checkpoint is kept (the newest SECO_KEEP_CHECKPOINTS are).
-    """
-    parsed = parse_model_name(name)
-    if parsed is None or parsed.tenant != tenant:
-        return None
-    rec = store.get_job(parsed.job_id, tenant)
-    if rec is None or rec.base_model != parsed.base or (rec.suffix or None) != parsed.suffix:
-        return None
-    if parsed.step is None:
-        return (parsed, rec, None) if rec.status == "succeeded" and rec.fine_tuned_model == name else None
-    ck = store.get_checkpoint(rec.id, parsed.step)
-    return (parsed, rec, ck) if ck is not None else None
-
-
 @router.get("", response_model=ModelList)
 def list_models(tenant: TenantDep, store: StoreDep, settings: SettingsDep) -> ModelList:
     """Base models (owned by "system") and the caller's fine-tuned models."""
@@ -71,7 +53,7 @@ def retrieve_model(model: str, tenant: TenantDep, store: StoreDep, settings: Set
     found = resolve_fine_tuned(model, tenant, store)
     if found is None:
         raise not_found("model", model, param="model")
-    _, rec, ck = found
+    rec, ck = found.job, found.checkpoint
     created = ck.created_at if ck is not None else rec.finished_at or rec.created_at
     return Model(id=model, created=created, owned_by=organization_id(tenant))
 
@@ -88,7 +70,7 @@ def delete_model(model: str, tenant: TenantDep, store: StoreDep, storage: Storag
     found = resolve_fine_tuned(model, tenant, store)
     if found is None:
         raise not_found("model", model, param="model")
-    parsed, rec, _ = found
+    parsed, rec = found.name, found.job
     if parsed.step is not None:
         final = parsed.format().rsplit(":", 1)[0]
         raise bad_request(f"{model!r} is a checkpoint of job {rec.id}; delete the fine-tuned model {final!r} "
