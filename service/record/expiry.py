@@ -70,10 +70,14 @@ def expire_files(store: Store, storage: Storage, at: int | None = None) -> list[
     returns the ids deleted."""
     at = now() if at is None else at
     deleted: list[str] = []
-    for file_id in store.expired_files(at):
-        rec = store.get_file(file_id)
-        if rec is None:  # deleted meanwhile (by its owner or another sweep)
-            store.forget_expiry(file_id)
-        elif delete_expired(store, storage, rec):
-            deleted.append(file_id)
+    kept = 0  # expired files still needed by a job stay in the index: page past them
+    while batch := store.expired_files(at, start=kept):
+        for file_id in batch:
+            rec = store.get_file(file_id)
+            if rec is None:  # deleted meanwhile (by its owner or another sweep)
+                store.forget_expiry(file_id)
+            elif delete_expired(store, storage, rec):
+                deleted.append(file_id)
+            else:
+                kept += 1
     return deleted

@@ -602,9 +602,9 @@ class Store:
         if res != 1:
             raise FileInUse(str(res))
 
-    def expired_files(self, at: int, limit: int = 100) -> list[str]:
-        """Ids of files whose `expires_at` is at or before `at`, soonest first."""
-        return cast(list[str], self.r.zrangebyscore(f"{P}files:expiring", "-inf", at, start=0, num=limit))
+    def expired_files(self, at: int, start: int = 0, limit: int = 100) -> list[str]:
+        """Ids of files whose `expires_at` is at or before `at`, soonest first, from the `start`-th."""
+        return cast(list[str], self.r.zrangebyscore(f"{P}files:expiring", "-inf", at, start=start, num=limit))
 
     def forget_expiry(self, file_id: str) -> None:
         """Drop a file id from the expiry index (its record is gone already)."""

@@ -129,7 +129,7 @@ def test_model_names_resolve_for_their_owner_and_a_model_can_be_deleted(
     # fine-tuning on top: the job continues the named adapter (final or checkpoint) on its base model
     with pytest.raises(openai.BadRequestError) as e:
         create(svc.client("b"), svc.client("b").files.create(file=p.open("rb"), purpose="fine-tune").id, model=name)
-    assert e.value.code == "model_not_available" and "neither offered" in e.value.message
+    assert e.value.code == "model_not_available" and "not one of your fine-tuned models" in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         create(client, fid, model=name, seco={**SECO, "lora": {"r": 8}})
     assert e.value.code == "invalid_lora" and "'r': 4" in e.value.message

@@ -98,7 +98,7 @@ def _parent_lora(body: JobCreate, tenant: str, store: Store, settings: Settings)
     found = resolve_fine_tuned(body.model, tenant, store)
     if found is None:
         offered = ", ".join(settings.models) or "(none configured)"
-        raise bad_request(f"Model {body.model!r} is neither offered by this server nor one of your fine-tuned "
+        raise bad_request(f"Model {body.model!r} is not offered by this server and is not one of your fine-tuned "
                           f"models or checkpoints; choose one of: {offered}, or a fine-tuned model listed by "
                           "GET /v1/models", param="model", code="model_not_available")  # fmt: skip
     if found.name.base not in settings.models:
@@ -248,10 +248,11 @@ def resume_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, enqu
                           param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
     try:
         enqueue(rec.id)
-    except Exception as e:  # it stays queued; a later message (any queued job's) or a resume retry starts it
+    except Exception as e:  # paused again (unless a worker took it already), so a retry of the resume works
         log.exception("could not enqueue resumed job %s", rec.id)
-        raise APIError(503, f"The job queue is unavailable ({type(e).__name__}); the job is queued and starts "
-                       "once the queue is back", type="server_error", code="queue_unavailable") from None  # fmt: skip
+        store.transition(rec.id, ["queued"], "paused", event="Could not queue the job; it stays paused")
+        raise APIError(503, f"The job queue is unavailable ({type(e).__name__}); the job stays paused, retry "
+                       "the resume shortly", type="server_error", code="queue_unavailable") from None  # fmt: skip
     log.info("job resumed", extra={"job_id": rec.id, "tenant": tenant})
     return public_job(_get(store, tenant, rec.id), store)
 
