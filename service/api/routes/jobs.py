@@ -33,7 +33,7 @@ from service.record import ids
 from service.record.expiry import is_expired
 from service.record.formats import PREFERENCE, SUPERVISED
 from service.record.model_sources import resolve_fine_tuned
-from service.record.models import checkpoint_model_name, organization_id
+from service.record.models import checkpoint_model_name, organization_id, parse_model_name
 from service.record.outputs import JobNotFinished, delete_outputs
 from service.record.settings import Settings
 from service.record.store import TERMINAL, Event, FileRecord, JobRecord, LimitExceeded, Store, now
@@ -95,12 +95,15 @@ def _check_kind(param: str, frec: FileRecord, method: str) -> None:
 def _parent_lora(body: JobCreate, tenant: str, store: Store, settings: Settings) -> dict[str, Any]:
     """The LoRA settings of the fine-tuned model (or checkpoint) a job starts from; a 400 when
     `body.model` is no such model of the caller's, or asks for another LoRA shape."""
+    if parse_model_name(body.model) is None:
+        offered = ", ".join(settings.models) or "(none configured)"
+        raise bad_request(f"Model {body.model!r} is not offered by this server; choose one of: {offered}",
+                          param="model", code="model_not_available")  # fmt: skip
     found = resolve_fine_tuned(body.model, tenant, store)
     if found is None:
-        offered = ", ".join(settings.models) or "(none configured)"
-        raise bad_request(f"Model {body.model!r} is not offered by this server and is not one of your fine-tuned "
-                          f"models or checkpoints; choose one of: {offered}, or a fine-tuned model listed by "
-                          "GET /v1/models", param="model", code="model_not_available")  # fmt: skip
+        raise bad_request(f"Model {body.model!r} is not one of your fine-tuned models or checkpoints (GET "
+                          "/v1/models lists them; a checkpoint is kept while it is among the newest)", param="model",
+                          code="model_not_available")  # fmt: skip
     if found.name.base not in settings.models:
         raise bad_request(f"Model {body.model!r} adapts base model {found.name.base!r}, which this server no "
                           "longer offers", param="model", code="model_not_available")  # fmt: skip

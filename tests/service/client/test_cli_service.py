@@ -72,7 +72,8 @@ def test_submit_and_follow_to_success(run: Run, data: dict[str, Path], done_job:
     assert [int(s) for s, _, _ in steps] == list(range(1, total + 1)), out  # every step once, in order
     assert steps[-1][2], "the validation loss is shown once measured"
     assert "Fine-tuning job started" in out and "tok/s" in out
-    assert f"Job {job_id} succeeded" in out and f"tiny:cli:{job_id}" in out
+    assert f"Job {job_id} succeeded" in out
+    assert re.search(rf": ft:tiny:org-[0-9a-f]{{16}}:cli:{job_id.removeprefix('ftjob-')}$", out, re.M), out
     assert f"seco download {job_id}" in out
     done_job.update(id=job_id, steps=total)
 
@@ -89,7 +90,8 @@ def test_jobs_status_and_events(run: Run, done_job: dict[str, Any]) -> None:
     rc, out, _ = run("status", job_id)
     assert rc == 0
     fields = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in out.splitlines())
-    assert fields["status"] == "succeeded" and fields["fine-tuned model"] == f"tiny:cli:{job_id}"
+    assert fields["status"] == "succeeded"
+    assert re.fullmatch(rf"ft:tiny:org-[0-9a-f]{{16}}:cli:{job_id.removeprefix('ftjob-')}", fields["fine-tuned model"])
     assert fields["seco"].startswith("mode=seco chunk_size=16") and "r=4" in fields["lora"]
     assert int(fields["trained tokens"].replace(",", "")) > 0 and fields["peak memory"].endswith("iB")
     rc, out, _ = run("status", job_id, "--json")
