@@ -108,6 +108,9 @@ class _Recorder:
     def cancelled(self) -> bool:
         return False
 
+    def pause_requested(self) -> bool:
+        return False
+
 
 def part_job(args: argparse.Namespace, results: Results) -> None:
     import worker.trainer as trainer

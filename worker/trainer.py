@@ -33,7 +33,7 @@ from worker.data import DataError, load_documents, load_preferences
 from worker.divergence import DivergenceGuard
 from worker.objective import Objective, StepResult, step_seed
 from worker.preference import check_pair_lengths, preference_objective
-from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
+from worker.spec import JobCancelled, JobPaused, TrainContext, TrainingError, TrainResult, TrainSpec
 
 BASE_LEARNING_RATE = 2e-4
 """Learning rate at learning_rate_multiplier=1 (a common LoRA default)."""
@@ -188,6 +188,7 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
                 **result.metrics,
             }
             save_now = end_of_epoch or step % checkpoint_every == 0
+            pause = step < total_steps and ctx.pause_requested()
             if save_now and objective.validate is not None:
                 metrics.update(objective.validate(model, chunk_config, host_buffers))
             if step == total_steps:
@@ -196,10 +197,12 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             _append_metrics(metrics_csv, metrics, objective.fields)
             rate = (time.monotonic() - started) / steps_this_run
             ctx.progress(step, total_steps, position.trained_tokens, rate * (total_steps - step))
-            if save_now:
+            if save_now or pause:
                 path = save_checkpoint(checkpoints, model, spec.model_name, optimizer, scheduler, position, metrics)
                 guard.checkpointed(step)
                 ctx.checkpoint_saved(step, path, metrics)
+            if pause:
+                raise JobPaused(step)
 
     estimate = job_plan.memory.estimate
     ctx.message(
@@ -436,7 +439,27 @@ def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> to
         base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
         base.to(device)
     lora = spec.seco.lora
-    return attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    model = attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    if spec.init_adapter is not None:
+        _start_from_adapter(model, spec.init_adapter)
+    return model
+
+
+def _start_from_adapter(model: torch.nn.Module, directory: Path) -> None:
+    """Continue training a fine-tuned model: its LoRA weights replace the fresh ones.
+
+    The job has the adapter's LoRA shape (the API copies it), so every LoRA weight of the
+    model gets a value; anything else means the adapter does not fit this model.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(directory / "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(model)
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
+        raise TrainingError("the fine-tuned model this job starts from has a LoRA adapter of another shape than "
+                            "the job's seco.lora", code="invalid_lora", param="model")  # fmt: skip
+    set_peft_model_state_dict(model, weights)
 
 
 def _load_4bit(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> Any:

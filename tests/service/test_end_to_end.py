@@ -95,7 +95,8 @@ def test_a_job_runs_to_an_adapter(svc: Any, files: dict[str, str], wait: Callabl
     assert not t.is_alive() and end == {"status": "succeeded"}, svc.logs()
 
     done = client.fine_tuning.jobs.retrieve(job.id)
-    assert done.status == "succeeded" and done.fine_tuned_model == f"tiny:e2e:{job.id}"
+    assert done.status == "succeeded"
+    assert done.fine_tuned_model == f"ft:tiny:{done.organization_id}:e2e:{job.id.removeprefix('ftjob-')}"
     assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at and len(done.result_files) == 2
     extra = done.model_extra or {}
     assert extra["progress"] == 1.0 and extra["peak_memory_bytes"] > 0

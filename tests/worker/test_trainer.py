@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seco_core.demo import build_demo_model
 from seco_core.lora import load_adapter
-from worker.spec import JobCancelled, SecoSpec, TrainingError, TrainSpec
+from worker.spec import JobCancelled, JobPaused, LoraSpec, SecoSpec, TrainingError, TrainSpec
 from worker.trainer import train
 
 
@@ -26,6 +26,7 @@ class Recorder:
 
     cancel_at: int | None = None
     die_at: int | None = None
+    pause_at: int | None = None
     messages: list[str] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
@@ -52,6 +53,9 @@ class Recorder:
 
     def cancelled(self) -> bool:
         return self.cancel_at is not None and len(self.steps) >= self.cancel_at
+
+    def pause_requested(self) -> bool:
+        return self.pause_at is not None and len(self.steps) >= self.pause_at
 
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 6
@@ -167,6 +171,51 @@ def test_resume_after_death_matches_an_uninterrupted_run(tmp_path: Path, demo_mo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = (spec.output_dir / "metrics.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, resumed.steps + 1))
+
+
+def test_pause_checkpoints_the_step_and_resuming_matches_an_uninterrupted_run(tmp_path: Path, demo_model: Path) -> None:
+    """A pause stops after the step it was seen at, with that step checkpointed even between
+    regular checkpoints; training again from there is the crash-resume path, bit for bit."""
+    spec = make_spec(tmp_path / "paused", demo_model, n_epochs=1, checkpoint_every=100)
+    pausing = Recorder(pause_at=2)  # asked once step 2 is reported: seen at the end of step 3
+    with pytest.raises(JobPaused) as info:
+        train(spec, pausing)
+    assert info.value.step == 3 and pausing.checkpoints == [3] and [m["step"] for m in pausing.steps] == [1, 2, 3]
+    resumed_rec = Recorder()
+    resumed = train(spec, resumed_rec)
+    assert any("resumed from checkpoint at step 3" in m for m in resumed_rec.messages)
+    assert [m["step"] for m in resumed_rec.steps] == list(range(4, resumed.steps + 1))
+
+    clean = Recorder()
+    uninterrupted = train(replace(spec, output_dir=tmp_path / "clean" / "job"), clean)
+    assert [m["train_loss"] for m in pausing.steps + resumed_rec.steps] == [m["train_loss"] for m in clean.steps]
+    a, b = adapter_weights(resumed.adapter_dir), adapter_weights(uninterrupted.adapter_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_pause_after_the_last_step_lets_the_job_finish(tmp_path: Path, demo_model: Path) -> None:
+    rec = Recorder(pause_at=5)  # seen at the end of step 6, the last: nothing is left to pause before
+    result = train(make_spec(tmp_path, demo_model, n_epochs=1), rec)
+    assert rec.pause_requested() and result.steps == 6 and rec.checkpoints == list(range(1, 7))
+
+
+def test_a_job_on_top_of_a_fine_tuned_model_continues_its_adapter(tmp_path: Path, demo_model: Path) -> None:
+    parent = train(make_spec(tmp_path / "parent", demo_model, n_epochs=1), Recorder())
+    child_rec = Recorder()
+    child = train(make_spec(tmp_path / "child", demo_model, n_epochs=1, learning_rate_multiplier=1e-9,
+                            init_adapter=parent.adapter_dir), child_rec)  # fmt: skip
+    a, b = adapter_weights(parent.adapter_dir), adapter_weights(child.adapter_dir)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "it started from it"
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k), "a fresh adapter would have zero lora_B"
+    fresh = train(make_spec(tmp_path / "fresh", demo_model, n_epochs=1, learning_rate_multiplier=1e-9), Recorder())
+    c = adapter_weights(fresh.adapter_dir)
+    assert all(c[k].abs().max() < 1e-6 for k in c if "lora_B" in k)
+
+    other_shape = make_spec(tmp_path / "bad", demo_model, n_epochs=1, init_adapter=parent.adapter_dir,
+                            seco=SecoSpec(chunk_size=64, max_length=128, lora=LoraSpec(r=2)))  # fmt: skip
+    with pytest.raises(TrainingError) as info:
+        train(other_shape, Recorder())
+    assert info.value.code == "invalid_lora"
 
 
 class _Planted:

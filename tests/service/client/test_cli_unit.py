@@ -41,7 +41,8 @@ def test_client_imports_only_stdlib_and_httpx() -> None:
 def test_every_client_command_is_registered() -> None:
     parser = cli.build_parser()
     for argv in (["submit", "f.jsonl", "--model", "m"], ["jobs"], ["status", "j"], ["cancel", "j"],
-                 ["events", "j"], ["follow", "j"], ["download", "j", "-o", "d"]):  # fmt: skip
+                 ["pause", "j"], ["resume", "j"], ["events", "j"], ["follow", "j"],
+                 ["download", "j", "-o", "d"]):  # fmt: skip
         args = parser.parse_args(argv)
         assert callable(args.func), argv
 

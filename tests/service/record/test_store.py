@@ -261,7 +261,8 @@ def test_run_job_success_registers_results(store: Store, data: LocalStorage, tmp
     assert run_job(job, settings, store, worker_id="w", train=fake_train) == "succeeded"
     rec = store.get_job(job)
     assert rec is not None and rec.status == "succeeded"
-    assert rec.fine_tuned_model == f"tiny:{job}" and rec.trained_tokens == 200 and rec.peak_memory_bytes == 5000
+    assert rec.fine_tuned_model == f"ft:tiny:org-{T1}::{job.removeprefix('ftjob-')}"
+    assert rec.trained_tokens == 200 and rec.peak_memory_bytes == 5000
     assert len(rec.result_files) == 2 and rec.adapter_file == rec.result_files[1]  # [0]: the metrics CSV
     adapter = store.get_file(rec.adapter_file, T1)  # type: ignore[arg-type]
     assert adapter is not None and adapter.purpose == "fine-tune-results"
