@@ -99,10 +99,16 @@ class _Recorder:
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
         pass
 
+    def hyperparameters(self, resolved: dict[str, Any]) -> None:
+        self.results.emit("hyperparameters", **resolved)
+
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         self.results.emit("checkpoint", step=step)
 
     def cancelled(self) -> bool:
+        return False
+
+    def pause_requested(self) -> bool:
         return False
 
 

@@ -5,7 +5,7 @@ Li et al., "Training Long-Context LLMs Efficiently via Chunk-wise Optimization"
 standard library.
 """
 
-from seco_core.chunked import ChunkedOutput, chunked_backward, chunked_loss
+from seco_core.chunked import ChunkedOutput, chunked_backward, chunked_evaluate, chunked_loss
 from seco_core.config import ChunkConfig
 from seco_core.errors import UnsupportedModelError
 from seco_core.prefix import Continuation, PrefixTreeOutput, prefix_tree_backward, prefix_tree_loss
@@ -17,6 +17,7 @@ __all__ = [
     "PrefixTreeOutput",
     "UnsupportedModelError",
     "chunked_backward",
+    "chunked_evaluate",
     "chunked_loss",
     "prefix_tree_backward",
     "prefix_tree_loss",

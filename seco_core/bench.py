@@ -212,6 +212,38 @@ def _start_cpu_watchdog(cap_bytes: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def timed_steps(
+    step: Callable[[], dict[str, Any]], model: nn.Module, steps: int, device: str, *, grads: bool = True
+) -> dict[str, Any]:
+    """One warm-up step (allocator pools, lazy initialisations), then `steps` timed ones.
+
+    Returns the last step's info with the wall seconds of each step, their mean, the mean
+    CPU seconds of this process (all threads: unlike wall time, barely affected by other
+    processes sharing the cores; with --threads 1 it tracks the work done) and, with
+    `grads`, the gradient norm of the last step. Gradients are cleared between steps, so
+    each step's are its own.
+    """
+    info = step()
+    model.zero_grad(set_to_none=True)
+    times, cpu_times = [], []
+    out: dict[str, Any] = {}
+    for i in range(steps):
+        cpu0 = time.process_time()
+        with Stopwatch(device) as sw:
+            info = step()
+        times.append(sw.seconds)
+        cpu_times.append(time.process_time() - cpu0)
+        if grads:
+            out["grad_norm"], out["grads_nonzero"] = _grad_stats(model)
+        if i < steps - 1:
+            model.zero_grad(set_to_none=True)
+    out.update(info)
+    out["step_seconds"] = times
+    out["step_seconds_mean"] = sum(times) / len(times)
+    out["cpu_seconds_mean"] = sum(cpu_times) / len(cpu_times)
+    return out
+
+
 def measure(method: str, length: int, spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one (method, length) in this process; returns a JSON-able result dict.
 
@@ -241,26 +273,8 @@ def measure(method: str, length: int, spec: dict[str, Any]) -> dict[str, Any]:
         probe = PeakMemory(device)
         result["baseline_bytes"] = probe.baseline_bytes
 
-        info = step()  # warm-up: allocator pools, lazy initialisations
-        model.zero_grad(set_to_none=True)
-        times, cpu_times = [], []
-        for i in range(spec["steps"]):
-            cpu0 = time.process_time()
-            with Stopwatch(device) as sw:
-                info = step()
-            times.append(sw.seconds)
-            cpu_times.append(time.process_time() - cpu0)
-            if method != "prefill":
-                result["grad_norm"], result["grads_nonzero"] = _grad_stats(model)
-            if i < spec["steps"] - 1:
-                model.zero_grad(set_to_none=True)
+        result.update(timed_steps(step, model, spec["steps"], device, grads=method != "prefill"))
         result["peak_extra_bytes"] = probe.peak_extra_bytes
-        result.update(info)
-        result["step_seconds"] = times
-        result["step_seconds_mean"] = sum(times) / len(times)
-        # CPU seconds of this process (all threads): unlike wall time, barely affected by
-        # other processes sharing the cores; with --threads 1 it tracks the work done.
-        result["cpu_seconds_mean"] = sum(cpu_times) / len(cpu_times)
         result["status"] = "ok"
         if method in CHUNKED:
             result["plan_step_bytes"] = _plan_step_bytes(model, length, spec, CHUNKED[method])

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from seco_core.bench import DTYPES, PRESETS, RESULT_PREFIX, _grad_stats, _log, build_model, run_child
-from seco_core.probes import PeakMemory, Stopwatch
+from seco_core.bench import DTYPES, PRESETS, RESULT_PREFIX, _log, build_model, run_child, timed_steps
+from seco_core.probes import PeakMemory
 
 METHODS = ("shared", "separate")
 BETA = 0.1
@@ -110,25 +110,8 @@ def measure(method: str, spec: dict[str, Any]) -> dict[str, Any]:
         step = make_step(method, model, spec)
         gc.collect()
         probe = PeakMemory(device)
-        info = step()  # warm-up: allocator pools, lazy initialisations
-        model.zero_grad(set_to_none=True)
-        times, cpu_times = [], []
-        for i in range(spec["steps"]):
-            cpu0 = time.process_time()
-            with Stopwatch(device) as sw:
-                info = step()
-            times.append(sw.seconds)
-            cpu_times.append(time.process_time() - cpu0)
-            result["grad_norm"], result["grads_nonzero"] = _grad_stats(model)
-            if i < spec["steps"] - 1:
-                model.zero_grad(set_to_none=True)
-        result.update(info)
+        result.update(timed_steps(step, model, spec["steps"], device))
         result["peak_extra_bytes"] = probe.peak_extra_bytes
-        result["step_seconds"] = times
-        result["step_seconds_mean"] = sum(times) / len(times)
-        # CPU seconds of this process (all threads): on a shared machine, far less affected by
-        # other processes than wall time (see bench.py).
-        result["cpu_seconds_mean"] = sum(cpu_times) / len(cpu_times)
         result["status"] = "ok"
     except torch.OutOfMemoryError as err:
         result = {"method": method, "status": "oom", "error": str(err).splitlines()[0]}

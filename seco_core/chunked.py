@@ -48,6 +48,15 @@ class ChunkedOutput:
     chunks_backpropagated: int
     tokens: int
     """Target tokens (non-ignored, after the shift) the loss is averaged over."""
+    correct_tokens: int = 0
+    """Of those, the targets the model's argmax predicts (ties go to the lowest token id, as
+    `torch.argmax`). Counted slice by slice from the logits the loss computes anyway, so
+    no full-vocabulary logits are kept for it."""
+
+    @property
+    def token_accuracy(self) -> float:
+        """correct_tokens / tokens: OpenAI's mean token accuracy."""
+        return self.correct_tokens / self.tokens if self.tokens else 0.0
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -56,36 +65,47 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
-def _slice_ce_rows(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of one slice per row, (B,); logits in float32, or the model's dtype if wider."""
+def _slice_stats(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of one slice, (B,) each: the summed cross-entropy (logits in float32, or the
+    model's dtype if wider) and the count of targets whose argmax is right.
+
+    An ignored target (-100) never equals an argmax (>= 0), so it is never counted right.
+    """
     logits = head(hidden)  # (B, s, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return ce.view(targets.shape).sum(dim=1)
+    correct = (logits.detach().argmax(dim=-1) == targets).sum(dim=1)
+    return ce.view(targets.shape).sum(dim=1), correct
 
 
-def chunk_row_losses(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
-    """Summed token CE of each row of a chunk, (B,), without holding its full-vocabulary logits.
+def chunk_row_stats(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token CE and right-argmax count of each row of a chunk, (B,) each, without
+    holding its full-vocabulary logits.
 
     hidden: (B, c, H); targets: (B, c). Logits exist for `slice_len` tokens at a time;
     under grad each slice is checkpointed so backward recomputes its logits instead of
     keeping them. A chunk that fits in one slice is computed directly (no recompute).
+    The argmax is taken from the same logits as the loss: accuracy costs no extra pass.
     """
     c = hidden.shape[1]
     if c <= slice_len:
-        return _slice_ce_rows(head, hidden, targets)
+        return _slice_stats(head, hidden, targets)
     recompute = torch.is_grad_enabled()
     total = torch.zeros(targets.shape[0], device=hidden.device)
+    correct = torch.zeros(targets.shape[0], dtype=torch.long, device=hidden.device)
     for s in range(0, c, slice_len):
         args = (head, hidden[:, s : s + slice_len], targets[:, s : s + slice_len])
-        part = checkpoint(_slice_ce_rows, *args, use_reentrant=False) if recompute else _slice_ce_rows(*args)
+        part, right = checkpoint(_slice_stats, *args, use_reentrant=False) if recompute else _slice_stats(*args)
         total = total + part
-    return total
+        correct = correct + right
+    return total, correct
 
 
-def chunk_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
-    """Summed token CE of a chunk (all rows), see `chunk_row_losses`."""
-    return chunk_row_losses(head, hidden, targets, slice_len).sum()
+def chunk_row_losses(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
+    """Summed token CE of each row of a chunk, (B,), see `chunk_row_stats`."""
+    return chunk_row_stats(head, hidden, targets, slice_len)[0]
 
 
 def chunks_with_targets(targets: torch.Tensor, bounds: list[tuple[int, int]]) -> list[bool]:
@@ -212,6 +232,23 @@ def chunked_backward(
     )
 
 
+def chunked_evaluate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    config: ChunkConfig,
+    *,
+    host_buffers: HostBuffers | None = None,
+) -> ChunkedOutput:
+    """Loss and token accuracy of a long sequence with no gradients (validation): stage 1 only.
+
+    Takes the training step's own `config`, so a sequence that only fits with the K/V
+    cache offloaded to host memory is validated with it offloaded too.
+    """
+    num_chunks = -(-input_ids.shape[-1] // config.chunk_size)
+    return backward_with_factors(model, input_ids, labels, config, [0.0] * num_chunks, host_buffers=host_buffers)
+
+
 def chunked_loss(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -220,13 +257,8 @@ def chunked_loss(
     *,
     host_buffers: HostBuffers | None = None,
 ) -> float:
-    """The mean token loss of a long sequence with no gradients (validation): stage 1 only.
-
-    Takes the training step's own `config`, so a sequence that only fits with the K/V
-    cache offloaded to host memory is validated with it offloaded too.
-    """
-    num_chunks = -(-input_ids.shape[-1] // config.chunk_size)
-    return backward_with_factors(model, input_ids, labels, config, [0.0] * num_chunks, host_buffers=host_buffers).loss
+    """The mean token loss of `chunked_evaluate`."""
+    return chunked_evaluate(model, input_ids, labels, config, host_buffers=host_buffers).loss
 
 
 def backward_with_factors(
@@ -266,6 +298,7 @@ def backward_with_factors(
     positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
     rng_states = []
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)  # every chunk counted once, like its loss
 
     with chunked_session(model, parts, config, device, host_buffers) as cache:
 
@@ -279,7 +312,9 @@ def backward_with_factors(
                 rng_states.append(_rng_state(device))
                 hidden = run(j)
                 if factors[j] == 0.0 and has_targets[j]:
-                    loss_sum += chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice).double()
+                    rows, right = chunk_row_stats(parts.head, hidden, targets[:, s:e], config.loss_slice)
+                    loss_sum += rows.sum().double()
+                    correct += right.sum()
                 cache.push_current(needs_grad[j])
         final_rng = _rng_state(device)
 
@@ -293,11 +328,12 @@ def backward_with_factors(
             _set_rng_state(device, rng_states[j])
             with torch.enable_grad():
                 hidden = run(j)
-                chunk_loss = (
-                    chunk_loss_sum(parts.head, hidden, targets[:, s:e], config.loss_slice)
-                    if has_targets[j]
-                    else torch.zeros((), device=device)
-                )
+                if has_targets[j]:
+                    rows, right = chunk_row_stats(parts.head, hidden, targets[:, s:e], config.loss_slice)
+                    chunk_loss = rows.sum()
+                    correct += right.sum()
+                else:
+                    chunk_loss = torch.zeros((), device=device)
                 objective = relay_objective(chunk_loss * (loss_scale / n_targets), cache.current(), relayed)
                 if objective.requires_grad:
                     (objective * factor).backward()
@@ -312,4 +348,5 @@ def backward_with_factors(
         num_chunks=len(bounds),
         chunks_backpropagated=sum(f != 0.0 for f in factors),
         tokens=n_targets,
+        correct_tokens=int(correct),
     )

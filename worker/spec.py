@@ -52,6 +52,7 @@ class TrainSpec:
     checkpoint_every: int | None = None  # optimizer steps; None: a sensible default
     memory_budget_bytes: int | None = None  # cap for the memory plan (SECO_MEMORY_BUDGET); None: the device's
     host_memory_budget_bytes: int | None = None  # KV offload's share of host memory (SECO_HOST_MEMORY_BUDGET)
+    init_adapter: Path | None = None  # a fine-tuned model's PEFT adapter to continue training (same LoRA shape)
 
 
 class TrainContext(Protocol):
@@ -66,11 +67,19 @@ class TrainContext(Protocol):
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
         """Fields shown on the job object."""
 
+    def hyperparameters(self, resolved: dict[str, Any]) -> None:
+        """The values training uses, "auto" resolved (n_epochs, batch_size,
+        learning_rate_multiplier; beta for DPO), once the data is read; shown on the job."""
+
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         """A complete checkpoint directory now exists at `path`."""
 
     def cancelled(self) -> bool:
         """True once the user asked to cancel; checked every optimizer step."""
+
+    def pause_requested(self) -> bool:
+        """True once the user asked to pause; checked after every optimizer step, which is then
+        checkpointed before the loop raises JobPaused."""
 
 
 @dataclass
@@ -85,6 +94,17 @@ class TrainResult:
 
 class JobCancelled(Exception):
     """Raised by the training loop when the context reports a cancel request."""
+
+
+class JobPaused(Exception):
+    """Raised by the training loop after the checkpoint of `step`, when the context reports a pause request.
+
+    Resuming the job is a resume from that checkpoint, the same path as after a crash.
+    """
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"paused at step {step}")
+        self.step = step
 
 
 class TrainingError(Exception):

@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import socket
+import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +39,8 @@ import redis
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from service.record import ids
+from service.record.model_sources import resolve_fine_tuned
+from service.record.models import fine_tuned_model_name, parse_model_name
 from service.record.outputs import measure_outputs
 from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
@@ -53,7 +56,7 @@ from service.record.storage import (
 from service.record.store import FileRecord, JobRecord, Store, now
 from worker.celery_app import TASK_NAME, app, enqueue
 from worker.checkpoint_store import METRICS_CSV, prune_checkpoints, publish_checkpoint, restore_latest_checkpoint
-from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
+from worker.spec import JobCancelled, JobPaused, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,8 @@ class StoreContext:
         self.keep_checkpoints = keep_checkpoints
         self._cancel_checked = 0.0
         self._cancel = False
+        self._pause_checked = 0.0
+        self._pause = False
 
     def persist(self, call: Callable[[], T]) -> T:
         """`call()` against the store, riding out a Redis outage while the lease may still be valid.
@@ -185,6 +190,10 @@ class StoreContext:
         }  # fmt: skip
         self.persist(lambda: self.store.update_running(self.job_id, self.worker_id, fields))
 
+    def hyperparameters(self, resolved: dict[str, Any]) -> None:
+        if not self.lease.lost:
+            self.persist(lambda: self.store.resolve_hyperparameters(self.job_id, self.worker_id, resolved))
+
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         """Publish the checkpoint to storage (marker last), record it, prune the oldest
         beyond SECO_KEEP_CHECKPOINTS, and count what the job's outputs now take."""
@@ -209,6 +218,14 @@ class StoreContext:
             self._cancel = self.persist(lambda: self.store.cancel_requested(self.job_id))
         return self._cancel
 
+    def pause_requested(self) -> bool:
+        """A pause request; asked once per optimizer step, Redis read at most every 0.25 s."""
+        t = time.monotonic()
+        if not self._pause and t - self._pause_checked >= self.CANCEL_POLL_SECONDS:
+            self._pause_checked = t
+            self._pause = self.persist(lambda: self.store.pause_requested(self.job_id))
+        return self._pause
+
 
 # --------------------------------------------------------------------------- the job
 
@@ -223,9 +240,9 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storag
     The job's files come from storage into `scratch/inputs/` (the local back-end hands
     out the stored file itself); its outputs go to `scratch/out/`.
     """
-    model_path = settings.models.get(rec.model)
+    model_path = settings.models.get(rec.base_model)
     if model_path is None:
-        raise TrainingError(f"Model {rec.model!r} is not configured on this worker (SECO_MODELS)",
+        raise TrainingError(f"Model {rec.base_model!r} is not configured on this worker (SECO_MODELS)",
                             code="model_not_available", param="model")  # fmt: skip
 
     def file_path(file_id: str | None, param: str) -> Path | None:
@@ -250,14 +267,39 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storag
                     max_length=s.get("max_length"), load_in_4bit=bool(s.get("load_in_4bit", False)),
                     lora=LoraSpec(**lora))  # fmt: skip
     return TrainSpec(
-        job_id=rec.id, model_name=rec.model, model_path=model_path, training_file=training,
+        job_id=rec.id, model_name=rec.base_model, model_path=model_path, training_file=training,
         validation_file=file_path(rec.validation_file, "validation_file"), output_dir=scratch / "out",
         device=settings.device, n_epochs=_auto(hp.get("n_epochs")), batch_size=_auto(hp.get("batch_size")),
         learning_rate_multiplier=_auto(hp.get("learning_rate_multiplier")), seed=rec.seed, seco=seco,
         method=rec.method, beta=_auto(hp.get("beta")),
         checkpoint_every=settings.checkpoint_every, memory_budget_bytes=settings.memory_budget_bytes,
         host_memory_budget_bytes=settings.host_memory_budget_bytes,
+        init_adapter=fetch_start_adapter(rec, store, storage, scratch / "inputs" / "start-adapter"),
     )  # fmt: skip
+
+
+def fetch_start_adapter(rec: JobRecord, store: Store, storage: Storage, dest: Path) -> Path | None:
+    """The PEFT adapter of the fine-tuned model (or checkpoint) the job names as `model`, fetched
+    into `dest`; None for a job on a base model. Its owner may have deleted it since the job
+    was created: a clear failure then."""
+    if parse_model_name(rec.model) is None:
+        return None
+    found = resolve_fine_tuned(rec.model, rec.tenant, store)
+    where = found.adapter_location(store) if found is not None else None
+    try:
+        if where is None:
+            raise ObjectNotFound(rec.model)
+        kind, key = where
+        if kind == "dir":
+            return storage.fetch_dir(key, dest)
+        archive = storage.fetch(key, dest.with_name("start-adapter.tar.gz"))
+        dest.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive, "r:gz") as tar:
+            tar.extractall(dest, filter="data")  # our own archive; the filter refuses links and paths out of dest
+        return dest
+    except ObjectNotFound:
+        raise TrainingError(f"Model {rec.model!r} no longer exists (it was deleted after this job was created)",
+                            code="model_not_available", param="model") from None  # fmt: skip
 
 
 def _publish_results(rec: JobRecord, result: TrainResult, storage: Storage) -> list[tuple[str, str, int]]:
@@ -278,7 +320,10 @@ def _publish_results(rec: JobRecord, result: TrainResult, storage: Storage) -> l
 
 
 def _register_results(rec: JobRecord, published: list[tuple[str, str, int]], store: Store) -> tuple[str, str]:
-    """The published adapter archive and metrics CSV as `fine-tune-results` files (ids fixed per job)."""
+    """The published adapter archive and metrics CSV as `fine-tune-results` files (ids fixed per job).
+
+    The job lists them metrics CSV first: OpenAI's `result_files[0]` is the metrics CSV, and
+    scripts read it from there; the adapter is `adapter_file` (and the `/adapter` route)."""
     out = []
     for kind, key, size in published:
         fid = ids.result_file_id(rec.id, kind)
@@ -423,6 +468,13 @@ def _run_in_scratch(
             return "lost"
         store.finish_job(job_id, worker_id, "cancelled", event="Fine-tuning job cancelled")
         return "cancelled"
+    except JobPaused as e:  # its checkpoint is stored: resuming is a resume from it, as after a crash
+        if lease.lost:
+            return "lost"
+        paused_at = e.step
+        ctx.persist(lambda: store.pause_running(job_id, worker_id, paused_at))
+        log.info("job paused", extra={"job_id": job_id, "step": paused_at})
+        return "paused"
     except TrainingError as e:
         log.info("job failed: %s", e, extra={"job_id": job_id, "code": e.code})
         return fail(e.code, str(e), e.param)
@@ -434,14 +486,14 @@ def _run_in_scratch(
             return fail("storage_error", f"The worker could not save this job's files: {reason}. "
                         f"{remedy or storage.remedy}")  # fmt: skip
         return fail("internal_error", _scrub(f"Training failed: {type(e).__name__}: {e}", settings))
-    fine_tuned = f"{rec.model}:{rec.suffix}:{job_id}" if rec.suffix else f"{rec.model}:{job_id}"
+    fine_tuned = fine_tuned_model_name(rec.base_model, rec.tenant, rec.suffix, job_id)
     ctx.persist(lambda: store.add_event(job_id, f"New fine-tuned model created: {fine_tuned}"))
     recorded = ctx.persist(lambda: store.get_job(job_id))
     peak = max(int(result.peak_memory_bytes or 0), (recorded.peak_memory_bytes if recorded else 0) or 0)
     done = ctx.persist(lambda: store.finish_job(
         job_id, worker_id, "succeeded", event="The job has successfully completed",
         fields={"fine_tuned_model": fine_tuned, "trained_tokens": str(result.trained_tokens),
-                "result_files": [adapter_id, metrics_id], "adapter_file": adapter_id, "progress": "1",
+                "result_files": [metrics_id, adapter_id], "adapter_file": adapter_id, "progress": "1",
                 "peak_memory_bytes": str(peak), "step": str(result.steps)},
     ))  # fmt: skip
     return "succeeded" if done else "lost"

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from seco_core import ChunkConfig, UnsupportedModelError, chunked_backward, chunked_loss
+from seco_core import ChunkConfig, UnsupportedModelError, chunked_backward, chunked_evaluate
 from seco_core.attention import FUSED_CUDA_DTYPES
 from seco_core.dpo import DEFAULT_BETA
 from seco_core.kv_store import HostBuffers
@@ -30,9 +30,10 @@ from seco_core.selfcheck import self_check
 from seco_core.windows import Window, split_documents
 from worker.checkpoints import Position, latest_checkpoint, load_checkpoint, save_checkpoint
 from worker.data import DataError, load_documents, load_preferences
+from worker.divergence import DivergenceGuard
 from worker.objective import Objective, StepResult, step_seed
 from worker.preference import check_pair_lengths, preference_objective
-from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
+from worker.spec import JobCancelled, JobPaused, TrainContext, TrainingError, TrainResult, TrainSpec
 
 BASE_LEARNING_RATE = 2e-4
 """Learning rate at learning_rate_multiplier=1 (a common LoRA default)."""
@@ -43,9 +44,16 @@ CHECKPOINTS_PER_EPOCH = 4
 """With checkpoint_every unset: about this many checkpoints per epoch, plus one at its end."""
 
 METRIC_FIELDS = [
-    "step", "total_steps", "epoch", "train_loss", "valid_loss", "learning_rate", "tokens",
-    "tokens_per_second", "step_seconds", "peak_memory_bytes", "chunks_backpropagated",
+    "step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
+    "total_steps", "epoch", "learning_rate", "tokens", "tokens_per_second", "step_seconds", "peak_memory_bytes",
+    "chunks_backpropagated", "full_valid_loss", "full_valid_mean_token_accuracy",
 ]  # fmt: skip
+"""Metrics CSV columns: OpenAI's five first, in its order and with its names (a script reading
+OpenAI's result file reads ours), then ours. `train_accuracy` is the training token accuracy
+(`train_mean_token_accuracy` in events); a value a step does not have is an empty cell."""
+FULL_VALIDATION = {"valid_loss": "full_valid_loss", "valid_mean_token_accuracy": "full_valid_mean_token_accuracy"}
+"""At the last step, the validation over the whole validation file is reported under OpenAI's
+`full_valid_*` names too (every validation of ours already covers the whole file)."""
 
 
 @dataclass
@@ -92,6 +100,8 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     model_config = AutoConfig.from_pretrained(spec.model_path)
     build = _preference_objective if spec.method == "dpo" else _supervised_objective
     objective, job_plan = build(spec, tokenizer, model_config, dtype, ctx)
+    hyper = resolve_hyperparameters(spec)
+    ctx.hyperparameters(hyper)
 
     # Model with LoRA; a short self-check that chunk-wise gradients match a plain backward.
     model = _load_model(spec, dtype, device)
@@ -104,14 +114,13 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     )
 
     chunk_config = _chunk_config(spec, job_plan)
-    batch_size = spec.batch_size or 1
-    n_epochs = spec.n_epochs or AUTO_EPOCHS
+    batch_size, n_epochs = hyper["batch_size"], hyper["n_epochs"]
     batches_per_epoch = math.ceil(len(objective.items) / batch_size)
     total_steps = n_epochs * batches_per_epoch
     checkpoint_every = spec.checkpoint_every or max(1, batches_per_epoch // CHECKPOINTS_PER_EPOCH)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    lr = BASE_LEARNING_RATE * (spec.learning_rate_multiplier or 1.0)
+    lr = BASE_LEARNING_RATE * hyper["learning_rate_multiplier"]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total_steps))
 
@@ -120,8 +129,10 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     metrics_csv = spec.output_dir / "metrics.csv"
     position = Position(step=0, epoch=0, batch_in_epoch=0, trained_tokens=0)
     resume_from = latest_checkpoint(checkpoints)
+    guard = DivergenceGuard()
     if resume_from is not None:
-        position, _ = load_checkpoint(resume_from, model, optimizer, scheduler)
+        position, resumed_metrics = load_checkpoint(resume_from, model, optimizer, scheduler)
+        guard.resumed(position.step, resumed_metrics)
         ctx.message(f"resumed from checkpoint at step {position.step} of {total_steps}", data={"step": position.step})
     _truncate_metrics(metrics_csv, position.step, objective.fields)
     ctx.message(
@@ -147,7 +158,8 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
             probe.reset()
             t0 = time.monotonic()
             result = objective.step(model, batch, chunk_config, step, host_buffers)
-            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
+            guard.check(step, result.loss, float(grad_norm))  # before the optimizer can apply a NaN
             learning_rate = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -176,15 +188,21 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
                 **result.metrics,
             }
             save_now = end_of_epoch or step % checkpoint_every == 0
+            pause = step < total_steps and ctx.pause_requested()
             if save_now and objective.validate is not None:
                 metrics.update(objective.validate(model, chunk_config, host_buffers))
+            if step == total_steps:
+                metrics.update({full: metrics[key] for key, full in FULL_VALIDATION.items() if key in metrics})
             ctx.metrics(metrics)
             _append_metrics(metrics_csv, metrics, objective.fields)
             rate = (time.monotonic() - started) / steps_this_run
             ctx.progress(step, total_steps, position.trained_tokens, rate * (total_steps - step))
-            if save_now:
+            if save_now or pause:
                 path = save_checkpoint(checkpoints, model, spec.model_name, optimizer, scheduler, position, metrics)
+                guard.checkpointed(step)
                 ctx.checkpoint_saved(step, path, metrics)
+            if pause:
+                raise JobPaused(step)
 
     estimate = job_plan.memory.estimate
     ctx.message(
@@ -213,6 +231,18 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     )
 
 
+def resolve_hyperparameters(spec: TrainSpec) -> dict[str, Any]:
+    """The job's hyperparameters with "auto" (None here) replaced by what training uses."""
+    resolved: dict[str, Any] = {
+        "n_epochs": spec.n_epochs or AUTO_EPOCHS,
+        "batch_size": spec.batch_size or 1,
+        "learning_rate_multiplier": float(spec.learning_rate_multiplier or 1.0),
+    }
+    if spec.method == "dpo":
+        resolved["beta"] = float(_beta(spec))
+    return resolved
+
+
 def _announce_plan(ctx: TrainContext, job_plan: Plan) -> None:
     ctx.message(
         f"{job_plan.memory.message}; the longest max_length this device can train in this configuration "
@@ -239,11 +269,12 @@ def _supervised_objective(
     def step(
         model: torch.nn.Module, windows: list[Window], config: ChunkConfig, number: int, buffers: HostBuffers
     ) -> StepResult:
-        loss, chunks = _optimizer_step(model, windows, config, spec, number, device, ctx, buffers)
-        return StepResult(loss, chunks, sum(len(w) for w in windows))
+        loss, accuracy, chunks = _optimizer_step(model, windows, config, spec, number, device, ctx, buffers)
+        return StepResult(loss, chunks, sum(len(w) for w in windows), {"train_mean_token_accuracy": accuracy})
 
     def validate(model: torch.nn.Module, config: ChunkConfig, buffers: HostBuffers) -> dict[str, float]:
-        return {"valid_loss": _validation_loss(model, valid_windows, config, device, buffers)}
+        loss, accuracy = _validation_metrics(model, valid_windows, config, device, buffers)
+        return {"valid_loss": loss, "valid_mean_token_accuracy": accuracy}
 
     return Objective(split.windows, "windows", step, validate if valid_windows else None), job_plan
 
@@ -292,8 +323,9 @@ def _optimizer_step(
     device: torch.device,
     ctx: TrainContext,
     host_buffers: HostBuffers,
-) -> tuple[float, int]:
-    """Accumulate one step's gradients over its windows; returns (mean token loss, chunks back-propagated).
+) -> tuple[float, float, int]:
+    """Accumulate one step's gradients over its windows; returns (mean token loss, token accuracy,
+    chunks back-propagated).
 
     Each window's gradient is weighted by its share of the step's targets, so the step
     follows the mean token loss of the batch. The random state is derived from (seed,
@@ -302,7 +334,7 @@ def _optimizer_step(
     torch.manual_seed(step_seed(spec.seed, step))
     generator = torch.Generator().manual_seed(step_seed(spec.seed, step))
     n_targets = sum(w.num_targets for w in windows)
-    loss_sum, chunks = 0.0, 0
+    loss_sum, correct, chunks = 0.0, 0, 0
     for window in windows:
         if ctx.cancelled():
             raise JobCancelled()
@@ -311,29 +343,33 @@ def _optimizer_step(
         out = chunked_backward(model, ids, labels, chunk_config, generator, loss_scale=window.num_targets / n_targets,
                                host_buffers=host_buffers)  # fmt: skip
         loss_sum += out.loss * out.tokens
+        correct += out.correct_tokens
         chunks += out.chunks_backpropagated
-    return loss_sum / n_targets, chunks
+    return loss_sum / n_targets, correct / n_targets, chunks
 
 
 @torch.no_grad()
-def _validation_loss(
+def _validation_metrics(
     model: torch.nn.Module,
     windows: list[Window],
     chunk_config: ChunkConfig,
     device: torch.device,
     host_buffers: HostBuffers,
-) -> float:
-    """Token-weighted mean loss over the validation windows (stage 1 only: no graph), with the
-    training step's chunk configuration: at lengths that need KV offload, validation does too."""
+) -> tuple[float, float]:
+    """Mean token loss and token accuracy over all the validation windows (stage 1 only: no
+    graph), with the training step's chunk configuration: at lengths that need KV offload,
+    validation does too."""
     model.eval()
-    total, n = 0.0, 0
+    total, correct, n = 0.0, 0, 0
     for window in windows:
         ids = torch.tensor([window.input_ids], device=device)
         labels = torch.tensor([window.labels], device=device)
-        total += chunked_loss(model, ids, labels, chunk_config, host_buffers=host_buffers) * window.num_targets
-        n += window.num_targets
+        out = chunked_evaluate(model, ids, labels, chunk_config, host_buffers=host_buffers)
+        total += out.loss * out.tokens
+        correct += out.correct_tokens
+        n += out.tokens
     model.train()
-    return total / n
+    return total / n, correct / n
 
 
 def _plan_memory(
@@ -403,7 +439,27 @@ def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> to
         base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
         base.to(device)
     lora = spec.seco.lora
-    return attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    model = attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    if spec.init_adapter is not None:
+        _start_from_adapter(model, spec.init_adapter)
+    return model
+
+
+def _start_from_adapter(model: torch.nn.Module, directory: Path) -> None:
+    """Continue training a fine-tuned model: its LoRA weights replace the fresh ones.
+
+    The job has the adapter's LoRA shape (the API copies it), so every LoRA weight of the
+    model gets a value; anything else means the adapter does not fit this model.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(directory / "adapter_model.safetensors"))
+    expected = get_peft_model_state_dict(model)
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
+        raise TrainingError("the fine-tuned model this job starts from has a LoRA adapter of another shape than "
+                            "the job's seco.lora", code="invalid_lora", param="model")  # fmt: skip
+    set_peft_model_state_dict(model, weights)
 
 
 def _load_4bit(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> Any:
@@ -454,12 +510,14 @@ def _warmup_cosine(total_steps: int) -> Any:
 
 
 def _append_metrics(path: Path, metrics: dict[str, Any], extra_fields: list[str] | None = None) -> None:
+    """One CSV row per step (`METRIC_FIELDS`, then the method's); a row read back from the CSV
+    (a resume) keeps its `train_accuracy`."""
     new = not path.exists()
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS + (extra_fields or []), extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow(metrics)
+        writer.writerow({"train_accuracy": metrics.get("train_mean_token_accuracy"), **metrics})
 
 
 def _truncate_metrics(path: Path, last_step: int, extra_fields: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from service.api.body_limit import BodyLimit
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import files, health, jobs, models
 from service.api.streams import StreamSlots
+from service.record.expiry import expire_files
 from service.record.logs import configure_logging
 from service.record.private import private_dir, restrict_umask
 from service.record.reads import Reads
@@ -58,8 +59,9 @@ async def _resolve_tenants(store: Store, storage: Storage, keys: TenantKeys, tri
             tried.set()
 
 
-async def _reaper_loop(store: Store, enqueue: Callable[[str], None], settings: Settings) -> None:
-    """Requeue running jobs whose worker died (lease expired); workers run the same sweep."""
+async def _reaper_loop(store: Store, storage: Storage, enqueue: Callable[[str], None], settings: Settings) -> None:
+    """Requeue running jobs whose worker died (lease expired; workers run the same sweep), and
+    delete files whose `expires_after` has passed."""
     while True:
         await asyncio.sleep(settings.reaper_interval)
         try:
@@ -67,6 +69,10 @@ async def _reaper_loop(store: Store, enqueue: Callable[[str], None], settings: S
                 await run_in_threadpool(enqueue, job_id)
         except Exception as e:
             log.warning("reaper sweep failed: %s: %s", type(e).__name__, e)
+        try:
+            await run_in_threadpool(expire_files, store, storage)
+        except Exception as e:
+            log.warning("file expiry sweep failed: %s: %s", type(e).__name__, e)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -101,7 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         resolver = asyncio.create_task(_resolve_tenants(store, storage, tenant_keys, tried))
         with contextlib.suppress(asyncio.TimeoutError):  # Redis up: requests are served with their tenants at once
             await asyncio.wait_for(tried.wait(), STARTUP_WAIT_SECONDS)
-        reaper = asyncio.create_task(_reaper_loop(store, enqueue, settings))
+        reaper = asyncio.create_task(_reaper_loop(store, storage, enqueue, settings))
         # What start-up built (modules, routes, models) lives as long as the process: out of the
         # collector's generations, a full collection no longer walks it, and no request waits
         # for that walk (tens of milliseconds, several times a minute under load).

@@ -222,10 +222,15 @@ class FineTuningJob(BaseModel):
     peak_memory_bytes: int | None = None
     cancel_requested: bool = False
     """True once a running job was asked to cancel; it stops at its next optimizer step."""
+    pause_requested: bool = False
+    """True once a running job was asked to pause; it becomes `paused` after its next optimizer step."""
     attempts: int = 0
     """How many times the job lost its worker and was requeued."""
     started_at: int | None = None
     seco: dict[str, Any]
+    adapter_file: str | None = None
+    """Once succeeded: the result file holding the adapter archive (`result_files[0]` is the
+    metrics CSV, as OpenAI's)."""
 
 
 class JobList(BaseModel):
@@ -273,6 +278,12 @@ class Model(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool = True
 
 
 class ModelList(BaseModel):

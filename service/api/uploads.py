@@ -9,7 +9,7 @@ limit; the partial file is removed by the caller.
 Everything else in the body is bounded too, since the file's limit alone let an upload
 carry 100 MB of extra form fields: every byte of the body (part headers, boundaries and
 fields included) counts against the limit plus a small allowance, only the documented
-fields are accepted (`FIELDS`, each once, so a body has at most two parts, each with a
+fields are accepted (`FIELDS`, each once, so a body has at most four parts, each with a
 few KiB of headers (bounded by python-multipart) and of value). An unknown or repeated field is refused when its headers
 arrive, so the rest of the body is never read.
 """
@@ -26,7 +26,7 @@ from starlette.requests import Request
 
 from service.api.errors import APIError
 
-FIELDS = frozenset({"file", "purpose"})
+FIELDS = frozenset({"file", "purpose", "expires_after[anchor]", "expires_after[seconds]"})
 """The parts an upload may have (OpenAI's `files.create`), each at most once."""
 MAX_FIELD_BYTES = 4096
 """Largest value of a field other than the file."""
@@ -90,7 +90,8 @@ class _Receiver:
         self._name = params.get(b"name", b"").decode("utf-8", "replace")
         if self._name not in FIELDS:
             shown = self._name if len(self._name) <= 64 else self._name[:64] + "…"
-            raise _refuse(f"Unknown form field {shown!r}: an upload has a 'file' part and a 'purpose' field",
+            raise _refuse(f"Unknown form field {shown!r}: an upload has a 'file' part, a 'purpose' field and "
+                          "optionally 'expires_after[anchor]' and 'expires_after[seconds]'",
                           shown or "file")  # fmt: skip
         if self._name in self._seen:
             raise _refuse(f"The form field {self._name!r} appears more than once", self._name)

@@ -104,6 +104,15 @@ def register(sub: Any) -> None:
     p.add_argument("job_id")
     p.set_defaults(func=cmd_cancel)
 
+    p = sub.add_parser("pause", parents=[conn], help="pause a job (a running one stops after its current step, "
+                       "with a checkpoint, and frees its worker)")  # fmt: skip
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_pause)
+
+    p = sub.add_parser("resume", parents=[conn], help="resume a paused job from its last checkpoint")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_resume)
+
     p = sub.add_parser("events", parents=[conn], help="print a job's events, oldest first")
     p.add_argument("job_id")
     p.add_argument("--limit", type=int, default=100, help="the newest N events (default 100)")
@@ -278,7 +287,11 @@ def cmd_jobs(args: argparse.Namespace, client: Client) -> int:
 
 
 def _status_text(job: dict[str, Any]) -> str:
-    return str(job["status"]) + (" (cancelling)" if job.get("cancel_requested") and job["status"] == "running" else "")
+    if job["status"] != "running":
+        return str(job["status"])
+    if job.get("cancel_requested"):
+        return "running (cancelling)"
+    return "running (pausing)" if job.get("pause_requested") else "running"
 
 
 def _kv(pairs: dict[str, Any]) -> str:
@@ -331,6 +344,24 @@ def cmd_cancel(args: argparse.Namespace, client: Client) -> int:
         _emit(f"Cancelled {job['id']}")
     else:
         _emit(f"Cancellation requested: {job['id']} stops after its current step (watch: seco follow {job['id']})")
+    return EXIT_OK
+
+
+@command
+def cmd_pause(args: argparse.Namespace, client: Client) -> int:
+    job = client.pause(args.job_id)
+    if job["status"] == "paused":
+        _emit(f"Paused {job['id']} (continue it with: seco resume {job['id']})")
+    else:
+        _emit(f"Pause requested: {job['id']} stops after its current step, with a checkpoint "
+              f"(watch: seco follow {job['id']})")  # fmt: skip
+    return EXIT_OK
+
+
+@command
+def cmd_resume(args: argparse.Namespace, client: Client) -> int:
+    job = client.resume(args.job_id)
+    _emit(f"Resumed {job['id']}: {job['status']} {_queue_text(job)}".rstrip())
     return EXIT_OK
 
 

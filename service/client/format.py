@@ -98,6 +98,8 @@ class ProgressLine:
     total: int | None = None
     train_loss: float | None = None
     valid_loss: float | None = None
+    token_accuracy: float | None = None
+    """Supervised jobs: the step's training token accuracy (share of targets predicted right)."""
     peak_bytes: float | None = None
     tokens_per_second: float | None = None
     reward_margin: float | None = None
@@ -111,6 +113,7 @@ class ProgressLine:
         self.total = int(metrics["total_steps"]) if metrics.get("total_steps") else self.total
         self.train_loss = _newer(metrics.get("train_loss"), self.train_loss)
         self.valid_loss = _newer(metrics.get("valid_loss"), self.valid_loss)
+        self.token_accuracy = _newer(metrics.get("train_mean_token_accuracy"), self.token_accuracy)
         peak = _num(metrics.get("peak_memory_bytes"))
         self.peak_bytes = max(self.peak_bytes or 0, peak) if peak is not None else self.peak_bytes
         self.tokens_per_second = _newer(metrics.get("tokens_per_second"), self.tokens_per_second)
@@ -137,6 +140,8 @@ class ProgressLine:
             loss = f"loss {self.train_loss:.4f}"
             if self.valid_loss is not None:
                 loss += f" (val {self.valid_loss:.4f})"
+            if self.token_accuracy is not None:
+                loss += f" tok acc {self.token_accuracy * 100:.1f}%"
             parts.append(loss)
         if self.reward_margin is not None:
             margin = f"margin {self.reward_margin:.3f}"

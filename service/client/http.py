@@ -142,6 +142,12 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/fine_tuning/jobs/{job_id}/cancel"))
 
+    def pause(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/fine_tuning/jobs/{job_id}/pause"))
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/fine_tuning/jobs/{job_id}/resume"))
+
     def events(self, job_id: str, limit: int = 100) -> list[dict[str, Any]]:
         """The newest `limit` events, oldest first (the API pages newest first)."""
         out: list[dict[str, Any]] = []

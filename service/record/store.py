@@ -12,6 +12,8 @@ State machine::
     validating_files -> failed | cancelled
     queued  -> cancelled
     running -> queued      only by the reaper, when the job's lease has expired
+    validating_files | queued | running -> paused     (a running job by its worker, after a checkpoint)
+    paused  -> queued | cancelled                     (resume, cancel)
 
 A succeeded, failed or cancelled job never changes again.
 
@@ -26,6 +28,7 @@ Keys (prefix `seco:`)::
     tenant:<t>:file_bytes         bytes of the tenant's uploaded files (quota)
     tenant:<t>:output_bytes       bytes of its jobs' outputs in storage (quota; job field output_bytes)
     file:<id>:jobs                set of unfinished jobs using the file (blocks delete)
+    files:expiring                zset of file ids with an `expires_after` (score: expires_at)
     job:<id>                      hash per job
     job:<id>:events               stream of events; entry id = event id = SSE id
     job:<id>:metrics_step         last metrics step recorded (dedupe after a resume)
@@ -57,13 +60,14 @@ import redis
 from pydantic import BaseModel
 
 from service.record import ids
+from service.record.models import parse_model_name
 from service.record.scheduling import Queued, fair_order
 
 log = logging.getLogger(__name__)
 
 P = "seco:"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
-STATUSES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
 REQUEUE_MESSAGE = "worker lost; job requeued, will resume from its last checkpoint"
 MAX_CONNECTIONS = 64
 """Redis connections per process and pool: above the API's thread pool (40) plus its reaper."""
@@ -91,6 +95,7 @@ class FileRecord(BaseModel):
     path: str  # relative to the data dir
     job_id: str | None = None  # for result files: the job that produced it
     kind: str | None = None  # training data: "supervised" or "preference" (formats.record_kind); None: unknown
+    expires_at: int | None = None  # OpenAI's expires_after: deleted by `service.record.expiry` once past
 
 
 class JobRecord(BaseModel):
@@ -109,6 +114,7 @@ class JobRecord(BaseModel):
     method: str = "supervised"  # OpenAI's method.type: "supervised" or "dpo"
     worker: str | None = None
     cancel_requested: bool = False
+    pause_requested: bool = False  # a running job stops at its next optimizer step, after a checkpoint
     attempts: int = 0
     started_at: int | None = None
     finished_at: int | None = None
@@ -123,8 +129,17 @@ class JobRecord(BaseModel):
     result_files: list[str] = []
     adapter_file: str | None = None
 
+    @property
+    def base_model(self) -> str:
+        """The base model under the adapter this job trains: `model` itself, or the base of the
+        fine-tuned model (or checkpoint) named as `model` that it continues from."""
+        parsed = parse_model_name(self.model)
+        return parsed.base if parsed is not None else self.model
 
-# Job fields written once at creation, kept as one JSON blob ("spec") in the hash.
+
+# Job fields written at creation, kept as one JSON blob ("spec") in the hash. Only its
+# hyperparameters change later: the worker replaces "auto" by the values it trains with
+# (`resolve_hyperparameters`), which a retry or resume then reads back and uses as they are.
 SPEC_FIELDS = ("model", "training_file", "validation_file", "hyperparameters", "suffix", "seed", "metadata", "seco",
                "method")  # fmt: skip
 
@@ -172,11 +187,16 @@ local ok = false
 for _, s in ipairs(a['from']) do if s == status then ok = true end end
 if not ok then return {0, status} end
 -- the state machine itself: no caller can ask for an edge outside it
-local EDGES = {validating_files = {queued = 1, failed = 1, cancelled = 1},
-               queued = {running = 1, failed = 1, cancelled = 1},
-               running = {succeeded = 1, failed = 1, cancelled = 1, queued = 1}}
+local EDGES = {validating_files = {queued = 1, failed = 1, cancelled = 1, paused = 1},
+               queued = {running = 1, failed = 1, cancelled = 1, paused = 1},
+               running = {succeeded = 1, failed = 1, cancelled = 1, queued = 1, paused = 1},
+               paused = {queued = 1, cancelled = 1}}
 if not EDGES[status] or not EDGES[status][a['to']] then return {0, status} end
 if status == 'running' and a['to'] == 'queued' and not a['require_no_lease'] then return {0, status} end
+-- a running job pauses only through the worker that owns it (or the reaper, once it is gone)
+if status == 'running' and a['to'] == 'paused' and a['owner'] == '' and not a['require_no_lease'] then
+  return {0, status}
+end
 if a['owner'] ~= '' and redis.call('HGET', job, 'worker') ~= a['owner'] then return {0, status} end
 if a['require_no_lease'] and redis.call('EXISTS', lease) == 1 then return {0, status} end
 local to = a['to']
@@ -230,8 +250,10 @@ redis.call('XADD', KEYS[6], '*', 'type', 'message', 'level', 'info', 'message', 
 return 1
 """
 
-# Register a file; counted files (uploads) must fit the tenant's byte quota.
-# KEYS: file hash, tenant files, tenant bytes, seq. ARGV[1]: JSON {id, fields, bytes, counted, limit}
+# Register a file; counted files (uploads) must fit the tenant's byte quota. A file with an
+# expiry (expires_at > 0) is indexed for the sweep in the same step.
+# KEYS: file hash, tenant files, tenant bytes, seq, expiring. ARGV[1]: JSON {id, fields, bytes, counted, limit,
+# expires_at}
 _CREATE_FILE = """
 local a = cjson.decode(ARGV[1])
 if a['counted'] then
@@ -242,16 +264,18 @@ end
 local existed = redis.call('EXISTS', KEYS[1])
 for k, v in pairs(a['fields']) do redis.call('HSET', KEYS[1], k, v) end
 if existed == 0 then redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[4]), a['id']) end
+if a['expires_at'] > 0 then redis.call('ZADD', KEYS[5], a['expires_at'], a['id']) end
 return 1
 """
 
 # Delete a file unless an unfinished job still uses it.
-# KEYS: file hash, tenant files, tenant bytes, file jobs. ARGV: id, counted ('1'/'0')
+# KEYS: file hash, tenant files, tenant bytes, file jobs, expiring. ARGV: id, counted ('1'/'0')
 _DELETE_FILE = """
 if redis.call('SCARD', KEYS[4]) > 0 then return redis.call('SRANDMEMBER', KEYS[4]) end
 local b = tonumber(redis.call('HGET', KEYS[1], 'bytes') or '0')
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 if ARGV[2] == '1' then redis.call('DECRBY', KEYS[3], b) end
 return 1
 """
@@ -298,6 +322,19 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' then return status or '' end
 if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
   redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  redis.call('XADD', KEYS[2], '*', 'type', 'message', 'level', 'info', 'message', ARGV[1],
+    'data', 'null', 'created_at', ARGV[2])
+end
+return status
+"""
+
+# Ask a running job to pause; the worker sees the flag at its next optimizer step, writes a
+# checkpoint and stops. KEYS: job, events. ARGV: message, now. Returns the current status.
+_REQUEST_PAUSE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then return status or '' end
+if redis.call('HGET', KEYS[1], 'pause_requested') ~= '1' then
+  redis.call('HSET', KEYS[1], 'pause_requested', '1')
   redis.call('XADD', KEYS[2], '*', 'type', 'message', 'level', 'info', 'message', ARGV[1],
     'data', 'null', 'created_at', ARGV[2])
 end
@@ -450,6 +487,7 @@ def job_from_hash(h: dict[str, str]) -> JobRecord:
     return JobRecord(
         id=h["id"], tenant=h["tenant"], status=h["status"], created_at=int(h["created_at"]), **spec,
         worker=h.get("worker") or None, cancel_requested=h.get("cancel_requested") == "1",
+        pause_requested=h.get("pause_requested") == "1",
         attempts=int(h.get("attempts") or 0), started_at=_opt_int(h.get("started_at")),
         finished_at=_opt_int(h.get("finished_at")),
         progress=float(progress) if progress else None, step=_opt_int(h.get("step")),
@@ -497,6 +535,7 @@ class Store:
         self._refresh_lease = self.r.register_script(_REFRESH_LEASE)
         self._update_owned = self.r.register_script(_UPDATE_OWNED)
         self._request_cancel = self.r.register_script(_REQUEST_CANCEL)
+        self._request_pause = self.r.register_script(_REQUEST_PAUSE)
         self._heartbeat = self.r.register_script(_HEARTBEAT)
         self._live_workers = self.r.register_script(_LIVE_WORKERS)
         self._queue_snapshot = self.r.register_script(_QUEUE_SNAPSHOT)
@@ -554,9 +593,10 @@ class Store:
     def create_file(self, rec: FileRecord, *, counted: bool, tenant_limit: int) -> None:
         """Register a file; `counted` uploads must fit the tenant's byte quota (else LimitExceeded)."""
         fields = {k: ("" if v is None else str(v)) for k, v in rec.model_dump().items()}
-        args = {"id": rec.id, "fields": fields, "bytes": rec.bytes, "counted": counted, "limit": tenant_limit}
+        args = {"id": rec.id, "fields": fields, "bytes": rec.bytes, "counted": counted, "limit": tenant_limit,
+                "expires_at": rec.expires_at or 0}  # fmt: skip
         keys = [self._file_key(rec.id), f"{P}tenant:{rec.tenant}:files", f"{P}tenant:{rec.tenant}:file_bytes",
-                f"{P}seq"]  # fmt: skip
+                f"{P}seq", f"{P}files:expiring"]  # fmt: skip
         if int(self._create_file(keys=keys, args=[_dumps(args)])) < 0:
             raise LimitExceeded("file storage quota exceeded")
 
@@ -584,6 +624,7 @@ class Store:
             id=h["id"], tenant=h["tenant"], bytes=int(h["bytes"]), created_at=int(h["created_at"]),
             filename=h["filename"], purpose=h["purpose"], status=h.get("status") or "processed",
             path=h["path"], job_id=h.get("job_id") or None, kind=h.get("kind") or None,
+            expires_at=_opt_int(h.get("expires_at")),
         )  # fmt: skip
 
     def list_files(
@@ -604,11 +645,19 @@ class Store:
     def delete_file(self, rec: FileRecord) -> None:
         """Remove the record (FileInUse when an unfinished job still needs it)."""
         keys = [self._file_key(rec.id), f"{P}tenant:{rec.tenant}:files", f"{P}tenant:{rec.tenant}:file_bytes",
-                f"{self._file_key(rec.id)}:jobs"]  # fmt: skip
+                f"{self._file_key(rec.id)}:jobs", f"{P}files:expiring"]  # fmt: skip
         counted = "1" if rec.purpose == "fine-tune" else "0"
         res = self._delete_file(keys=keys, args=[rec.id, counted])
         if res != 1:
             raise FileInUse(str(res))
+
+    def expired_files(self, at: int, start: int = 0, limit: int = 100) -> list[str]:
+        """Ids of files whose `expires_at` is at or before `at`, soonest first, from the `start`-th."""
+        return cast(list[str], self.r.zrangebyscore(f"{P}files:expiring", "-inf", at, start=start, num=limit))
+
+    def forget_expiry(self, file_id: str) -> None:
+        """Drop a file id from the expiry index (its record is gone already)."""
+        self.r.zrem(f"{P}files:expiring", file_id)
 
     def _zpage(self, key: str, after: str | None, order: str) -> Iterable[str]:
         """Ids of a sorted set from just past `after`, in batches (newest first for "desc")."""
@@ -761,7 +810,7 @@ class Store:
         Returns the status after the call ("cancelled", "running" with the flag set, or the
         terminal status that made the request invalid).
         """
-        applied, before = self.transition(job_id, ["queued", "validating_files"], "cancelled",
+        applied, before = self.transition(job_id, ["queued", "validating_files", "paused"], "cancelled",
                                           set_fields={"finished_at": str(now())},
                                           event="Fine-tuning job cancelled")  # fmt: skip
         if applied:
@@ -774,6 +823,41 @@ class Store:
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self._job_key(job_id), "cancel_requested") == "1"
+
+    def request_pause(self, job_id: str) -> str:
+        """Pause: queued (or validating) -> paused now; running -> flag for the worker, which
+        writes a checkpoint at its next optimizer step and stops (`pause_running`).
+
+        Returns the status after the call ("paused", "running" with the flag set, or the
+        status that made the request invalid: a finished one).
+        """
+        applied, before = self.transition(job_id, ["queued", "validating_files"], "paused",
+                                          event="Fine-tuning job paused")  # fmt: skip
+        if applied:
+            return "paused"
+        if before != "running":
+            return before
+        msg = "Pause requested; the job stops after its current step, with a checkpoint"
+        return str(self._request_pause(keys=[self._job_key(job_id), self._events_key(job_id)],
+                                       args=[msg, str(now())]))  # fmt: skip
+
+    def pause_requested(self, job_id: str) -> bool:
+        return self.r.hget(self._job_key(job_id), "pause_requested") == "1"
+
+    def pause_running(self, job_id: str, worker_id: str, step: int) -> bool:
+        """running -> paused by the worker that owns it, once its checkpoint at `step` is stored."""
+        applied, _ = self.transition(job_id, ["running"], "paused", owner=worker_id,
+                                     set_fields={"pause_requested": "0", "estimated_finish": ""},
+                                     event=f"Fine-tuning job paused at step {step}; resume continues from "
+                                     "its checkpoint", event_data={"step": step})  # fmt: skip
+        return applied
+
+    def resume(self, job_id: str) -> tuple[bool, str]:
+        """paused -> queued (the caller then enqueues it); returns (applied, the status before the call)."""
+        applied, before = self.transition(job_id, ["paused"], "queued", set_fields={"pause_requested": "0"},
+                                          event="Fine-tuning job resumed; queued to continue from its last "
+                                          "checkpoint")  # fmt: skip
+        return applied, before
 
     # ------------------------------------------------------------------ worker side
 
@@ -802,6 +886,20 @@ class Store:
         for k, v in fields.items():
             flat += [k, "" if v is None else str(v)]
         return bool(self._update_owned(keys=[self._job_key(job_id)], args=flat))
+
+    def resolve_hyperparameters(self, job_id: str, worker_id: str, resolved: dict[str, Any]) -> bool:
+        """Record the hyperparameters the owning worker trains with in place of "auto".
+
+        OpenAI's job object shows the values in use once training starts; a later attempt
+        (resume after a crash) reads them back and trains with the same ones. Only the
+        running job's owner writes; nothing else rewrites the spec after creation.
+        """
+        raw = cast(str | None, self.r.hget(self._job_key(job_id), "spec"))
+        if raw is None:
+            return False
+        spec = json.loads(raw)
+        spec["hyperparameters"] = {**spec.get("hyperparameters", {}), **resolved}
+        return self.update_running(job_id, worker_id, {"spec": _dumps(spec)})
 
     def finish_job(
         self,
@@ -848,6 +946,11 @@ class Store:
                 applied, _ = self.transition(job_id, ["running"], "cancelled", require_no_lease=True,
                                              set_fields={"finished_at": str(now())},
                                              event="Fine-tuning job cancelled (its worker was lost)")  # fmt: skip
+            elif rec.pause_requested:  # resume continues from its last checkpoint, as a requeue would
+                applied, _ = self.transition(job_id, ["running"], "paused", require_no_lease=True,
+                                             set_fields={"pause_requested": "0", "estimated_finish": ""},
+                                             event="Fine-tuning job paused (its worker was lost); resume "
+                                             "continues from its last checkpoint")  # fmt: skip
             elif rec.attempts + 1 >= max_attempts:
                 msg = f"worker lost {rec.attempts + 1} times; giving up"
                 applied, _ = self.transition(
@@ -924,6 +1027,10 @@ class Store:
         self.r.hset(f"{P}job:{job_id}:checkpoints", str(step), ck.model_dump_json())
         return ck
 
+    def get_checkpoint(self, job_id: str, step: int) -> Checkpoint | None:
+        raw = cast(str | None, self.r.hget(f"{P}job:{job_id}:checkpoints", str(step)))
+        return Checkpoint.model_validate_json(raw) if raw else None
+
     def list_checkpoints(self, job_id: str, *, after: str | None, limit: int) -> tuple[list[Checkpoint], bool]:
         """Newest (highest step) first; KeyError when `after` is not one of this job's checkpoints."""
         raw = cast(list[str], self.r.hvals(f"{P}job:{job_id}:checkpoints"))
@@ -949,6 +1056,11 @@ class Store:
         keys = [self._job_key(rec.id), f"{P}job:{rec.id}:checkpoints", f"{P}tenant:{rec.tenant}:files",
                 *(self._file_key(f) for f in files)]  # fmt: skip
         return str(self._forget_outputs(keys=keys, args=[_dumps(files)]))
+
+    def forget_fine_tuned_model(self, job_id: str, name: str) -> None:
+        """The job's model was deleted (its outputs are gone): it no longer names one."""
+        self.r.hset(self._job_key(job_id), mapping={"fine_tuned_model": "", "model_deleted_at": str(now())})
+        self.add_event(job_id, f"Fine-tuned model deleted: {name}")
 
     def delete_job(self, rec: JobRecord) -> str:
         """Remove a finished job whose outputs are gone: "deleted", "has_outputs", or its status."""

@@ -120,9 +120,9 @@ def test_a_job_survives_two_worker_deaths_across_hosts(
     assert [e.message for e in evs].count("The job has successfully completed") == 1
 
     client = svc.client()
-    csv_text = client.files.content(done.result_files[1]).read().decode()
+    csv_text = client.files.content(done.result_files[0]).read().decode()
     assert [int(r["step"]) for r in csv.DictReader(io.StringIO(csv_text))] == steps
-    adapter = client.files.content(done.result_files[0]).read()
+    adapter = client.files.content(done.result_files[1]).read()
     with svc.http() as http:
         assert http.get(f"/v1/fine_tuning/jobs/{job_id}/adapter").content == adapter
     with tarfile.open(fileobj=io.BytesIO(adapter)) as tar:

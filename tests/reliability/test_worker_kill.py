@@ -95,7 +95,7 @@ def test_whole_worker_sigkill_resumes_on_a_new_worker(svc: Any, tmp_path: Path, 
     steps = metrics_steps(evs)
     assert steps == list(range(1, total_steps(evs) + 1))
     client = svc.client()
-    csv_text = client.files.content(done.result_files[1]).read().decode()
+    csv_text = client.files.content(done.result_files[0]).read().decode()
     assert [int(r["step"]) for r in csv.DictReader(io.StringIO(csv_text))] == steps
 
     # exactly one adapter: two result files for this job, one archive in storage, no temp leftovers
@@ -106,5 +106,5 @@ def test_whole_worker_sigkill_resumes_on_a_new_worker(svc: Any, tmp_path: Path, 
                                                                            f"{prefix}/metrics.csv"]  # fmt: skip
     if svc.env.get("SECO_STORAGE_URL") is None:
         assert not [p for p in (svc.data_dir / prefix).rglob(".*")], "no temporary names left"
-    with tarfile.open(fileobj=io.BytesIO(client.files.content(done.result_files[0]).read())) as tar:
+    with tarfile.open(fileobj=io.BytesIO(client.files.content(done.result_files[1]).read())) as tar:
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())

@@ -20,7 +20,7 @@ from seco_core.dpo import DPOOutput, answer_logps, dpo_backward, dpo_evaluate, d
 from seco_core.prefix import tree_num_chunks
 from tests.seco_core.test_parity import max_rel_error
 from tests.seco_core.test_prefix import lora_model
-from tests.seco_core.tiny import CONFIGS, VOCAB, tiny_model
+from tests.seco_core.tiny import CONFIGS, VOCAB, memory_options, tiny_model
 
 REL_TOL = 1e-12
 BETA = 0.5  # larger than the default so sigmoid(-beta z) is far from 1/2 and errors in z show
@@ -101,11 +101,7 @@ def test_chunk_sizes_and_lengths(chunk_size: int, lengths: tuple[int, int, int])
     assert max_rel_error(model, ref) < REL_TOL
 
 
-@pytest.mark.parametrize(
-    "options",
-    [dict(offload_kv=True), dict(layer_checkpointing=True), dict(offload_kv=True, layer_checkpointing=True)],
-    ids=["offload", "layer-ckpt", "both"],
-)
+@memory_options
 @pytest.mark.parametrize("arch", ["gemma", "gpt_neox", "qwen2"])
 @pytest.mark.usefixtures("float64_norms")
 def test_memory_options_keep_dpo_exact(arch: str, options: dict[str, bool]) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from seco_core import ChunkConfig, chunked_backward, chunked_loss
 from seco_core.lora import attach_lora
-from tests.seco_core.tiny import CONFIGS, VOCAB, tiny_model
+from tests.seco_core.tiny import CONFIGS, VOCAB, memory_options, tiny_model
 
 REL_TOL = 1e-12
 
@@ -160,11 +160,7 @@ def test_dropout_is_replayed_consistently() -> None:
     assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters() if p.grad is not None)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [dict(offload_kv=True), dict(layer_checkpointing=True), dict(offload_kv=True, layer_checkpointing=True)],
-    ids=["offload", "layer-ckpt", "both"],
-)
+@memory_options
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox", "phi3"])
 @pytest.mark.usefixtures("float64_norms")
 def test_memory_options_keep_gradients_exact(arch: str, options: dict[str, bool]) -> None:

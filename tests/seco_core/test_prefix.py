@@ -20,7 +20,7 @@ from seco_core.prefix import (
     tree_num_chunks,
 )
 from tests.seco_core.test_parity import max_rel_error
-from tests.seco_core.tiny import CONFIGS, VOCAB, tiny_model
+from tests.seco_core.tiny import CONFIGS, VOCAB, memory_options, tiny_model
 
 REL_TOL = 1e-12
 PREFIX = 23  # the shared part is tokens 0..21: with chunk 7 the prompt ends inside the 4th chunk
@@ -102,11 +102,7 @@ def test_chunk_sizes(chunk_size: int) -> None:
     assert max_rel_error(model, ref) < REL_TOL
 
 
-@pytest.mark.parametrize(
-    "options",
-    [dict(offload_kv=True), dict(layer_checkpointing=True), dict(offload_kv=True, layer_checkpointing=True)],
-    ids=["offload", "layer-ckpt", "both"],
-)
+@memory_options
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox", "phi3"])
 @pytest.mark.usefixtures("float64_norms")
 def test_memory_options_keep_the_tree_exact(arch: str, options: dict[str, bool]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -19,6 +20,13 @@ from transformers import (
 )
 
 VOCAB = 97
+
+memory_options = pytest.mark.parametrize(
+    "options",
+    [dict(offload_kv=True), dict(layer_checkpointing=True), dict(offload_kv=True, layer_checkpointing=True)],
+    ids=["offload", "layer-ckpt", "both"],
+)
+"""The chunk options that move memory (KV offload, layer checkpointing, both): each must keep results exact."""
 _COMMON: dict[str, Any] = dict(
     vocab_size=VOCAB,
     hidden_size=32,

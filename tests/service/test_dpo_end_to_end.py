@@ -76,13 +76,13 @@ def test_a_dpo_job_learns_the_preference(svc: Any, tmp_path: Path, demo_model: P
     valid_steps = [m for m in metrics if "valid_reward_margin" in m]  # type: ignore[operator]
     assert valid_steps[-1]["valid_reward_margin"] > valid_steps[0]["valid_reward_margin"] > 0  # type: ignore[index]
     assert valid_steps[-1]["valid_reward_accuracy"] == 1.0  # type: ignore[index]
-    rows = list(csv.DictReader(io.StringIO(client.files.content(done.result_files[1]).read().decode())))
+    rows = list(csv.DictReader(io.StringIO(client.files.content(done.result_files[0]).read().decode())))
     assert len(rows) == 12 and float(rows[-1]["reward_margin"]) == pytest.approx(last["reward_margin"])  # type: ignore[index]
     checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[0]
     assert "reward_accuracy" in checkpoint.metrics.model_dump()
 
     # The downloaded adapter, scored on held-out pairs the job never saw: reference = the base model.
-    with tarfile.open(fileobj=io.BytesIO(client.files.content(done.result_files[0]).read()), mode="r:gz") as tar:
+    with tarfile.open(fileobj=io.BytesIO(client.files.content(done.result_files[1]).read()), mode="r:gz") as tar:
         tar.extractall(tmp_path / "adapter", filter="data")
     base = AutoModelForCausalLM.from_pretrained(demo_model).eval()
     pairs = load_preferences(upload["heldout"], AutoTokenizer.from_pretrained(demo_model)).pairs

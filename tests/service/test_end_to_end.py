@@ -4,6 +4,7 @@ back-ends (local directory, S3)."""
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import tarfile
@@ -73,6 +74,7 @@ def test_a_job_runs_to_an_adapter(svc: Any, files: dict[str, str], wait: Callabl
     client = svc.client()
     job = client.fine_tuning.jobs.create(model="tiny", training_file=files["train"], validation_file=files["valid"],
                                          suffix="e2e", hyperparameters=SMALL, extra_body={"seco": SECO})  # fmt: skip
+    assert job.hyperparameters.learning_rate_multiplier == "auto"  # as asked, until the worker resolves it
     # follow it live over SSE to the end
     streamed: list[dict[str, Any]] = []
     end: dict[str, Any] = {}
@@ -93,10 +95,16 @@ def test_a_job_runs_to_an_adapter(svc: Any, files: dict[str, str], wait: Callabl
     assert not t.is_alive() and end == {"status": "succeeded"}, svc.logs()
 
     done = client.fine_tuning.jobs.retrieve(job.id)
-    assert done.status == "succeeded" and done.fine_tuned_model == f"tiny:e2e:{job.id}"
+    assert done.status == "succeeded"
+    assert done.fine_tuned_model == f"ft:tiny:{done.organization_id}:e2e:{job.id.removeprefix('ftjob-')}"
     assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at and len(done.result_files) == 2
     extra = done.model_extra or {}
     assert extra["progress"] == 1.0 and extra["peak_memory_bytes"] > 0
+    # the values it trained with, "auto" resolved, on the job and in its method
+    hp = done.hyperparameters
+    assert (hp.n_epochs, hp.batch_size, hp.learning_rate_multiplier) == (1, 2, 1.0)
+    assert done.method and done.method.supervised and done.method.supervised.hyperparameters
+    assert done.method.supervised.hyperparameters.learning_rate_multiplier == 1.0
 
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
     assert [e.id for e in reversed(events)] == [e["id"] for e in streamed], "SSE and the paged list agree"
@@ -105,23 +113,39 @@ def test_a_job_runs_to_an_adapter(svc: Any, files: dict[str, str], wait: Callabl
     for key in ("step", "train_loss", "learning_rate", "tokens_per_second", "peak_memory_bytes", "total_steps"):
         assert key in metrics[-1], key  # type: ignore[operator]
     assert "valid_loss" in metrics[-1]  # type: ignore[operator]
+    assert all(0 <= m["train_mean_token_accuracy"] <= 1 for m in metrics)
+    last = metrics[-1]
+    assert last["full_valid_loss"] == last["valid_loss"]
+    assert 0 <= last["full_valid_mean_token_accuracy"] == last["valid_mean_token_accuracy"] <= 1
     assert events[0].message == "The job has successfully completed"
 
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert checkpoints and checkpoints[0].step_number == metrics[-1]["step"]  # type: ignore[index]
     assert checkpoints[0].fine_tuning_job_id == job.id and "train_loss" in checkpoints[0].metrics.model_dump()
+    final = checkpoints[0].metrics
+    assert final.full_valid_loss == last["full_valid_loss"] and final.valid_mean_token_accuracy is not None
+    assert final.full_valid_mean_token_accuracy == last["full_valid_mean_token_accuracy"]
+    assert final.train_mean_token_accuracy == last["train_mean_token_accuracy"]
 
-    # the adapter: result file and /adapter serve the same archive, PEFT files at its root
-    adapter = client.files.content(done.result_files[0]).read()
+    # result_files[0] is the metrics CSV with OpenAI's columns first; the adapter is result_files[1],
+    # named by adapter_file; it and /adapter serve the same archive, PEFT files at its root
+    adapter_id = extra["adapter_file"]
+    assert done.result_files[1] == adapter_id
+    adapter = client.files.content(adapter_id).read()
     with svc.http() as http:
         r = http.get(f"/v1/fine_tuning/jobs/{job.id}/adapter")
         assert r.status_code == 200 and r.content == adapter
     with tarfile.open(fileobj=io.BytesIO(adapter), mode="r:gz") as tar:
         names = set(tar.getnames())
     assert {"adapter_config.json", "adapter_model.safetensors"} <= names
-    assert client.files.retrieve(done.result_files[0]).purpose == "fine-tune-results"
-    csv_text = client.files.content(done.result_files[1]).read().decode()
-    assert csv_text.startswith("step,")
+    assert client.files.retrieve(adapter_id).purpose == "fine-tune-results"
+    csv_text = client.files.content(done.result_files[0]).read().decode()
+    assert csv_text.startswith("step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy,")
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert [int(r["step"]) for r in rows] == [m["step"] for m in metrics]
+    assert float(rows[-1]["train_accuracy"]) == pytest.approx(last["train_mean_token_accuracy"])
+    assert float(rows[-1]["valid_mean_token_accuracy"]) == pytest.approx(last["valid_mean_token_accuracy"])
+    assert any(r["valid_loss"] == "" for r in rows), "steps without validation leave the cell empty"
 
     # in storage: the result files and every checkpoint (complete) under the job's prefix,
     # and nothing left in the worker's scratch space once the job has ended

@@ -8,26 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from seco_core.demo import byte_tokenizer
 from seco_core.windows import IGNORE_INDEX, split_documents
 from service.record.formats import DataError, validate_file
+from tests.worker.byte_tokens import EOS, TOK, ids
 from worker.data import load_documents
-
-TOK = byte_tokenizer()
-EOS = TOK.eos_token_id
-
-
-def ids(*pieces: str) -> list[int]:
-    """Token ids of pieces: a special token ("<|user|>") is one id, other text one id per byte."""
-    out: list[int] = []
-    for piece in pieces:
-        if piece.startswith("<|"):
-            token_id = TOK.convert_tokens_to_ids(piece)
-            assert isinstance(token_id, int)
-            out.append(token_id)
-        else:
-            out += TOK(piece)["input_ids"]
-    return out
 
 
 def write(tmp_path: Path, *records: object, raw: bytes | None = None) -> Path:

@@ -9,23 +9,10 @@ from typing import Any
 import pytest
 from transformers import PreTrainedTokenizerFast
 
-from seco_core.demo import byte_tokenizer
 from service.record.formats import DataError, validate_file
+from tests.worker.byte_tokens import EOS, TOK, ids
 from worker.data import load_documents, load_preferences
 from worker.preference import check_pair_lengths
-
-TOK = byte_tokenizer()
-EOS = TOK.eos_token_id
-
-
-def ids(*pieces: str) -> list[int]:
-    out: list[int] = []
-    for piece in pieces:
-        if piece.startswith("<|"):
-            out.append(int(TOK.convert_tokens_to_ids(piece)))
-        else:
-            out += TOK(piece)["input_ids"]
-    return out
 
 
 def pair(prompt: str = "Q?", good: str = "yes", bad: str = "no", **extra: Any) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import tarfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seco_core.demo import build_demo_model
 from seco_core.lora import load_adapter
-from worker.spec import JobCancelled, SecoSpec, TrainingError, TrainSpec
+from worker.spec import JobCancelled, JobPaused, LoraSpec, SecoSpec, TrainingError, TrainSpec
 from worker.trainer import train
 
 
@@ -24,10 +26,12 @@ class Recorder:
 
     cancel_at: int | None = None
     die_at: int | None = None
+    pause_at: int | None = None
     messages: list[str] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
     progress_calls: list[tuple[int, int, int]] = field(default_factory=list)
+    resolved: list[dict[str, Any]] = field(default_factory=list)
 
     def message(self, text: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
         self.messages.append(text)
@@ -40,11 +44,18 @@ class Recorder:
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
         self.progress_calls.append((step, total_steps, trained_tokens))
 
+    def hyperparameters(self, resolved: dict[str, Any]) -> None:
+        assert not self.steps, "resolved before the first step"
+        self.resolved.append(resolved)
+
     def checkpoint_saved(self, step: int, path: Path, metrics: dict[str, Any]) -> None:
         self.checkpoints.append(step)
 
     def cancelled(self) -> bool:
         return self.cancel_at is not None and len(self.steps) >= self.cancel_at
+
+    def pause_requested(self) -> bool:
+        return self.pause_at is not None and len(self.steps) >= self.pause_at
 
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 6
@@ -97,7 +108,17 @@ def test_text_job_trains_and_the_adapter_lowers_the_loss(tmp_path: Path, demo_mo
         assert m["total_steps"] == 18
         assert m["peak_memory_bytes"] > 0 and m["tokens_per_second"] > 0
         assert m["chunks_backpropagated"] >= 2
+        assert 0 <= m["train_mean_token_accuracy"] <= 1
+        assert "full_valid_loss" not in m  # no validation file
+    assert rec.steps[-1]["train_mean_token_accuracy"] > rec.steps[0]["train_mean_token_accuracy"]
     assert result.steps == 18
+    with result.metrics_csv.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0])[:5] == ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    assert [float(r["train_accuracy"]) for r in rows] == pytest.approx(
+        [m["train_mean_token_accuracy"] for m in rec.steps], rel=1e-12
+    )
+    assert all(r["valid_loss"] == "" and r["valid_mean_token_accuracy"] == "" for r in rows)
     with tarfile.open(result.adapter_archive) as tar:
         assert sorted(tar.getnames()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
@@ -111,6 +132,15 @@ def test_text_job_trains_and_the_adapter_lowers_the_loss(tmp_path: Path, demo_mo
         tuned = load_adapter(base, result.adapter_dir)
         after = tuned(input_ids=ids, labels=ids).loss.item()
     assert after < before - 0.3, (before, after)  # measured: 5.58 -> 5.13
+
+
+def test_auto_hyperparameters_resolve_to_the_values_used(tmp_path: Path, demo_model: Path) -> None:
+    rec = Recorder(cancel_at=1)
+    with pytest.raises(JobCancelled):
+        train(make_spec(tmp_path, demo_model, n_epochs=None, batch_size=None, learning_rate_multiplier=None), rec)
+    assert rec.resolved == [{"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.0}]
+    assert rec.steps[0]["total_steps"] == 3 * 12  # 12 windows, one per step, 3 epochs
+    assert rec.steps[0]["learning_rate"] <= 2e-4  # the base rate, times 1.0, in warm-up
 
 
 def test_same_seed_same_losses(tmp_path: Path, demo_model: Path) -> None:
@@ -141,6 +171,51 @@ def test_resume_after_death_matches_an_uninterrupted_run(tmp_path: Path, demo_mo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     rows = (spec.output_dir / "metrics.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, resumed.steps + 1))
+
+
+def test_pause_checkpoints_the_step_and_resuming_matches_an_uninterrupted_run(tmp_path: Path, demo_model: Path) -> None:
+    """A pause stops after the step it was seen at, with that step checkpointed even between
+    regular checkpoints; training again from there is the crash-resume path, bit for bit."""
+    spec = make_spec(tmp_path / "paused", demo_model, n_epochs=1, checkpoint_every=100)
+    pausing = Recorder(pause_at=2)  # asked once step 2 is reported: seen at the end of step 3
+    with pytest.raises(JobPaused) as info:
+        train(spec, pausing)
+    assert info.value.step == 3 and pausing.checkpoints == [3] and [m["step"] for m in pausing.steps] == [1, 2, 3]
+    resumed_rec = Recorder()
+    resumed = train(spec, resumed_rec)
+    assert any("resumed from checkpoint at step 3" in m for m in resumed_rec.messages)
+    assert [m["step"] for m in resumed_rec.steps] == list(range(4, resumed.steps + 1))
+
+    clean = Recorder()
+    uninterrupted = train(replace(spec, output_dir=tmp_path / "clean" / "job"), clean)
+    assert [m["train_loss"] for m in pausing.steps + resumed_rec.steps] == [m["train_loss"] for m in clean.steps]
+    a, b = adapter_weights(resumed.adapter_dir), adapter_weights(uninterrupted.adapter_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_pause_after_the_last_step_lets_the_job_finish(tmp_path: Path, demo_model: Path) -> None:
+    rec = Recorder(pause_at=5)  # seen at the end of step 6, the last: nothing is left to pause before
+    result = train(make_spec(tmp_path, demo_model, n_epochs=1), rec)
+    assert rec.pause_requested() and result.steps == 6 and rec.checkpoints == list(range(1, 7))
+
+
+def test_a_job_on_top_of_a_fine_tuned_model_continues_its_adapter(tmp_path: Path, demo_model: Path) -> None:
+    parent = train(make_spec(tmp_path / "parent", demo_model, n_epochs=1), Recorder())
+    child_rec = Recorder()
+    child = train(make_spec(tmp_path / "child", demo_model, n_epochs=1, learning_rate_multiplier=1e-9,
+                            init_adapter=parent.adapter_dir), child_rec)  # fmt: skip
+    a, b = adapter_weights(parent.adapter_dir), adapter_weights(child.adapter_dir)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "it started from it"
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k), "a fresh adapter would have zero lora_B"
+    fresh = train(make_spec(tmp_path / "fresh", demo_model, n_epochs=1, learning_rate_multiplier=1e-9), Recorder())
+    c = adapter_weights(fresh.adapter_dir)
+    assert all(c[k].abs().max() < 1e-6 for k in c if "lora_B" in k)
+
+    other_shape = make_spec(tmp_path / "bad", demo_model, n_epochs=1, init_adapter=parent.adapter_dir,
+                            seco=SecoSpec(chunk_size=64, max_length=128, lora=LoraSpec(r=2)))  # fmt: skip
+    with pytest.raises(TrainingError) as info:
+        train(other_shape, Recorder())
+    assert info.value.code == "invalid_lora"
 
 
 class _Planted:
@@ -183,6 +258,12 @@ def test_validation_loss_is_reported(tmp_path: Path, demo_model: Path) -> None:
     with_valid = [m for m in rec.steps if "valid_loss" in m]
     assert [m["step"] for m in with_valid] == [3, 6]
     assert with_valid[-1]["valid_loss"] < with_valid[0]["valid_loss"]
+    assert all(0 <= m["valid_mean_token_accuracy"] <= 1 for m in with_valid)
+    # the last step reports the whole validation file under OpenAI's full_valid_* names too
+    last = rec.steps[-1]
+    assert last["full_valid_loss"] == last["valid_loss"]
+    assert last["full_valid_mean_token_accuracy"] == last["valid_mean_token_accuracy"]
+    assert not any("full_valid_loss" in m for m in rec.steps[:-1])
 
 
 def test_validation_runs_with_the_training_chunk_configuration(
@@ -198,14 +279,14 @@ def test_validation_runs_with_the_training_chunk_configuration(
         return replace(planned(*args, **kwargs), offload_kv=True, layer_checkpointing=True)
 
     seen: list[Any] = []
-    original = trainer.chunked_loss
+    original = trainer.chunked_evaluate
 
-    def recording_loss(model: Any, ids: Any, labels: Any, config: Any, **kwargs: Any) -> float:
+    def recording_evaluate(model: Any, ids: Any, labels: Any, config: Any, **kwargs: Any) -> Any:
         seen.append(config)
         return original(model, ids, labels, config, **kwargs)
 
     monkeypatch.setattr(trainer, "_plan_memory", offloading_plan)
-    monkeypatch.setattr(trainer, "chunked_loss", recording_loss)
+    monkeypatch.setattr(trainer, "chunked_evaluate", recording_evaluate)
     valid = write_jsonl(tmp_path / "valid.jsonl", [{"text": TEXT}])
     rec = Recorder()
     train(make_spec(tmp_path, demo_model, validation_file=valid, n_epochs=1, checkpoint_every=2), rec)
@@ -260,3 +341,53 @@ def test_each_format_trains_only_its_targets(
     targets_per_record = len(trained_text.encode()) + 1
     summary = next(m for m in rec.messages if m.startswith("training data:"))
     assert f"{2 * targets_per_record} trained" in summary, summary
+
+
+def _poisoned_steps(monkeypatch: pytest.MonkeyPatch, at: int, *, loss: bool) -> list[bool]:
+    """Make step `at` non-finite (its loss, or its gradient: a NaN in one LoRA weight's grad),
+    and record, for every optimizer step the job applies, whether all its gradients were finite."""
+    import worker.trainer as trainer
+
+    original = trainer._optimizer_step
+
+    def poisoned(model: torch.nn.Module, *args: Any) -> tuple[float, float, int]:
+        value, accuracy, chunks = original(model, *args)
+        if args[3] == at:  # the step number
+            if loss:
+                return math.inf, accuracy, chunks
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = math.nan  # type: ignore[union-attr]
+        return value, accuracy, chunks
+
+    applied: list[bool] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self: torch.optim.AdamW, *args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        applied.append(all(bool(torch.isfinite(g).all()) for g in grads))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_optimizer_step", poisoned)
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    return applied
+
+
+@pytest.mark.parametrize("what", ["gradient", "loss"])
+def test_a_non_finite_step_fails_the_job_before_the_optimizer_applies_it(
+    tmp_path: Path, demo_model: Path, monkeypatch: pytest.MonkeyPatch, what: str
+) -> None:
+    applied = _poisoned_steps(monkeypatch, at=3, loss=what == "loss")
+    rec = Recorder()
+    spec = make_spec(tmp_path, demo_model, n_epochs=1)
+    with pytest.raises(TrainingError) as e:
+        train(spec, rec)
+    assert e.value.code == "training_diverged"
+    message = str(e.value)
+    last = rec.steps[-1]
+    assert f"Training diverged at step 3: the {what} is not finite" in message
+    assert f"the last finite training loss was {last['train_loss']:.6g} at step 2" in message
+    assert "the last good checkpoint (step 2) is kept" in message
+    assert applied == [True, True], "steps 1 and 2 applied, step 3 never reached the optimizer"
+    assert [m["step"] for m in rec.steps] == [1, 2] and rec.checkpoints == [1, 2]
+    # the kept checkpoint is a good adapter
+    weights = adapter_weights(spec.output_dir / "checkpoints" / "step-000002" / "adapter")
+    assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())

@@ -11,7 +11,7 @@ from tests.conftest import write_jsonl
 from tests.preference_task import preference_records
 from tests.worker.test_trainer import Recorder
 from worker.preference import DPO_FIELDS
-from worker.spec import LoraSpec, SecoSpec, TrainingError, TrainSpec
+from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainingError, TrainSpec
 from worker.trainer import METRIC_FIELDS, train
 
 
@@ -49,6 +49,9 @@ def test_dpo_job_learns_the_preference(tmp_path: Path, demo_model: Path) -> None
     assert valid[-1]["valid_reward_accuracy"] == 1.0 and valid[-1]["valid_loss"] < valid[0]["valid_loss"]
     assert any("24 preference pairs" in m for m in rec.messages)
     assert any("batches of 4 pairs (DPO, beta 0.5)" in m for m in rec.messages)
+    assert rec.resolved == [{"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 10.0, "beta": 0.5}]
+    assert "train_mean_token_accuracy" not in steps[0]  # DPO's accuracy is its reward accuracy
+    assert steps[-1]["full_valid_loss"] == steps[-1]["valid_loss"]
 
     with result.metrics_csv.open(newline="") as fh:
         reader = csv.DictReader(fh)
@@ -56,6 +59,15 @@ def test_dpo_job_learns_the_preference(tmp_path: Path, demo_model: Path) -> None
     assert reader.fieldnames == METRIC_FIELDS + DPO_FIELDS
     assert len(rows) == 12 and float(rows[-1]["reward_accuracy"]) == 1.0 and rows[2]["valid_reward_margin"]
     assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+
+
+def test_auto_hyperparameters_resolve_to_the_values_used(tmp_path: Path, demo_model: Path) -> None:
+    rec = Recorder(cancel_at=1)
+    with pytest.raises(JobCancelled):
+        train(dpo_spec(tmp_path, demo_model, n_epochs=None, batch_size=None, learning_rate_multiplier=None,
+                       beta=None), rec)  # fmt: skip
+    assert rec.resolved == [{"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.0, "beta": 0.1}]
+    assert rec.steps[0]["total_steps"] == 3 * 24  # 24 pairs, one per step, 3 epochs
 
 
 def test_a_pair_longer_than_max_length_fails_the_job_naming_its_line(tmp_path: Path, demo_model: Path) -> None:

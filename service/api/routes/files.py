@@ -19,6 +19,7 @@ from service.api.jsonl import InvalidFile, validate_jsonl
 from service.api.schemas import FileDeleted, FileList, FileObject
 from service.api.uploads import UNREAD_BODY, TooLarge, receive_file
 from service.record import ids
+from service.record.expiry import MAX_SECONDS, MIN_SECONDS, InvalidExpiry, expires_at, is_expired
 from service.record.formats import record_kind
 from service.record.outputs import measure_outputs
 from service.record.storage import keys, scratch_dir
@@ -38,6 +39,8 @@ UPLOAD_BODY = {
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
                         "purpose": {"type": "string", "enum": ["fine-tune"]},
+                        "expires_after[anchor]": {"type": "string", "enum": ["created_at"]},
+                        "expires_after[seconds]": {"type": "integer", "minimum": MIN_SECONDS, "maximum": MAX_SECONDS},
                     },
                 }
             }
@@ -48,7 +51,7 @@ UPLOAD_BODY = {
 
 def public(rec: FileRecord) -> FileObject:
     return FileObject(id=rec.id, bytes=rec.bytes, created_at=rec.created_at, filename=rec.filename,
-                      purpose=rec.purpose, status=rec.status)  # fmt: skip
+                      purpose=rec.purpose, status=rec.status, expires_at=rec.expires_at)  # fmt: skip
 
 
 def _quota_error(limit: int, headers: dict[str, str] | None = None) -> APIError:
@@ -87,14 +90,20 @@ async def create_file(
         purpose = up.fields["purpose"]
         if purpose != "fine-tune":
             raise bad_request(f"purpose must be 'fine-tune' (got {purpose!r})", param="purpose")
+        created_at = now()
+        try:
+            expires = expires_at(created_at, up.fields.get("expires_after[anchor]"),
+                                 up.fields.get("expires_after[seconds]"))  # fmt: skip
+        except InvalidExpiry as e:
+            raise bad_request(str(e), param=e.param, code="invalid_expires_after") from None
         try:
             n, fmt = await run_in_threadpool(validate_jsonl, tmp, max_line_bytes=settings.max_line_bytes)
         except InvalidFile as e:
             raise bad_request(f"Invalid training file: {e}", param="file", code="invalid_file") from None
         await run_in_threadpool(storage.put_file, key, tmp, move=True)  # publish: complete, validated files only
         kind = record_kind(fmt.split("+")[0])  # a file holds one kind of record (formats.py)
-        rec = FileRecord(id=file_id, tenant=tenant, bytes=up.bytes, created_at=now(), filename=up.filename,
-                         purpose=purpose, path=key, kind=kind)  # fmt: skip
+        rec = FileRecord(id=file_id, tenant=tenant, bytes=up.bytes, created_at=created_at, filename=up.filename,
+                         purpose=purpose, path=key, kind=kind, expires_at=expires)  # fmt: skip
         outputs = await run_in_threadpool(store.tenant_output_bytes, tenant)
         try:  # the script checks uploads against what the outputs leave of the quota, atomically
             await run_in_threadpool(store.create_file, rec, counted=True,
@@ -127,14 +136,15 @@ def list_files(
         recs, more = store.list_files(tenant, after=after, limit=limit, order=order, purpose=purpose)
     except KeyError:
         raise bad_request(f"after: no such file {after!r}", param="after") from None
-    data = [public(r) for r in recs]
+    data = [public(r) for r in recs if not is_expired(r)]  # the sweep deletes them soon
     return FileList(data=data, has_more=more, first_id=data[0].id if data else None,
                     last_id=data[-1].id if data else None)  # fmt: skip
 
 
 def _get(store: StoreDep, tenant: str, file_id: str) -> FileRecord:
+    """The caller's file; an expired one is a 404 as if the sweep had deleted it already."""
     rec = store.get_file(file_id, tenant)
-    if rec is None:
+    if rec is None or is_expired(rec):
         raise not_found("file", file_id, param="file_id")
     return rec
 

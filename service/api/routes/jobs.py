@@ -1,4 +1,5 @@
-"""Fine-tuning jobs: create, list, retrieve, cancel, events (paged and live), checkpoints, adapter.
+"""Fine-tuning jobs: create, list, retrieve, cancel, pause/resume, events (paged and live), checkpoints,
+adapter.
 
 The read routes (retrieve, list, events, checkpoints, the event stream) are what clients
 poll all day: they are `async def`, read through `service.record.reads` (one Redis round
@@ -38,7 +39,10 @@ from service.api.schemas import (
 )
 from service.api.views import event_list_response, json_response, list_response, sse_end, sse_writes
 from service.record import ids
+from service.record.expiry import is_expired
 from service.record.formats import PREFERENCE, SUPERVISED
+from service.record.model_sources import resolve_fine_tuned
+from service.record.models import checkpoint_model_name, organization_id, parse_model_name
 from service.record.outputs import JobNotFinished, delete_outputs
 from service.record.reads import EVENT_BATCH, JobHash, QueuePositions, Reads, hash_field, job_record
 from service.record.settings import Settings
@@ -60,7 +64,8 @@ def public_job(rec: JobRecord, store: QueuePositions) -> FineTuningJob:
     hp = rec.hyperparameters
     return FineTuningJob(
         id=rec.id, created_at=rec.created_at, finished_at=rec.finished_at, model=rec.model,
-        fine_tuned_model=rec.fine_tuned_model, organization_id=f"org-{rec.tenant}", result_files=rec.result_files,
+        fine_tuned_model=rec.fine_tuned_model, organization_id=organization_id(rec.tenant),
+        result_files=rec.result_files,
         status=rec.status, training_file=rec.training_file, validation_file=rec.validation_file,
         hyperparameters=hp, trained_tokens=rec.trained_tokens,
         error=JobError(**rec.error) if rec.error else None, seed=rec.seed,
@@ -70,7 +75,8 @@ def public_job(rec: JobRecord, store: QueuePositions) -> FineTuningJob:
         queue_position=store.queue_position(rec.id) if rec.status == "queued" else None,
         progress=1.0 if rec.status == "succeeded" else rec.progress, step=rec.step, total_steps=rec.total_steps,
         peak_memory_bytes=rec.peak_memory_bytes, cancel_requested=rec.cancel_requested,
-        attempts=rec.attempts, started_at=rec.started_at, seco=rec.seco,
+        pause_requested=rec.pause_requested,
+        attempts=rec.attempts, started_at=rec.started_at, seco=rec.seco, adapter_file=rec.adapter_file,
     )  # fmt: skip
 
 
@@ -92,9 +98,10 @@ def public_job_json(flat: JobHash, position: int | None) -> str:
 
 
 def public_checkpoints(rec: JobRecord, cks: list[Checkpoint], more: bool) -> CheckpointList:
-    base = f"{rec.model}:{rec.suffix}:{rec.id}" if rec.suffix else f"{rec.model}:{rec.id}"
     data = [
-        JobCheckpoint(id=c.id, created_at=c.created_at, fine_tuned_model_checkpoint=f"{base}:ckpt-step-{c.step}",
+        JobCheckpoint(id=c.id, created_at=c.created_at,
+                      fine_tuned_model_checkpoint=checkpoint_model_name(rec.base_model, rec.tenant, rec.suffix,
+                                                                        rec.id, c.step),
                       fine_tuning_job_id=rec.id, step_number=c.step, metrics={"step": c.step, **c.metrics})
         for c in cks
     ]  # fmt: skip
@@ -132,6 +139,29 @@ def _check_kind(param: str, frec: FileRecord, method: str) -> None:
     raise bad_request(message, param=param, code="invalid_file_format")
 
 
+def _parent_lora(body: JobCreate, tenant: str, store: Store, settings: Settings) -> dict[str, Any]:
+    """The LoRA settings of the fine-tuned model (or checkpoint) a job starts from; a 400 when
+    `body.model` is no such model of the caller's, or asks for another LoRA shape."""
+    if parse_model_name(body.model) is None:
+        offered = ", ".join(settings.models) or "(none configured)"
+        raise bad_request(f"Model {body.model!r} is not offered by this server; choose one of: {offered}",
+                          param="model", code="model_not_available")  # fmt: skip
+    found = resolve_fine_tuned(body.model, tenant, store)
+    if found is None:
+        raise bad_request(f"Model {body.model!r} is not one of your fine-tuned models or checkpoints (GET "
+                          "/v1/models lists them; a checkpoint is kept while it is among the newest)", param="model",
+                          code="model_not_available")  # fmt: skip
+    if found.name.base not in settings.models:
+        raise bad_request(f"Model {body.model!r} adapts base model {found.name.base!r}, which this server no "
+                          "longer offers", param="model", code="model_not_available")  # fmt: skip
+    lora = dict(found.job.seco.get("lora") or {})
+    if "lora" in body.seco.model_fields_set and body.seco.lora.model_dump() != lora:
+        raise bad_request(f"seco.lora: a job on top of {body.model!r} continues training its adapter, whose LoRA "
+                          f"settings are {lora}; leave seco.lora out or give the same", param="seco.lora",
+                          code="invalid_lora")  # fmt: skip
+    return lora
+
+
 @router.post("", response_model=FineTuningJob)
 def create_job(
     body: JobCreate,
@@ -141,18 +171,21 @@ def create_job(
     storage: StorageDep,
     enqueue: EnqueueDep,
 ) -> FineTuningJob:
-    """Create a job: check its model and files, then queue it for a worker."""
+    """Create a job: check its model and files, then queue it for a worker.
+
+    `model` is a base model, or one of the caller's fine-tuned models or checkpoints: the
+    job then continues training that adapter (its LoRA shape is kept) on the same base.
+    """
+    seco = body.seco.model_dump()
     if body.model not in settings.models:
-        offered = ", ".join(settings.models) or "(none configured)"
-        raise bad_request(f"Model {body.model!r} is not offered by this server; choose one of: {offered}",
-                          param="model", code="model_not_available")  # fmt: skip
+        seco["lora"] = _parent_lora(body, tenant, store, settings)
     files = {"training_file": body.training_file, "validation_file": body.validation_file}
     stored: dict[str, str] = {}  # file id -> storage key
     for param, file_id in files.items():
         if file_id is None:
             continue
         frec = store.get_file(file_id, tenant)
-        if frec is None:
+        if frec is None or is_expired(frec):
             raise bad_request(f"{param}: no such file {file_id!r}", param=param, code="file_not_found")
         if frec.purpose != "fine-tune":
             raise bad_request(f"{param}: file {file_id!r} has purpose {frec.purpose!r}; upload training data "
@@ -168,7 +201,7 @@ def create_job(
         training_file=body.training_file, validation_file=body.validation_file,
         hyperparameters=body.effective_hyperparameters().model_dump(), suffix=body.suffix,
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31), metadata=body.metadata,
-        seco=body.seco.model_dump(), method=body.method_type,
+        seco=seco, method=body.method_type,
     )  # fmt: skip
     try:
         store.create_job(rec, tenant_limit=settings.max_queued_jobs)
@@ -239,6 +272,43 @@ def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> F
     if status in ("succeeded", "failed"):
         raise bad_request(f"Job {rec.id} has already {status} and cannot be cancelled", param="fine_tuning_job_id",
                           code="invalid_state")  # fmt: skip
+    return public_job(_get(store, tenant, rec.id), store)
+
+
+@router.post("/{fine_tuning_job_id}/pause", response_model=FineTuningJob)
+def pause_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> FineTuningJob:
+    """Pause: a queued job at once; a running job after its next optimizer step, once that
+    step's checkpoint is stored (its worker then takes the next job).
+
+    A running job is returned with `status: "running"` and `pause_requested: true`; it
+    becomes `paused` when its worker stops. Pausing a paused job returns it unchanged;
+    pausing a finished one is a 400.
+    """
+    rec = _get(store, tenant, fine_tuning_job_id)
+    status = store.request_pause(rec.id)
+    if status in TERMINAL:
+        raise bad_request(f"Job {rec.id} has already {'been ' if status == 'cancelled' else ''}{status} and "
+                          "cannot be paused", param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
+    return public_job(_get(store, tenant, rec.id), store)
+
+
+@router.post("/{fine_tuning_job_id}/resume", response_model=FineTuningJob)
+def resume_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, enqueue: EnqueueDep) -> FineTuningJob:
+    """Resume a paused job: it is queued again and continues from its last checkpoint, exactly
+    as a job resumed after its worker died. A job that is not paused is a 400."""
+    rec = _get(store, tenant, fine_tuning_job_id)
+    applied, before = store.resume(rec.id)
+    if not applied:
+        raise bad_request(f"Job {rec.id} is {before}, not paused; only a paused job can be resumed",
+                          param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
+    try:
+        enqueue(rec.id)
+    except Exception as e:  # paused again (unless a worker took it already), so a retry of the resume works
+        log.exception("could not enqueue resumed job %s", rec.id)
+        store.transition(rec.id, ["queued"], "paused", event="Could not queue the job; it stays paused")
+        raise APIError(503, f"The job queue is unavailable ({type(e).__name__}); the job stays paused, retry "
+                       "the resume shortly", type="server_error", code="queue_unavailable") from None  # fmt: skip
+    log.info("job resumed", extra={"job_id": rec.id, "tenant": tenant})
     return public_job(_get(store, tenant, rec.id), store)
 
 

@@ -11,7 +11,7 @@ const KEY_STORAGE = "seco.apiKey";
 const JOBS_EVERY_MS = 3000;
 const JOB_EVERY_MS = 2000;
 const MAX_EVENT_ROWS = 400;
-const ACTIVE = new Set(["validating_files", "queued", "running"]);
+const ACTIVE = new Set(["validating_files", "queued", "running", "paused"]);
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, props = {}, ...children) => {
@@ -60,8 +60,15 @@ function progressText(job) {
   return job.status === "running" && job.total_steps ? `${pct} (${job.step}/${job.total_steps})` : pct;
 }
 
-function badge(status, cancelling) {
-  return el("span", { className: `badge ${status}`, textContent: cancelling ? "cancelling" : status.replace("_", " ") });
+// `pending`: what a running job was asked to do next ("cancelling", "pausing"), shown in place of "running".
+function badge(status, pending) {
+  return el("span", { className: `badge ${status}`, textContent: pending || status.replace("_", " ") });
+}
+
+function pendingOf(job) {
+  if (job.status !== "running") return null;
+  if (job.cancel_requested) return "cancelling";
+  return job.pause_requested ? "pausing" : null;
 }
 
 // ------------------------------------------------------------------ the key
@@ -131,7 +138,7 @@ function renderJobs() {
     const row = el("tr", { className: job.id === state.selected ? "selected" : "" },
       el("td", {}, el("a", { href: `#${job.id}`, textContent: job.id, className: "mono" })),
       el("td", { textContent: job.model }),
-      el("td", {}, badge(job.status, job.cancel_requested && job.status === "running")),
+      el("td", {}, badge(job.status, pendingOf(job))),
       el("td", { textContent: progressText(job) }),
       el("td", { textContent: age(job.created_at), title: dateTime(job.created_at) }),
     );
@@ -222,9 +229,12 @@ async function refreshJob() {
 
 function renderJob(job) {
   $("job-model").textContent = job.fine_tuned_model ? `${job.model} → ${job.fine_tuned_model}` : job.model;
-  $("job-status").replaceWith(Object.assign(badge(job.status, job.cancel_requested && job.status === "running"),
+  $("job-status").replaceWith(Object.assign(badge(job.status, pendingOf(job)),
     { id: "job-status" }));
   $("cancel").hidden = !ACTIVE.has(job.status) || job.cancel_requested;
+  $("pause").hidden = !["validating_files", "queued", "running"].includes(job.status) || job.cancel_requested
+    || job.pause_requested;
+  $("resume").hidden = job.status !== "paused";
   $("download").hidden = job.status !== "succeeded";
   const frac = job.status === "succeeded" ? 1 : job.progress || 0;
   $("progress-fill").style.width = `${(frac * 100).toFixed(1)}%`;
@@ -332,6 +342,18 @@ async function cancel() {
   refreshJobs();
 }
 
+// Pause (a running job stops after its current step, with a checkpoint) and resume (from it).
+async function control(action) {
+  const job = state.job;
+  if (!job) return;
+  try {
+    renderJob(await state.api.post(`/fine_tuning/jobs/${encodeURIComponent(job.id)}/${action}`));
+  } catch (e) {
+    alert(`${action[0].toUpperCase()}${action.slice(1)} failed: ${e.message}`);
+  }
+  refreshJobs();
+}
+
 // ------------------------------------------------------------------ start
 
 function fromHash() {
@@ -358,6 +380,8 @@ async function start() {
   $("change-key").addEventListener("click", () => showKeyDialog());
   $("download").addEventListener("click", download);
   $("cancel").addEventListener("click", cancel);
+  $("pause").addEventListener("click", () => control("pause"));
+  $("resume").addEventListener("click", () => control("resume"));
   $("show-steps").addEventListener("change", (e) => $("events").classList.toggle("show-steps", e.target.checked));
   window.addEventListener("hashchange", fromHash);
   setInterval(refreshJobs, JOBS_EVERY_MS);

@@ -187,6 +187,34 @@ def test_dashboard_charts_a_dpo_jobs_rewards(svc: Any, browser: Any, tmp_path: P
     assert not problems, problems
 
 
+def test_dashboard_pauses_and_resumes_a_job(svc: Any, browser: Any, tmp_path: Path) -> None:
+    train, _ = _files(svc, tmp_path)
+    client = svc.client()
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=train, hyperparameters={"n_epochs": 30, "batch_size": 1},
+        extra_body={"seco": {"chunk_size": 16, "max_length": 64, "lora": {"r": 4}}},
+    )  # fmt: skip
+    page = browser.new_page(viewport={"width": 1440, "height": 1080})
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("dialog", lambda d: problems.append(f"dialog: {d.message}"))
+    page.goto(f"{svc.url}/ui#{job.id}")
+    page.fill("#key-input", svc.key())
+    page.click("#key-save")
+    page.wait_for_selector("#loss-chart:not([data-points='0'])", timeout=240_000)  # it is running
+    assert page.is_hidden("#resume")
+    page.click("#pause")
+    page.wait_for_selector("#job-status.paused", timeout=120_000)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert page.text_content("#job-status") == "paused" and page.is_hidden("#pause")
+    page.click("#resume")
+    page.wait_for_selector("#job-status:not(.paused)", timeout=15_000)
+    assert client.fine_tuning.jobs.retrieve(job.id).status in ("queued", "running")
+    assert page.is_visible("#pause") and page.is_hidden("#resume")
+    client.fine_tuning.jobs.cancel(job.id)
+    assert not problems, problems
+
+
 def test_the_key_is_kept_for_the_tab_unless_remembered(svc: Any, browser: Any) -> None:
     context = browser.new_context()
     try:

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from service.api.schemas import JobEvent
+from service.record.models import checkpoint_model_name
 from tests.conftest import sse_events
 
 WORKER = "test-fast-reads-worker"
@@ -162,7 +163,7 @@ def test_checkpoints_and_other_tenants(svc: Any, train_file: dict[str, str], tmp
     client = svc.client()
     cks = client.fine_tuning.jobs.checkpoints.list(job_id)
     assert [c.step_number for c in cks.data] == [6, 4, 2]
-    assert cks.data[0].fine_tuned_model_checkpoint == f"tiny:ck:{job_id}:ckpt-step-6"
+    assert cks.data[0].fine_tuned_model_checkpoint == checkpoint_model_name("tiny", svc.tenant(), "ck", job_id, 6)
     assert cks.data[0].metrics.model_dump(exclude_none=True) == {"step": 6, "train_loss": 1.0 / 6}
     older = client.fine_tuning.jobs.checkpoints.list(job_id, after=cks.data[0].id, limit=1)
     assert [c.step_number for c in older.data] == [4] and older.has_more

@@ -67,12 +67,13 @@ def test_submit_and_follow_to_success(run: Run, data: dict[str, Path], done_job:
     job_id = out.splitlines()[0]
     assert re.fullmatch(r"ftjob-[0-9a-f]{24}", job_id)
     assert "Uploaded train.jsonl as file-" in err and "Uploaded valid.jsonl as file-" in err
-    steps = re.findall(r"^step (\d+)/(\d+) .* loss \d+\.\d+( \(val \d+\.\d+\))?  peak \d", out, re.M)
+    steps = re.findall(r"^step (\d+)/(\d+) .* loss \d+\.\d+( \(val \d+\.\d+\))? tok acc \d+\.\d%  peak \d", out, re.M)
     total = int(steps[-1][1])
     assert [int(s) for s, _, _ in steps] == list(range(1, total + 1)), out  # every step once, in order
     assert steps[-1][2], "the validation loss is shown once measured"
     assert "Fine-tuning job started" in out and "tok/s" in out
-    assert f"Job {job_id} succeeded" in out and f"tiny:cli:{job_id}" in out
+    assert f"Job {job_id} succeeded" in out
+    assert re.search(rf": ft:tiny:org-[0-9a-f]{{16}}:cli:{job_id.removeprefix('ftjob-')}$", out, re.M), out
     assert f"seco download {job_id}" in out
     done_job.update(id=job_id, steps=total)
 
@@ -89,7 +90,8 @@ def test_jobs_status_and_events(run: Run, done_job: dict[str, Any]) -> None:
     rc, out, _ = run("status", job_id)
     assert rc == 0
     fields = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in out.splitlines())
-    assert fields["status"] == "succeeded" and fields["fine-tuned model"] == f"tiny:cli:{job_id}"
+    assert fields["status"] == "succeeded"
+    assert re.fullmatch(rf"ft:tiny:org-[0-9a-f]{{16}}:cli:{job_id.removeprefix('ftjob-')}", fields["fine-tuned model"])
     assert fields["seco"].startswith("mode=seco chunk_size=16") and "r=4" in fields["lora"]
     assert int(fields["trained tokens"].replace(",", "")) > 0 and fields["peak memory"].endswith("iB")
     rc, out, _ = run("status", job_id, "--json")
@@ -195,3 +197,24 @@ def test_errors_print_the_server_message(run: Run, svc: Any, data: dict[str, Pat
     assert rc == 1 and "cannot reach the seco server at http://127.0.0.1:9" in err
     rc, _, err = run("follow", "ftjob-000000000000000000000000", url="http://127.0.0.1:9")
     assert rc == 1 and "cannot reach" in err
+
+
+def test_pause_and_resume(run: Run, svc: Any, data: dict[str, Path], wait: Callable[..., Any]) -> None:
+    rc, out, _ = run("submit", str(data["long"]), "--model", "tiny", "--epochs", "50", "--batch-size", "1",
+                     "--chunk-size", "16", "--max-length", "64")  # fmt: skip
+    job_id = out.strip()
+    client = svc.client()
+    wait(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job_id, limit=50).data),
+         timeout=240, interval=0.5, what="the first metrics event")  # fmt: skip
+    rc, out, err = run("pause", job_id)
+    assert rc == 0 and (f"Pause requested: {job_id} stops after its current step" in out
+                        or f"Paused {job_id}" in out), err  # fmt: skip
+    wait(lambda: client.fine_tuning.jobs.retrieve(job_id).status == "paused", timeout=120, what="the pause")
+    rc, out, _ = run("jobs")
+    assert re.search(rf"^{job_id}\s+tiny\s+paused", out, re.M), out
+    rc, out, err = run("resume", job_id)
+    assert rc == 0 and f"Resumed {job_id}: " in out, err
+    rc, out, err = run("resume", job_id)
+    assert rc == 1 and "not paused; only a paused job can be resumed" in err, (out, err)
+    assert run("cancel", job_id)[0] == 0
+    wait(lambda: client.fine_tuning.jobs.retrieve(job_id).status == "cancelled", timeout=120, what="the cancel")

@@ -41,7 +41,8 @@ def test_client_imports_only_stdlib_and_httpx() -> None:
 def test_every_client_command_is_registered() -> None:
     parser = cli.build_parser()
     for argv in (["submit", "f.jsonl", "--model", "m"], ["jobs"], ["status", "j"], ["cancel", "j"],
-                 ["events", "j"], ["follow", "j"], ["download", "j", "-o", "d"]):  # fmt: skip
+                 ["pause", "j"], ["resume", "j"], ["events", "j"], ["follow", "j"],
+                 ["download", "j", "-o", "d"]):  # fmt: skip
         args = parser.parse_args(argv)
         assert callable(args.func), argv
 
@@ -162,10 +163,11 @@ def test_formatting() -> None:
     line = ProgressLine(unicode=False)
     line.update({"step": 1, "total_steps": 4, "train_loss": 2.5, "valid_loss": 2.75, "peak_memory_bytes": 2**20,
                  "tokens_per_second": 1234.0, "step_seconds": 2.0})  # fmt: skip
-    line.update({"step": 2, "total_steps": 4, "train_loss": 2.25, "peak_memory_bytes": 2**19, "step_seconds": 4.0})
+    line.update({"step": 2, "total_steps": 4, "train_loss": 2.25, "peak_memory_bytes": 2**19, "step_seconds": 4.0,
+                 "train_mean_token_accuracy": 0.4321})  # fmt: skip
     text = line.render()
     assert text.startswith("step 2/4  ############------------  50%  ETA 0:06")  # (2 s + 4 s) / 2 * 2 steps left
-    assert "1,234 tok/s" in text and "loss 2.2500 (val 2.7500)" in text and "peak 1.0 MiB" in text
+    assert "1,234 tok/s" in text and "loss 2.2500 (val 2.7500) tok acc 43.2%" in text and "peak 1.0 MiB" in text
     assert json.dumps(text)  # one plain line
 
 

@@ -261,8 +261,9 @@ def test_run_job_success_registers_results(store: Store, data: LocalStorage, tmp
     assert run_job(job, settings, store, worker_id="w", train=fake_train) == "succeeded"
     rec = store.get_job(job)
     assert rec is not None and rec.status == "succeeded"
-    assert rec.fine_tuned_model == f"tiny:{job}" and rec.trained_tokens == 200 and rec.peak_memory_bytes == 5000
-    assert len(rec.result_files) == 2 and rec.adapter_file == rec.result_files[0]
+    assert rec.fine_tuned_model == f"ft:tiny:org-{T1}::{job.removeprefix('ftjob-')}"
+    assert rec.trained_tokens == 200 and rec.peak_memory_bytes == 5000
+    assert len(rec.result_files) == 2 and rec.adapter_file == rec.result_files[1]  # [0]: the metrics CSV
     adapter = store.get_file(rec.adapter_file, T1)  # type: ignore[arg-type]
     assert adapter is not None and adapter.purpose == "fine-tune-results"
     assert adapter.path == keys.result_key(T1, job, "adapter.tar.gz") and data.exists(adapter.path)
@@ -325,3 +326,24 @@ def test_lease_is_renewed_while_training(store: Store, data: LocalStorage, tmp_p
         return fake_train(spec, ctx)
 
     assert run_job(job, settings, store, worker_id="w", train=slow) == "succeeded"
+
+
+def test_resolved_hyperparameters_replace_auto_and_a_retry_reads_them(
+    store: Store, data: LocalStorage, tmp_path: Path
+) -> None:
+    """The worker's resolved values replace "auto" on the job (only the owner may write them),
+    and a later attempt's spec carries them as numbers, so it trains with the same ones."""
+    from worker.tasks import build_spec
+
+    settings = settings_for(store, data, tmp_path)
+    f = make_file(store, data)
+    job = make_job(store, f.id)
+    assert store.start_job(job, "w", 30)
+    resolved = {"n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 1.0}
+    assert not store.resolve_hyperparameters(job, "someone-else", resolved)
+    assert store.get_job(job).hyperparameters["n_epochs"] == "auto"  # type: ignore[union-attr]
+    assert store.resolve_hyperparameters(job, "w", resolved)
+    rec = store.get_job(job)
+    assert rec is not None and rec.hyperparameters == resolved and rec.seed == 7 and rec.seco["lora"] == {"r": 4}
+    spec = build_spec(rec, settings, store, data, tmp_path / "scratch")
+    assert (spec.n_epochs, spec.batch_size, spec.learning_rate_multiplier) == (3, 2, 1.0)
