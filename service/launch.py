@@ -39,6 +39,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--data-dir", type=Path, default=None, help="SECO_DATA_DIR (default ./data)")
+    p.add_argument("--workers", type=_positive, default=1,
+                   help="API processes sharing the port (default 1; one per core serves more clients)")  # fmt: skip
+
+
+def _positive(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -82,12 +91,16 @@ def _max_concurrency(env: Mapping[str, str]) -> int:
     return int(env.get("SECO_MAX_CONCURRENCY") or Settings.model_fields["max_concurrency"].default)
 
 
-def api_argv(host: str, port: int, env: Mapping[str, str] | None = None) -> list[str]:
-    """The API under uvicorn; `env` is the environment it will run with (default: ours)."""
+def api_argv(host: str, port: int, env: Mapping[str, str] | None = None, *, workers: int = 1) -> list[str]:
+    """The API under uvicorn; `env` is the environment it will run with (default: ours).
+
+    `workers` > 1: that many API processes behind one listening socket (uvicorn's supervisor
+    restarts one that dies); each has its own connection limit and Redis pools.
+    """
     limit = _max_concurrency(os.environ if env is None else env)
     return [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--host", host,
             "--port", str(port), "--no-access-log", "--limit-concurrency", str(limit),
-            "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_SECONDS)]  # fmt: skip
+            "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_SECONDS), "--workers", str(workers)]  # fmt: skip
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -95,8 +108,10 @@ def cmd_api(args: argparse.Namespace) -> int:
     _require_redis()
     import uvicorn
 
+    # workers > 1: uvicorn's supervisor runs that many API processes on one socket and restarts one
+    # that dies; each has its own connection limit, Redis pools and reaper (safe to run in several).
     uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port, access_log=False,
-                limit_concurrency=_max_concurrency(os.environ),
+                limit_concurrency=_max_concurrency(os.environ), workers=args.workers,
                 timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip
     return 0
 
@@ -204,7 +219,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     rc = 0
     try:
-        for name, argv in (("api", api_argv(args.host, args.port)), ("worker", worker_argv())):
+        for name, argv in (("api", api_argv(args.host, args.port, workers=args.workers)), ("worker", worker_argv())):
             with open(logs / f"{name}.log", "ab") as log:
                 procs.append((name, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
         base = f"http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port}"

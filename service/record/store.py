@@ -440,24 +440,28 @@ return s
 # What the fair order is computed from, read in one step: every queued job with its tenant
 # and its age (score in the tenant's job index), the tenant of every running job, and when
 # each tenant was last served. Job hashes are read by the ids found (a single Redis, as
-# everywhere here). KEYS: queue, running, served. ARGV: key prefix. Returns {{id, tenant, seq}...}, {tenant...}, served.
-_QUEUE_SNAPSHOT = """
-local p = ARGV[1]
-local queued = {}
-for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  local t = redis.call('HGET', p .. 'job:' .. id, 'tenant')
-  if t then
-    local seq = redis.call('ZSCORE', p .. 'tenant:' .. t .. ':jobs', id)
-    table.insert(queued, {id, t, seq or '0'})
+# everywhere here). A Lua function, so that the API's reads (`service.record.reads`) take
+# the same snapshot in the script that reads a job. Returns {{id, tenant, seq}...}, {tenant...}, served.
+QUEUE_SNAPSHOT_FN = """
+local function queue_snapshot(p)
+  local queued = {}
+  for _, id in ipairs(redis.call('ZRANGE', p .. 'queue', 0, -1)) do
+    local t = redis.call('HGET', p .. 'job:' .. id, 'tenant')
+    if t then
+      local seq = redis.call('ZSCORE', p .. 'tenant:' .. t .. ':jobs', id)
+      table.insert(queued, {id, t, seq or '0'})
+    end
   end
+  local running = {}
+  for _, id in ipairs(redis.call('SMEMBERS', p .. 'running')) do
+    local t = redis.call('HGET', p .. 'job:' .. id, 'tenant')
+    if t then table.insert(running, t) end
+  end
+  return {queued, running, redis.call('HGETALL', p .. 'sched:served')}
 end
-local running = {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local t = redis.call('HGET', p .. 'job:' .. id, 'tenant')
-  if t then table.insert(running, t) end
-end
-return {queued, running, redis.call('HGETALL', KEYS[3])}
 """
+# ARGV: key prefix.
+_QUEUE_SNAPSHOT = QUEUE_SNAPSHOT_FN + "return queue_snapshot(ARGV[1])\n"
 
 _LIVE_WORKERS = """
 local t = redis.call('TIME')
@@ -474,6 +478,48 @@ def _dumps(value: Any) -> str:
 
 def _opt_int(value: str | None) -> int | None:
     return None if value in (None, "") else int(cast(str, value))
+
+
+def job_from_hash(h: dict[str, str]) -> JobRecord:
+    """A job record from its Redis hash (shared by the sync store and the API's async reads)."""
+    spec = json.loads(h["spec"])
+    progress = h.get("progress")
+    return JobRecord(
+        id=h["id"], tenant=h["tenant"], status=h["status"], created_at=int(h["created_at"]), **spec,
+        worker=h.get("worker") or None, cancel_requested=h.get("cancel_requested") == "1",
+        pause_requested=h.get("pause_requested") == "1",
+        attempts=int(h.get("attempts") or 0), started_at=_opt_int(h.get("started_at")),
+        finished_at=_opt_int(h.get("finished_at")),
+        progress=float(progress) if progress else None, step=_opt_int(h.get("step")),
+        total_steps=_opt_int(h.get("total_steps")), trained_tokens=_opt_int(h.get("trained_tokens")),
+        estimated_finish=_opt_int(h.get("estimated_finish")),
+        peak_memory_bytes=_opt_int(h.get("peak_memory_bytes")),
+        fine_tuned_model=h.get("fine_tuned_model") or None,
+        error=json.loads(h["error"]) if h.get("error") else None,
+        result_files=json.loads(h.get("result_files") or "[]"),
+        adapter_file=h.get("adapter_file") or None,
+    )  # fmt: skip
+
+
+def order_from_snapshot(snapshot: list[Any]) -> list[str]:
+    """Every queued job id in start order, from what `queue_snapshot` (Lua) returned."""
+    queued, running, served = snapshot
+    return fair_order(
+        (Queued(job_id=j, tenant=t, seq=int(float(seq))) for j, t, seq in queued),
+        Counter(running),
+        {served[i]: int(served[i + 1]) for i in range(0, len(served), 2)},
+    )
+
+
+def page_checkpoints(raw: Iterable[str], *, after: str | None, limit: int) -> tuple[list[Checkpoint], bool]:
+    """Newest (highest step) first from the stored checkpoint JSONs; KeyError when `after` is not among them."""
+    cks = sorted((Checkpoint.model_validate_json(v) for v in raw), key=lambda c: -c.step)
+    if after is not None:
+        idx = next((i for i, c in enumerate(cks) if c.id == after), None)
+        if idx is None:
+            raise KeyError(after)
+        cks = cks[idx + 1 :]
+    return cks[:limit], len(cks) > limit
 
 
 class Store:
@@ -537,9 +583,10 @@ class Store:
     def _events_key(job_id: str) -> str:
         return f"{P}job:{job_id}:events"
 
-    def events_key(self, job_id: str) -> str:
+    @staticmethod
+    def events_key(job_id: str) -> str:
         """Exposed for the SSE route, which reads the stream with an asyncio client."""
-        return self._events_key(job_id)
+        return f"{P}job:{job_id}:events"
 
     # ------------------------------------------------------------------ files
 
@@ -664,23 +711,7 @@ class Store:
         h = cast(dict[str, str], self.r.hgetall(self._job_key(job_id)))
         if not h or (tenant is not None and h.get("tenant") != tenant):
             return None
-        spec = json.loads(h["spec"])
-        progress = h.get("progress")
-        return JobRecord(
-            id=h["id"], tenant=h["tenant"], status=h["status"], created_at=int(h["created_at"]), **spec,
-            worker=h.get("worker") or None, cancel_requested=h.get("cancel_requested") == "1",
-            pause_requested=h.get("pause_requested") == "1",
-            attempts=int(h.get("attempts") or 0), started_at=_opt_int(h.get("started_at")),
-            finished_at=_opt_int(h.get("finished_at")),
-            progress=float(progress) if progress else None, step=_opt_int(h.get("step")),
-            total_steps=_opt_int(h.get("total_steps")), trained_tokens=_opt_int(h.get("trained_tokens")),
-            estimated_finish=_opt_int(h.get("estimated_finish")),
-            peak_memory_bytes=_opt_int(h.get("peak_memory_bytes")),
-            fine_tuned_model=h.get("fine_tuned_model") or None,
-            error=json.loads(h["error"]) if h.get("error") else None,
-            result_files=json.loads(h.get("result_files") or "[]"),
-            adapter_file=h.get("adapter_file") or None,
-        )  # fmt: skip
+        return job_from_hash(h)
 
     def list_jobs(
         self, tenant: str, *, after: str | None, limit: int, metadata: dict[str, str] | None = None
@@ -709,13 +740,8 @@ class Store:
 
     def queue_order(self) -> list[str]:
         """Every queued job id, in the order free workers will start them."""
-        keys = [f"{P}queue", f"{P}running", f"{P}sched:served"]
-        queued, running, served = cast(list[Any], self._queue_snapshot(keys=keys, args=[P]))
-        return fair_order(
-            (Queued(job_id=j, tenant=t, seq=int(float(seq))) for j, t, seq in queued),
-            Counter(running),
-            {served[i]: int(served[i + 1]) for i in range(0, len(served), 2)},
-        )
+        keys = [f"{P}queue", f"{P}running", f"{P}sched:served"]  # declared, though the script derives them
+        return order_from_snapshot(cast(list[Any], self._queue_snapshot(keys=keys, args=[P])))
 
     def claim_next(self, worker_id: str, lease_seconds: float) -> str | None:
         """Start the first job of the fair order for `worker_id`; its id, or None when none is queued.
@@ -1007,14 +1033,8 @@ class Store:
 
     def list_checkpoints(self, job_id: str, *, after: str | None, limit: int) -> tuple[list[Checkpoint], bool]:
         """Newest (highest step) first; KeyError when `after` is not one of this job's checkpoints."""
-        raw = cast(dict[str, str], self.r.hgetall(f"{P}job:{job_id}:checkpoints"))
-        cks = sorted((Checkpoint.model_validate_json(v) for v in raw.values()), key=lambda c: -c.step)
-        if after is not None:
-            idx = next((i for i, c in enumerate(cks) if c.id == after), None)
-            if idx is None:
-                raise KeyError(after)
-            cks = cks[idx + 1 :]
-        return cks[:limit], len(cks) > limit
+        raw = cast(list[str], self.r.hvals(f"{P}job:{job_id}:checkpoints"))
+        return page_checkpoints(raw, after=after, limit=limit)
 
     def remove_checkpoints(self, job_id: str, steps: Iterable[int]) -> None:
         """Drop checkpoint records (their objects were pruned from storage)."""

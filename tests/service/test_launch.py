@@ -4,6 +4,7 @@ and every file and directory under the data dir is its owner's only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import KEY_A, ROOT, free_port, wait_for
 
 
 def test_seco_up_prints_a_summary_and_serves(tmp_path: Path) -> None:
@@ -106,3 +107,56 @@ def _everything_is_private(data_dir: Path) -> None:
                      "api.log", "worker.log"):  # fmt: skip
         assert expected in names, (expected, sorted(names))
     assert any(n.startswith("file-") for n in names) and any(n.endswith(".aof") for n in names), sorted(names)
+
+
+def test_seco_api_workers_runs_several_processes_that_serve(redis_url: str, demo_model: Path, tmp_path: Path) -> None:
+    """`seco api --workers 2`: two API processes on one port; SDK calls are served, a process that
+    dies is replaced while the other keeps serving, and SIGTERM stops them all."""
+    import psutil
+    from openai import OpenAI
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "SECO_DATA_DIR": str(tmp_path / "data"),
+           "SECO_API_KEYS": KEY_A, "SECO_MODELS": f"tiny={demo_model}", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cmd = [sys.executable, "-c", "from service.client.cli import main; raise SystemExit(main())", "api",
+           "--port", str(port), "--workers", "2"]  # fmt: skip
+    log = open(tmp_path / "api.log", "ab")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=log, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    supervisor = psutil.Process(proc.pid)
+
+    def serving() -> list[int]:
+        """Pids of the API processes, once two run and the port answers."""
+        kids = []
+        for c in supervisor.children():  # the API processes, not multiprocessing's resource tracker
+            with contextlib.suppress(psutil.Error):
+                if c.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(c.cmdline()):
+                    kids.append(c.pid)
+        try:
+            up = httpx.get(base + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            up = False
+        return kids if up and len(kids) == 2 else []
+
+    try:
+        first = wait_for(serving, timeout=60, what="two API processes serving")
+        client = OpenAI(base_url=f"{base}/v1", api_key=KEY_A, max_retries=0, timeout=10)
+        data = tmp_path / "train.jsonl"
+        data.write_text('{"text": "hello world"}\n')
+        f = client.files.create(file=data.open("rb"), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id)
+        os.kill(first[0], signal.SIGKILL)  # one process dies: the other serves, the supervisor starts another
+        for _ in range(10):
+            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=10) as http:
+                r = http.get(f"/v1/fine_tuning/jobs/{job.id}")  # a new connection each time
+                assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+        again = wait_for(serving, timeout=60, what="the dead API process to be replaced")
+        assert first[1] in again and first[0] not in again
+        assert [j.id for j in client.fine_tuning.jobs.list().data] == [job.id]
+        client.fine_tuning.jobs.cancel(job.id)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        rc = proc.wait(30)
+        log.close()
+    assert rc == 0, (tmp_path / "api.log").read_text()
+    assert not [p for p in psutil.pids() if p in first], "no API process is left behind"

@@ -1,11 +1,20 @@
-"""Fine-tuning jobs: create, list, retrieve, cancel, pause/resume, events (paged and live), checkpoints, adapter."""
+"""Fine-tuning jobs: create, list, retrieve, cancel, pause/resume, events (paged and live), checkpoints,
+adapter.
+
+The read routes (retrieve, list, events, checkpoints, the event stream) are what clients
+poll all day: they are `async def`, read through `service.record.reads` (one Redis round
+trip on the asyncio client, no thread-pool hop) and answer pre-serialised JSON
+(`service.api.views`). The write routes use the sync `Store` in the thread pool. Both map a
+record to the public object with the same functions (`public_job`, `public_checkpoints`;
+events: `views.event_json`).
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator
+from functools import lru_cache
 from typing import Annotated, Any
 
 import redis
@@ -15,7 +24,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
-from service.api.deps import EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep
+from service.api.deps import BEARER, EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep, caller
 from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
 from service.api.schemas import (
@@ -26,17 +35,18 @@ from service.api.schemas import (
     JobCreate,
     JobDeleted,
     JobError,
-    JobEvent,
     JobList,
 )
+from service.api.views import event_list_response, json_response, list_response, sse_end, sse_writes
 from service.record import ids
 from service.record.expiry import is_expired
 from service.record.formats import PREFERENCE, SUPERVISED
 from service.record.model_sources import resolve_fine_tuned
 from service.record.models import checkpoint_model_name, organization_id, parse_model_name
 from service.record.outputs import JobNotFinished, delete_outputs
+from service.record.reads import EVENT_BATCH, JobHash, QueuePositions, Reads, hash_field, job_record
 from service.record.settings import Settings
-from service.record.store import TERMINAL, Event, FileRecord, JobRecord, LimitExceeded, Store, now
+from service.record.store import TERMINAL, Checkpoint, FileRecord, JobRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
@@ -44,7 +54,13 @@ router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
 KEEPALIVE_MS = 15_000
 
 
-def public_job(rec: JobRecord, store: Store) -> FineTuningJob:
+def public_job(rec: JobRecord, store: QueuePositions) -> FineTuningJob:
+    """The OpenAI job object of a record: the one mapping every route uses (`store` answers
+    the queue position: the sync Store, or the positions a read took with the job).
+
+    A function of the record and the queue position only: the read routes memoise its JSON
+    (`public_job_json`), so anything else it came to depend on would be served stale.
+    """
     hp = rec.hyperparameters
     return FineTuningJob(
         id=rec.id, created_at=rec.created_at, finished_at=rec.finished_at, model=rec.model,
@@ -64,9 +80,33 @@ def public_job(rec: JobRecord, store: Store) -> FineTuningJob:
     )  # fmt: skip
 
 
-def public_event(ev: Event) -> JobEvent:
-    return JobEvent(id=ev.id, created_at=ev.created_at, level=ev.level, message=ev.message, type=ev.type,
-                    data=ev.data)  # fmt: skip
+class _Position:
+    """The one queue position `public_job` may ask for."""
+
+    def __init__(self, position: int | None) -> None:
+        self.position = position
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self.position
+
+
+@lru_cache(maxsize=4096)
+def public_job_json(flat: JobHash, position: int | None) -> str:
+    """`public_job`'s JSON for a job hash as read and its queue position: a poll of a job that has
+    not changed since (queued, finished, or between two steps) costs a lookup."""
+    return public_job(job_record(flat), _Position(position)).model_dump_json()
+
+
+def public_checkpoints(rec: JobRecord, cks: list[Checkpoint], more: bool) -> CheckpointList:
+    data = [
+        JobCheckpoint(id=c.id, created_at=c.created_at,
+                      fine_tuned_model_checkpoint=checkpoint_model_name(rec.base_model, rec.tenant, rec.suffix,
+                                                                        rec.id, c.step),
+                      fine_tuning_job_id=rec.id, step_number=c.step, metrics={"step": c.step, **c.metrics})
+        for c in cks
+    ]  # fmt: skip
+    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
+                          last_id=data[-1].id if data else None)  # fmt: skip
 
 
 def _get(store: Store, tenant: str, job_id: str) -> JobRecord:
@@ -74,6 +114,13 @@ def _get(store: Store, tenant: str, job_id: str) -> JobRecord:
     if rec is None:
         raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
     return rec
+
+
+async def _read(reads: Reads, tenant: str, job_id: str) -> JobRecord:
+    found = await reads.job(job_id, tenant)
+    if found is None:
+        raise not_found("fine-tuning job", job_id, param="fine_tuning_job_id")
+    return job_record(found[0])
 
 
 def _check_kind(param: str, frec: FileRecord, method: str) -> None:
@@ -184,27 +231,32 @@ def create_job(
     return public_job(_get(store, tenant, rec.id), store)
 
 
-@router.get("", response_model=JobList)
-def list_jobs(
+@router.get("", response_model=JobList, openapi_extra=BEARER)
+async def list_jobs(
     request: Request,
-    tenant: TenantDep,
-    store: StoreDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> JobList:
+) -> Response:
     """The caller's jobs, newest first; `metadata[k]=v` query parameters filter them."""
+    tenant, reads = caller(request)
     meta = {k[9:-1]: v for k, v in request.query_params.items() if k.startswith("metadata[") and k.endswith("]")}
     try:
-        recs, more = store.list_jobs(tenant, after=after, limit=limit, metadata=meta or None)
+        flats, more, positions = await reads.jobs(tenant, after=after, limit=limit, metadata=meta or None)
     except KeyError:
         raise bad_request(f"after: no such job {after!r}", param="after") from None
-    return JobList(data=[public_job(r, store) for r in recs], has_more=more)
+    jobs = [public_job_json(f, positions.queue_position(hash_field(f, "id") or "")) for f in flats]
+    return list_response(jobs, more)  # JobList
 
 
-@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob)
-def retrieve_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> FineTuningJob:
+@router.get("/{fine_tuning_job_id}", response_model=FineTuningJob, openapi_extra=BEARER)
+async def retrieve_job(fine_tuning_job_id: str, request: Request) -> Response:
     """One job, with its progress, ETA and queue position."""
-    return public_job(_get(store, tenant, fine_tuning_job_id), store)
+    tenant, reads = caller(request)
+    found = await reads.job(fine_tuning_job_id, tenant)
+    if found is None:
+        raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
+    flat, positions = found
+    return Response(public_job_json(flat, positions.queue_position(fine_tuning_job_id)), media_type="application/json")
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=FineTuningJob)
@@ -285,113 +337,105 @@ def _stream_id(value: str | None, param: str) -> str | None:
     return sid
 
 
-@router.get("/{fine_tuning_job_id}/events", response_model=EventList)
-def list_events(
+@router.get("/{fine_tuning_job_id}/events", response_model=EventList, openapi_extra=BEARER)
+async def list_events(
     fine_tuning_job_id: str,
-    tenant: TenantDep,
-    store: StoreDep,
+    request: Request,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-) -> EventList:
+) -> Response:
     """The job's events, newest first; `after` (an event id) pages to older ones."""
-    rec = _get(store, tenant, fine_tuning_job_id)
-    events, more = store.list_events(rec.id, after=_stream_id(after, "after"), limit=limit)
-    return EventList(data=[public_event(e) for e in events], has_more=more)
-
-
-def _sse(ev: Event) -> str:
-    return f"id: {ev.stream_id}\ndata: {public_event(ev).model_dump_json()}\n\n"
+    tenant, reads = caller(request)
+    if after is not None and ids.stream_id_of(after) is None:
+        await _read(reads, tenant, fine_tuning_job_id)  # an unknown job is a 404 whatever the parameters
+    found = await reads.events(fine_tuning_job_id, tenant, after=_stream_id(after, "after"), limit=limit)
+    if found is None:
+        raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
+    return event_list_response(*found)
 
 
 @router.get("/{fine_tuning_job_id}/events/stream", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})  # fmt: skip
+            responses={200: {"content": {"text/event-stream": {}}}}, openapi_extra=BEARER)  # fmt: skip
 async def stream_events(
     fine_tuning_job_id: str,
     request: Request,
-    tenant: TenantDep,
-    store: StoreDep,
-    settings: SettingsDep,
     after: str | None = None,
     last_event_id: Annotated[str | None, Header()] = None,
-) -> StreamingResponse:
+) -> Response:
     """Server-Sent Events, oldest first: `id:` is the event's stream id, `data:` the event.
 
     Resumes after `Last-Event-ID` (or `?after=`); without either it replays from the
     first event. Ends with `event: end` once the job is finished and every event sent.
     A key holds at most SECO_MAX_STREAMS streams open at once (429 beyond).
     """
-    rec = await run_in_threadpool(_get, store, tenant, fine_tuning_job_id)
+    tenant, reads = caller(request)
+    settings: Settings = request.app.state.settings
+    if any(v is not None and ids.stream_id_of(v) is None for v in (last_event_id, after)):
+        await _read(reads, tenant, fine_tuning_job_id)  # an unknown job is a 404 whatever the parameters
     start = _stream_id(last_event_id, "Last-Event-ID") or _stream_id(after, "after") or "0-0"
+    opened = await reads.open_stream(fine_tuning_job_id, tenant, start)
+    if opened is None:
+        raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
+    first = opened[1]
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     slot = await request.app.state.stream_slots.take(tenant, settings.max_streams)
     if slot is None:
         raise APIError(429, f"This API key already has {settings.max_streams} open event streams; close one "
                        "(or poll the events list) first", code="too_many_streams", retry=False)  # fmt: skip
     aredis: Any = request.app.state.aredis
-    key = store.events_key(rec.id)
-    job_key = f"seco:job:{rec.id}"
-
-    async def read(last: str, block: int | None) -> list[Event]:
-        resp = await aredis.xread({key: last}, count=500, block=block)
-        return [Store.event_from_entry(sid, f) for _, entries in resp for sid, f in entries]
+    key = Store.events_key(fine_tuning_job_id)
 
     async def gen() -> AsyncIterator[str]:
         try:
             async for chunk in follow():
                 yield chunk
         except redis.RedisError as e:  # headers are sent: end the stream; the client resumes by Last-Event-ID
-            log.warning("event stream of %s interrupted: %s", rec.id, type(e).__name__)
+            log.warning("event stream of %s interrupted: %s", fine_tuning_job_id, type(e).__name__)
 
     async def follow() -> AsyncIterator[str]:
-        last = start
         yield "retry: 2000\n\n"
+        for chunk in sse_writes(first):
+            yield chunk
+        last = first[-1][0] if first else start
         while True:
             await slot.renew()
-            events = await read(last, None)
+            # new events and the status in one read: none new and a final status means none will come
+            # (the final event is written atomically with the status)
+            events, status = await reads.stream(fine_tuning_job_id, last)
             if not events:
-                status = await aredis.hget(job_key, "status")
                 if status in TERMINAL:
-                    # the final event is written atomically with the status; read it if we missed it
-                    for ev in await read(last, None):
-                        last = ev.stream_id
-                        yield _sse(ev)
-                    yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                    yield sse_end(status)
                     return
-                events = await read(last, KEEPALIVE_MS)
+                resp = await aredis.xread({key: last}, count=EVENT_BATCH, block=KEEPALIVE_MS)
+                events = [entry for _, entries in resp for entry in entries]
                 if not events:
                     yield ": keep-alive\n\n"
-            for ev in events:
-                last = ev.stream_id
-                yield _sse(ev)
+                    continue
+            last = events[-1][0]
+            for chunk in sse_writes(events):
+                yield chunk
 
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     # the slot is given back once the stream ends, the client's disconnect included
     return StreamingResponse(gen(), media_type="text/event-stream", headers=headers,
                              background=BackgroundTask(slot.release))  # fmt: skip
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
-def list_checkpoints(
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList, openapi_extra=BEARER)
+async def list_checkpoints(
     fine_tuning_job_id: str,
-    tenant: TenantDep,
-    store: StoreDep,
+    request: Request,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 10,
-) -> CheckpointList:
+) -> Response:
     """The job's checkpoints with their metrics, newest first."""
-    rec = _get(store, tenant, fine_tuning_job_id)
+    tenant, reads = caller(request)
     try:
-        cks, more = store.list_checkpoints(rec.id, after=after, limit=limit)
+        found = await reads.checkpoints(fine_tuning_job_id, tenant, after=after, limit=limit)
     except KeyError:
         raise bad_request(f"after: no such checkpoint {after!r}", param="after") from None
-    data = [
-        JobCheckpoint(id=c.id, created_at=c.created_at,
-                      fine_tuned_model_checkpoint=checkpoint_model_name(rec.base_model, rec.tenant, rec.suffix,
-                                                                        rec.id, c.step),
-                      fine_tuning_job_id=rec.id, step_number=c.step, metrics={"step": c.step, **c.metrics})
-        for c in cks
-    ]  # fmt: skip
-    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
-                          last_id=data[-1].id if data else None)  # fmt: skip
+    if found is None:
+        raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
+    return json_response(public_checkpoints(*found))
 
 
 @router.get("/{fine_tuning_job_id}/adapter", response_class=FileResponse,

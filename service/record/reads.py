@@ -1,0 +1,285 @@
+"""The API's hot reads, asynchronous and one Redis round trip each.
+
+Status polls, job lists, event pages, checkpoint lists and event streams are what every
+client does all day. Served by the sync `Store` they cost a thread-pool hop per call and
+one round trip per Redis command (a job, then the queue snapshot for its position; a
+page of jobs, then one hash per job). Here each request is one Lua script on the API's
+asyncio client: the check that the job is the caller's, the data, and the queue snapshot
+when a queued job needs its position, read atomically. A script answers one JSON string
+(cjson): redis-py's RESP parser is Python and costs per element (a job hash is forty, a page
+of events hundreds), where one `json.loads` is C. Records are parsed by the same
+functions as the sync store (`job_from_hash`, `page_checkpoints`, `order_from_snapshot`),
+so both sides agree on what a record is.
+
+Nothing here writes. The client and its pool are the caller's: when Redis is down or
+restarts, a read raises redis's ConnectionError/TimeoutError like the sync store does
+(the API answers 503), and the pool reconnects by itself once Redis is back; scripts are
+reloaded on NOSCRIPT (a restarted server has forgotten them) by redis-py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+from service.record import ids
+from service.record.store import (
+    QUEUE_SNAPSHOT_FN,
+    Checkpoint,
+    JobRecord,
+    job_from_hash,
+    order_from_snapshot,
+    page_checkpoints,
+)
+
+P = "seco:"
+EVENT_BATCH = 500
+"""Events an event stream reads at once."""
+LIST_SCAN = 500
+"""Jobs a list script looks at before it returns to let other clients in (a metadata filter
+may have to skip many); the API calls it again from where it stopped."""
+
+# One job, and the queue snapshot when it is queued (its position needs it).
+# KEYS: job. ARGV: key prefix. Returns [hash] or [hash, snapshot] as JSON; [{}] when there is no such job.
+_JOB = (
+    QUEUE_SNAPSHOT_FN
+    + """
+local h = redis.call('HGETALL', KEYS[1])
+for i = 1, #h, 2 do
+  if h[i] == 'status' and h[i + 1] == 'queued' then return cjson.encode({h, queue_snapshot(ARGV[1])}) end
+end
+return cjson.encode({h})
+"""
+)
+
+# A page of a tenant's jobs, newest first, with the queue snapshot if one of them is queued.
+# KEYS: the tenant's job index. ARGV: key prefix, tenant, `after` job id ('' none), where a
+# previous call stopped ('' none), how many jobs are still wanted, metadata filter (JSON or '').
+# Returns [state, hashes, bound, snapshot or false] as JSON: state 0 = no more jobs, 1 = more jobs
+# than wanted, 2 = stopped after LIST_SCAN jobs (call again from `bound`), -1 = unknown `after`.
+_JOBS = (
+    QUEUE_SNAPSHOT_FN
+    + """
+local p, tenant, want = ARGV[1], ARGV[2], tonumber(ARGV[5])
+local bound = '+inf'
+if ARGV[4] ~= '' then
+  bound = ARGV[4]
+elseif ARGV[3] ~= '' then
+  local s = redis.call('ZSCORE', KEYS[1], ARGV[3])
+  if not s then return cjson.encode({-1, {}, '', false}) end
+  bound = '(' .. s
+end
+local meta = false
+if ARGV[6] ~= '' then meta = cjson.decode(ARGV[6]) end
+local out, queued, scanned = {}, false, 0
+local function done(state)
+  local snap = false
+  if queued then snap = queue_snapshot(p) end
+  return cjson.encode({state, out, bound, snap})
+end
+while scanned < LIST_SCAN do
+  local batch = redis.call('ZREVRANGEBYSCORE', KEYS[1], bound, '-inf', 'WITHSCORES', 'LIMIT', 0, 100)
+  if #batch == 0 then return done(0) end
+  for i = 1, #batch, 2 do
+    scanned = scanned + 1
+    local h = redis.call('HGETALL', p .. 'job:' .. batch[i])
+    local f = {}
+    for k = 1, #h, 2 do f[h[k]] = h[k + 1] end
+    local ok = f['tenant'] == tenant
+    if ok and meta then
+      local m = cjson.decode(f['spec'])['metadata']
+      for k, v in pairs(meta) do
+        if type(m) ~= 'table' or m[k] ~= v then ok = false end
+      end
+    end
+    if ok then
+      if #out == want then return done(1) end
+      table.insert(out, h)
+      if f['status'] == 'queued' then queued = true end
+    end
+    bound = '(' .. batch[i + 1]
+  end
+end
+return done(2)
+""".replace("LIST_SCAN", str(LIST_SCAN))
+)
+
+# A page of a job's events, newest first, if the job is the caller's.
+# KEYS: job, events. ARGV: tenant, top of the range ('' = nothing is older), count.
+# Returns the entries as JSON, or false (nil) when the job is not the caller's.
+_EVENTS = """
+if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return false end
+if ARGV[2] == '' then return '[]' end
+return cjson.encode(redis.call('XREVRANGE', KEYS[2], ARGV[2], '-', 'COUNT', ARGV[3]))
+"""
+
+# A job and its checkpoint records. KEYS: job, checkpoints. Returns [hash, [checkpoint JSON...]] as JSON.
+_CHECKPOINTS = """
+return cjson.encode({redis.call('HGETALL', KEYS[1]), redis.call('HVALS', KEYS[2])})
+"""
+
+# The events after a stream id and the job's status, read together: when there are no new
+# events and the status is final, the stream has nothing more to send (the final event is
+# written atomically with the status). KEYS: events, job. ARGV: last id, count. Returns [entries, status] as JSON.
+_STREAM = """
+local entries = redis.call('XREAD', 'COUNT', ARGV[2], 'STREAMS', KEYS[1], ARGV[1])
+return cjson.encode({entries, redis.call('HGET', KEYS[2], 'status')})
+"""
+
+# A job and its events after a stream id, read together. KEYS: job, events. ARGV: last id, count.
+# Returns [hash, entries] as JSON.
+_OPEN = """
+local h = redis.call('HGETALL', KEYS[1])
+return cjson.encode({h, redis.call('XREAD', 'COUNT', ARGV[2], 'STREAMS', KEYS[2], ARGV[1])})
+"""
+
+
+def _pairs(flat: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """A dict from a flat [field, value, ...] list (cjson writes an empty one as `{}`)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+
+
+JobHash = tuple[str, ...]
+"""A job's Redis hash as read, [field, value, ...]: immutable and hashable, so what is derived
+from it can be memoised (the API's `public_job_json`)."""
+
+Entry = tuple[str, dict[str, str]]
+"""A stream entry: (stream id, fields); `Store.event_from_entry` makes an `Event` of one."""
+
+
+def _entries(raw: list[Any]) -> list[Entry]:
+    """Stream entries from a script's [[id, [field, value, ...]], ...] (an empty one is `{}`)."""
+    return [(sid, _pairs(fields)) for sid, fields in raw or ()]
+
+
+def job_record(flat: JobHash) -> JobRecord:
+    """The record of a job hash as read."""
+    return job_from_hash(_pairs(flat))
+
+
+def hash_field(flat: JobHash | list[str], name: str) -> str | None:
+    """One field of a job hash as read, without parsing the record."""
+    for i in range(0, len(flat), 2):
+        if flat[i] == name:
+            return flat[i + 1]
+    return None
+
+
+class QueuePositions(Protocol):
+    """What the public job object needs to show a queued job's position: the sync `Store`
+    (one snapshot per call) or `KnownPositions` (a snapshot already read)."""
+
+    def queue_position(self, job_id: str) -> int | None: ...
+
+
+class KnownPositions:
+    """Queue positions from one snapshot, answered like `Store.queue_position` (1 = next to start)."""
+
+    def __init__(self, order: list[str] | None = None) -> None:
+        self._positions = {job_id: i + 1 for i, job_id in enumerate(order or [])}
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self._positions.get(job_id)
+
+
+class Reads:
+    """The API process's async reads; share one per process (its pool is bounded)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.r = client
+        self._job = client.register_script(_JOB)
+        self._jobs = client.register_script(_JOBS)
+        self._events = client.register_script(_EVENTS)
+        self._checkpoints = client.register_script(_CHECKPOINTS)
+        self._stream = client.register_script(_STREAM)
+        self._open = client.register_script(_OPEN)
+
+    @classmethod
+    def from_url(cls, url: str, *, max_connections: int, name: str | None = None) -> Reads:
+        """A pool of at most `max_connections`: the API passes its connection limit (uvicorn's
+        `--limit-concurrency`), and a request holds at most one connection of it at a time, so it is
+        never exhausted and needs no waiting (the blocking pool's timer and condition per command
+        cost more than the read); a short connect timeout so an outage is a quick 503."""
+        pool = aioredis.ConnectionPool.from_url(
+            url, max_connections=max_connections, decode_responses=True, socket_connect_timeout=3,
+            socket_timeout=15, health_check_interval=15, client_name=name,
+        )  # fmt: skip
+        return cls(aioredis.Redis.from_pool(pool))
+
+    async def aclose(self) -> None:
+        await self.r.aclose()
+
+    async def job(self, job_id: str, tenant: str) -> tuple[JobHash, KnownPositions] | None:
+        """The caller's job (its hash as read) with its queue position; None for another tenant's or no job."""
+        if not ids.is_job_id(job_id):
+            return None
+        res = json.loads(await self._job(keys=[f"{P}job:{job_id}"], args=[P]))
+        flat = tuple(res[0])
+        if _pairs(res[0]).get("tenant") != tenant:
+            return None
+        return flat, KnownPositions(order_from_snapshot(res[1]) if len(res) > 1 else None)
+
+    async def jobs(
+        self, tenant: str, *, after: str | None, limit: int, metadata: dict[str, str] | None = None
+    ) -> tuple[list[JobHash], bool, KnownPositions]:
+        """A page of the caller's jobs (their hashes as read), newest first, and their queue positions
+        (KeyError: unknown `after`)."""
+        found: list[JobHash] = []
+        snapshot: list[Any] | None = None
+        bound = ""
+        meta = json.dumps(metadata, separators=(",", ":")) if metadata else ""
+        while True:
+            args: list[str | int] = [P, tenant, after or "", bound, limit - len(found), meta]
+            state, hashes, bound, snap = json.loads(await self._jobs(keys=[f"{P}tenant:{tenant}:jobs"], args=args))
+            if state == -1:
+                raise KeyError(after)
+            found += [tuple(h) for h in hashes]
+            snapshot = snap or snapshot
+            if state != 2:
+                return found, state == 1, KnownPositions(order_from_snapshot(snapshot) if snapshot else None)
+
+    async def events(
+        self, job_id: str, tenant: str, *, after: str | None, limit: int
+    ) -> tuple[list[Entry], bool] | None:
+        """The caller's job's events (stream entries), newest first, older than stream id `after`;
+        None: not its job."""
+        if not ids.is_job_id(job_id):
+            return None
+        top = "" if after == ids.MIN_STREAM_ID else f"({after}" if after else "+"
+        raw = await self._events(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:events"], args=[tenant, top, limit + 1])
+        if raw is None:
+            return None
+        evs = _entries(json.loads(raw))
+        return evs[:limit], len(evs) > limit
+
+    async def checkpoints(
+        self, job_id: str, tenant: str, *, after: str | None, limit: int
+    ) -> tuple[JobRecord, list[Checkpoint], bool] | None:
+        """The caller's job and a page of its checkpoints, newest first (KeyError: unknown `after`)."""
+        if not ids.is_job_id(job_id):
+            return None
+        h, raw = json.loads(await self._checkpoints(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:checkpoints"]))
+        job = _pairs(h)
+        if job.get("tenant") != tenant:
+            return None
+        cks, more = page_checkpoints(raw, after=after, limit=limit)
+        return job_from_hash(job), cks, more
+
+    async def open_stream(self, job_id: str, tenant: str, after: str) -> tuple[JobHash, list[Entry]] | None:
+        """The caller's job and its events after stream id `after` (oldest first, a batch), read together:
+        when the job is finished and the batch is not full, these are all its events."""
+        if not ids.is_job_id(job_id):
+            return None
+        h, entries = json.loads(await self._open(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:events"],
+                                                 args=[after, EVENT_BATCH]))  # fmt: skip
+        if hash_field(h, "tenant") != tenant:
+            return None
+        return tuple(h), (_entries(entries[0][1]) if entries else [])
+
+    async def stream(self, job_id: str, after: str) -> tuple[list[Entry], str | None]:
+        """The job's events after stream id `after` (oldest first, a batch) and its status, read together."""
+        entries, status = json.loads(await self._stream(keys=[f"{P}job:{job_id}:events", f"{P}job:{job_id}"],
+                                                        args=[after, EVENT_BATCH]))  # fmt: skip
+        return (_entries(entries[0][1]) if entries else []), status or None
