@@ -37,7 +37,7 @@ from service.api.schemas import (
     JobError,
     JobList,
 )
-from service.api.views import event_list_response, json_response, list_response, sse_end, sse_writes
+from service.api.views import EventReplay, event_list_response, json_response, list_response, sse_end, sse_writes
 from service.record import ids
 from service.record.expiry import is_expired
 from service.record.formats import PREFERENCE, SUPERVISED
@@ -366,7 +366,8 @@ async def stream_events(
 
     Resumes after `Last-Event-ID` (or `?after=`); without either it replays from the
     first event. Ends with `event: end` once the job is finished and every event sent.
-    A key holds at most SECO_MAX_STREAMS streams open at once (429 beyond).
+    A key holds at most SECO_MAX_STREAMS streams open at once (429 beyond); a finished
+    job's events are answered at once, in one response that holds no stream open.
     """
     tenant, reads = caller(request)
     settings: Settings = request.app.state.settings
@@ -376,8 +377,13 @@ async def stream_events(
     opened = await reads.open_stream(fine_tuning_job_id, tenant, start)
     if opened is None:
         raise not_found("fine-tuning job", fine_tuning_job_id, param="fine_tuning_job_id")
-    first = opened[1]
+    flat, first = opened
+    status = hash_field(flat, "status")
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    if status in TERMINAL and len(first) < EVENT_BATCH:  # read with the final status: nothing more will come
+        writes = sse_writes(first) or [""]  # the retry hint rides with the first write, the end with the last
+        writes[0], writes[-1] = "retry: 2000\n\n" + writes[0], writes[-1] + sse_end(str(status))
+        return EventReplay(writes, headers)
     slot = await request.app.state.stream_slots.take(tenant, settings.max_streams)
     if slot is None:
         raise APIError(429, f"This API key already has {settings.max_streams} open event streams; close one "

@@ -5,8 +5,14 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 
 EVENT_START = b"\nid: "  # every event of the API's stream begins with its id line
+CUT_DELAY = 0.5
+"""Seconds between the last whole event and the torn one that ends the connection. A browser
+may drop data that reached it in the same moment as a network error (Chromium does, for a
+fetch body); the client then resumes from an earlier event, which is correct, but a proxy
+that always cut at that moment would let a fast replay make no progress at all."""
 
 
 class DroppingProxy:
@@ -14,7 +20,8 @@ class DroppingProxy:
 
     The cut falls in the middle of the next event (its id line and a few bytes of data),
     the worst case for a client: it must neither dispatch the torn event nor resume after
-    its id. Other responses pass through untouched. `drops` counts the cuts.
+    its id. The torn event follows the whole ones after `CUT_DELAY`. Other responses pass
+    through untouched. `drops` counts the cuts.
     """
 
     def __init__(self, upstream_port: int, events: int = 3) -> None:
@@ -59,7 +66,10 @@ class DroppingProxy:
                             break
                     tail = window[-(len(EVENT_START) - 1) :]
                     if cut is not None:
-                        client.sendall(data[: max(cut, 0)])
+                        whole = max(cut - len(EVENT_START) - 24 + 1, 0)  # just after the last whole event
+                        client.sendall(data[:whole])
+                        time.sleep(CUT_DELAY)
+                        client.sendall(data[whole : max(cut, 0)])
                         with self._lock:
                             self.drops += 1
                         return
