@@ -315,28 +315,16 @@ for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
-# Ask a running job to stop; the worker sees the flag at its next optimizer step.
-# KEYS: job, events. ARGV: message, now. Returns the current status.
-_REQUEST_CANCEL = """
+# Ask a running job to stop (cancel) or to pause; the worker sees the flag at its next
+# optimizer step (a pause also writes a checkpoint). KEYS: job, events. ARGV: the flag's
+# field (cancel_requested, pause_requested), message, now. Returns the current status.
+_REQUEST_STOP = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' then return status or '' end
-if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
-  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-  redis.call('XADD', KEYS[2], '*', 'type', 'message', 'level', 'info', 'message', ARGV[1],
-    'data', 'null', 'created_at', ARGV[2])
-end
-return status
-"""
-
-# Ask a running job to pause; the worker sees the flag at its next optimizer step, writes a
-# checkpoint and stops. KEYS: job, events. ARGV: message, now. Returns the current status.
-_REQUEST_PAUSE = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'running' then return status or '' end
-if redis.call('HGET', KEYS[1], 'pause_requested') ~= '1' then
-  redis.call('HSET', KEYS[1], 'pause_requested', '1')
-  redis.call('XADD', KEYS[2], '*', 'type', 'message', 'level', 'info', 'message', ARGV[1],
-    'data', 'null', 'created_at', ARGV[2])
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], '1')
+  redis.call('XADD', KEYS[2], '*', 'type', 'message', 'level', 'info', 'message', ARGV[2],
+    'data', 'null', 'created_at', ARGV[3])
 end
 return status
 """
@@ -534,8 +522,7 @@ class Store:
         self._metrics = self.r.register_script(_METRICS)
         self._refresh_lease = self.r.register_script(_REFRESH_LEASE)
         self._update_owned = self.r.register_script(_UPDATE_OWNED)
-        self._request_cancel = self.r.register_script(_REQUEST_CANCEL)
-        self._request_pause = self.r.register_script(_REQUEST_PAUSE)
+        self._request_stop = self.r.register_script(_REQUEST_STOP)
         self._heartbeat = self.r.register_script(_HEARTBEAT)
         self._live_workers = self.r.register_script(_LIVE_WORKERS)
         self._queue_snapshot = self.r.register_script(_QUEUE_SNAPSHOT)
@@ -818,8 +805,7 @@ class Store:
         if before != "running":
             return before
         msg = "Cancellation requested; the job stops after its current step"
-        return str(self._request_cancel(keys=[self._job_key(job_id), self._events_key(job_id)],
-                                        args=[msg, str(now())]))  # fmt: skip
+        return self._flag_running(job_id, "cancel_requested", msg)
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.r.hget(self._job_key(job_id), "cancel_requested") == "1"
@@ -838,8 +824,12 @@ class Store:
         if before != "running":
             return before
         msg = "Pause requested; the job stops after its current step, with a checkpoint"
-        return str(self._request_pause(keys=[self._job_key(job_id), self._events_key(job_id)],
-                                       args=[msg, str(now())]))  # fmt: skip
+        return self._flag_running(job_id, "pause_requested", msg)
+
+    def _flag_running(self, job_id: str, flag: str, message: str) -> str:
+        """Set `flag` on a running job (once, with an event); returns its status."""
+        return str(self._request_stop(keys=[self._job_key(job_id), self._events_key(job_id)],
+                                      args=[flag, message, str(now())]))  # fmt: skip
 
     def pause_requested(self, job_id: str) -> bool:
         return self.r.hget(self._job_key(job_id), "pause_requested") == "1"
