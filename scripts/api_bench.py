@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from processes import free_port, stop_groups, wait_http  # scripts/processes.py (this script's directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -153,25 +154,6 @@ def wrk(url: str, connections: int, seconds: float, threads: int, server_pid: in
 # --------------------------------------------------------------------------- servers
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(url: str, procs: list[subprocess.Popen[bytes]], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-            raise RuntimeError(f"a server did not start; see {log}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        time.sleep(0.2)
-
-
 @contextlib.contextmanager
 def servers(workdir: Path, api_workers: int) -> Iterator[tuple[str, dict[str, tuple[str, int]]]]:
     """Valkey, our API and the reference; yields the Redis URL and {"ours"/"reference": (base URL, pid)}."""
@@ -179,14 +161,14 @@ def servers(workdir: Path, api_workers: int) -> Iterator[tuple[str, dict[str, tu
 
     from service.launch import api_argv
 
-    valkey = ValkeyServer(port=_free_port(), data_dir=workdir / "redis")
+    valkey = ValkeyServer(port=free_port(), data_dir=workdir / "redis")
     valkey.start()
     redis_url = f"{valkey.connection_url}/0"
     (workdir / "model").mkdir()  # never loaded: no worker runs
     env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "SECO_DATA_DIR": str(workdir / "data"),
            "SECO_API_KEYS": KEY, "SECO_MODELS": f"tiny={workdir / 'model'}", "SECO_LOG_LEVEL": "WARNING",
            "SECO_MAX_STREAMS": "100000", "BENCH_KEY": KEY}  # fmt: skip
-    api_port, ref_port = _free_port(), _free_port()
+    api_port, ref_port = free_port(), free_port()
     ref_argv = [sys.executable, "-m", "uvicorn", "api_bench_reference:app", "--app-dir", str(ROOT / "scripts"),
                 "--host", "127.0.0.1", "--port", str(ref_port), "--no-access-log"]  # fmt: skip
     log_path = workdir / "servers.log"
@@ -198,19 +180,11 @@ def servers(workdir: Path, api_workers: int) -> Iterator[tuple[str, dict[str, tu
     ]  # fmt: skip
     try:
         api, ref = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{ref_port}"
-        _wait(api + "/healthz", procs, log_path)
-        _wait(ref + "/docs", procs, log_path)
+        wait_http(api + "/healthz", procs, log=log_path)
+        wait_http(ref + "/docs", procs, log=log_path)
         yield redis_url, {"ours": (api, procs[0].pid), "reference": (ref, procs[1].pid)}
     finally:
-        for p in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, 15)
-        for p in procs:
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
-                p.wait(5)
+        stop_groups(procs)
         valkey.stop()
         log.close()
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 
 import httpx
 import psutil
+from processes import free_port  # scripts/processes.py (this script's directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -40,12 +40,6 @@ if str(ROOT) not in sys.path:
 
 KEY = "sk-body-bench-0123456789"
 MiB = 1 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _body(mib: int) -> bytes:
@@ -83,9 +77,9 @@ def measure(limit: int, body: bytes, repeat: int, work: Path) -> dict[str, Any]:
 
     from service.launch import api_argv
 
-    server = ValkeyServer(port=_free_port(), data_dir=work / f"valkey-{limit}")
+    server = ValkeyServer(port=free_port(), data_dir=work / f"valkey-{limit}")
     server.start()
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": server.connection_url + "/0",
            "SECO_DATA_DIR": str(work / f"data-{limit}"), "SECO_API_KEYS": KEY, "SECO_MODELS": f"tiny={work}",

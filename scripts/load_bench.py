@@ -43,6 +43,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+from processes import free_port, stop_groups, wait_http  # scripts/processes.py (this script's directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -118,10 +119,10 @@ def local_service(workdir: Path, max_jobs: int) -> Iterator[tuple[str, str]]:
     from service.launch import api_argv, worker_argv
 
     model = build_demo_model(workdir / "models" / "tiny-llama")
-    server = ValkeyServer(port=_free_port(), data_dir=workdir / "redis", persist=True, appendonly="yes",
+    server = ValkeyServer(port=free_port(), data_dir=workdir / "redis", persist=True, appendonly="yes",
                           appendfsync="everysec")  # fmt: skip
     server.start()
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": f"{server.connection_url}/0",
            "SECO_DATA_DIR": str(workdir / "data"), "SECO_API_KEYS": KEY, "SECO_MODELS": f"tiny={model}",
            "SECO_DEVICE": "cpu", "SECO_MAX_QUEUED_JOBS": str(max_jobs), "SECO_LOG_LEVEL": "WARNING",
@@ -135,35 +136,13 @@ def local_service(workdir: Path, max_jobs: int) -> Iterator[tuple[str, str]]:
     url = f"http://127.0.0.1:{port}"
     SERVICE_PIDS.update(api=procs[0].pid, worker=procs[1].pid)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
-                raise RuntimeError(f"the service did not start; see {workdir / 'service.log'}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:  # API up and a worker heartbeat
-                    break
-            time.sleep(0.3)
+        # API up and a worker's heartbeat seen
+        wait_http(url + "/readyz", procs, timeout=120, ready=lambda status: status == 200, log=workdir / "service.log")
         yield url, "tiny"
     finally:
-        for p in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, 15)
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, 9)
-                p.wait(5)
+        stop_groups(procs[::-1], grace=30)
         server.stop()
         logs.close()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class CpuMeter:

@@ -25,7 +25,6 @@ import functools
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from processes import free_port, wait_http  # scripts/processes.py (this script's directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -47,30 +47,12 @@ AWS = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret", "A
 MiB = 1 << 20
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            httpx.get(url, timeout=1)
-            return
-        time.sleep(0.2)
-    raise TimeoutError(url)
-
-
 @contextlib.contextmanager
 def _process(argv: list[str], env: dict[str, str], log: Path, ready_url: str) -> Iterator[None]:
     with log.open("ab") as fh:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=fh, stderr=fh, start_new_session=True)
     try:
-        _wait_http(ready_url, proc)
+        wait_http(ready_url, [proc], log=log)
         yield
     finally:
         proc.terminate()
@@ -111,7 +93,7 @@ def bench_backend(name: str, env: dict[str, str], work: Path, mib: int, repeat: 
     from service.record.store import FileRecord, JobRecord, Store, now
     from service.record.tenants import tenant_of
 
-    port = _free_port()
+    port = free_port()
     api = [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--port", str(port),
            "--no-access-log"]  # fmt: skip
     base = f"http://127.0.0.1:{port}"
@@ -193,9 +175,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="storage-bench-") as tmp:
         work = Path(tmp)
-        valkey = ValkeyServer(port=_free_port(), data_dir=work / "valkey")
+        valkey = ValkeyServer(port=free_port(), data_dir=work / "valkey")
         valkey.start()
-        moto_port = _free_port()
+        moto_port = free_port()
         endpoint = f"http://127.0.0.1:{moto_port}"
         moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)]
         try:
