@@ -15,8 +15,8 @@ Scenarios:
    quarter follow its events over SSE. Reported: requests/s, p50/p99 latency, errors,
    and for the streams the time to their first event and the events delivered.
 2. `submit`: `--jobs` (default 100) jobs created concurrently. Every one must be answered,
-   listed, and queued with a distinct position, in the order the API created them (the
-   queue is FIFO on a Redis counter); then all are cancelled and the queue is empty again.
+   listed, and queued with a distinct position, in the order the API created them (one
+   tenant's jobs start oldest first); then all are cancelled and the queue is empty again.
 
     python scripts/load_bench.py                        # start a service, run both scenarios
     python scripts/load_bench.py --clients 50 --duration 10 --json bench.json
@@ -308,22 +308,15 @@ async def submit_scenario(url: str, model: str, n: int) -> Result:
         ordered = sorted(p for p in positions.values() if p)
         gap_free = ordered == list(range(ordered[0], ordered[0] + len(ordered))) if ordered else False
 
-        # FIFO: the queue follows the moment each job was queued (its "moving job to queued" event).
-        async def queued_at(job: str) -> tuple[int, int]:
-            evs = (await http.get(f"/v1/fine_tuning/jobs/{job}/events", params={"limit": 10})).json()["data"]
-            eid = next(e["id"] for e in evs if e["message"].startswith("Files validated"))
-            ms, seq = eid.removeprefix("ftevent-").split("-")
-            return int(ms), int(seq)
-
-        stamps = dict(zip(positions, await asyncio.gather(*[queued_at(j) for j in positions]), strict=True))
-        by_pos = sorted(positions, key=lambda j: positions[j])
-        fifo = all(stamps[a][0] <= stamps[b][0] for a, b in itertools.pairwise(by_pos))
+        # Order: one tenant's queued jobs start oldest first, by creation (fair scheduling ages a
+        # job by its tenant's job sequence, so a requeued job keeps its place), and the list is
+        # newest first by the same sequence: reversed, it must be the order of the positions.
         created_order = [j["id"] for j in reversed(mine)]
         swaps = sum(1 for a, b in itertools.pairwise(created_order) if positions[a] > positions[b])
         res.notes.append(f"{len(created)}/{n} created, {lost} lost, {not_queued} not queued; queue positions "
-                         f"distinct and gap-free: {gap_free}; FIFO by time queued: {fifo}; neighbours queued in "
-                         f"the other order than created (concurrent requests): {swaps}")  # fmt: skip
-        if lost or not_queued or not gap_free or not fifo or len(created) != n:
+                         f"distinct and gap-free: {gap_free}; pairs of neighbours (by creation) whose positions "
+                         f"are in the other order: {swaps}")  # fmt: skip
+        if lost or not_queued or not gap_free or swaps or len(created) != n:
             res.error("jobs lost, unqueued or out of order")
 
         # Cancel them all at once; the queue must drain to nothing of ours.
