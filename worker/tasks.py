@@ -145,9 +145,8 @@ class StoreContext:
         self.storage = storage
         self.output_dir = output_dir
         self.keep_checkpoints = keep_checkpoints
-        self._cancel_checked = 0.0
+        self._flags_checked = 0.0
         self._cancel = False
-        self._pause_checked = 0.0
         self._pause = False
 
     def persist(self, call: Callable[[], T]) -> T:
@@ -208,22 +207,26 @@ class StoreContext:
         size = self.storage.size_under(keys.job_prefix(self.tenant, self.job_id))
         self.persist(lambda: self.store.set_output_bytes(self.job_id, self.tenant, size))
 
+    def _read_stop_flags(self) -> None:
+        """The job's cancel and pause flags, both in one Redis read at most every 0.25 s (the loop
+        asks for a cancel before each window and for a pause after each step); a flag once seen
+        stays set."""
+        t = time.monotonic()
+        if not (self._cancel and self._pause) and t - self._flags_checked >= self.CANCEL_POLL_SECONDS:
+            self._flags_checked = t
+            cancel, pause = self.persist(lambda: self.store.stop_requests(self.job_id))
+            self._cancel, self._pause = self._cancel or cancel, self._pause or pause
+
     def cancelled(self) -> bool:
-        """A cancel request or a lost lease; Redis is read at most every 0.25 s."""
+        """A cancel request or a lost lease."""
         if self.lease.lost:
             return True
-        t = time.monotonic()
-        if not self._cancel and t - self._cancel_checked >= self.CANCEL_POLL_SECONDS:
-            self._cancel_checked = t
-            self._cancel = self.persist(lambda: self.store.cancel_requested(self.job_id))
+        self._read_stop_flags()
         return self._cancel
 
     def pause_requested(self) -> bool:
-        """A pause request; asked once per optimizer step, Redis read at most every 0.25 s."""
-        t = time.monotonic()
-        if not self._pause and t - self._pause_checked >= self.CANCEL_POLL_SECONDS:
-            self._pause_checked = t
-            self._pause = self.persist(lambda: self.store.pause_requested(self.job_id))
+        """A pause request; asked once per optimizer step."""
+        self._read_stop_flags()
         return self._pause
 
 

@@ -807,9 +807,6 @@ class Store:
         msg = "Cancellation requested; the job stops after its current step"
         return self._flag_running(job_id, "cancel_requested", msg)
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return self.r.hget(self._job_key(job_id), "cancel_requested") == "1"
-
     def request_pause(self, job_id: str) -> str:
         """Pause: queued (or validating) -> paused now; running -> flag for the worker, which
         writes a checkpoint at its next optimizer step and stops (`pause_running`).
@@ -831,8 +828,12 @@ class Store:
         return str(self._request_stop(keys=[self._job_key(job_id), self._events_key(job_id)],
                                       args=[flag, message, str(now())]))  # fmt: skip
 
-    def pause_requested(self, job_id: str) -> bool:
-        return self.r.hget(self._job_key(job_id), "pause_requested") == "1"
+    def stop_requests(self, job_id: str) -> tuple[bool, bool]:
+        """(cancel requested, pause requested) of a running job: what its worker polls, in one read."""
+        cancel, pause = cast(
+            list[str | None], self.r.hmget(self._job_key(job_id), ["cancel_requested", "pause_requested"])
+        )
+        return cancel == "1", pause == "1"
 
     def pause_running(self, job_id: str, worker_id: str, step: int) -> bool:
         """running -> paused by the worker that owns it, once its checkpoint at `step` is stored."""

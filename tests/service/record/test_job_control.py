@@ -48,7 +48,7 @@ def test_a_queued_job_pauses_at_once_resumes_and_can_be_cancelled(store: Store, 
 def test_a_running_job_is_flagged_and_only_its_worker_pauses_it(store: Store, data: LocalStorage) -> None:
     job = make_job(store, make_file(store, data).id)
     assert store.start_job(job, "w1", 30)
-    assert store.request_pause(job) == "running" and store.pause_requested(job)
+    assert store.request_pause(job) == "running" and store.stop_requests(job) == (False, True)
     assert store.request_pause(job) == "running"
     assert [e.message for e in store.read_events(job)].count(
         "Pause requested; the job stops after its current step, with a checkpoint"
