@@ -50,3 +50,27 @@ def test_invented_methods_and_paths_add_no_metrics_series(svc: Any) -> None:
     # the flood adds at most the few (method, route, status) combinations "other" makes
     assert len(after) <= len(before) + 6, (len(before), len(after))
     assert len(after_text) < 200_000
+
+
+def upload_raw(svc: Any, body: bytes, **form: str) -> httpx.Response:
+    with svc.http() as http:
+        return http.post("/v1/files", data={"purpose": "fine-tune", **form},
+                         files={"file": ("t.jsonl", body, "application/jsonl")})  # fmt: skip
+
+
+GOOD = b'{"text": "a document"}\n'
+
+
+@pytest.mark.parametrize("seconds", ["\u00b2", "\u0664\u0660\u0660\u0660", "\uff14\uff10\uff10\uff10", "3600\u00b9",
+                                     "+3600", " 3600", "3_600", "-3600"])  # fmt: skip
+def test_expiry_seconds_take_ascii_digits_only(svc: Any, seconds: str) -> None:
+    r = upload_raw(svc, GOOD, **{"expires_after[anchor]": "created_at", "expires_after[seconds]": seconds})
+    assert r.status_code == 400, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert err["param"] == "expires_after.seconds" and "expires_after[seconds]" in err["message"], err
+
+
+def test_expiry_seconds_in_ascii_digits_still_work(svc: Any) -> None:
+    r = upload_raw(svc, GOOD, **{"expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"})
+    assert r.status_code == 200, r.text
+    assert r.json()["expires_at"] == r.json()["created_at"] + 3600
