@@ -29,6 +29,7 @@ value costs bounded memory and gets a clear message.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,6 +302,28 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A UTF-16 surrogate left in a decoded string: JSON's `\\ud800` escape without its pair
+(json.loads joins a valid pair into one character), which no encoder can write out."""
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in any string (key or value) of a decoded JSON value, as U+XXXX."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found is not None:
+                return f"U+{ord(found.group()):04X}"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def _json(text: str) -> object:
     try:
         raw = json.loads(text.rstrip("\r\n"))  # columns stay those of the line
@@ -310,6 +333,10 @@ def _json(text: str) -> object:
         raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     if raw is None or _depth(raw, MAX_DEPTH) > MAX_DEPTH:
         raise ValueError(f"JSON nested too deeply (limit {MAX_DEPTH} levels)")
+    surrogate = _lone_surrogate(raw)
+    if surrogate is not None:  # the tokenizer would fail on it mid-job with an internal error
+        raise ValueError(f"a string holds a lone UTF-16 surrogate ({surrogate}, an unpaired \\u escape), which is "
+                         "not a character; write the character itself or its full surrogate pair")  # fmt: skip
     return raw
 
 

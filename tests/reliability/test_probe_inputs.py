@@ -74,3 +74,19 @@ def test_expiry_seconds_in_ascii_digits_still_work(svc: Any) -> None:
     r = upload_raw(svc, GOOD, **{"expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"})
     assert r.status_code == 200, r.text
     assert r.json()["expires_at"] == r.json()["created_at"] + 3600
+
+
+@pytest.mark.parametrize("line", [b'{"text": "ok \\ud800 then"}', b'{"text": "low \\udc00"}',
+                                  b'{"messages": [{"role": "user", "content": "\\udbff"}, '
+                                  b'{"role": "assistant", "content": "x"}]}',
+                                  b'{"prompt": "p", "completion": "\\ud800\\ud800"}'])  # fmt: skip
+def test_a_lone_surrogate_is_refused_at_upload_naming_the_line(svc: Any, line: bytes) -> None:
+    r = upload_raw(svc, GOOD + GOOD + line + b"\n")
+    assert r.status_code == 400, (r.status_code, r.text)
+    message = r.json()["error"]["message"]
+    assert "line 3" in message and "surrogate" in message, message
+
+
+def test_a_surrogate_pair_is_a_character_and_accepted(svc: Any) -> None:
+    r = upload_raw(svc, b'{"text": "emoji \\ud83d\\ude00 here"}\n')
+    assert r.status_code == 200, r.text
