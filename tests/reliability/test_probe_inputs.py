@@ -90,3 +90,41 @@ def test_a_lone_surrogate_is_refused_at_upload_naming_the_line(svc: Any, line: b
 def test_a_surrogate_pair_is_a_character_and_accepted(svc: Any) -> None:
     r = upload_raw(svc, b'{"text": "emoji \\ud83d\\ude00 here"}\n')
     assert r.status_code == 200, r.text
+
+
+def create_job(svc: Any, **body: Any) -> httpx.Response:
+    with svc.http() as http:
+        return http.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": "file-x", **body})
+
+
+@pytest.mark.parametrize(("seco", "bound"), [({"mode": "spaco", "budget": 10**9}, 262144),
+                                             ({"mode": "spaco", "budget": 5, "chunk_size": 16, "max_length": 64}, 4),
+                                             ({"mode": "spaco", "budget": 65, "chunk_size": 16, "max_length": 1024},
+                                              64)])  # fmt: skip
+def test_spaco_budget_is_bounded_by_the_chunks_a_window_can_have(svc: Any, seco: dict[str, Any], bound: int) -> None:
+    r = create_job(svc, seco=seco)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["param"] or "").startswith("seco") and "budget" in err["message"] and str(bound) in err["message"], err
+
+
+def test_a_spaco_budget_within_the_window_passes_validation(svc: Any) -> None:
+    fid = upload_raw(svc, GOOD).json()["id"]
+    r = create_job(svc, training_file=fid, seco={"mode": "spaco", "budget": 4, "chunk_size": 16, "max_length": 64})
+    assert r.status_code == 200, r.text
+    with svc.http() as http:
+        http.post(f"/v1/fine_tuning/jobs/{r.json()['id']}/cancel")
+
+
+def test_a_checkpoint_name_has_one_spelling(svc: Any) -> None:
+    """`ckpt-step-0045` is not another name of `ckpt-step-45`: a 400 naming the canonical spelling."""
+    org = "org-" + svc.tenant()
+    name = f"ft:tiny:{org}::{'0' * 23}1:ckpt-step-0045"
+    with svc.http() as http:
+        for r in (http.get(f"/v1/models/{name}"), http.delete(f"/v1/models/{name}")):
+            assert r.status_code == 400, r.text
+            assert "ckpt-step-45" in r.json()["error"]["message"], r.text
+    r = create_job(svc, model=name)
+    assert r.status_code == 400 and "ckpt-step-45" in r.json()["error"]["message"], r.text
+    with svc.http() as http:  # the canonical spelling of a missing checkpoint stays a 404
+        assert http.get(f"/v1/models/{name.replace('0045', '45')}").status_code == 404

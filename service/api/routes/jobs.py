@@ -27,6 +27,7 @@ from starlette.responses import Response
 from service.api.deps import BEARER, EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep, caller
 from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
+from service.api.routes.models import refuse_alias
 from service.api.schemas import (
     CheckpointList,
     EventList,
@@ -142,6 +143,7 @@ def _check_kind(param: str, frec: FileRecord, method: str) -> None:
 def _parent_lora(body: JobCreate, tenant: str, store: Store, settings: Settings) -> dict[str, Any]:
     """The LoRA settings of the fine-tuned model (or checkpoint) a job starts from; a 400 when
     `body.model` is no such model of the caller's, or asks for another LoRA shape."""
+    refuse_alias(body.model)
     if parse_model_name(body.model) is None:
         offered = ", ".join(settings.models) or "(none configured)"
         raise bad_request(f"Model {body.model!r} is not offered by this server; choose one of: {offered}",

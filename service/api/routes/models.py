@@ -16,13 +16,22 @@ from service.api.deps import SettingsDep, StorageDep, StoreDep, TenantDep
 from service.api.errors import APIError, bad_request, not_found
 from service.api.schemas import Model, ModelDeleted, ModelList
 from service.record.model_sources import resolve_fine_tuned
-from service.record.models import organization_id
+from service.record.models import canonical_spelling, organization_id
 from service.record.outputs import delete_outputs
 from service.record.settings import Settings
 from service.record.store import Store
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/models", tags=["models"])
+
+
+def refuse_alias(model: str) -> None:
+    """A 400 for a checkpoint name spelled another way than its own (`ckpt-step-0045`), naming
+    the one spelling: such a name is no alias of the checkpoint."""
+    canonical = canonical_spelling(model)
+    if canonical is not None:
+        raise bad_request(f"Model {model!r} is not a model name: a checkpoint step is written without leading "
+                          f"zeros, as in {canonical!r}", param="model", code="invalid_model_name")  # fmt: skip
 
 
 def _all(tenant: str, store: Store, settings: Settings) -> list[Model]:
@@ -50,6 +59,7 @@ def retrieve_model(model: str, tenant: TenantDep, store: StoreDep, settings: Set
     """One model by id: a base model, a fine-tuned model or one of its checkpoints."""
     if model in settings.models:
         return Model(id=model, created=0, owned_by="system")
+    refuse_alias(model)
     found = resolve_fine_tuned(model, tenant, store)
     if found is None:
         raise not_found("model", model, param="model")
@@ -67,6 +77,7 @@ def delete_model(model: str, tenant: TenantDep, store: StoreDep, storage: Storag
     if model in settings.models:
         raise APIError(403, f"Model {model!r} is a base model offered by this server; only fine-tuned models "
                        "can be deleted", param="model", code="model_not_deletable", retry=False)  # fmt: skip
+    refuse_alias(model)
     found = resolve_fine_tuned(model, tenant, store)
     if found is None:
         raise not_found("model", model, param="model")
