@@ -44,6 +44,7 @@ from service.record.models import fine_tuned_model_name, parse_model_name
 from service.record.outputs import measure_outputs
 from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
+from service.record.stop_rule import stop_action
 from service.record.storage import (
     ObjectNotFound,
     Storage,
@@ -222,12 +223,13 @@ class StoreContext:
         if self.lease.lost:
             return True
         self._read_stop_flags()
-        return self._cancel
+        return stop_action(self._cancel, self._pause) == "cancel"
 
     def pause_requested(self) -> bool:
-        """A pause request; asked once per optimizer step."""
+        """A pause request with no cancel pending (`stop_rule`: cancel wins, so the loop goes on to
+        its cancel check instead of writing a checkpoint to pause); asked once per optimizer step."""
         self._read_stop_flags()
-        return self._pause
+        return stop_action(self._cancel, self._pause) == "pause"
 
 
 # --------------------------------------------------------------------------- the job
@@ -475,9 +477,12 @@ def _run_in_scratch(
         if lease.lost:
             return "lost"
         paused_at = e.step
-        ctx.persist(lambda: store.pause_running(job_id, worker_id, paused_at))
+        outcome = ctx.persist(lambda: store.pause_running(job_id, worker_id, paused_at))
+        if outcome == "cancelled":  # a cancel came after the pause was seen: cancel wins
+            log.info("job cancelled while pausing", extra={"job_id": job_id, "step": paused_at})
+            return "cancelled"
         log.info("job paused", extra={"job_id": job_id, "step": paused_at})
-        return "paused"
+        return "paused" if outcome else "lost"
     except TrainingError as e:
         log.info("job failed: %s", e, extra={"job_id": job_id, "code": e.code})
         return fail(e.code, str(e), e.param)

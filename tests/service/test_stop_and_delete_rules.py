@@ -1,0 +1,73 @@
+"""What pause, cancel and deletion do to each other, through the real API (uvicorn), a real
+Celery worker training the demo model and the official `openai` SDK:
+
+- a cancel sent while a pause is pending wins: the job ends cancelled, not paused;
+- a paused job that continues a fine-tuned model resumes from its own checkpoint, and that
+  model cannot be deleted while unfinished jobs build on it (a 409 naming them);
+- a model's adapter result file cannot be deleted through the files API (a 400 pointing to
+  `DELETE /v1/models/{name}`), so no model is left listed without its adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.conftest import flush_db
+
+SECO = {"chunk_size": 16, "max_length": 48, "lora": {"r": 4}}
+
+
+@pytest.fixture(scope="module")
+def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    flush_db(redis_url)
+    s = launch_service(redis_url, tmp_path_factory.mktemp("stop-rules"), workers=1, SECO_CHECKPOINT_EVERY="1000")
+    yield s
+    s.close()
+
+
+def upload(svc: Any, tmp: Path, n: int) -> str:
+    p = tmp / f"train-{n}.jsonl"
+    p.write_text("".join(json.dumps({"text": f"record {i} " + "abc def ghi " * 4}) + "\n" for i in range(n)))
+    with p.open("rb") as fh:
+        return str(svc.client().files.create(file=fh, purpose="fine-tune").id)
+
+
+def create(svc: Any, fid: str, n_epochs: int = 2, model: str = "tiny") -> Any:
+    return svc.client().fine_tuning.jobs.create(
+        model=model, training_file=fid, seed=3, hyperparameters={"n_epochs": n_epochs, "batch_size": 1},
+        extra_body={"seco": SECO} if model == "tiny" else None,
+    )  # fmt: skip
+
+
+def step(svc: Any, job_id: str) -> int:
+    return int((svc.client().fine_tuning.jobs.retrieve(job_id).model_extra or {}).get("step") or 0)
+
+
+def finished(svc: Any, job_id: str, wait: Callable[..., Any], timeout: float = 300) -> Any:
+    jobs = svc.client().fine_tuning.jobs
+    return wait(lambda: (j := jobs.retrieve(job_id)).status in ("succeeded", "failed", "cancelled", "paused") and j,
+                timeout=timeout, interval=0.2, what=f"job {job_id} to stop")  # fmt: skip
+
+
+def test_a_cancel_sent_while_a_pause_is_pending_wins(svc: Any, tmp_path: Path, wait: Callable[..., Any]) -> None:
+    client = svc.client()
+    job = create(svc, upload(svc, tmp_path, 40))
+    wait(lambda: step(svc, job.id) >= 2, timeout=240, interval=0.1, what="the job to run two steps")
+    asked = client.fine_tuning.jobs.pause(job.id)
+    assert asked.status == "running" and (asked.model_extra or {})["pause_requested"] is True
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert (cancelled.model_extra or {})["cancel_requested"] is True or cancelled.status == "cancelled"
+    done = finished(svc, job.id, wait)
+    assert done.status == "cancelled", (done.status, svc.logs())
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.resume(job.id)
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
+    assert any(m.startswith("Fine-tuning job cancelled") for m in messages), messages
+    assert not any(m.startswith("Fine-tuning job paused") for m in messages), messages
