@@ -239,11 +239,14 @@ def _auto(value: Any) -> Any:
     return None if value == "auto" else value
 
 
-def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storage, scratch: Path) -> TrainSpec:
+def build_spec(
+    rec: JobRecord, settings: Settings, store: Store, storage: Storage, scratch: Path, *, resuming: bool = False
+) -> TrainSpec:
     """Resolve names to paths (model registry, file records); a user never sends a path.
 
     The job's files come from storage into `scratch/inputs/` (the local back-end hands
-    out the stored file itself); its outputs go to `scratch/out/`.
+    out the stored file itself); its outputs go to `scratch/out/`. `resuming`: the job's own
+    checkpoint is restored there, so the fine-tuned model it started from is not fetched.
     """
     model_path = settings.models.get(rec.base_model)
     if model_path is None:
@@ -263,6 +266,7 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storag
 
     training = file_path(rec.training_file, "training_file")
     assert training is not None
+    start_adapter = scratch / "inputs" / "start-adapter"
     s, hp = rec.seco, rec.hyperparameters
     lora = dict(s.get("lora") or {})
     if isinstance(lora.get("alpha"), float) and lora["alpha"].is_integer():
@@ -279,7 +283,9 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storag
         method=rec.method, beta=_auto(hp.get("beta")),
         checkpoint_every=settings.checkpoint_every, memory_budget_bytes=settings.memory_budget_bytes,
         host_memory_budget_bytes=settings.host_memory_budget_bytes,
-        init_adapter=fetch_start_adapter(rec, store, storage, scratch / "inputs" / "start-adapter"),
+        # a resume restores every LoRA weight from the job's own checkpoint: the model it started
+        # from is not needed (and may have been deleted since, or lost from storage)
+        init_adapter=None if resuming else fetch_start_adapter(rec, store, storage, start_adapter),
     )  # fmt: skip
 
 
@@ -449,8 +455,9 @@ def _run_in_scratch(
         return "failed"
 
     try:
-        spec = build_spec(rec, settings, store, storage, scratch)
-        restore_latest_checkpoint(storage, rec.tenant, job_id, spec.output_dir)  # a resume, on any host
+        # a resume (after a pause or a lost worker, on any host) continues from the job's own checkpoint
+        restored = restore_latest_checkpoint(storage, rec.tenant, job_id, scratch / "out")
+        spec = build_spec(rec, settings, store, storage, scratch, resuming=restored is not None)
         if train is None:
             from worker.trainer import train as real_train  # torch is imported here, in the child only
 

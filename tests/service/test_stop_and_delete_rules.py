@@ -71,3 +71,44 @@ def test_a_cancel_sent_while_a_pause_is_pending_wins(svc: Any, tmp_path: Path, w
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
     assert any(m.startswith("Fine-tuning job cancelled") for m in messages), messages
     assert not any(m.startswith("Fine-tuning job paused") for m in messages), messages
+
+
+def succeeded_model(svc: Any, tmp_path: Path, wait: Callable[..., Any]) -> Any:
+    """A small job trained to the end: its fine-tuned model exists."""
+    job = create(svc, upload(svc, tmp_path, 3), n_epochs=1)
+    done = finished(svc, job.id, wait)
+    assert done.status == "succeeded" and done.fine_tuned_model, (done.error, svc.logs())
+    return done
+
+
+def test_a_paused_job_on_a_model_resumes_from_its_own_checkpoint_and_holds_the_model(
+    svc: Any, tmp_path: Path, wait: Callable[..., Any]
+) -> None:
+    client = svc.client()
+    parent = succeeded_model(svc, tmp_path, wait)
+    model = parent.fine_tuned_model
+    child = create(svc, upload(svc, tmp_path, 30), model=model)
+    wait(lambda: step(svc, child.id) >= 2, timeout=240, interval=0.1, what="the child job to run two steps")
+    client.fine_tuning.jobs.pause(child.id)
+    assert finished(svc, child.id, wait).status == "paused", svc.logs()
+
+    with pytest.raises(openai.ConflictError) as e:  # the paused job builds on the model: kept, the users named
+        client.models.delete(model)
+    assert e.value.code == "model_in_use" and child.id in e.value.message, e.value.message
+    with svc.http() as http:  # deleting the parent job would take the model too (the SDK has no jobs.delete)
+        r = http.delete(f"/v1/fine_tuning/jobs/{parent.id}")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "model_in_use", r.text
+    assert child.id in r.json()["error"]["message"], r.text
+    assert client.models.retrieve(model).id == model
+
+    # the start adapter lost from storage (an operator's cleanup, a bucket policy): the resume
+    # needs only the child's own checkpoint
+    adapter = svc.store().get_file((parent.model_extra or {})["adapter_file"])
+    svc.storage().delete(adapter.path)
+    client.fine_tuning.jobs.resume(child.id)
+    done = finished(svc, child.id, wait)
+    assert done.status == "succeeded", (done.error, svc.logs())
+    messages = [ev.message for ev in client.fine_tuning.jobs.list_events(child.id, limit=1000)]
+    assert any(m.startswith("resumed from checkpoint at step ") for m in messages), messages
+
+    assert client.models.delete(model).deleted, "no unfinished job builds on it any more"

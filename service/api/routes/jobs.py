@@ -27,7 +27,7 @@ from starlette.responses import Response
 from service.api.deps import BEARER, EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep, caller
 from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
-from service.api.routes.models import refuse_alias
+from service.api.routes.models import refuse_alias, refuse_while_used
 from service.api.schemas import (
     CheckpointList,
     EventList,
@@ -319,6 +319,10 @@ def delete_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, stor
     """Delete a finished job: its checkpoints, adapter and metrics (freeing their storage
     quota), then the job and its events. A queued or running job must be cancelled first."""
     rec = _get(store, tenant, fine_tuning_job_id)
+    if rec.status in TERMINAL:  # an unfinished one is refused below, whoever depends on it
+        refuse_while_used(
+            rec.id, tenant, store, f"Job {rec.id} (with its fine-tuned model)", param="fine_tuning_job_id"
+        )
     try:
         delete_outputs(store, storage, rec)
     except JobNotFinished as e:

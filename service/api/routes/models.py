@@ -15,7 +15,7 @@ from fastapi import APIRouter
 from service.api.deps import SettingsDep, StorageDep, StoreDep, TenantDep
 from service.api.errors import APIError, bad_request, not_found
 from service.api.schemas import Model, ModelDeleted, ModelList
-from service.record.model_sources import resolve_fine_tuned
+from service.record.model_sources import resolve_fine_tuned, unfinished_dependents
 from service.record.models import canonical_spelling, organization_id
 from service.record.outputs import delete_outputs
 from service.record.settings import Settings
@@ -32,6 +32,17 @@ def refuse_alias(model: str) -> None:
     if canonical is not None:
         raise bad_request(f"Model {model!r} is not a model name: a checkpoint step is written without leading "
                           f"zeros, as in {canonical!r}", param="model", code="invalid_model_name")  # fmt: skip
+
+
+def refuse_while_used(job_id: str, tenant: str, store: Store, what: str, param: str = "model") -> None:
+    """A 409 naming the unfinished jobs that start from job `job_id`'s model or checkpoints:
+    deleting `what` (that model, or its job) would take the adapter they need."""
+    users = unfinished_dependents(job_id, tenant, store)
+    if users:
+        shown = ", ".join(users[:10]) + (f" and {len(users) - 10} more" if len(users) > 10 else "")
+        raise APIError(409, f"{what} cannot be deleted while unfinished jobs start from it or its checkpoints: "
+                       f"{shown}; wait until they finish, or cancel them first", param=param, code="model_in_use",
+                       retry=False)  # fmt: skip
 
 
 def _all(tenant: str, store: Store, settings: Settings) -> list[Model]:
@@ -87,6 +98,7 @@ def delete_model(model: str, tenant: TenantDep, store: StoreDep, storage: Storag
         raise bad_request(f"{model!r} is a checkpoint of job {rec.id}; delete the fine-tuned model {final!r} "
                           "(which removes its checkpoints too) or the job", param="model",
                           code="model_not_deletable")  # fmt: skip
+    refuse_while_used(rec.id, tenant, store, f"Model {model!r}")
     delete_outputs(store, storage, rec)  # the job has succeeded, so its outputs can go
     store.forget_fine_tuned_model(rec.id, model)
     log.info("model deleted", extra={"job_id": rec.id, "tenant": tenant})
