@@ -112,3 +112,23 @@ def test_a_paused_job_on_a_model_resumes_from_its_own_checkpoint_and_holds_the_m
     assert any(m.startswith("resumed from checkpoint at step ") for m in messages), messages
 
     assert client.models.delete(model).deleted, "no unfinished job builds on it any more"
+
+
+def test_a_models_adapter_file_is_deleted_with_the_model_only(
+    svc: Any, tmp_path: Path, wait: Callable[..., Any]
+) -> None:
+    client = svc.client()
+    done = succeeded_model(svc, tmp_path, wait)
+    adapter_file = (done.model_extra or {})["adapter_file"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.files.delete(adapter_file)
+    assert e.value.code == "file_in_use" and f"DELETE /v1/models/{done.fine_tuned_model}" in e.value.message
+    assert client.files.retrieve(adapter_file).id == adapter_file
+    assert done.fine_tuned_model in [m.id for m in client.models.list()]
+    child = create(svc, upload(svc, tmp_path, 2), n_epochs=1, model=done.fine_tuned_model)
+    assert finished(svc, child.id, wait).status == "succeeded", "the model still works as a starting point"
+
+    assert client.models.delete(done.fine_tuned_model).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(adapter_file)
+    assert done.fine_tuned_model not in [m.id for m in client.models.list()]

@@ -23,7 +23,7 @@ from service.record.expiry import MAX_SECONDS, MIN_SECONDS, InvalidExpiry, expir
 from service.record.formats import record_kind
 from service.record.outputs import measure_outputs
 from service.record.storage import keys, scratch_dir
-from service.record.store import FileInUse, FileRecord, LimitExceeded, now
+from service.record.store import FileInUse, FileRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/files", tags=["files"])
@@ -165,10 +165,25 @@ async def file_content(file_id: str, tenant: TenantDep, store: StoreDep, storage
     return response
 
 
+def _refuse_model_adapter(store: Store, rec: FileRecord) -> None:
+    """A 400 for the adapter result file of a model that still exists, pointing to the model's delete."""
+    if not rec.job_id or rec.purpose != "fine-tune-results":
+        return
+    job = store.get_job(rec.job_id, rec.tenant)
+    if job is not None and job.adapter_file == rec.id and job.fine_tuned_model:
+        raise bad_request(f"File {rec.id!r} is the adapter of fine-tuned model {job.fine_tuned_model!r}; delete the "
+                          f"model instead (DELETE /v1/models/{job.fine_tuned_model}), which removes its adapter, "
+                          "checkpoints and result files together", param="file_id",
+                          code="file_in_use")  # fmt: skip
+
+
 @router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(file_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> FileDeleted:
-    """Delete a file and its object, unless an unfinished job still needs it."""
+    """Delete a file and its object, unless an unfinished job still needs it. A fine-tuned
+    model's adapter is deleted with its model (`DELETE /v1/models/{name}`), never alone: the
+    model would stay listed and accepted as a job's `model` without the adapter it stands for."""
     rec = _get(store, tenant, file_id)
+    _refuse_model_adapter(store, rec)
     try:
         store.delete_file(rec)
     except FileInUse as e:

@@ -153,6 +153,9 @@ def _parent_lora(body: JobCreate, tenant: str, store: Store, settings: Settings)
         raise bad_request(f"Model {body.model!r} is not one of your fine-tuned models or checkpoints (GET "
                           "/v1/models lists them; a checkpoint is kept while it is among the newest)", param="model",
                           code="model_not_available")  # fmt: skip
+    if found.adapter_location(store) is None:
+        raise bad_request(f"Model {body.model!r} no longer has its adapter", param="model",
+                          code="model_not_available")  # fmt: skip
     if found.name.base not in settings.models:
         raise bad_request(f"Model {body.model!r} adapts base model {found.name.base!r}, which this server no "
                           "longer offers", param="model", code="model_not_available")  # fmt: skip
