@@ -17,12 +17,14 @@ from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
 from service.api.jsonl import InvalidFile, validate_jsonl
 from service.api.schemas import FileDeleted, FileList, FileObject
+from service.api.upload_slots import UploadSlots
 from service.api.uploads import UNREAD_BODY, TooLarge, receive_file
 from service.record import ids
 from service.record.expiry import MAX_SECONDS, MIN_SECONDS, InvalidExpiry, expires_at, is_expired
 from service.record.formats import record_kind
 from service.record.outputs import measure_outputs
-from service.record.storage import keys, scratch_dir
+from service.record.settings import Settings
+from service.record.storage import Storage, keys, scratch_dir
 from service.record.store import FileInUse, FileRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,15 @@ async def create_file(
     The body is streamed to this host's scratch space, validated there, and only then
     published to storage (a rename on the local back-end, a multipart upload on S3):
     storage never holds a file that did not validate, and readers never see part of one.
+    Each upload holds one of the process's upload slots throughout (`upload_slots`), so
+    what validation takes in memory has a ceiling.
     """
+    slots: UploadSlots = request.app.state.upload_slots
+    with slots.hold(tenant):
+        return await _create_file(request, tenant, store, settings, storage)
+
+
+async def _create_file(request: Request, tenant: str, store: Store, settings: Settings, storage: Storage) -> FileObject:
     used = await run_in_threadpool(store.tenant_storage_bytes, tenant)  # uploads and job outputs
     room = settings.max_file_bytes - used
     if room <= 0:
