@@ -10,6 +10,8 @@ with their own embedded Valkey, the same flags and the default limits, one after
   an invented method on an unknown path, or GET on an invented path, from 8 client threads.
   Printed: the `seco_http_requests_total` series and the size of a /metrics scrape after the
   flood, the scrape time, and the API's RSS growth over the flood.
+- One validation: the peak Python allocation (tracemalloc) of validating that file once, in
+  a subprocess per checkout: what each upload in progress adds.
 - Uploads: `--parallel` uploads at once, each a file of one `{"text": ...}` line of `--mib`
   MiB, from one key, then from `--keys` keys (spread evenly). Printed: the answers and the
   API's peak RSS above its RSS before the uploads (sampled every 5 ms).
@@ -143,6 +145,22 @@ def uploads(api: Api, body: bytes, keys: list[str]) -> dict[str, Any]:
     return {"answers": dict(sorted(Counter(statuses).items())), "peak_mib": (sampler.peak - sampler.start_rss) / MiB}
 
 
+_VALIDATE = """
+import sys, tracemalloc
+from service.record.formats import validate_file
+tracemalloc.start()
+validate_file(sys.argv[1])
+print(tracemalloc.get_traced_memory()[1])
+"""
+
+
+def validation_peak(root: Path, path: Path) -> float:
+    """MiB at the peak of validating `path` once with the checkout at `root`."""
+    out = subprocess.run([sys.executable, "-c", _VALIDATE, str(path)], cwd=root, env={**os.environ,
+                         "PYTHONPATH": str(root)}, check=True, capture_output=True, text=True).stdout  # fmt: skip
+    return int(out.split()[-1]) / MiB
+
+
 def measure(root: Path, work: Path, name: str, args: argparse.Namespace, body: bytes) -> dict[str, Any]:
     api = Api(root, work, name)
     try:
@@ -168,6 +186,8 @@ def main() -> None:
         base_root = export_revision(args.baseline, work)
         ours = measure(ROOT, work, "ours", args, body)
         base = measure(base_root, work, "baseline", args, body)
+        (work / "long.jsonl").write_bytes(body)
+        peaks = [validation_peak(r, work / "long.jsonl") for r in (ROOT, base_root)]
     print(f"load average {os.getloadavg()[0]:.1f} (timings are noisy on a shared machine)")
     print(f"flood of {args.flood} invented methods/paths; then /metrics:")
     print(f"{'':22} {'series':>8} {'size KiB':>10} {'scrape ms':>10} {'API RSS +MiB':>13}")
@@ -176,6 +196,10 @@ def main() -> None:
         print(f"{name:22} {f['series']:8d} {f['kib']:10.1f} {f['scrape_ms']:10.1f} {f['rss_mib']:13.1f}")
     fo, fb = ours["flood"], base["flood"]
     print(f"baseline / this: series {fb['series'] / fo['series']:.0f}x, size {fb['kib'] / fo['kib']:.0f}x")
+    x = [p * MiB / len(body) for p in peaks]
+    print(f"\nvalidating one {len(body) / MiB:.0f} MiB line: peak {peaks[0]:.0f} MiB ({x[0]:.1f}x the line) this "
+          f"checkout, {peaks[1]:.0f} MiB ({x[1]:.1f}x) baseline; baseline / this "
+          f"{peaks[1] / peaks[0]:.2f}x")  # fmt: skip
     print(f"\nparallel uploads of one {len(body) / MiB:.0f} MiB line each; API peak RSS above its start:")
     for case, label in (("one_key", f"{args.parallel} from one key"), ("many_keys",
                         f"{args.parallel * 2} from {args.keys} keys")):  # fmt: skip
