@@ -44,6 +44,7 @@ from service.record.models import fine_tuned_model_name, parse_model_name
 from service.record.outputs import measure_outputs
 from service.record.private import private_dir, restrict_umask
 from service.record.settings import Settings, get_settings
+from service.record.stop_rule import stop_action
 from service.record.storage import (
     ObjectNotFound,
     Storage,
@@ -222,12 +223,13 @@ class StoreContext:
         if self.lease.lost:
             return True
         self._read_stop_flags()
-        return self._cancel
+        return stop_action(self._cancel, self._pause) == "cancel"
 
     def pause_requested(self) -> bool:
-        """A pause request; asked once per optimizer step."""
+        """A pause request with no cancel pending (`stop_rule`: cancel wins, so the loop goes on to
+        its cancel check instead of writing a checkpoint to pause); asked once per optimizer step."""
         self._read_stop_flags()
-        return self._pause
+        return stop_action(self._cancel, self._pause) == "pause"
 
 
 # --------------------------------------------------------------------------- the job
@@ -237,11 +239,14 @@ def _auto(value: Any) -> Any:
     return None if value == "auto" else value
 
 
-def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storage, scratch: Path) -> TrainSpec:
+def build_spec(
+    rec: JobRecord, settings: Settings, store: Store, storage: Storage, scratch: Path, *, resuming: bool = False
+) -> TrainSpec:
     """Resolve names to paths (model registry, file records); a user never sends a path.
 
     The job's files come from storage into `scratch/inputs/` (the local back-end hands
-    out the stored file itself); its outputs go to `scratch/out/`.
+    out the stored file itself); its outputs go to `scratch/out/`. `resuming`: the job's own
+    checkpoint is restored there, so the fine-tuned model it started from is not fetched.
     """
     model_path = settings.models.get(rec.base_model)
     if model_path is None:
@@ -261,6 +266,7 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storag
 
     training = file_path(rec.training_file, "training_file")
     assert training is not None
+    start_adapter = scratch / "inputs" / "start-adapter"
     s, hp = rec.seco, rec.hyperparameters
     lora = dict(s.get("lora") or {})
     if isinstance(lora.get("alpha"), float) and lora["alpha"].is_integer():
@@ -277,7 +283,9 @@ def build_spec(rec: JobRecord, settings: Settings, store: Store, storage: Storag
         method=rec.method, beta=_auto(hp.get("beta")),
         checkpoint_every=settings.checkpoint_every, memory_budget_bytes=settings.memory_budget_bytes,
         host_memory_budget_bytes=settings.host_memory_budget_bytes,
-        init_adapter=fetch_start_adapter(rec, store, storage, scratch / "inputs" / "start-adapter"),
+        # a resume restores every LoRA weight from the job's own checkpoint: the model it started
+        # from is not needed (and may have been deleted since, or lost from storage)
+        init_adapter=None if resuming else fetch_start_adapter(rec, store, storage, start_adapter),
     )  # fmt: skip
 
 
@@ -447,8 +455,9 @@ def _run_in_scratch(
         return "failed"
 
     try:
-        spec = build_spec(rec, settings, store, storage, scratch)
-        restore_latest_checkpoint(storage, rec.tenant, job_id, spec.output_dir)  # a resume, on any host
+        # a resume (after a pause or a lost worker, on any host) continues from the job's own checkpoint
+        restored = restore_latest_checkpoint(storage, rec.tenant, job_id, scratch / "out")
+        spec = build_spec(rec, settings, store, storage, scratch, resuming=restored is not None)
         if train is None:
             from worker.trainer import train as real_train  # torch is imported here, in the child only
 
@@ -475,9 +484,12 @@ def _run_in_scratch(
         if lease.lost:
             return "lost"
         paused_at = e.step
-        ctx.persist(lambda: store.pause_running(job_id, worker_id, paused_at))
+        outcome = ctx.persist(lambda: store.pause_running(job_id, worker_id, paused_at))
+        if outcome == "cancelled":  # a cancel came after the pause was seen: cancel wins
+            log.info("job cancelled while pausing", extra={"job_id": job_id, "step": paused_at})
+            return "cancelled"
         log.info("job paused", extra={"job_id": job_id, "step": paused_at})
-        return "paused"
+        return "paused" if outcome else "lost"
     except TrainingError as e:
         log.info("job failed: %s", e, extra={"job_id": job_id, "code": e.code})
         return fail(e.code, str(e), e.param)

@@ -20,6 +20,8 @@ from service.api.body_limit import BodyLimit
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import files, health, jobs, models
 from service.api.streams import StreamSlots
+from service.api.unhandled import UnhandledErrors
+from service.api.upload_slots import UploadSlots
 from service.record.expiry import expire_files
 from service.record.logs import configure_logging
 from service.record.private import private_dir, restrict_umask
@@ -137,6 +139,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = storage
     app.state.enqueue = enqueue
     app.state.metrics = Metrics(store, settings.lease_seconds)
+    app.state.upload_slots = UploadSlots(settings.max_uploads_per_key, settings.max_uploads)
 
     # Routes are matched in order, router by router: the jobs routes, which clients poll all
     # day, come first, and each router is included at the app itself (one level to descend).
@@ -147,6 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.api_docs:
         docs.install(app)
     errors.install(app)
+    app.add_middleware(UnhandledErrors)  # innermost: a 500 keeps the connection (and is counted in metrics)
     # Inside the key check (a caller without a key gets its 401 before any body is read);
     # uploads stream to disk under their own limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt=frozenset({("POST", "/v1/files")}))

@@ -51,8 +51,28 @@ class _JobCollector(Collector):
         yield GaugeMetricFamily("seco_workers_alive", "Workers with a recent heartbeat", value=workers)
 
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods labelled by name; any other (a client may send any token) is counted as "other"."""
+
+
+def method_label(method: str) -> str:
+    """The `method` label of a request: a known method, else "other".
+
+    Labels must come from a fixed set: every distinct value is a new series kept for the
+    life of the process, and anyone who can reach the port (no key needed) picks the method.
+    """
+    return method if method in KNOWN_METHODS else "other"
+
+
+def route_label(scope: Scope) -> str:
+    """The `route` label: the matched route's template, else "unmatched" (never the raw path)."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
 class MetricsMiddleware:
-    """Counts requests by route template (never the raw path: ids would explode the labels)."""
+    """Counts requests by method and route template from fixed sets (`method_label`,
+    `route_label`), so no request can add series of its own."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -68,10 +88,9 @@ class MetricsMiddleware:
         async def _send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                route = scope.get("route")
-                name = getattr(route, "path", "unmatched")
-                self.metrics.latency.labels(scope["method"], name).observe(time.perf_counter() - start)
-                self.metrics.requests.labels(scope["method"], name, str(status[0])).inc()
+                method, route = method_label(scope["method"]), route_label(scope)
+                self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
+                self.metrics.requests.labels(method, route, str(status[0])).inc()
             await send(message)
 
         await self.app(scope, receive, _send)

@@ -22,6 +22,19 @@ Beta = Auto | Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)]
 
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
+MIN_CHUNK_SIZE = 16
+MAX_WINDOW = 1 << 22
+MAX_CHUNKS = MAX_WINDOW // MIN_CHUNK_SIZE
+"""The most chunks a training window can have (the longest window in the smallest chunks):
+a SpaCO budget beyond it could never be spent."""
+
+
+def chunks_per_window(max_length: int | None, chunk_size: int | None) -> int:
+    """The most chunks a window of `max_length` tokens in chunks of `chunk_size` can have;
+    either unset (the worker's choice) takes the bound's extreme."""
+    window = max_length if max_length is not None else MAX_WINDOW
+    return -(-window // (chunk_size if chunk_size is not None else MIN_CHUNK_SIZE))
+
 
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -58,14 +71,15 @@ class SecoSettings(BaseModel):
 
     mode: Literal["seco", "spaco"] = "seco"
     """"seco": exact gradients, chunk by chunk. "spaco": back-propagate a random subset of chunks."""
-    chunk_size: int | None = Field(default=None, ge=16, le=1 << 20, strict=True)
+    chunk_size: int | None = Field(default=None, ge=MIN_CHUNK_SIZE, le=1 << 20, strict=True)
     """Tokens per chunk; None: the largest that fits the worker's memory plan."""
-    budget: int | None = Field(default=None, ge=1, strict=True)
-    """SpaCO: chunks back-propagated per sequence (expected number with "bernoulli")."""
+    budget: int | None = Field(default=None, ge=1, le=MAX_CHUNKS, strict=True)
+    """SpaCO: chunks back-propagated per sequence (expected number with "bernoulli"); at most
+    the chunks a window can have (`max_length` / `chunk_size`, rounded up)."""
     sampling: Literal["bernoulli", "fixed"] = "bernoulli"
     """SpaCO: "bernoulli" is exactly unbiased; "fixed" (t of k, the paper's) is biased."""
     max_compensation: float | None = Field(default=None, ge=1, le=1e6, allow_inf_nan=False)
-    max_length: int | None = Field(default=None, ge=16, le=1 << 22, strict=True)
+    max_length: int | None = Field(default=None, ge=16, le=MAX_WINDOW, strict=True)
     """Tokens per training window; None: the model's context length, capped by the memory plan."""
     load_in_4bit: bool = False
     """NF4 base weights (QLoRA, bitsandbytes); needs a CUDA worker with bitsandbytes installed."""
@@ -77,6 +91,11 @@ class SecoSettings(BaseModel):
             raise ValueError("budget is required when mode is 'spaco'")
         if self.mode == "seco" and self.budget is not None:
             raise ValueError("budget only applies to mode 'spaco'")
+        most = chunks_per_window(self.max_length, self.chunk_size)
+        if self.budget is not None and self.budget > most:
+            raise ValueError(f"budget {self.budget} is more than the {most} chunks a window of max_length "
+                             f"{self.max_length or MAX_WINDOW} in chunks of {self.chunk_size or MIN_CHUNK_SIZE} "
+                             "tokens can have")  # fmt: skip
         return self
 
 

@@ -11,6 +11,7 @@ an explicit delete would be refused; the next sweep after that removes it.
 from __future__ import annotations
 
 import logging
+import re
 
 from service.record.storage import Storage
 from service.record.store import FileInUse, FileRecord, Store, now
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 ANCHORS = ("created_at",)
 MIN_SECONDS = 3600
 MAX_SECONDS = 30 * 24 * 3600
+_ASCII_SECONDS = re.compile(r"[0-9]{1,10}")
+"""What `int()` may read: ASCII digits only (`str.isdigit()` also takes "²" and other scripts' digits)."""
 
 
 class InvalidExpiry(ValueError):
@@ -40,9 +43,10 @@ def expires_at(created_at: int, anchor: str | None, seconds: str | None) -> int 
                             "expires_after.anchor")  # fmt: skip
     if anchor not in ANCHORS:
         raise InvalidExpiry(f"expires_after[anchor] must be 'created_at' (got {anchor!r})", "expires_after.anchor")
-    if seconds is None or not seconds.strip().isdigit():
-        raise InvalidExpiry(f"expires_after[seconds] must be a whole number of seconds between {MIN_SECONDS} and "
-                            f"{MAX_SECONDS} (got {seconds!r})", "expires_after.seconds")  # fmt: skip
+    if seconds is None or not _ASCII_SECONDS.fullmatch(seconds):
+        raise InvalidExpiry(f"expires_after[seconds] must be a whole number of seconds in ASCII digits (0-9), "
+                            f"between {MIN_SECONDS} and {MAX_SECONDS} (got {seconds!r})",
+                            "expires_after.seconds")  # fmt: skip
     n = int(seconds)
     if not MIN_SECONDS <= n <= MAX_SECONDS:
         raise InvalidExpiry(f"expires_after[seconds] must be between {MIN_SECONDS} (1 hour) and {MAX_SECONDS} "

@@ -29,6 +29,7 @@ value costs bounded memory and gets a clear message.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,15 +277,28 @@ def read_records(
     name = display_name or Path(path).name
     try:
         with open(path, "rb") as handle:  # bytes: decoding errors are reported per line
-            yield from _records(_capped_lines(handle, max_line_bytes), name, max_line_bytes)
+            yield from _records(_texts(handle, name, max_line_bytes), name)
     except OSError as exc:
         raise DataError(name, None, f"cannot be read ({exc.strerror})") from None
 
 
-def _capped_lines(handle: Any, max_line_bytes: int) -> Iterator[bytes]:
-    """Lines of at most max_line_bytes + 1 bytes: a longer line is cut, never read whole."""
+def _texts(handle: Any, name: str, max_line_bytes: int) -> Iterator[tuple[int, str]]:
+    """(line number, decoded text) of each line, read with a cap: a longer line is cut, never
+    read whole. A line's bytes are let go before its text is handed on, so a long line is
+    held once as text while it is parsed, not also as bytes (a 60 MiB line cost 4x its size
+    in memory, with a copy of each kind alive at once)."""
+    number = 0
     while line := handle.readline(max_line_bytes + 1):
-        yield line
+        number += 1
+        try:
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                raise ValueError(f"longer than the limit of {max_line_bytes} bytes")
+            text = _decode(line, number)
+        except ValueError as exc:
+            raise DataError(name, number, str(exc)) from None
+        del line
+        yield number, text
+        del text
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -301,29 +315,54 @@ def _depth(value: Any, limit: int) -> int:
     return deepest
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A UTF-16 surrogate left in a decoded string: JSON's `\\ud800` escape without its pair
+(json.loads joins a valid pair into one character), which no encoder can write out."""
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate in any string (key or value) of a decoded JSON value, as U+XXXX."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found is not None:
+                return f"U+{ord(found.group()):04X}"
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def _json(text: str) -> object:
     try:
-        raw = json.loads(text.rstrip("\r\n"))  # columns stay those of the line
+        raw = json.loads(text)  # the line's end is JSON whitespace: no stripped copy of a long line
     except RecursionError:
         raw = None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except json.JSONDecodeError as exc:  # past the line's end (it stopped short): the column after its text
+        column = exc.colno if exc.lineno == 1 else len(text.rstrip("\r\n")) + 1
+        raise ValueError(f"invalid JSON: {exc.msg} (column {column})") from None
     if raw is None or _depth(raw, MAX_DEPTH) > MAX_DEPTH:
         raise ValueError(f"JSON nested too deeply (limit {MAX_DEPTH} levels)")
+    surrogate = _lone_surrogate(raw)
+    if surrogate is not None:  # the tokenizer would fail on it mid-job with an internal error
+        raise ValueError(f"a string holds a lone UTF-16 surrogate ({surrogate}, an unpaired \\u escape), which is "
+                         "not a character; write the character itself or its full surrogate pair")  # fmt: skip
     return raw
 
 
-def _records(lines: Iterable[bytes], name: str, max_line_bytes: int) -> Iterator[tuple[int, Record]]:
+def _records(texts: Iterable[tuple[int, str]], name: str) -> Iterator[tuple[int, Record]]:
     count = 0
     first: tuple[int, str] | None = None  # (line, kind) of the first record
-    for number, line in enumerate(lines, start=1):
+    for number, text in texts:
         try:
-            if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                raise ValueError(f"longer than the limit of {max_line_bytes} bytes")
-            text = _decode(line, number)
-            if not text.strip():
+            if not text or text.isspace():  # (no stripped copy of a long line)
                 continue
             record = parse_record(_json(text))
+            del text  # the record holds its own strings: a long line's text goes before the next is read
             kind = record_kind(record.format)
             first = first or (number, kind)
             if kind != first[1]:
@@ -335,6 +374,7 @@ def _records(lines: Iterable[bytes], name: str, max_line_bytes: int) -> Iterator
             raise DataError(name, number, str(exc)) from None
         count += 1
         yield number, record
+        del record
     if count == 0:
         raise DataError(name, None, "contains no records (the file is empty)")
 
@@ -346,4 +386,5 @@ def validate_file(
     counts: dict[str, int] = {}
     for _, record in read_records(path, display_name, max_line_bytes):
         counts[record.format] = counts.get(record.format, 0) + 1
+        del record  # not alive while the next (maybe long) line is read
     return counts

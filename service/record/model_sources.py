@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from service.record.models import ModelName, parse_model_name
-from service.record.store import Checkpoint, JobRecord, Store
+from service.record.store import TERMINAL, Checkpoint, JobRecord, Store
 
 ADAPTER_DIR = "adapter"
 """The PEFT adapter inside a checkpoint (worker/checkpoints.py writes it there)."""
@@ -49,3 +49,24 @@ def resolve_fine_tuned(name: str, tenant: str, store: Store) -> FineTunedModel |
         return FineTunedModel(parsed, rec, None) if ok else None
     ck = store.get_checkpoint(rec.id, parsed.step)
     return FineTunedModel(parsed, rec, ck) if ck is not None else None
+
+
+def unfinished_dependents(job_id: str, tenant: str, store: Store) -> list[str]:
+    """The unfinished jobs (validating, queued, running or paused) of `tenant` that start from
+    the fine-tuned model of job `job_id` or one of its checkpoints, oldest first.
+
+    Deleting that model (or its job) would take the adapter they start from: one not yet
+    started, or restarted without a checkpoint of its own, could then only fail. A name
+    resolves for its owner only, so only the owner's jobs can depend on it.
+    """
+    out: list[str] = []
+    after: str | None = None
+    while True:  # the tenant's jobs, newest first; a per-model index would avoid this scan
+        recs, more = store.list_jobs(tenant, after=after, limit=100)
+        for rec in recs:
+            parsed = parse_model_name(rec.model) if rec.status not in TERMINAL else None
+            if parsed is not None and parsed.job_id == job_id:
+                out.append(rec.id)
+        if not more or not recs:
+            return out[::-1]
+        after = recs[-1].id

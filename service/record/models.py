@@ -19,7 +19,9 @@ from service.record import ids
 PREFIX = "ft"
 JOB_ID_PREFIX = "ftjob-"
 _JOB_HEX_RE = re.compile(r"^[0-9a-f]{24}$")
-_CKPT_RE = re.compile(r"^ckpt-step-([0-9]{1,9})$")
+_CKPT_RE = re.compile(r"^ckpt-step-(0|[1-9][0-9]{0,8})$")
+"""The one spelling of a checkpoint step: decimal without leading zeros, as the name is written."""
+_CKPT_ANY_RE = re.compile(r"^ckpt-step-([0-9]{1,9})$")
 _ORG_RE = re.compile(r"^org-[0-9a-f]{16}$")
 
 
@@ -77,3 +79,18 @@ def parse_model_name(name: str) -> ModelName | None:
     if not ids.is_job_id(job_id):
         return None
     return ModelName(base=base, org=org, suffix=suffix or None, job_id=job_id, step=step)
+
+
+def canonical_spelling(name: str) -> str | None:
+    """The one spelling of `name` when it is a checkpoint name written another way (a step with
+    leading zeros, `ckpt-step-0045`); None when `name` is written canonically or is no such name.
+
+    `parse_model_name` does not read such a name (every model has one name, so a name can
+    be compared, cached and listed as a string); callers answer it with a 400 naming this.
+    """
+    head, sep, last = name.rpartition(":")
+    m = _CKPT_ANY_RE.match(last)
+    if not sep or m is None or _CKPT_RE.match(last) is not None:
+        return None
+    canonical = f"{head}:ckpt-step-{int(m.group(1))}"
+    return canonical if parse_model_name(canonical) is not None else None

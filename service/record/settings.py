@@ -63,6 +63,14 @@ class Settings(BaseSettings):
     max_line_bytes: int = Field(64 << 20, ge=1, validation_alias=_env("SECO_MAX_LINE_BYTES"))
     """Largest JSONL line accepted (a long document is one line)."""
 
+    max_uploads_per_key: int = Field(2, ge=1, validation_alias=_env("SECO_MAX_UPLOADS_PER_KEY"))
+    """Per API process and key: uploads in progress at once (429 with Retry-After beyond)."""
+
+    max_uploads: int = Field(4, ge=1, validation_alias=_env("SECO_MAX_UPLOADS"))
+    """Per API process: uploads in progress at once, all keys together (503 with Retry-After
+    beyond). Validating one holds about 3x its longest line, so this bounds what uploads take:
+    about max_uploads x 3 x SECO_MAX_LINE_BYTES (service/api/upload_slots.py)."""
+
     max_queued_jobs: int = Field(20, ge=1, validation_alias=_env("SECO_MAX_QUEUED_JOBS"))
     """Per tenant: queued + running jobs at once (429 beyond)."""
 

@@ -62,6 +62,7 @@ from pydantic import BaseModel
 from service.record import ids
 from service.record.models import parse_model_name
 from service.record.scheduling import Queued, fair_order
+from service.record.stop_rule import CANCEL_FLAG, stop_action
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,7 @@ if status == 'running' and a['to'] == 'paused' and a['owner'] == '' and not a['r
 end
 if a['owner'] ~= '' and redis.call('HGET', job, 'worker') ~= a['owner'] then return {0, status} end
 if a['require_no_lease'] and redis.call('EXISTS', lease) == 1 then return {0, status} end
+if a['unless_set'] ~= '' and redis.call('HGET', job, a['unless_set']) == '1' then return {0, status} end
 local to = a['to']
 redis.call('HSET', job, 'status', to)
 for k, v in pairs(a['set']) do redis.call('HSET', job, k, v) end
@@ -759,6 +761,7 @@ class Store:
         new_owner: str = "",
         lease_seconds: float = 0,
         require_no_lease: bool = False,
+        unless_set: str = "",
         set_fields: dict[str, Any] | None = None,
         incr: dict[str, int] | None = None,
         event: str | None = None,
@@ -768,8 +771,10 @@ class Store:
         """Atomically move a job from one of `from_` to `to`; returns (applied, status before).
 
         `owner` demands that this worker holds the job; `require_no_lease` that its lease
-        has expired (the reaper). `event` is appended to the job's stream in the same step,
-        so a reader never sees the new status without the event that explains it.
+        has expired (the reaper); `unless_set` that the job's flag of that name is not set
+        (a pause is not applied once a cancel is pending: `stop_rule`). `event` is appended
+        to the job's stream in the same step, so a reader never sees the new status without
+        the event that explains it.
         """
         rec_key = self._job_key(job_id)
         h = cast(list[str | None], self.r.hmget(rec_key, ["tenant", "spec"]))
@@ -782,6 +787,7 @@ class Store:
         args = {
             "job_id": job_id, "from": list(from_), "to": to, "owner": owner, "new_owner": new_owner,
             "lease_ms": max(1, int(lease_seconds * 1000)), "require_no_lease": require_no_lease,
+            "unless_set": unless_set,
             "set": {k: (v if isinstance(v, str) else _dumps(v)) for k, v in (set_fields or {}).items()},
             "incr": incr or {}, "now": str(now()),
             "event": None if event is None else
@@ -820,6 +826,8 @@ class Store:
             return "paused"
         if before != "running":
             return before
+        if stop_action(*self.stop_requests(job_id)) == "cancel":  # cancel wins: it stops for good
+            return before
         msg = "Pause requested; the job stops after its current step, with a checkpoint"
         return self._flag_running(job_id, "pause_requested", msg)
 
@@ -835,20 +843,40 @@ class Store:
         )
         return cancel == "1", pause == "1"
 
-    def pause_running(self, job_id: str, worker_id: str, step: int) -> bool:
-        """running -> paused by the worker that owns it, once its checkpoint at `step` is stored."""
-        applied, _ = self.transition(job_id, ["running"], "paused", owner=worker_id,
+    def pause_running(self, job_id: str, worker_id: str, step: int) -> str:
+        """running -> paused by the worker that owns it, once its checkpoint at `step` is stored;
+        cancelled instead when a cancel is pending (`stop_rule`: cancel wins over pause).
+
+        Returns "paused", "cancelled", or "" when the job is not this worker's to stop.
+        """
+        applied, _ = self.transition(job_id, ["running"], "paused", owner=worker_id, unless_set=CANCEL_FLAG,
                                      set_fields={"pause_requested": "0", "estimated_finish": ""},
                                      event=f"Fine-tuning job paused at step {step}; resume continues from "
                                      "its checkpoint", event_data={"step": step})  # fmt: skip
-        return applied
+        if applied:
+            return "paused"
+        cancel, pause = self.stop_requests(job_id)
+        if stop_action(cancel, pause) != "cancel":
+            return ""
+        done = self.finish_job(job_id, worker_id, "cancelled", event="Fine-tuning job cancelled (its cancel "
+                               "came while a pause was pending; cancel wins)")  # fmt: skip
+        return "cancelled" if done else ""
 
     def resume(self, job_id: str) -> tuple[bool, str]:
-        """paused -> queued (the caller then enqueues it); returns (applied, the status before the call)."""
+        """paused -> queued (the caller then enqueues it); returns (applied, the status before the call).
+
+        A paused job with a pending cancel (`stop_rule`: cancel wins) is cancelled instead:
+        (False, "cancelled")."""
         applied, before = self.transition(job_id, ["paused"], "queued", set_fields={"pause_requested": "0"},
+                                          unless_set=CANCEL_FLAG,
                                           event="Fine-tuning job resumed; queued to continue from its last "
                                           "checkpoint")  # fmt: skip
-        return applied, before
+        if applied or before != "paused" or stop_action(*self.stop_requests(job_id)) != "cancel":
+            return applied, before
+        cancelled, _ = self.transition(job_id, ["paused"], "cancelled", set_fields={"finished_at": str(now())},
+                                       event="Fine-tuning job cancelled (its cancel was pending; cancel wins "
+                                       "over resume)")  # fmt: skip
+        return False, "cancelled" if cancelled else before
 
     # ------------------------------------------------------------------ worker side
 
@@ -933,12 +961,14 @@ class Store:
             if rec is None or rec.status != "running":
                 self.r.srem(f"{P}running", job_id)
                 continue
-            if rec.cancel_requested:
+            action = stop_action(rec.cancel_requested, rec.pause_requested)
+            if action == "cancel":
                 applied, _ = self.transition(job_id, ["running"], "cancelled", require_no_lease=True,
                                              set_fields={"finished_at": str(now())},
                                              event="Fine-tuning job cancelled (its worker was lost)")  # fmt: skip
-            elif rec.pause_requested:  # resume continues from its last checkpoint, as a requeue would
+            elif action == "pause":  # resume continues from its last checkpoint, as a requeue would
                 applied, _ = self.transition(job_id, ["running"], "paused", require_no_lease=True,
+                                             unless_set=CANCEL_FLAG,
                                              set_fields={"pause_requested": "0", "estimated_finish": ""},
                                              event="Fine-tuning job paused (its worker was lost); resume "
                                              "continues from its last checkpoint")  # fmt: skip

@@ -26,8 +26,9 @@ def svc(
 ) -> Iterator[Any]:
     flush_db(redis_url)
     s = launch_service(redis_url, tmp_path_factory.mktemp(f"limits-{storage_backend}"), storage=storage_backend,
-                       SECO_MAX_QUEUED_JOBS=str(MAX_JOBS),
-                       SECO_MAX_FILE_BYTES=str(FILE_QUOTA))  # fmt: skip
+                       SECO_MAX_QUEUED_JOBS=str(MAX_JOBS), SECO_MAX_FILE_BYTES=str(FILE_QUOTA),
+                       # the quota is what is under test: let all ten uploads in at once
+                       SECO_MAX_UPLOADS_PER_KEY="16", SECO_MAX_UPLOADS="16")  # fmt: skip
     yield s
     s.close()
 

@@ -17,13 +17,15 @@ from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
 from service.api.jsonl import InvalidFile, validate_jsonl
 from service.api.schemas import FileDeleted, FileList, FileObject
+from service.api.upload_slots import UploadSlots
 from service.api.uploads import UNREAD_BODY, TooLarge, receive_file
 from service.record import ids
 from service.record.expiry import MAX_SECONDS, MIN_SECONDS, InvalidExpiry, expires_at, is_expired
 from service.record.formats import record_kind
 from service.record.outputs import measure_outputs
-from service.record.storage import keys, scratch_dir
-from service.record.store import FileInUse, FileRecord, LimitExceeded, now
+from service.record.settings import Settings
+from service.record.storage import Storage, keys, scratch_dir
+from service.record.store import FileInUse, FileRecord, LimitExceeded, Store, now
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/files", tags=["files"])
@@ -69,7 +71,15 @@ async def create_file(
     The body is streamed to this host's scratch space, validated there, and only then
     published to storage (a rename on the local back-end, a multipart upload on S3):
     storage never holds a file that did not validate, and readers never see part of one.
+    Each upload holds one of the process's upload slots throughout (`upload_slots`), so
+    what validation takes in memory has a ceiling.
     """
+    slots: UploadSlots = request.app.state.upload_slots
+    with slots.hold(tenant):
+        return await _create_file(request, tenant, store, settings, storage)
+
+
+async def _create_file(request: Request, tenant: str, store: Store, settings: Settings, storage: Storage) -> FileObject:
     used = await run_in_threadpool(store.tenant_storage_bytes, tenant)  # uploads and job outputs
     room = settings.max_file_bytes - used
     if room <= 0:
@@ -165,10 +175,25 @@ async def file_content(file_id: str, tenant: TenantDep, store: StoreDep, storage
     return response
 
 
+def _refuse_model_adapter(store: Store, rec: FileRecord) -> None:
+    """A 400 for the adapter result file of a model that still exists, pointing to the model's delete."""
+    if not rec.job_id or rec.purpose != "fine-tune-results":
+        return
+    job = store.get_job(rec.job_id, rec.tenant)
+    if job is not None and job.adapter_file == rec.id and job.fine_tuned_model:
+        raise bad_request(f"File {rec.id!r} is the adapter of fine-tuned model {job.fine_tuned_model!r}; delete the "
+                          f"model instead (DELETE /v1/models/{job.fine_tuned_model}), which removes its adapter, "
+                          "checkpoints and result files together", param="file_id",
+                          code="file_in_use")  # fmt: skip
+
+
 @router.delete("/{file_id}", response_model=FileDeleted)
 def delete_file(file_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> FileDeleted:
-    """Delete a file and its object, unless an unfinished job still needs it."""
+    """Delete a file and its object, unless an unfinished job still needs it. A fine-tuned
+    model's adapter is deleted with its model (`DELETE /v1/models/{name}`), never alone: the
+    model would stay listed and accepted as a job's `model` without the adapter it stands for."""
     rec = _get(store, tenant, file_id)
+    _refuse_model_adapter(store, rec)
     try:
         store.delete_file(rec)
     except FileInUse as e:

@@ -27,6 +27,7 @@ from starlette.responses import Response
 from service.api.deps import BEARER, EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep, caller
 from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
+from service.api.routes.models import refuse_alias, refuse_while_used
 from service.api.schemas import (
     CheckpointList,
     EventList,
@@ -142,6 +143,7 @@ def _check_kind(param: str, frec: FileRecord, method: str) -> None:
 def _parent_lora(body: JobCreate, tenant: str, store: Store, settings: Settings) -> dict[str, Any]:
     """The LoRA settings of the fine-tuned model (or checkpoint) a job starts from; a 400 when
     `body.model` is no such model of the caller's, or asks for another LoRA shape."""
+    refuse_alias(body.model)
     if parse_model_name(body.model) is None:
         offered = ", ".join(settings.models) or "(none configured)"
         raise bad_request(f"Model {body.model!r} is not offered by this server; choose one of: {offered}",
@@ -150,6 +152,9 @@ def _parent_lora(body: JobCreate, tenant: str, store: Store, settings: Settings)
     if found is None:
         raise bad_request(f"Model {body.model!r} is not one of your fine-tuned models or checkpoints (GET "
                           "/v1/models lists them; a checkpoint is kept while it is among the newest)", param="model",
+                          code="model_not_available")  # fmt: skip
+    if found.adapter_location(store) is None:
+        raise bad_request(f"Model {body.model!r} no longer has its adapter", param="model",
                           code="model_not_available")  # fmt: skip
     if found.name.base not in settings.models:
         raise bad_request(f"Model {body.model!r} adapts base model {found.name.base!r}, which this server no "
@@ -317,6 +322,10 @@ def delete_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, stor
     """Delete a finished job: its checkpoints, adapter and metrics (freeing their storage
     quota), then the job and its events. A queued or running job must be cancelled first."""
     rec = _get(store, tenant, fine_tuning_job_id)
+    if rec.status in TERMINAL:  # an unfinished one is refused below, whoever depends on it
+        refuse_while_used(
+            rec.id, tenant, store, f"Job {rec.id} (with its fine-tuned model)", param="fine_tuning_job_id"
+        )
     try:
         delete_outputs(store, storage, rec)
     except JobNotFinished as e:

@@ -15,14 +15,34 @@ from fastapi import APIRouter
 from service.api.deps import SettingsDep, StorageDep, StoreDep, TenantDep
 from service.api.errors import APIError, bad_request, not_found
 from service.api.schemas import Model, ModelDeleted, ModelList
-from service.record.model_sources import resolve_fine_tuned
-from service.record.models import organization_id
+from service.record.model_sources import resolve_fine_tuned, unfinished_dependents
+from service.record.models import canonical_spelling, organization_id
 from service.record.outputs import delete_outputs
 from service.record.settings import Settings
 from service.record.store import Store
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/models", tags=["models"])
+
+
+def refuse_alias(model: str) -> None:
+    """A 400 for a checkpoint name spelled another way than its own (`ckpt-step-0045`), naming
+    the one spelling: such a name is no alias of the checkpoint."""
+    canonical = canonical_spelling(model)
+    if canonical is not None:
+        raise bad_request(f"Model {model!r} is not a model name: a checkpoint step is written without leading "
+                          f"zeros, as in {canonical!r}", param="model", code="invalid_model_name")  # fmt: skip
+
+
+def refuse_while_used(job_id: str, tenant: str, store: Store, what: str, param: str = "model") -> None:
+    """A 409 naming the unfinished jobs that start from job `job_id`'s model or checkpoints:
+    deleting `what` (that model, or its job) would take the adapter they need."""
+    users = unfinished_dependents(job_id, tenant, store)
+    if users:
+        shown = ", ".join(users[:10]) + (f" and {len(users) - 10} more" if len(users) > 10 else "")
+        raise APIError(409, f"{what} cannot be deleted while unfinished jobs start from it or its checkpoints: "
+                       f"{shown}; wait until they finish, or cancel them first", param=param, code="model_in_use",
+                       retry=False)  # fmt: skip
 
 
 def _all(tenant: str, store: Store, settings: Settings) -> list[Model]:
@@ -50,6 +70,7 @@ def retrieve_model(model: str, tenant: TenantDep, store: StoreDep, settings: Set
     """One model by id: a base model, a fine-tuned model or one of its checkpoints."""
     if model in settings.models:
         return Model(id=model, created=0, owned_by="system")
+    refuse_alias(model)
     found = resolve_fine_tuned(model, tenant, store)
     if found is None:
         raise not_found("model", model, param="model")
@@ -67,6 +88,7 @@ def delete_model(model: str, tenant: TenantDep, store: StoreDep, storage: Storag
     if model in settings.models:
         raise APIError(403, f"Model {model!r} is a base model offered by this server; only fine-tuned models "
                        "can be deleted", param="model", code="model_not_deletable", retry=False)  # fmt: skip
+    refuse_alias(model)
     found = resolve_fine_tuned(model, tenant, store)
     if found is None:
         raise not_found("model", model, param="model")
@@ -76,6 +98,7 @@ def delete_model(model: str, tenant: TenantDep, store: StoreDep, storage: Storag
         raise bad_request(f"{model!r} is a checkpoint of job {rec.id}; delete the fine-tuned model {final!r} "
                           "(which removes its checkpoints too) or the job", param="model",
                           code="model_not_deletable")  # fmt: skip
+    refuse_while_used(rec.id, tenant, store, f"Model {model!r}")
     delete_outputs(store, storage, rec)  # the job has succeeded, so its outputs can go
     store.forget_fine_tuned_model(rec.id, model)
     log.info("model deleted", extra={"job_id": rec.id, "tenant": tenant})

@@ -59,3 +59,11 @@ def test_the_sweep_deletes_expired_files_and_waits_for_jobs_using_them(store: St
     assert expire_files(store, data, at=5000) == [used.id], "deleted once the job has ended"
     assert not data.exists(used.path) and store.tenant_file_bytes(T1) == 2 * 24
     assert expire_files(store, data, at=10_000) == [later.id] and store.expired_files(10**10) == []
+
+
+def test_seconds_are_ascii_digits_only() -> None:
+    """`str.isdigit()` takes "²" (which `int()` then refuses) and other scripts' digits."""
+    for seconds in ["\u00b2", "\u0664\u0660\u0660\u0660", "\uff14\uff10\uff10\uff10", "3600\u00b9", " 3600", "+3600"]:
+        with pytest.raises(InvalidExpiry) as info:
+            expires_at(1000, "created_at", seconds)
+        assert info.value.param == "expires_after.seconds" and "ASCII digits" in str(info.value)

@@ -109,3 +109,35 @@ NOT_NAMES = ["tiny", "ft:tiny", f"ft:tiny:org-x::{HEX}", f"ft::{ORG}::{HEX}", f"
 @pytest.mark.parametrize("name", NOT_NAMES)
 def test_other_names_are_not_fine_tuned_model_names(name: str) -> None:
     assert parse_model_name(name) is None
+
+
+def test_cancel_wins_over_a_pending_pause_in_the_store(store: Store, data: LocalStorage) -> None:
+    """The worker ending a pause, a resume and the reaper all cancel a job whose cancel is pending."""
+    job = make_job(store, make_file(store, data).id)
+    assert store.start_job(job, "w1", 30)
+    assert store.request_pause(job) == "running" and store.request_cancel(job) == "running"
+    assert store.stop_requests(job) == (True, True)
+    assert store.pause_running(job, "w1", 3) == "cancelled"
+    rec = store.get_job(job)
+    assert rec is not None and rec.status == "cancelled" and rec.finished_at
+
+    paused = make_job(store, make_file(store, data).id)  # a job paused with a cancel flag left on it
+    assert store.request_pause(paused) == "paused"
+    store.r.hset(f"seco:job:{paused}", "cancel_requested", "1")
+    assert store.resume(paused) == (False, "cancelled") and store.queue_order() == []
+    assert store.get_job(paused).status == "cancelled"  # type: ignore[union-attr]
+
+    orphan = make_job(store, make_file(store, data).id)  # its worker died with both flags set
+    assert store.start_job(orphan, "w1", 0.05)
+    assert store.request_cancel(orphan) == "running"
+    store.r.hset(f"seco:job:{orphan}", "pause_requested", "1")
+    time.sleep(0.1)
+    assert store.reap_expired(3) == [] and store.get_job(orphan).status == "cancelled"  # type: ignore[union-attr]
+
+
+def test_a_pause_asked_after_a_cancel_sets_no_pause(store: Store, data: LocalStorage) -> None:
+    job = make_job(store, make_file(store, data).id)
+    assert store.start_job(job, "w1", 30)
+    assert store.request_cancel(job) == "running" and store.request_pause(job) == "running"
+    assert store.stop_requests(job) == (True, False)
+    assert "Pause requested" not in " ".join(e.message for e in store.read_events(job))
