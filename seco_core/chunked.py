@@ -128,7 +128,7 @@ def run_chunk(
     The chunk's fresh K/V are left in the cache (`cache.current()`) for the caller to
     push as blocks (stage 1) or relay into (stage 2).
     """
-    out = parts.decoder(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True)
+    out = parts.decoder(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
     return out.last_hidden_state
 
 

@@ -7,6 +7,8 @@ known starting point:
 - CUDA: the caching allocator's own counters (`torch.cuda.max_memory_allocated`), reset
   with `torch.cuda.reset_peak_memory_stats`. This counts tensors only, not the CUDA
   context or allocator fragmentation, which is what a memory plan budgets separately.
+  Whether a step fits a card is a different question, answered by `DeviceMemoryUse`:
+  the allocator's peak reservation plus what the process holds outside the allocator.
 - CPU (Linux): the process's peak resident set size. The kernel keeps it as VmHWM in
   /proc/self/status, and writing "5" to /proc/self/clear_refs resets VmHWM to the
   current RSS, so a peak can be measured per step.
@@ -25,6 +27,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -101,6 +104,89 @@ def _cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+@dataclass(frozen=True)
+class DeviceMemoryUse:
+    """What a CUDA process used at its peak, counted three ways.
+
+    `max_memory_allocated` (tensors) understates what a card must hold: the caching
+    allocator reserves whole segments (its peak is `max_memory_reserved`), and the CUDA
+    context, cuBLAS/cuDNN workspaces and kernel images live outside the allocator. Only
+    `torch.cuda.mem_get_info` sees those: the device's used memory minus what the
+    allocator reserves now is that outside part. Whether a step fits a 24 GiB card is
+    decided on `peak_held_bytes`, the allocator's peak reservation plus the outside part.
+    `mem_get_info` is device-wide: on a device shared with other processes their memory
+    counts as this one's (the verdict then errs towards "does not fit").
+    """
+
+    peak_allocated_bytes: int
+    """Peak bytes of live tensors (`torch.cuda.max_memory_allocated`)."""
+    peak_reserved_bytes: int
+    """Peak bytes the caching allocator reserved (`torch.cuda.max_memory_reserved`)."""
+    reserved_bytes: int
+    """Bytes the caching allocator reserves now (`torch.cuda.memory_reserved`)."""
+    device_used_bytes: int
+    """Device memory in use now, every process and the CUDA context included (total - free)."""
+    device_total_bytes: int
+    """The device's memory (`torch.cuda.mem_get_info`)."""
+
+    def __post_init__(self) -> None:
+        fields = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        negative = [name for name, value in fields.items() if value < 0]
+        if negative:
+            raise ValueError(f"memory counters must not be negative: {', '.join(negative)}")
+        if self.peak_allocated_bytes > self.peak_reserved_bytes:
+            raise ValueError(
+                f"peak allocated ({self.peak_allocated_bytes}) exceeds peak reserved ({self.peak_reserved_bytes}):"
+                " the counters were not read together (reset between them?)"
+            )
+
+    @property
+    def outside_allocator_bytes(self) -> int:
+        """What the process holds beyond the allocator's reservation: context, workspaces, libraries."""
+        return max(0, self.device_used_bytes - self.reserved_bytes)
+
+    @property
+    def peak_held_bytes(self) -> int:
+        """The most device memory the process held: peak reservation plus the outside part."""
+        return self.peak_reserved_bytes + self.outside_allocator_bytes
+
+    def fits(self, cap_bytes: int) -> bool:
+        """Whether a card of `cap_bytes` could have held this peak (held, not allocated)."""
+        if cap_bytes <= 0:
+            raise ValueError(f"cap_bytes must be positive, got {cap_bytes}")
+        return self.peak_held_bytes <= cap_bytes
+
+    def report(self, cap_bytes: int | None = None) -> dict[str, int | bool]:
+        """The figures as one flat dict (JSON-ready), with the verdict when a cap is given."""
+        out: dict[str, int | bool] = {
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "device_used_bytes": self.device_used_bytes,
+            "outside_allocator_bytes": self.outside_allocator_bytes,
+            "peak_held_bytes": self.peak_held_bytes,
+        }
+        if cap_bytes is not None:
+            out["fits_cap"] = self.fits(cap_bytes)
+        return out
+
+
+def cuda_memory_use(device: str | torch.device) -> DeviceMemoryUse:
+    """Read `DeviceMemoryUse` for a CUDA device now (peaks since the last reset_peak_memory_stats)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"cuda_memory_use needs a CUDA device, got {dev}")
+    index = _cuda_index(dev)
+    torch.cuda.synchronize(index)
+    free, total = torch.cuda.mem_get_info(index)
+    return DeviceMemoryUse(
+        peak_allocated_bytes=int(torch.cuda.max_memory_allocated(index)),
+        peak_reserved_bytes=int(torch.cuda.max_memory_reserved(index)),
+        reserved_bytes=int(torch.cuda.memory_reserved(index)),
+        device_used_bytes=int(total - free),
+        device_total_bytes=int(total),
+    )
+
+
 class PeakMemory:
     """Peak memory since the last `reset()`, on a CUDA device or for the CPU process.
 
@@ -143,6 +229,10 @@ class PeakMemory:
             if kib is not None:
                 return kib * 1024
         return _ru_maxrss_bytes()
+
+    def device_memory(self) -> DeviceMemoryUse | None:
+        """Allocated, reserved and device-wide peaks since the last reset (None on CPU, where RSS is all)."""
+        return cuda_memory_use(self.device) if self.is_cuda else None
 
     @property
     def peak_extra_bytes(self) -> int:

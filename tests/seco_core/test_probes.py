@@ -8,10 +8,11 @@ import time
 import pytest
 import torch
 
-from seco_core.probes import PeakMemory, Stopwatch, current_rss_bytes
+from seco_core.probes import DeviceMemoryUse, PeakMemory, Stopwatch, cuda_memory_use, current_rss_bytes
 from tests.conftest import ROOT
 
 MB = 1024 * 1024
+GiB = 1024**3
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM reset is Linux-only")
 
 
@@ -78,3 +79,47 @@ def test_freed_tensor_memory_goes_back_to_the_os() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert all(int(freed) > 15 * 2**20 for freed in out.stdout.split()), out.stdout
+
+
+def test_the_card_verdict_is_on_what_the_process_held_not_on_tensors() -> None:
+    """20 GiB of tensors in 23.2 GiB of allocator segments plus a 0.9 GiB context: over 24 GiB."""
+    use = DeviceMemoryUse(
+        peak_allocated_bytes=20 * GiB,
+        peak_reserved_bytes=int(23.2 * GiB),
+        reserved_bytes=22 * GiB,  # the allocator gave some segments back after the peak
+        device_used_bytes=int(22.9 * GiB),  # mem_get_info now: the reservation and the context
+        device_total_bytes=141 * GiB,
+    )
+    assert use.outside_allocator_bytes == int(22.9 * GiB) - 22 * GiB
+    assert use.peak_held_bytes == int(23.2 * GiB) + int(22.9 * GiB) - 22 * GiB
+    assert use.peak_allocated_bytes <= 24 * GiB  # what the old verdict looked at, and passed
+    assert not use.fits(24 * GiB)
+    assert use.fits(25 * GiB)
+    report = use.report(24 * GiB)
+    assert report["fits_cap"] is False
+    assert report["peak_reserved_bytes"] == int(23.2 * GiB) and report["peak_allocated_bytes"] == 20 * GiB
+    assert report["peak_held_bytes"] == use.peak_held_bytes and report["device_used_bytes"] == int(22.9 * GiB)
+    assert "fits_cap" not in use.report()
+
+
+def test_memory_used_by_other_processes_never_makes_a_peak_look_smaller() -> None:
+    # The device reads less used than the allocator reserves (counters read a moment apart):
+    # nothing outside the allocator, and the verdict falls back to the peak reservation.
+    use = DeviceMemoryUse(GiB, 2 * GiB, 2 * GiB, GiB, 80 * GiB)
+    assert use.outside_allocator_bytes == 0 and use.peak_held_bytes == 2 * GiB
+    assert use.fits(2 * GiB) and not use.fits(2 * GiB - 1)
+
+
+def test_inconsistent_memory_counters_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="peak_reserved_bytes"):
+        DeviceMemoryUse(0, -1, 0, 0, GiB)
+    with pytest.raises(ValueError, match=r"peak allocated \(\d+\) exceeds peak reserved"):
+        DeviceMemoryUse(2 * GiB, GiB, GiB, GiB, 80 * GiB)
+    with pytest.raises(ValueError, match="cap_bytes must be positive"):
+        DeviceMemoryUse(GiB, GiB, GiB, GiB, 80 * GiB).fits(0)
+
+
+def test_device_figures_exist_only_for_cuda() -> None:
+    assert PeakMemory("cpu").device_memory() is None
+    with pytest.raises(ValueError, match="needs a CUDA device, got cpu"):
+        cuda_memory_use("cpu")
