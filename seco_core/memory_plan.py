@@ -757,9 +757,10 @@ def device_budget_bytes(device: str, reserve_bytes: int | None = None) -> int:
     CUDA: the device's free memory now (other processes on the GPU count), capped by the
     per-process memory fraction if one was set, minus a reserve (default 1 GiB) for what
     the caching allocator never sees: the CUDA context's growth as kernels and libraries
-    load (cuBLAS, FlashAttention). The allocator's own overhead is a term of the plan. CPU: RAM available now (psutil) minus a reserve (default 10% of total RAM,
-    at least 1 GiB), so the OS and other processes keep room. Call it before loading the
-    model: its weights are in the plan.
+    load (cuBLAS, FlashAttention); the allocator's own overhead is a term of the plan.
+    CPU: RAM available now (psutil) minus a reserve (default 10% of total RAM, at least
+    1 GiB), so the OS and other processes keep room. Call it before loading the model:
+    its weights are in the plan.
     """
     if device.startswith("cuda"):
         import torch
