@@ -19,6 +19,16 @@ per-block attention kernels that never hold a block's scores (attention.py), log
 one loss slice, and the logits and attention transients never alive at the same time
 (the loss is back-propagated before the layers are).
 
+What the allocators really take is counted too. On the device, each K/V block is its own
+allocation rounded to the CUDA caching allocator's granularity, and the allocator holds a
+share of the step's short-lived tensors beyond what is allocated (ALLOCATOR_FRAGMENTATION).
+On the host (KV offload), every buffer is chunk-sized, a shorter last block's too, and
+pinned through PyTorch's caching host allocator, which rounds each request up to a power of
+two: the host terms are those buffers as pinned, planned against the worker's host budget
+(SECO_HOST_MEMORY_BUDGET), with their count (a long first step pins thousands of buffers).
+A refusal names what would fit: a smaller chunk, a shorter max_length, a host budget, or a
+memory-saving option this plan does not use yet.
+
 The activation coefficients are model assumptions for a Llama-style decoder layer and
 were checked against measured peaks on CPU (see `LAYER_ACT_*` below); the worker
 reports the estimate next to the measured peak so they can be recalibrated on GPUs.
@@ -29,7 +39,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from seco_core.kv_store import STAGING_BUFFERS
@@ -55,6 +65,25 @@ NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8
 """QLoRA NF4: 4 bits per weight plus double-quantised block constants (0.127 bits/param,
 Dettmers et al. 2023). Only decoder linear layers are quantised; embeddings, the LM head
 and norms stay in the compute dtype."""
+
+PINNED_PAGE = 4 * KiB
+"""Smallest pinned allocation: cudaHostAlloc locks whole pages."""
+
+ALLOCATOR_FRAGMENTATION = 0.10
+"""Share of the step's short-lived device tensors (one chunk's activations, the logits or
+attention transients, the streamed K/V blocks) that the CUDA caching allocator holds beyond
+what is allocated at the peak: freed blocks cached per stream (the copy streams' blocks are
+not reused by the compute stream), split blocks that a later request of another size
+cannot use, the shorter last chunk. An assumption (PyTorch training commonly reserves
+5-20% above its allocated peak; workers set expandable_segments, which keeps it low),
+checked by `scripts/gpu_check.sh`, which reports max_memory_reserved beside
+max_memory_allocated."""
+
+CUDA_SMALL_ALLOC = MiB
+"""Requests up to this size are rounded to CUDA_ROUND_SMALL; larger ones come from
+segments the allocator rounds to CUDA_ROUND_LARGE (its kRoundLarge)."""
+CUDA_ROUND_SMALL = 512
+CUDA_ROUND_LARGE = 2 * MiB
 
 # Per-token, per-decoder-layer tensors that one layer keeps for its backward pass, in
 # elements of the compute dtype (see `layer_activation_bytes`):
@@ -294,10 +323,22 @@ class MemoryEstimate:
     With KV offload: the block in use, the next one and the next layer's first one being
     copied in, and gradient contributions waiting for their copy out."""
     workspace: int
+    token_ids: int = 0
+    """The step's input ids, labels, shifted targets (B·L each) and positions (L), int64 on
+    the device: the one term besides the KV cache that grows with L under KV offload."""
+    allocator: int = 0
+    """What the CUDA caching allocator holds beyond the bytes allocated: each device K/V
+    block rounded to the allocator's granularity, plus ALLOCATOR_FRAGMENTATION of the
+    step's short-lived tensors."""
     host_kv_cache: int = 0
+    """KV offload: pinned host buffers of the K/V blocks, each chunk-sized (a shorter last
+    block too) and rounded up to a power of two as PyTorch's pinned-memory allocator does."""
     host_kv_grad: int = 0
+    """KV offload: pinned float32 gradient-sum buffers, for every block but the last."""
     host_staging: int = 0
     """KV offload: the ring of host buffers gradient contributions are copied out into."""
+    host_buffers: int = 0
+    """KV offload: pinned host buffers the first step allocates (a job's pool keeps them)."""
     terms: tuple[str, ...] = field(
         default=(
             "weights",
@@ -308,6 +349,8 @@ class MemoryEstimate:
             "attention_scores",
             "logits",
             "kv_transient",
+            "token_ids",
+            "allocator",
             "workspace",
         ),
         repr=False,
@@ -335,7 +378,7 @@ class MemoryEstimate:
         """The terms a step adds on top of the loaded model and optimizer (weights,
         trainable state and workspace excluded): what a measured peak-minus-baseline of a
         step is compared with."""
-        return self.kv_cache + self.kv_grad + self.activations + self.transient + self.kv_transient
+        return self.kv_cache + self.kv_grad + self.activations + self.transient + self.kv_transient + self.token_ids
 
     def as_dict(self) -> dict[str, int]:
         out = {f.name: int(getattr(self, f.name)) for f in fields(self) if f.name != "terms"}
@@ -349,10 +392,32 @@ class MemoryEstimate:
         line = ", ".join(f"{t} {format_bytes(b)}" for b, t in parts if b > 0)
         if self.host_total:
             line += (
-                f"; host: KV {format_bytes(self.host_kv_cache)} + KV-grad {format_bytes(self.host_kv_grad)}"
-                f" + staging {format_bytes(self.host_staging)}"
+                f"; host, pinned in {self.host_buffers} buffers: KV {format_bytes(self.host_kv_cache)}"
+                f" + KV-grad {format_bytes(self.host_kv_grad)} + staging {format_bytes(self.host_staging)}"
             )
         return line
+
+
+def pinned_bytes(nbytes: int) -> int:
+    """Host memory that pinning a buffer of `nbytes` takes: PyTorch's caching host
+    allocator rounds every request up to the next power of two before cudaHostAlloc (so
+    the rounded size indexes its free lists), and the driver locks whole pages."""
+    if nbytes <= 0:
+        return 0
+    return max(PINNED_PAGE, 1 << (nbytes - 1).bit_length())
+
+
+def cuda_block_bytes(nbytes: int) -> int:
+    """Device memory the CUDA caching allocator sets aside for one tensor of `nbytes`."""
+    if nbytes <= 0:
+        return 0
+    step = CUDA_ROUND_SMALL if nbytes <= CUDA_SMALL_ALLOC else CUDA_ROUND_LARGE
+    return -(-nbytes // step) * step
+
+
+def _block_lengths(tokens: int, c: int) -> list[int]:
+    """Lengths of the chunk-sized blocks `tokens` are cut into (the last one may be shorter)."""
+    return [c] * (tokens // c) + ([tokens % c] if tokens % c else [])
 
 
 def layer_activation_bytes(shape: ModelShape, dtype_bytes: int) -> int:
@@ -433,19 +498,48 @@ def estimate(
     kv_transient = 0
     if o.prefix_concat:  # one layer's K,V over the whole sequence, expanded to all query heads
         kv_transient = b * length * 2 * shape.num_heads * shape.head_dim * d
-    host_kv_cache = host_kv_grad = host_staging = 0
+    # The blocks of every chunk (a prefix tree: of its branches too) and how many tokens each holds.
+    blocks = _block_lengths(length, c)
+    if o.branch_tokens:  # at most: the prompt's last block may be partial, then each answer starts a block
+        blocks += [c, *_block_lengths(o.branch_tokens, c)]
+    per_token = b * shape.num_kv_heads * shape.head_dim  # elements of one layer's K (or V) per token
+    host_kv_cache = host_kv_grad = host_staging = host_buffers = 0
     if o.kv_offload:
         # kv_store.HostStore streams the prefix one chunk-sized block at a time: the block in
         # use, the next one and the next layer's first one being copied in, and (in the
         # compute dtype) about two blocks' gradient contributions waiting for their copy out.
-        block_kv = b * c * 2 * shape.num_kv_heads * shape.head_dim  # elements of one block's K and V, one layer
+        block_kv = 2 * c * per_token  # elements of one block's K and V, one layer
         kv_transient += block_kv * (3 * d + 2 * d)
-        host_kv_cache, host_kv_grad = kv_cache, kv_grad
-        host_staging = STAGING_BUFFERS * (block_kv // 2) * d
+        # Host: HostBuffers hands out chunk-sized buffers (a shorter last block takes one
+        # too), pinned: each rounded up to a power of two. K and V per block and layer, their
+        # float32 gradient sums for every block but the last, and the copy-out ring. The ring
+        # (buffers of the gradient contributions' dtype: the compute dtype with the fused
+        # kernels) is taken at the first deposit, just after stage 2 released the last
+        # block's K and V of every layer: those buffers serve it first.
+        kv_buffer, grad_buffer = pinned_bytes(c * per_token * d), pinned_bytes(c * per_token * g)
+        layers, n_grad = shape.num_layers, len(blocks) - 1
+        host_kv_cache = layers * len(blocks) * 2 * kv_buffer
+        host_kv_grad = layers * n_grad * 2 * grad_buffer
+        contribution = d if o.fused_attention else max(d, 4)
+        reused = 2 * layers if contribution == d else 0
+        ring = max(0, STAGING_BUFFERS - reused) if n_grad else 0  # one chunk: nothing is ever deposited
+        host_staging = ring * pinned_bytes(c * per_token * contribution)
+        host_buffers = layers * 2 * (len(blocks) + n_grad) + ring
         # The current chunk's own K/V (all layers) stays on the device, and so does the
         # gradient relayed into it: both are O(c), not O(L).
         kv_cache = b * c * kv_tok
         kv_grad = b * c * kv_tok * g // d
+        blocks = [c]
+
+    # The device K/V blocks (and gradient sums) are allocations of their own: the allocator's
+    # rounding of each, plus its cached-but-unused share of the short-lived tensors.
+    def waste(nbytes: int) -> int:
+        return cuda_block_bytes(nbytes) - nbytes
+
+    rounding = shape.num_layers * 2 * sum(waste(n * per_token * d) + waste(n * per_token * g) for n in blocks)
+    short_lived = activations + max(logits, attention_scores) + kv_transient
+    allocator = rounding + math.ceil(ALLOCATOR_FRAGMENTATION * short_lived)
+    token_ids = (3 * b + 1) * length * 8
 
     return MemoryEstimate(
         seq_len=length,
@@ -459,9 +553,12 @@ def estimate(
         logits=logits,
         kv_transient=kv_transient,
         workspace=o.workspace_bytes,
+        token_ids=token_ids,
+        allocator=allocator,
         host_kv_cache=host_kv_cache,
         host_kv_grad=host_kv_grad,
         host_staging=host_staging,
+        host_buffers=host_buffers,
     )
 
 
@@ -565,7 +662,9 @@ def plan(
 
     With `chunk_size` None, the largest power-of-two chunk that fits is chosen. When the
     requested configuration does not fit, the message says what would: a smaller chunk
-    at this length, or the longest max_length at the requested (or smallest) chunk.
+    at this length, the host budget it needs (when only host memory is short), an option
+    this plan does not use (layer checkpointing, KV offload, 4-bit weights) with its chunk,
+    or the longest max_length at the requested (or smallest) chunk.
     """
     name = model.name if isinstance(model, ModelShape) else ModelShape.from_config(model).name
     chosen = chunk_size or choose_chunk_size(model, seq_len, budget_bytes, options, host_budget_bytes)
@@ -584,15 +683,28 @@ def plan(
     e = estimate(model, seq_len, tried, options)
     need = f"needs about {format_bytes(e.total)} on the device"
     if host_budget_bytes is not None and e.host_total > host_budget_bytes:
-        need += f" and {format_bytes(e.host_total)} of host memory (host budget {format_bytes(host_budget_bytes)})"
-    msg = (
-        f"{name}: max_length={seq_len} with chunk_size={e.chunk_size} {need}, "
-        f"but the device budget is {format_bytes(budget_bytes)} ({e.describe()})."
-    )
+        host = f"{format_bytes(e.host_total)} of pinned host memory (host budget {format_bytes(host_budget_bytes)})"
+        need += f" and {host}"
+    if e.total > budget_bytes:
+        need += f", but the device budget is {format_bytes(budget_bytes)}"
+    else:
+        need += f" (within the device budget of {format_bytes(budget_bytes)})"
+    msg = f"{name}: max_length={seq_len} with chunk_size={e.chunk_size} {need} ({e.describe()})."
     alternatives = []
     smaller = choose_chunk_size(model, seq_len, budget_bytes, options, host_budget_bytes)
     if smaller is not None:
         alternatives.append(f"chunk_size={smaller} at max_length={seq_len}")
+    if host_budget_bytes is not None:
+        # Only host memory short: the host budget the device's largest fitting chunk needs.
+        device_chunk = chunk_size or choose_chunk_size(model, seq_len, budget_bytes, options, None)
+        on_device = estimate(model, seq_len, device_chunk, options) if device_chunk else None
+        if on_device is not None and on_device.total <= budget_bytes and on_device.host_total > host_budget_bytes:
+            alternatives.append(
+                f"a host memory budget (SECO_HOST_MEMORY_BUDGET) of at least {format_bytes(on_device.host_total)}"
+                f" ({on_device.host_buffers} pinned buffers) with chunk_size={on_device.chunk_size}"
+                f" at max_length={seq_len}"
+            )
+    alternatives += _options_that_fit(model, seq_len, budget_bytes, options or PlanOptions(), host_budget_bytes)
     longest = max_length(model, budget_bytes, tried, options, host_budget_bytes)
     if longest > 0:
         alternatives.append(f"max_length<={longest} with chunk_size={min(tried, longest)}")
@@ -614,15 +726,41 @@ def plan(
     return MemoryPlan(False, seq_len, tried, e, budget_bytes, host_budget_bytes, longest, msg)
 
 
+_OPTION_CHANGES: tuple[tuple[str, dict[str, bool]], ...] = (
+    ("layer checkpointing", {"layer_checkpointing": True}),
+    ("KV offload with layer checkpointing", {"kv_offload": True, "layer_checkpointing": True}),
+    ("4-bit weights (seco.load_in_4bit)", {"weights_4bit": True}),
+)
+
+
+def _options_that_fit(
+    model: ModelShape | Any, seq_len: int, budget_bytes: int, options: PlanOptions, host_budget_bytes: int | None
+) -> list[str]:
+    """Each memory-saving option this plan does not use yet with which `seq_len` fits, and
+    the chunk it would take. KV offload only where there is a host budget to offload to."""
+    out = []
+    for label, change in _OPTION_CHANGES:
+        if all(getattr(options, k) == v for k, v in change.items()):
+            continue
+        if change.get("kv_offload") and host_budget_bytes is None:
+            continue
+        changed = replace(options, **change)  # type: ignore[arg-type]
+        chunk = choose_chunk_size(model, seq_len, budget_bytes, changed, host_budget_bytes)
+        if chunk is not None:
+            out.append(f"{label} with chunk_size={chunk} at max_length={seq_len}")
+    return out
+
+
 def device_budget_bytes(device: str, reserve_bytes: int | None = None) -> int:
     """Bytes a training step may use on `device`.
 
     CUDA: the device's free memory now (other processes on the GPU count), capped by the
-    per-process memory fraction if one was set, minus a reserve for the CUDA context and
-    allocator fragmentation (default 1 GiB), which `torch.cuda.max_memory_allocated` does
-    not see. CPU: RAM available now (psutil) minus a reserve (default 10% of total RAM,
-    at least 1 GiB), so the OS and other processes keep room. Call it before loading the
-    model: its weights are in the plan.
+    per-process memory fraction if one was set, minus a reserve (default 1 GiB) for what
+    the caching allocator never sees: the CUDA context's growth as kernels and libraries
+    load (cuBLAS, FlashAttention); the allocator's own overhead is a term of the plan.
+    CPU: RAM available now (psutil) minus a reserve (default 10% of total RAM, at least
+    1 GiB), so the OS and other processes keep room. Call it before loading the model:
+    its weights are in the plan.
     """
     if device.startswith("cuda"):
         import torch

@@ -11,6 +11,11 @@ The state file holds tensors and plain containers only (AdamW's and LambdaLR's s
 dicts, RNG byte tensors), so it is loaded with `weights_only=True`: a checkpoint comes
 back from shared storage, and a full unpickler would run whatever code a file planted
 there names. Anything else in it fails the job with `invalid_checkpoint`.
+
+A checkpoint may be resumed on another host than the one that wrote it (any worker takes
+the next attempt): the state file is loaded into CPU memory whatever device wrote it
+(`optimizer.load_state_dict` then moves each moment to its parameter's device), and the
+CUDA random states are restored for the devices this host has, the rest ignored.
 """
 
 from __future__ import annotations
@@ -97,14 +102,32 @@ def load_checkpoint(
     weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, weights)
     try:
-        state = torch.load(path / STATE_FILE, weights_only=True)
+        # Tensors written on cuda:N would otherwise be restored to cuda:N, which this host may
+        # not have (or not have free): CPU first, the optimizer places its state itself.
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise TrainingError(f"checkpoint {path.name} holds more than tensors and plain values; refusing to load it",
                             code="invalid_checkpoint") from e  # fmt: skip
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["cpu_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    restore_rng_states(state["cpu_rng"], state["cuda_rng"])
     meta = json.loads((path / META_FILE).read_text())
     return Position(**meta["position"]), meta["metrics"]
+
+
+def restore_rng_states(cpu_state: torch.Tensor, cuda_states: list[torch.Tensor] | None) -> int:
+    """Restore the CPU random state and one saved CUDA state per device this host has.
+
+    Why not `torch.cuda.set_rng_state_all`: it sets state i on device i for every saved
+    state, and fails on a host with fewer devices than the one that wrote the checkpoint
+    (a one-GPU container resuming a job first run on cuda:1). States beyond this host's
+    devices are ignored, devices beyond the saved states keep theirs. Returns the number
+    of CUDA states restored.
+    """
+    torch.set_rng_state(cpu_state)
+    if not cuda_states or not torch.cuda.is_available():
+        return 0
+    restored = min(len(cuda_states), torch.cuda.device_count())
+    for index in range(restored):
+        torch.cuda.set_rng_state(cuda_states[index], index)
+    return restored

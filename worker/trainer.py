@@ -431,13 +431,27 @@ def host_budget_bytes(spec: TrainSpec) -> int:
     return device_budget_bytes("cpu") // max(1, torch.cuda.device_count())
 
 
+def _device_map(device: torch.device) -> dict[str, torch.device]:
+    """The whole model on `device` (a bare "cuda" is the current CUDA device)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return {"": device}
+
+
 def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """The base model straight onto the job's device, with LoRA attached.
+
+    Why `device_map` rather than loading and then `.to(device)`: the latter builds the
+    whole model in host memory first (16 GB for an 8B model in bf16, next to the host
+    memory KV offload is about to pin), then copies it. With a device map the loader
+    places each tensor on the device as it reads it (transformers 5.17 and later, without
+    accelerate for a single device).
+    """
     base: Any
     if spec.seco.load_in_4bit:
         base = _load_4bit(spec, dtype, device)  # placed by device_map: quantized models refuse .to()
     else:
-        base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype)
-        base.to(device)
+        base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype, device_map=_device_map(device))
     lora = spec.seco.lora
     model = attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     if spec.init_adapter is not None:
@@ -478,7 +492,7 @@ def _load_4bit(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> Any
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(
-        spec.model_path, dtype=dtype, quantization_config=quant, device_map={"": device.index or 0}
+        spec.model_path, dtype=dtype, quantization_config=quant, device_map=_device_map(device)
     )
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import psutil
 import pytest
+import torch
 from transformers import GPTNeoXConfig, LlamaConfig, Qwen3Config
 
+from seco_core import ChunkConfig, chunked_backward
+from seco_core.kv_store import HostBuffers
 from seco_core.memory_plan import (
     GiB,
     KiB,
@@ -20,6 +26,7 @@ from seco_core.memory_plan import (
     parse_size,
     plan,
 )
+from tests.seco_core.tiny import CONFIGS, VOCAB, tiny_model
 
 LLAMA3_8B = LlamaConfig(
     num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
@@ -77,9 +84,10 @@ def test_layer_checkpointing_shrinks_activations() -> None:
 
 
 def test_worked_examples_of_the_anchors() -> None:
-    # 16K, c=1K, no checkpointing, naive CE: ≈27 GiB -> refused on a 24 GB card.
+    # 16K, c=1K, no checkpointing, naive CE: ≈27 GiB -> refused on a 24 GB card (the anchors'
+    # arithmetic has no allocator term: compared without it).
     naive = estimate(SHAPE, 16384, 1024, PlanOptions(loss_slice=None))
-    assert 25 * GiB < naive.total < 31 * GiB
+    assert 25 * GiB < naive.total - naive.allocator < 31 * GiB < naive.total
     # With checkpointing + fused CE: ≈22 GiB -> fits, close to the limit.
     lean = estimate(SHAPE, 16384, 1024, LEAN)
     assert 21 * GiB < lean.total < 23 * GiB
@@ -123,8 +131,8 @@ def test_plan_refuses_and_says_what_would_fit() -> None:
     smaller = choose_chunk_size(SHAPE, 16384, 24 * GiB)
     assert f"chunk_size={smaller} at max_length=16384" in p.message
 
-    # Nothing fits at all.
-    p = plan(SHAPE, 16384, 12 * GiB)
+    # Nothing fits at all, not even with 4-bit weights (5.3 GiB) and the 2 GiB workspace.
+    p = plan(SHAPE, 16384, 6 * GiB)
     assert not p.fits and p.longest_length == 0
     assert "Nothing fits" in p.message and "4-bit" in p.message
 
@@ -142,12 +150,13 @@ def test_kv_offload_moves_kv_and_grads_to_the_host() -> None:
     assert e.host_kv_cache == 16 * GiB  # 128K x 128 KiB
     assert e.host_kv_grad == (131072 - 1024) * 128 * KiB * 2  # float32 sums
     block = 1024 * 8 * 128 * 2  # one layer's K (or V) block of 1024 tokens in bf16
-    assert e.host_staging == 32 * block  # the copy-out ring
+    assert e.host_staging == 0  # the copy-out ring reuses the last block's released buffers
     assert e.host_total == e.host_kv_cache + e.host_kv_grad + e.host_staging
     # Streamed one block at a time: in use, the next, the next layer's first (K and V), and
     # about two blocks' gradient contributions waiting for their copy out.
     assert e.kv_transient == 2 * block * (3 + 2)
-    assert estimate(SHAPE, 1048576, 1024, options).total == e.total  # device memory does not grow with L
+    # Device memory grows with L only by the step's int64 ids, labels, targets and positions.
+    assert estimate(SHAPE, 1048576, 1024, options).total - e.total == 4 * 8 * (1048576 - 131072)
     assert e.total < 24 * GiB  # 128K tokens of an 8B model under 24 GiB
     # A host budget is enforced too.
     assert plan(SHAPE, 131072, 24 * GiB, 1024, options, host_budget_bytes=128 * GiB).fits
@@ -234,6 +243,8 @@ def test_logits_and_attention_transients_are_not_added_up() -> None:
             + e.activations
             + e.transient
             + e.kv_transient
+            + e.token_ids
+            + e.allocator
             + e.workspace
         )
 
@@ -251,12 +262,130 @@ def test_branch_tokens_add_their_kv_cache_and_gradients() -> None:
     for offload in (False, True):
         tree = estimate(shape, 1000, 128, PlanOptions(branch_tokens=300, kv_offload=offload))
         longer = estimate(shape, 1300, 128, PlanOptions(kv_offload=offload))
-        assert (tree.kv_cache, tree.kv_grad, tree.host_kv_cache, tree.host_kv_grad) == (
-            longer.kv_cache,
-            longer.kv_grad,
-            longer.host_kv_cache,
-            longer.host_kv_grad,
-        )
+        assert (tree.kv_cache, tree.kv_grad) == (longer.kv_cache, longer.kv_grad)
         assert tree.activations == estimate(shape, 1000, 128, PlanOptions(kv_offload=offload)).activations
+    # Offloaded, in chunk-sized host buffers: 1000 tokens are 8 blocks of 128, the answers
+    # start blocks of their own (3 for 300 tokens), and the prompt's last block may have been
+    # partial (1 more): 12 blocks, where one 1300-token sequence has 11.
+    tree = estimate(shape, 1000, 128, PlanOptions(branch_tokens=300, kv_offload=True))
+    longer = estimate(shape, 1300, 128, PlanOptions(kv_offload=True))
+    buffer = 128 * 2 * 16 * 2  # one layer's K (or V) of one block: 8 KiB, a power of two
+    assert (tree.host_kv_cache, longer.host_kv_cache) == (2 * 12 * 2 * buffer, 2 * 11 * 2 * buffer)
+    assert (tree.host_kv_grad, longer.host_kv_grad) == (2 * 11 * 2 * 2 * buffer, 2 * 10 * 2 * 2 * buffer)
     with pytest.raises(ValueError, match="branch_tokens must be >= 0"):
         PlanOptions(branch_tokens=-1)
+
+
+# What the allocators really take. Each figure below is derived by hand from the model's
+# shape and the allocators' rules, not by calling the plan's own helpers.
+
+
+def _next_power_of_two(n: int) -> int:
+    """PyTorch's pinned-memory allocator's rounding (CachingHostAllocator: PowerOf2Ceil)."""
+    return 2 ** math.ceil(math.log2(n))
+
+
+@pytest.mark.parametrize(("dtype", "sizes"), [(torch.float32, {6400}), (torch.bfloat16, {3200, 6400})])
+def test_pinned_host_memory_is_what_the_kv_store_asks_the_host_allocator_for(
+    dtype: torch.dtype, sizes: set[int]
+) -> None:
+    """A real offloaded step (CPU, tiny Llama) records every host buffer the K/V store
+    allocates; pinned through CUDA's host allocator each takes the next power of two (and at
+    least a 4 KiB page). Chunk 100 of 250 tokens: 3 blocks, the last one half full, all in
+    chunk-sized buffers: K/V 2 KV heads x 100 x 8 elements (6400 B in fp32, 3200 B in bf16,
+    pinning 8 and 4 KiB), float32 sums 6400 B."""
+    allocated: list[int] = []
+
+    class Recording(HostBuffers):
+        def take(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+            before = self.allocations
+            buffer = super().take(shape, dtype, pin)
+            if self.allocations > before:
+                allocated.append(buffer.numel() * buffer.element_size())
+            return buffer
+
+    model = tiny_model("llama", dtype=dtype)
+    ids = torch.randint(3, VOCAB, (1, 250), generator=torch.Generator().manual_seed(0))
+    chunked_backward(model, ids, ids, ChunkConfig(chunk_size=100, offload_kv=True), host_buffers=Recording())
+    pinned = [max(4 * KiB, _next_power_of_two(n)) for n in allocated]
+    assert set(allocated) == sizes
+
+    e = estimate(CONFIGS["llama"], 250, 100, PlanOptions(kv_offload=True, dtype_bytes=dtype.itemsize))
+    # 2 layers x (K and V of 3 blocks + the sums of 2), and the 32-buffer copy-out ring, whose
+    # first 4 are the last block's K and V, released just before the first deposit.
+    assert e.host_buffers == len(allocated) == 2 * (2 * 3 + 2 * 2) + 32 - 4
+    assert e.host_total == sum(pinned)
+    assert 250 * 2 * 2 * 2 * 8 * (dtype.itemsize + 4) < e.host_total  # the tokens' exact K/V and sums undercount it
+
+
+def test_8b_at_128k_with_offload_counts_pinning_and_the_allocator() -> None:
+    """Llama-3-8B, bf16, 128K tokens in chunks of 4096, KV offload and layer checkpointing."""
+    options = PlanOptions(kv_offload=True, layer_checkpointing=True)
+    e = estimate(SHAPE, 131072, 4096, options)
+    # Host: 32 blocks x 32 layers; K and V of a block and layer 4096 x 8 x 128 x 2 B = 8 MiB,
+    # their float32 sums 16 MiB (every block but the last); the 32-buffer copy-out ring is
+    # made of the last block's 64 released K and V buffers.
+    assert e.host_kv_cache == 32 * 32 * 2 * 8 * MiB == 16 * GiB
+    assert e.host_kv_grad == 31 * 32 * 2 * 16 * MiB == 31 * GiB
+    assert e.host_staging == 0
+    assert e.host_buffers == 32 * (2 * 32 + 2 * 31) == 4032  # what the first step pins
+    # Device, allocator: 10% of the short-lived tensors. Per chunk token, 32 layer inputs
+    # (4096 x 2 B) plus one layer's working set: 4 hidden-sized, 2 query-sized, 2 KV-sized,
+    # 4 MLP-sized bf16 vectors and 2 hidden-sized fp32 ones; logits of a 1024-token slice at
+    # 12 B per vocabulary entry; 3 + 2 streamed blocks of K and V (8 MiB each in bf16).
+    layer = (4 * 4096 + 2 * 4096 + 2 * 1024 + 4 * 14336) * 2 + 2 * 4096 * 4
+    activations = 4096 * (32 * 4096 * 2 + layer)
+    logits = 1024 * 128256 * 12
+    streamed = 5 * 2 * 8 * MiB
+    assert (e.activations, e.logits, e.kv_transient) == (activations, logits, streamed)
+    assert e.allocator == math.ceil(0.10 * (activations + logits + streamed))  # the blocks are 2 MiB multiples
+    assert 330 * MiB < e.allocator < 350 * MiB
+    # 22.2 GiB of the 23 GiB a 24 GiB card leaves after its 1 GiB reserve: it fits, by 0.8 GiB.
+    assert 22.1 * GiB < e.total < 22.3 * GiB
+    assert plan(SHAPE, 131072, 23 * GiB, 4096, options, host_budget_bytes=48 * GiB).fits
+
+
+def test_heads_that_are_not_a_power_of_two_pin_a_third_more() -> None:
+    """Phi-3-mini (32 KV heads of 96): a block's K in bf16 at chunk 4096 is 24 MiB and pins
+    32 MiB; its float32 sum is 48 MiB and pins 64 MiB."""
+    phi3 = ModelShape(num_layers=32, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96,
+                      intermediate_size=8192, vocab_size=32064, num_params=3_821_079_552)  # fmt: skip
+    e = estimate(phi3, 32768, 4096, PlanOptions(kv_offload=True, layer_checkpointing=True))
+    exact_kv = 32768 * 32 * 2 * 32 * 96 * 2  # 12 GiB of K/V for 32K tokens
+    assert exact_kv == 12 * GiB and e.host_kv_cache == 16 * GiB
+    assert e.host_kv_grad == 7 * 32 * 2 * 64 * MiB  # 28 GiB where the exact float32 sums are 21 GiB
+    assert e.host_staging == 0  # the ring reuses the last block's buffers (64 > 32)
+
+
+def test_a_host_bound_refusal_says_which_host_budget_or_length_would_fit() -> None:
+    """128K with offload on a 40 GiB host budget: the device would hold it; the host needs
+    47 GiB (above). At 40 GiB: n blocks of 4096 need 1.5 GiB each (K, V and sums of 32
+    layers), the last one 0.5 GiB (no sums): 1.5 (n - 1) + 0.5 <= 40 gives n = 27 blocks,
+    110592 tokens."""
+    options = PlanOptions(kv_offload=True, layer_checkpointing=True)
+    p = plan(SHAPE, 131072, 23 * GiB, 4096, options, host_budget_bytes=40 * GiB)
+    assert not p.fits
+    assert "47.00 GiB of pinned host memory (host budget 40.00 GiB)" in p.message
+    assert "within the device budget" in p.message
+    assert "SECO_HOST_MEMORY_BUDGET) of at least 47.00 GiB (4032 pinned buffers) with chunk_size=4096" in p.message
+    assert "max_length<=110592 with chunk_size=4096" in p.message
+    assert plan(SHAPE, 131072, 23 * GiB, 4096, options, host_budget_bytes=47 * GiB).fits
+    assert not plan(SHAPE, 131072, 23 * GiB, 4096, options, host_budget_bytes=47 * GiB - 1).fits
+    assert plan(SHAPE, 110592, 23 * GiB, 4096, options, host_budget_bytes=40 * GiB).fits
+    assert not plan(SHAPE, 110593, 23 * GiB, 4096, options, host_budget_bytes=40 * GiB).fits
+
+
+def test_a_refusal_names_the_options_that_would_fit() -> None:
+    # 16K on 16 GiB: bf16 weights and the workspace alone take 17 GiB; NF4 weights (5.3 GiB) leave room.
+    p = plan(SHAPE, 16384, 16 * GiB)
+    suggested = re.search(r"4-bit weights \(seco\.load_in_4bit\) with chunk_size=(\d+) at max_length=16384", p.message)
+    assert not p.fits and suggested
+    assert plan(SHAPE, 16384, 16 * GiB, int(suggested.group(1)), PlanOptions(weights_4bit=True)).fits
+    # 128K without offload: 16 GiB of K/V and 32 GiB of sums on the device; offloaded they fit.
+    p = plan(SHAPE, 131072, 23 * GiB, None, PlanOptions(max_chunk=4096), host_budget_bytes=64 * GiB)
+    suggested = re.search(r"KV offload with layer checkpointing with chunk_size=(\d+) at max_length=131072", p.message)
+    assert not p.fits and suggested
+    offload = PlanOptions(max_chunk=4096, kv_offload=True, layer_checkpointing=True)
+    assert plan(SHAPE, 131072, 23 * GiB, int(suggested.group(1)), offload, host_budget_bytes=64 * GiB).fits
+    # Without a host budget there is nowhere to offload to: not suggested.
+    assert "KV offload" not in plan(SHAPE, 131072, 23 * GiB, None, PlanOptions(max_chunk=4096)).message

@@ -92,8 +92,16 @@ def test_nf4_jobs_plan_with_4bit_weights() -> None:
 def test_host_budget_is_the_workers_share() -> None:
     """SECO_HOST_MEMORY_BUDGET bounds KV offload, e.g. for several workers on one host."""
     spec = replace(spec_for(131072), host_memory_budget_bytes=40 * GiB)
-    with pytest.raises(TrainingError, match=r"host budget 40\.00 GiB"):
+    with pytest.raises(TrainingError, match=r"host budget 40\.00 GiB") as info:
         trainer._plan_memory(spec, LLAMA3_8B, torch.bfloat16)
+    # The refusal says which budget would do: at the GPU's chunk of 4096, 32 blocks x 32 layers
+    # of K and V (8 MiB each) and the float32 sums of all but the last block (16 MiB each).
+    needed = 32 * 32 * 2 * 8 * 2**20 + 31 * 32 * 2 * 16 * 2**20
+    assert needed == 47 * GiB
+    hint = "(SECO_HOST_MEMORY_BUDGET) of at least 47.00 GiB (4032 pinned buffers) with chunk_size=4096"
+    assert hint in str(info.value)
+    enough = trainer._plan_memory(replace(spec, host_memory_budget_bytes=needed), LLAMA3_8B, torch.bfloat16)
+    assert (enough.offload_kv, enough.chunk_size, enough.memory.estimate.host_total) == (True, 4096, needed)
     assert trainer._plan_memory(replace(spec, host_memory_budget_bytes=60 * GiB), LLAMA3_8B, torch.bfloat16).offload_kv
 
 
@@ -103,8 +111,8 @@ KV_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # Llama-3-8B, bf16: 128 KiB (their gradient
 def test_a_dpo_step_keeps_the_second_answer_beside_the_prompt() -> None:
     """A preference pair of a 16K prompt and two 512-token answers: the plan counts the shorter
     answer's K/V (and their gradient sums) on top of prompt + longer answer."""
-    supervised = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16)
-    dpo = trainer._plan_memory(spec_for(16896), LLAMA3_8B, torch.bfloat16, branch_tokens=512)
+    supervised = trainer._plan_memory(spec_for(16896, budget=26 * GiB), LLAMA3_8B, torch.bfloat16)
+    dpo = trainer._plan_memory(spec_for(16896, budget=26 * GiB), LLAMA3_8B, torch.bfloat16, branch_tokens=512)
     assert (dpo.chunk_size, dpo.offload_kv) == (supervised.chunk_size, supervised.offload_kv)
     assert not dpo.offload_kv
     assert dpo.memory.estimate.kv_cache - supervised.memory.estimate.kv_cache == 512 * KV_PER_TOKEN

@@ -391,3 +391,49 @@ def test_a_non_finite_step_fails_the_job_before_the_optimizer_applies_it(
     # the kept checkpoint is a good adapter
     weights = adapter_weights(spec.output_dir / "checkpoints" / "step-000002" / "adapter")
     assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_the_model_is_loaded_straight_onto_the_device(
+    tmp_path: Path, demo_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading then `.to(device)` builds the whole model in host memory first (16 GB for an 8B
+    model). The meta device stands in for a GPU here: what the loader returns is already
+    there, in the job's dtype (the loader placed each tensor as it read it), where loading
+    and then moving returned the whole model in host memory."""
+    import transformers
+
+    import worker.trainer as trainer
+
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    returned: list[set[tuple[str, torch.dtype]]] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        model = real(*args, **kwargs)
+        returned.append({(p.device.type, p.dtype) for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(trainer.AutoModelForCausalLM, "from_pretrained", recording)
+    model = trainer._load_model(make_spec(tmp_path, demo_model), torch.bfloat16, torch.device("meta"))
+    assert returned == [{("meta", torch.bfloat16)}]
+    assert {p.device.type for p in model.parameters()} == {"meta"}  # the LoRA weights joined it there
+    assert trainer._device_map(torch.device("cuda:1")) == {"": torch.device("cuda:1")}
+
+
+def test_4bit_weights_on_a_cuda_worker_without_bitsandbytes_are_refused(
+    tmp_path: Path, demo_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check of the CUDA path itself (the test above is refused for being on the CPU)."""
+    import importlib.util
+
+    import worker.trainer as trainer
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
+    )
+    spec = make_spec(tmp_path, demo_model, device="cuda:0", seco=SecoSpec(max_length=128, load_in_4bit=True))
+    with pytest.raises(
+        TrainingError, match=r"bitsandbytes installed \(this worker: device cuda:0, bitsandbytes not installed\)"
+    ) as info:
+        trainer._load_model(spec, torch.bfloat16, torch.device("cuda:0"))
+    assert (info.value.code, info.value.param) == ("unsupported_option", "seco.load_in_4bit")
