@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             vs = ""
             if ref:
                 less = ref["peak_extra_bytes"] / r["peak_extra_bytes"]
-                vs = f"time {r['seconds'] / ref['seconds']:.2f}x, memory {less:.2f}x less"
+                vs = f"time {r['seconds'] / ref['seconds']:.2f}x, hf-ckpt's peak / this {less:.2f}x"
             print(f"{length:>7} {r['method']:>10} {r['seconds']:>8.1f} {r['peak_extra_bytes'] / 2**30:>9.2f} "
                   f"{r['loss']:>7.3f} {plan:>9}  {vs}")  # fmt: skip
 
