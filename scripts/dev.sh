@@ -41,6 +41,14 @@ if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/
     || echo "chromium could not be installed: the browser test will be skipped" >&2
 fi
 
+# The real pretrained model tests/real_model trains on (idempotent: built once into .cache/models);
+# with it built, those slow tests run here and in CI instead of being skipped.
+# SECO_REAL_MODEL_TESTS=0 opts out (e.g. a GPU run of other tests on a machine without PyPI).
+if [ "${SECO_REAL_MODEL_TESTS:-1}" = 1 ]; then
+  python scripts/build_real_model.py
+  export SECO_REAL_MODEL_TESTS=1
+fi
+
 set +e
 python -m pytest "$@"
 status=$?
