@@ -15,18 +15,23 @@ offload), which sums them for the relay.
 Per-block kernels: on CPU, PyTorch's fused flash-attention kernel; on CUDA in bf16/fp16,
 PyTorch's FlashAttention-2 forward and backward ops; elsewhere (fp32/fp64 on CUDA) a
 plain matmul/softmax version, which is also the reference the tests compare the fused
-ones with. The fused kernels never materialise a block's scores.
+ones with. The fused kernels never materialise a block's scores. FlashAttention-2 needs a
+GPU of compute capability 8.0 or newer; on older ones (T4, V100) the math kernel is used,
+with a logged warning.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from seco_core.kv_store import LayerPrefix
+
+log = logging.getLogger(__name__)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -189,17 +194,38 @@ KERNELS: dict[str, tuple[BlockForward, BlockBackward]] = {
     "cuda": (_cuda_forward, _cuda_backward),
 }
 FUSED_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+FLASH_MIN_CAPABILITY = (8, 0)
+"""PyTorch's FlashAttention-2 kernels run on Ampere (8.0) and newer."""
+
+
+@functools.cache
+def _flash_supported(index: int) -> bool:
+    """Whether GPU `index` runs FlashAttention-2; says once per GPU when it does not."""
+    capability = tuple(torch.cuda.get_device_capability(index))
+    if capability >= FLASH_MIN_CAPABILITY:
+        return True
+    log.warning(
+        "cuda:%d has compute capability %d.%d; FlashAttention-2 needs %d.%d or newer, so chunk attention "
+        "uses the math kernel there (correct, but slower and with a block's scores in memory)",
+        index, *capability, *FLASH_MIN_CAPABILITY,
+    )  # fmt: skip
+    return False
 
 
 def kernel_for(q: torch.Tensor, requested: str = "auto") -> str:
-    """The per-block kernel for a query tensor: fused where PyTorch has one for its device and dtype."""
+    """The per-block kernel for a query tensor: fused where PyTorch has one for its device,
+    dtype and (on CUDA) compute capability; the math kernel otherwise."""
     if requested != "auto":
+        if requested not in KERNELS:
+            raise ValueError(f"unknown attention kernel {requested!r}; choose one of {sorted(KERNELS)} or 'auto'")
         return requested
     if q.device.type == "cpu":
         return "cpu"
     head_dim = q.shape[-1]
     if q.device.type == "cuda" and q.dtype in FUSED_CUDA_DTYPES and head_dim % 8 == 0 and head_dim <= 256:
-        return "cuda"
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        if _flash_supported(index):
+            return "cuda"
     return "math"
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from seco_core import attention
 from seco_core.attention import _cuda_backward, _cuda_forward, _math_forward, chunk_attention, kernel_for
 from seco_core.kv_store import DeviceStore, HostStore, LayerPrefix
 
@@ -90,3 +94,32 @@ def test_kernel_choice() -> None:
     assert kernel_for(torch.empty(1, 1, 4, 128)) == "cpu"
     assert kernel_for(torch.empty(1, 1, 4, 128, device="meta")) == "math"
     assert kernel_for(torch.empty(1, 1, 4, 128), "math") == "math"
+
+
+def test_gpus_older_than_ampere_fall_back_to_the_math_kernel(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FlashAttention-2 needs compute capability 8.0: on a T4 (7.5) or V100 (7.0) bf16 attention
+    takes the math kernel, with one warning per GPU, instead of failing in the fused op. The
+    capability query is faked, so this runs without a GPU."""
+    capability = [(7, 5)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[0])
+    q = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 8, 64, 128))
+    attention._flash_supported.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="seco_core.attention"):
+            assert kernel_for(q) == "math"  # type: ignore[arg-type]
+            assert kernel_for(q) == "math"  # type: ignore[arg-type]
+        messages = [r.getMessage() for r in caplog.records if r.name == "seco_core.attention"]
+        assert len(messages) == 1, messages
+        assert "compute capability 7.5" in messages[0] and "math kernel" in messages[0]
+        capability[0] = (8, 0)
+        attention._flash_supported.cache_clear()
+        assert kernel_for(q) == "cuda"  # type: ignore[arg-type]
+    finally:
+        attention._flash_supported.cache_clear()
+
+
+def test_an_unknown_kernel_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        kernel_for(torch.empty(1, 1, 4, 8), "flash")
