@@ -271,6 +271,7 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(index)
+        host_buffers.stats.reset()  # this step's prefetch misses and ring waits
 
         def run() -> float:
             if config is None:
@@ -287,7 +288,8 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
             model.zero_grad(set_to_none=True)
         peak = torch.cuda.max_memory_allocated(index) if cuda else None
         return {"ok": True, "seconds": round(seconds, 3), "loss": round(loss, 4), "peak_device_bytes": peak,
-                "host_pinned_bytes": host_buffers.bytes_allocated}  # fmt: skip
+                "host_pinned_bytes": host_buffers.bytes_allocated,
+                "kv_offload_stats": host_buffers.stats.as_dict()}  # fmt: skip
 
     def chosen(length: int) -> tuple[Any, Any]:
         """The worker's choice under the cap: fastest mode that fits, its chunk, its estimate."""

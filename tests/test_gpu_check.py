@@ -28,6 +28,10 @@ def test_every_part_writes_its_figures(tmp_path: Path) -> None:
     assert len(errors) == 3 and max(errors) < 1e-5  # type: ignore[type-var]
     assert [r["name"] for r in parity][-1] == "attention_speed"
 
-    names = [r["name"] for r in run("llama8b", out, "--shape", "tiny", "--deadline", "120")]
+    records = run("llama8b", out, "--shape", "tiny", "--deadline", "120")
+    names = [r["name"] for r in records]
     assert names[:3] == ["model", "seco_step", "seco_step"]
+    stats = records[1]["kv_offload_stats"]  # the offloaded step's copy/compute overlap counters
+    assert isinstance(stats, dict) and stats["blocks_fetched"] > 0 and "ring_waits" in stats, stats
+    assert stats["prefetch_misses"] < stats["blocks_fetched"], stats
     assert "ratio" in names and names[-1] == "longest"
