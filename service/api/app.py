@@ -103,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )  # fmt: skip
         app.state.aredis = aioredis.Redis.from_pool(pool)
         app.state.reads = Reads.from_url(redis_url, max_connections=settings.max_concurrency,
-                                         name="seco-api-reads")  # the hot read routes  # fmt: skip
+                                         name="seco-api-reads", blocking=app.state.aredis)  # fmt: skip
         app.state.stream_slots = StreamSlots(app.state.aredis)
         tried = asyncio.Event()
         resolver = asyncio.create_task(_resolve_tenants(store, storage, tenant_keys, tried))

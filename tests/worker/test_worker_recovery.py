@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from service.record.store import REQUEUE_MESSAGE
+from tests.record_reads import list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_sigkill_mid_job_resumes_from_checkpoint(svc: Any, tmp_path: Path, wait:
         extra_body={"seco": {"chunk_size": 16, "max_length": 64, "lora": {"r": 4}}},
     )  # fmt: skip
     store = svc.store()
-    wait(lambda: len(store.list_checkpoints(job.id, after=None, limit=100)[0]) >= 2, timeout=240,
+    wait(lambda: len(list_checkpoints(store, job.id, after=None, limit=100)[0]) >= 2, timeout=240,
          what="two checkpoints")  # fmt: skip
     rec = store.get_job(job.id)
     assert rec.status == "running" and rec.worker

@@ -20,6 +20,7 @@ from service.record.settings import Settings
 from service.record.storage import LocalStorage, keys
 from service.record.store import REQUEUE_MESSAGE, STATUSES, FileInUse, FileRecord, JobRecord, LimitExceeded, Store, now
 from service.record.tenants import tenant_of
+from tests.record_reads import list_checkpoints, list_events, read_events, tenant_file_bytes
 from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
 from worker.tasks import run_job
 
@@ -156,13 +157,13 @@ def test_metrics_dedupe_events_and_pagination(store: Store, data: LocalStorage) 
     for step in (1, 2, 3, 2, 3, 4):  # a resume re-reports steps 2 and 3
         store.add_metrics(job, "w1", {"step": step, "train_loss": 1.0 / step, "peak_memory_bytes": step * 10}, "m")
     assert store.add_metrics(job, "intruder", {"step": 9}, "m") is None, "only the owner reports metrics"
-    events = store.read_events(job)
+    events = read_events(store, job)
     steps = [e.data["step"] for e in events if e.type == "metrics"]  # type: ignore[index]
     assert steps == [1, 2, 3, 4]
     assert store.get_job(job).peak_memory_bytes == 40  # type: ignore[union-attr]
     # newest first, paged by `after`
-    page1, more1 = store.list_events(job, after=None, limit=3)
-    page2, more2 = store.list_events(job, after=page1[-1].stream_id, limit=100)
+    page1, more1 = list_events(store, job, after=None, limit=3)
+    page2, more2 = list_events(store, job, after=page1[-1].stream_id, limit=100)
     assert more1 and not more2
     ids_all = [e.id for e in page1 + page2]
     assert ids_all == [e.id for e in reversed(events)]
@@ -179,10 +180,10 @@ def test_reaper_requeues_then_fails_after_max_attempts(store: Store, data: Local
     assert store.reap_expired(3) == [], "only one reaper wins"
     rec = store.get_job(job)
     assert rec is not None and rec.status == "queued" and rec.attempts == 1 and rec.worker is None
-    assert any(e.message == REQUEUE_MESSAGE for e in store.read_events(job))
+    assert any(e.message == REQUEUE_MESSAGE for e in read_events(store, job))
     assert not store.refresh_lease(job, "dead-worker", 30), "the old owner cannot renew"
     assert store.start_job(job, "w2", 0.3)
-    assert "attempt 2" in store.read_events(job)[-1].message
+    assert "attempt 2" in read_events(store, job)[-1].message
     time.sleep(0.4)
     assert store.reap_expired(3) == [job]
     assert store.start_job(job, "w3", 0.3)
@@ -216,7 +217,7 @@ def test_tenant_limits_and_file_in_use(store: Store, data: LocalStorage) -> None
                      path="files/x")  # fmt: skip
     with pytest.raises(LimitExceeded):
         store.create_file(big, counted=True, tenant_limit=f.bytes + 99)
-    assert store.tenant_file_bytes(T1) == f.bytes
+    assert tenant_file_bytes(store, T1) == f.bytes
     assert store.get_file(f.id, OTHER) is None
     with pytest.raises(LookupError):
         make_job(store, f.id, tenant=OTHER)
@@ -267,12 +268,12 @@ def test_run_job_success_registers_results(store: Store, data: LocalStorage, tmp
     adapter = store.get_file(rec.adapter_file, T1)  # type: ignore[arg-type]
     assert adapter is not None and adapter.purpose == "fine-tune-results"
     assert adapter.path == keys.result_key(T1, job, "adapter.tar.gz") and data.exists(adapter.path)
-    cks, _ = store.list_checkpoints(job, after=None, limit=10)
+    cks, _ = list_checkpoints(store, job, after=None, limit=10)
     assert [c.step for c in cks] == [2, 1]
     # each checkpoint was published with its marker, and the worker's scratch space is gone
     assert data.complete_dirs(keys.checkpoints_prefix(T1, job), "checkpoint.json") == ["step-000001", "step-000002"]
     assert not list((data.root / "scratch").rglob(f"{job}*")), "scratch space cleaned when the job ended"
-    messages = [e.message for e in store.read_events(job)]
+    messages = [e.message for e in read_events(store, job)]
     assert messages[-1] == "The job has successfully completed"
     assert "Checkpoint saved at step 2" in messages
     # a redelivery of the same message does nothing
