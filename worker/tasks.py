@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import socket
-import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from typing import Any, TypeVar
 import redis
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
+from service.archives import safe_extract
 from service.record import ids
 from service.record.model_sources import resolve_fine_tuned
 from service.record.models import fine_tuned_model_name, parse_model_name
@@ -304,9 +304,7 @@ def fetch_start_adapter(rec: JobRecord, store: Store, storage: Storage, dest: Pa
         if kind == "dir":
             return storage.fetch_dir(key, dest)
         archive = storage.fetch(key, dest.with_name("start-adapter.tar.gz"))
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(dest, filter="data")  # our own archive; the filter refuses links and paths out of dest
+        safe_extract(archive, dest)
         return dest
     except ObjectNotFound:
         raise TrainingError(f"Model {rec.model!r} no longer exists (it was deleted after this job was created)",

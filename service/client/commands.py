@@ -24,9 +24,10 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, TextIO
 
+from service.archives import UnsafeArchive, safe_extract
 from service.client.format import (
     ProgressLine,
     age,
@@ -482,37 +483,6 @@ def cmd_follow(args: argparse.Namespace, client: Client) -> int:
 # --------------------------------------------------------------------------- download
 
 
-def safe_extract(archive: Path, dest: Path) -> list[str]:
-    """Extract regular files and directories of a .tar.gz under `dest`; refuse anything else.
-
-    An archive is data from the network: absolute names, `..`, links and device files
-    could write outside `dest` (or point there later), so any of them fails the whole
-    extraction before a byte is written.
-    """
-    dest = dest.resolve()
-    with tarfile.open(archive, "r:gz") as tar:
-        members = tar.getmembers()
-        for m in members:
-            parts = PurePosixPath(m.name).parts
-            if m.name.startswith(("/", "\\")) or ".." in parts or "\\" in m.name or not (m.isfile() or m.isdir()):
-                raise ClientError(f"refusing to extract {m.name!r}: the adapter archive may only hold plain files")
-            if not (dest / m.name).resolve().is_relative_to(dest):
-                raise ClientError(f"refusing to extract {m.name!r}: it would land outside {dest}")
-        names = []
-        for m in members:
-            target = dest / m.name
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tar.extractfile(m)
-            assert src is not None  # a regular file always has content
-            with src, target.open("wb") as f:
-                shutil.copyfileobj(src, f)
-            names.append(str(PurePosixPath(m.name)))
-    return names
-
-
 @command
 def cmd_download(args: argparse.Namespace, client: Client) -> int:
     job = client.job(args.job_id)
@@ -530,6 +500,8 @@ def cmd_download(args: argparse.Namespace, client: Client) -> int:
         dest.mkdir(exist_ok=True)
         try:
             names = safe_extract(archive, dest)
+        except UnsafeArchive as e:
+            raise ClientError(str(e)) from None
         except (tarfile.TarError, EOFError) as e:
             raise ClientError(f"the downloaded adapter is not a valid .tar.gz: {e}") from None
     _emit(f"Extracted {len(names)} files ({human_bytes(size)}) to {dest}/: {', '.join(sorted(names))}")
