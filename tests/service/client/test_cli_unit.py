@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from service.client import cli
-from service.client.commands import job_body
+from service.client.commands.submit import job_body
 from service.client.format import ProgressLine, age, human_bytes, human_duration, table
 from service.client.http import ClientError, base_url, resolve_api_key
 from service.client.sse import SSEParser
