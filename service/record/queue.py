@@ -7,6 +7,17 @@ first job of `order()`, and the claim is the guarded queued -> running transitio
 workers racing for one job cannot both get it. While it trains, the worker renews the job's
 lease; a job whose lease expired (its worker died) is requeued by any reaper (the API's or
 a worker's), and resumes from its last checkpoint.
+
+How a worker hears that a job is waiting: one Celery message per queued job (`enqueue`),
+published by task name, so the API never imports the worker. The message names the job
+that was queued, but the task trains whichever job `claim_next` picks (`TASK_NAME`:
+"train the next job"): one message per queued job, any worker, the choice made when a
+worker is free.
+
+Delivery guarantees: `acks_late` + `reject_on_worker_lost` put a message back on the queue
+if the process running it dies; the claim makes a duplicate delivery a no-op. The broker's
+visibility timeout is long (7 days) so a long job is never handed to a second worker while
+the first still runs it; a dead worker is detected much sooner by the job's lease.
 """
 
 from __future__ import annotations
@@ -15,9 +26,12 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any, cast
 
+from celery import Celery
+
 from service.record import redis_keys as K
 from service.record.records import now
 from service.record.scheduling import Queued, fair_order
+from service.record.settings import Settings
 from service.record.stop_rule import CANCEL_FLAG, stop_action
 
 if TYPE_CHECKING:  # types only: the store package builds a Queue, so importing it here would be circular
@@ -29,6 +43,56 @@ log = logging.getLogger(__name__)
 REQUEUE_MESSAGE = "worker lost; job requeued, will resume from its last checkpoint"
 CLAIM_ATTEMPTS = 100
 """Claims a worker tries before giving up; each failed one means another worker started a job."""
+TASK_NAME = "seco.train_next"
+"""The worker's one task: a job was queued; train the next job of the fair order."""
+LEGACY_TASK_NAMES = ("seco.train_job",)
+"""Names the task was published under before; a worker still runs such messages left in the broker."""
+VISIBILITY_TIMEOUT = 7 * 24 * 3600
+_RETRY_POLICY = {"max_retries": 3, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+
+
+def make_celery(settings: Settings, *, include: tuple[str, ...] = ()) -> Celery:
+    """The Celery app both sides configure alike: the API to publish (`include` empty), the worker
+    to consume (`include`: its task module)."""
+    app = Celery("seco", broker=settings.redis_url or "redis://127.0.0.1:6379/0", include=list(include))
+    app.conf.update(
+        # JSON only, stated rather than left to the default: a pickled message would run
+        # whatever code it names in the worker. Task arguments are job ids.
+        accept_content=["json"],
+        task_serializer="json",
+        result_accept_content=["json"],
+        task_default_queue=settings.queue,
+        task_ignore_result=True,  # state lives in our own records, not a result backend
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a worker holds one job, never a backlog another could run
+        worker_cancel_long_running_tasks_on_connection_loss=False,  # keep training through a broker blip
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def publish(celery: Celery, settings: Settings, queued_job_id: str) -> None:
+    """Ask for a worker because `queued_job_id` was just queued (created, resumed or requeued)."""
+    celery.send_task(TASK_NAME, args=[queued_job_id], queue=settings.queue, retry=True, retry_policy=_RETRY_POLICY)
+
+
+class Enqueue:
+    """`enqueue(job_id)` for a process that only publishes (the API): its Celery app is built at
+    the first job, not when the process starts or imports this module."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._celery: Celery | None = None
+
+    def __call__(self, queued_job_id: str) -> None:
+        if self._celery is None:
+            self._celery = make_celery(self.settings)
+        publish(self._celery, self.settings, queued_job_id)
 
 
 def snapshot_args() -> tuple[list[str], list[str]]:

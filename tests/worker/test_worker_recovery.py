@@ -62,9 +62,9 @@ def test_a_pickled_task_message_is_refused(svc: Any, tmp_path: Path, wait: Calla
     when it is loaded) is refused and starts nothing; a JSON one then starts the job."""
     import time
 
+    from service.record.queue import TASK_NAME, make_celery, publish
     from service.record.settings import Settings
     from tests.service.record.test_store import make_job
-    from worker.celery_app import TASK_NAME, enqueue, make_celery
 
     p = tmp_path / "train.jsonl"
     p.write_text(json.dumps({"text": "abc def ghi " * 5}) + "\n")
@@ -79,6 +79,6 @@ def test_a_pickled_task_message_is_refused(svc: Any, tmp_path: Path, wait: Calla
          what="the worker to refuse the pickled message")  # fmt: skip
     time.sleep(1)
     assert store.get_job(job_id).status == "queued", "the refused message started nothing"  # type: ignore[union-attr]
-    enqueue(celery, settings, job_id)
+    publish(celery, settings, job_id)
     done = wait(lambda: (r := store.get_job(job_id)).status in ("succeeded", "failed") and r, timeout=120)
     assert done.status == "succeeded", svc.logs()

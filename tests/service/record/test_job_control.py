@@ -14,7 +14,7 @@ from service.record.store import Store
 from tests.record_reads import read_events
 from tests.service.record.test_store import T1, make_file, make_job, settings_for
 from worker.spec import JobPaused, TrainContext, TrainResult, TrainSpec
-from worker.tasks import run_job
+from worker.tasks import train_next_job
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_the_reaper_pauses_a_job_whose_worker_died_after_a_pause_request(store: 
     assert store.get_job(job).status == "paused"  # type: ignore[union-attr]
 
 
-def test_run_job_pauses_after_the_checkpoint(store: Store, data: LocalStorage, tmp_path: Path) -> None:
+def test_train_next_job_pauses_after_the_checkpoint(store: Store, data: LocalStorage, tmp_path: Path) -> None:
     """The task turns the loop's JobPaused into `paused`; the worker is then free (the task returns)."""
     settings = settings_for(store, data, tmp_path)
     job = make_job(store, make_file(store, data).id)
@@ -82,7 +82,7 @@ def test_run_job_pauses_after_the_checkpoint(store: Store, data: LocalStorage, t
         assert ctx.pause_requested()
         raise JobPaused(4)
 
-    assert run_job(job, settings, store, worker_id="w", train=train) == "paused"
+    assert train_next_job(settings, store, worker_id="w", train=train) == "paused"
     rec = store.get_job(job)
     assert rec is not None and rec.status == "paused"
     assert "Fine-tuning job paused at step 4; resume continues from its checkpoint" in [

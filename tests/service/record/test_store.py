@@ -1,6 +1,6 @@
 """The store's state machine and the task's logic, against a real Redis (no HTTP, no Celery).
 
-`run_job` is called directly with a small stand-in for the training loop, as Celery's
+`train_next_job` is called directly with a small stand-in for the training loop, as Celery's
 docs advise for task logic; the real worker with the real trainer is exercised in
 test_end_to_end.py.
 """
@@ -22,7 +22,7 @@ from service.record.store import REQUEUE_MESSAGE, STATUSES, FileInUse, FileRecor
 from service.record.tenants import tenant_of
 from tests.record_reads import list_checkpoints, list_events, read_events, tenant_file_bytes
 from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
-from worker.tasks import run_job
+from worker.tasks import train_next_job
 
 
 @pytest.fixture
@@ -223,7 +223,7 @@ def test_tenant_limits_and_file_in_use(store: Store, data: LocalStorage) -> None
         make_job(store, f.id, tenant=OTHER)
 
 
-# ----------------------------------------------------------------------------- run_job
+# ----------------------------------------------------------------------------- train_next_job
 
 
 def settings_for(store: Store, data: LocalStorage, model_dir: Path) -> Settings:
@@ -255,11 +255,11 @@ def fake_train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     )  # fmt: skip
 
 
-def test_run_job_success_registers_results(store: Store, data: LocalStorage, tmp_path: Path) -> None:
+def test_train_next_job_success_registers_results(store: Store, data: LocalStorage, tmp_path: Path) -> None:
     settings = settings_for(store, data, tmp_path)
     f = make_file(store, data)
     job = make_job(store, f.id)
-    assert run_job(job, settings, store, worker_id="w", train=fake_train) == "succeeded"
+    assert train_next_job(settings, store, worker_id="w", train=fake_train) == "succeeded"
     rec = store.get_job(job)
     assert rec is not None and rec.status == "succeeded"
     assert rec.fine_tuned_model == f"ft:tiny:org-{T1}::{job.removeprefix('ftjob-')}"
@@ -276,12 +276,12 @@ def test_run_job_success_registers_results(store: Store, data: LocalStorage, tmp
     messages = [e.message for e in read_events(store, job)]
     assert messages[-1] == "The job has successfully completed"
     assert "Checkpoint saved at step 2" in messages
-    # a redelivery of the same message does nothing
-    assert run_job(job, settings, store, worker_id="w2", train=fake_train) == "skipped"
+    # a redelivery of the same message finds no queued job: it does nothing
+    assert train_next_job(settings, store, worker_id="w2", train=fake_train) == "idle"
     assert store.get_job(job).status == "succeeded"  # type: ignore[union-attr]
 
 
-def test_run_job_failures_and_cancel(store: Store, data: LocalStorage, tmp_path: Path) -> None:
+def test_train_next_job_failures_and_cancel(store: Store, data: LocalStorage, tmp_path: Path) -> None:
     settings = settings_for(store, data, tmp_path)
     f = make_file(store, data)
 
@@ -301,18 +301,18 @@ def test_run_job_failures_and_cancel(store: Store, data: LocalStorage, tmp_path:
         raise AssertionError("cancel not seen")
 
     j1, j2, j3 = (make_job(store, f.id) for _ in range(3))
-    assert run_job(j1, settings, store, train=user_error) == "failed"
+    assert train_next_job(settings, store, train=user_error) == "failed"
     assert store.get_job(j1).error == {"code": "out_of_memory", "message": "max_length 99999 does not fit; "  # type: ignore[union-attr]
                                        "try 4096", "param": "seco.max_length"}  # fmt: skip
-    assert run_job(j2, settings, store, train=crash) == "failed"
+    assert train_next_job(settings, store, train=crash) == "failed"
     err = store.get_job(j2).error  # type: ignore[union-attr]
     assert err is not None and err["code"] == "internal_error" and "ZeroDivisionError: boom" in err["message"]
-    assert run_job(j3, settings, store, train=cancellable) == "cancelled"
+    assert train_next_job(settings, store, train=cancellable) == "cancelled"
     assert store.get_job(j3).status == "cancelled"  # type: ignore[union-attr]
     # a model no longer configured fails clearly instead of crashing
     settings2 = Settings(redis_url=_url(store), data_dir=data.root, models_raw="other=/x", lease_seconds=3)
     j4 = make_job(store, f.id)
-    assert run_job(j4, settings2, store, train=fake_train) == "failed"
+    assert train_next_job(settings2, store, train=fake_train) == "failed"
     assert store.get_job(j4).error["code"] == "model_not_available"  # type: ignore[index,union-attr]
 
 
@@ -326,7 +326,8 @@ def test_lease_is_renewed_while_training(store: Store, data: LocalStorage, tmp_p
         assert store.reap_expired(3) == [], "the lease is alive: nothing to reap"
         return fake_train(spec, ctx)
 
-    assert run_job(job, settings, store, worker_id="w", train=slow) == "succeeded"
+    assert train_next_job(settings, store, worker_id="w", train=slow) == "succeeded"
+    assert store.get_job(job).status == "succeeded"  # type: ignore[union-attr]
 
 
 def test_resolved_hyperparameters_replace_auto_and_a_retry_reads_them(
