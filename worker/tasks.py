@@ -422,6 +422,8 @@ def _run_and_settle(
     rec: JobRecord, settings: Settings, store: Store, worker_id: str, lease: LeaseKeeper, train: TrainFn | None,
     scratch: Path,
 ) -> str:  # fmt: skip
+    """Run the claimed job and record how it ended: the outcome's name ("succeeded", "failed",
+    "cancelled", "paused", or "lost" once the lease is someone else's and nothing more is written)."""
     job_id = rec.id
     storage = process_storage(settings)
     ctx = StoreContext(store, rec, worker_id, lease, storage, scratch / "out", settings.keep_checkpoints)
