@@ -112,6 +112,8 @@ def order_from_snapshot(snapshot: list[Any]) -> list[str]:
 
 
 class Queue:
+    """The queue on the job records: which job starts next, its start, its lease, its requeue."""
+
     def __init__(self, conn: Connection, jobs: Jobs) -> None:
         self.conn = conn
         self.r = conn.r

@@ -10,6 +10,8 @@ from service.record.store.connection import Connection
 
 
 class Events:
+    """Appends to a job's event stream (the API reads it through `service.record.reads`)."""
+
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.r = conn.r

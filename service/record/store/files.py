@@ -39,6 +39,8 @@ def zpage(r: redis.Redis, key: str, after: str | None, order: str) -> Iterable[s
 
 
 class Files:
+    """File records of every tenant; the byte quota and the expiry index change with them, atomically."""
+
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.r = conn.r

@@ -40,6 +40,8 @@ from service.record.store.files import zpage
 
 
 class Jobs:
+    """Job records: creation within the quota, the guarded transitions, checkpoints and outputs."""
+
     def __init__(self, conn: Connection, events: Events) -> None:
         self.conn = conn
         self.r = conn.r

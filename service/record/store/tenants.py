@@ -12,6 +12,8 @@ from service.record.store.connection import Connection
 
 
 class Tenants:
+    """Per-tenant state that is not a file or a job, and what processes share (locks, counters)."""
+
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.r = conn.r
