@@ -228,15 +228,3 @@ def _anonymise(info: tarfile.TarInfo) -> tarfile.TarInfo:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     return info
-
-
-def extract_adapter(archive_path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> Path:
-    """Unpack an archive made by `pack_adapter` (regular files at its root only)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive_path, "r:gz") as tar:
-        for member in tar.getmembers():
-            if not member.isfile() or "/" in member.name or member.name in ("", ".", ".."):
-                raise ValueError(f"unexpected entry {member.name!r} in adapter archive {archive_path}")
-        tar.extractall(directory, filter="data")
-    return directory

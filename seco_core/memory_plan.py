@@ -7,7 +7,7 @@ allocated here: everything follows from the model's shape.
 
 The peak of a SeCO step is at the first backward chunk (stage 2, chunk k): the whole
 KV cache exists, gradients for every earlier chunk's K/V have just been produced, and
-one chunk's graph is alive. Following ../shared/reference/anchors-performance.md:
+one chunk's graph is alive. Term by term:
 
     M(L, c) ≈ W + O_LoRA + L·kv + (L−c)·kv·g + c·a + logits(c) + T(L) + workspace
 

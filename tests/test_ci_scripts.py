@@ -118,8 +118,8 @@ def test_ci_oldest_pins_are_the_lower_bounds() -> None:
         if "==" in line and not line.startswith("#"):
             name, version = line.split("==")
             pins[name.strip()] = version.strip()
-    server = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["server"]
-    bounds = {name: version for name, _, version in (req.partition(">=") for req in server) if name in pins}
+    worker = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
+    bounds = {name: version for name, _, version in (req.partition(">=") for req in worker) if name in pins}
     assert set(bounds) == {"torch", "transformers", "peft"} == set(pins)
     for name in ("transformers", "peft"):
         assert _release(pins[name])[: len(_release(bounds[name]))] == _release(bounds[name]), name

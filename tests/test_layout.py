@@ -3,6 +3,8 @@
 The library is the ground floor, the worker a recipe on top of it, the service in
 three sides: the client must run on a laptop (standard library and httpx), the shared
 record must not pull in the API or torch, and the worker must not depend on the API.
+No import runs back up the tree: the API reaches the workers through the queue's contract
+(`service.record.queue`), never by importing `worker`.
 Function-level (lazy) imports count too: a rule broken inside a function still breaks
 a deployment that lacks the package.
 """
@@ -26,14 +28,14 @@ RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
         (),
     ),
     "service/record": (
-        {"service", "redis", "pydantic", "pydantic_settings", "obstore"},
+        {"service", "redis", "pydantic", "pydantic_settings", "obstore", "celery"},
         ("service.api", "service.client"),
     ),
     "service/client": ({"service", "httpx"}, ("service.api", "service.record", "service.launch")),
     "service/api": (
-        {"service", "fastapi", "starlette", "pydantic", "redis", "python_multipart", "prometheus_client", "worker",
+        {"service", "fastapi", "starlette", "pydantic", "redis", "python_multipart", "prometheus_client",
          "swagger_ui_bundle"},
-        ("service.client", "worker.tasks", "worker.trainer"),
+        ("service.client",),
     ),
     "worker": (
         {"worker", "service", "seco_core", "celery", "redis", "torch", "transformers", "peft", "safetensors"},
@@ -68,3 +70,34 @@ def test_imports_respect_the_layout(package: str) -> None:
             if top not in allowed or any(name == f or name.startswith(f + ".") for f in forbidden):
                 problems.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not problems, "\n".join(problems)
+
+
+def test_the_api_imports_no_worker_module() -> None:
+    """Stated on its own: the API publishes jobs through `service.record.queue` and deploys without
+    the worker's code (the `api` extra has no torch)."""
+    found = [f"{path.relative_to(ROOT)} imports {name}" for path in sorted((ROOT / "service" / "api").rglob("*.py"))
+             for name in sorted(imported_names(path)) if name == "worker" or name.startswith("worker.")]  # fmt: skip
+    assert not found, "\n".join(found)
+
+
+def test_only_the_queue_contract_imports_celery_in_the_record() -> None:
+    """Celery is how a job reaches a worker; the rest of the shared record knows nothing of it."""
+    found = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "service" / "record").rglob("*.py"))
+             if any(n.split(".")[0] == "celery" for n in imported_names(path))]  # fmt: skip
+    assert found == ["service/record/queue.py"], found
+
+
+def test_install_extras_per_side() -> None:
+    """`api` installs no training stack, `client` nothing beyond the bare package, `server` both sides."""
+    tomllib = pytest.importorskip("tomllib")  # 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+
+    def names(reqs: list[str]) -> set[str]:
+        return {r.split("[")[0].split(">")[0].split("=")[0].strip() for r in reqs}
+
+    training = {"torch", "transformers", "peft"}
+    assert not names(extras["api"]) & training, "the API side never imports torch"
+    assert training <= names(extras["worker"])
+    assert extras["client"] == [] and names(project["dependencies"]) == {"httpx"}
+    assert "seco-tune[api,worker]" in extras["server"]

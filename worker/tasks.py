@@ -1,8 +1,9 @@
-"""The Celery task: load the job, call the training loop, save what it produced.
+"""The Celery task: claim the next job, call the training loop, save what it produced.
 
-Thin on purpose. `run_job` is plain code, called by the task and directly by tests.
-Importing this module stays light (no torch): `worker.trainer` is imported inside the
-task, in the child process that runs it.
+Thin on purpose. The task `train_next` checks its message and calls `train_next_job`, plain
+code that tests call too (with a stand-in for the training loop). Importing this module
+stays light (no torch): `worker.trainer` is imported inside the task, in the child process
+that runs it.
 
 Guarantees:
 - A task message means "a job is waiting": the worker starts the queued job that the
@@ -28,7 +29,6 @@ import logging
 import os
 import shutil
 import socket
-import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -38,11 +38,13 @@ from typing import Any, TypeVar
 import redis
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
+from service.archives import safe_extract
 from service.record import ids
 from service.record.model_sources import resolve_fine_tuned
 from service.record.models import fine_tuned_model_name, parse_model_name
 from service.record.outputs import measure_outputs
 from service.record.private import private_dir, restrict_umask
+from service.record.queue import LEGACY_TASK_NAMES, TASK_NAME, publish
 from service.record.settings import Settings, get_settings
 from service.record.stop_rule import stop_action
 from service.record.storage import (
@@ -55,7 +57,7 @@ from service.record.storage import (
     sweep_scratch,
 )
 from service.record.store import FileRecord, JobRecord, Store, now
-from worker.celery_app import TASK_NAME, app, enqueue
+from worker.celery_app import app
 from worker.checkpoint_store import METRICS_CSV, prune_checkpoints, publish_checkpoint, restore_latest_checkpoint
 from worker.spec import JobCancelled, JobPaused, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
 
@@ -304,9 +306,7 @@ def fetch_start_adapter(rec: JobRecord, store: Store, storage: Storage, dest: Pa
         if kind == "dir":
             return storage.fetch_dir(key, dest)
         archive = storage.fetch(key, dest.with_name("start-adapter.tar.gz"))
-        dest.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(dest, filter="data")  # our own archive; the filter refuses links and paths out of dest
+        safe_extract(archive, dest)
         return dest
     except ObjectNotFound:
         raise TrainingError(f"Model {rec.model!r} no longer exists (it was deleted after this job was created)",
@@ -390,60 +390,40 @@ def _scrub(message: str, settings: Settings) -> str:
     return message
 
 
-def run_job(
-    job_id: str, settings: Settings, store: Store, *, worker_id: str | None = None, train: TrainFn | None = None
+def train_next_job(
+    settings: Settings, store: Store, *, worker_id: str | None = None, train: TrainFn | None = None
 ) -> str:
-    """Run this job if it is queued; returns what happened (for logs and tests)."""
-    worker_id = worker_id or default_worker_id()
-    if not ids.is_job_id(job_id):
-        log.error("refusing a task with a malformed job id %r", job_id)
-        return "invalid"
-    if not store.start_job(job_id, worker_id, settings.lease_seconds):
-        rec = store.get_job(job_id)
-        log.info("job %s is %s; nothing to do (a duplicate or stale delivery)", job_id,
-                 rec.status if rec else "missing", extra={"job_id": job_id})  # fmt: skip
-        return "skipped"
-    return _run_owned(job_id, settings, store, worker_id, train)
+    """Claim the queued job the fair order puts first, run it, settle it; what happened ("idle"
+    when none is queued), for logs and tests.
 
-
-def run_next(settings: Settings, store: Store, *, worker_id: str | None = None, train: TrainFn | None = None) -> str:
-    """Run the queued job the fair order puts first; "idle" when none is queued."""
+    One sequence: claim (queued -> running, with a lease this process renews while it trains),
+    run in a scratch directory of its own, settle (succeeded, failed, cancelled or paused, by
+    `_run_and_settle`); the lease keeper and the scratch directory end however the job does.
+    """
     worker_id = worker_id or default_worker_id()
     job_id = store.claim_next(worker_id, settings.lease_seconds)
     if job_id is None:
         log.info("no queued job to start (its message outlived it: a duplicate, or the job was cancelled)")
         return "idle"
-    return _run_owned(job_id, settings, store, worker_id, train)
-
-
-def _run_owned(job_id: str, settings: Settings, store: Store, worker_id: str, train: TrainFn | None) -> str:
-    """Run a job this worker has just started (it holds the job's lease)."""
+    rec = store.get_job(job_id)
+    assert rec is not None  # just claimed: a job record is only deleted once finished
     lease = LeaseKeeper(store, job_id, worker_id, settings.lease_seconds)
+    scratch = scratch_dir(settings, "jobs", f"{job_id}.{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
     lease.start()
     try:
-        return _run_started(job_id, settings, store, worker_id, lease, train)
+        return _run_and_settle(rec, settings, store, worker_id, lease, train, scratch)
     finally:
+        shutil.rmtree(scratch, ignore_errors=True)
         lease.stop()
 
 
-def _run_started(
-    job_id: str, settings: Settings, store: Store, worker_id: str, lease: LeaseKeeper, train: TrainFn | None
-) -> str:
-    """Run the job in this process's scratch directory, which is removed however the job ends."""
-    rec = store.get_job(job_id)
-    assert rec is not None
-    scratch = scratch_dir(settings, "jobs", f"{job_id}.{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        return _run_in_scratch(rec, settings, store, worker_id, lease, train, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _run_in_scratch(
+def _run_and_settle(
     rec: JobRecord, settings: Settings, store: Store, worker_id: str, lease: LeaseKeeper, train: TrainFn | None,
     scratch: Path,
 ) -> str:  # fmt: skip
+    """Run the claimed job and record how it ended: the outcome's name ("succeeded", "failed",
+    "cancelled", "paused", or "lost" once the lease is someone else's and nothing more is written)."""
     job_id = rec.id
     storage = process_storage(settings)
     ctx = StoreContext(store, rec, worker_id, lease, storage, scratch / "out", settings.keep_checkpoints)
@@ -514,15 +494,19 @@ def _run_in_scratch(
     return "succeeded" if done else "lost"
 
 
-@app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-def train_job(job_id: str) -> str:
-    """Celery entry point (`worker.celery_app.enqueue`): `job_id` was queued; start the next
-    job in fair order, which may be another tenant's."""
-    settings = get_settings()
-    if not ids.is_job_id(job_id):
-        log.error("refusing a task with a malformed job id %r", job_id)
+def _train_next(queued_job_id: str) -> str:
+    """Celery entry point (`service.record.queue.publish`): `queued_job_id` was queued; train the
+    next job in fair order, which may be another tenant's."""
+    if not ids.is_job_id(queued_job_id):
+        log.error("refusing a task with a malformed job id %r", queued_job_id)
         return "invalid"
-    return run_next(settings, process_store(settings))
+    settings = get_settings()
+    return train_next_job(settings, process_store(settings))
+
+
+train_next = app.task(name=TASK_NAME, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(_train_next)
+for _legacy in LEGACY_TASK_NAMES:  # messages published under an older name, still in the broker
+    app.task(name=_legacy, acks_late=True, reject_on_worker_lost=True, ignore_result=True)(_train_next)
 
 
 # --------------------------------------------------------------------------- worker process
@@ -540,7 +524,7 @@ class WorkerHeartbeat(threading.Thread):
 
     def sweep(self) -> None:
         for job_id in self.store.reap_expired(self.settings.max_attempts):
-            enqueue(app, self.settings, job_id)
+            publish(app, self.settings, job_id)
 
     def run(self) -> None:
         interval = self.settings.lease_seconds / 3

@@ -25,6 +25,7 @@ from service.api.upload_slots import UploadSlots
 from service.record.expiry import expire_files
 from service.record.logs import configure_logging
 from service.record.private import private_dir, restrict_umask
+from service.record.queue import Enqueue
 from service.record.reads import Reads
 from service.record.settings import Settings, get_settings
 from service.record.storage import Storage, StorageError, open_storage, sweep_scratch
@@ -37,15 +38,6 @@ SSE_SOCKET_TIMEOUT = 60.0  # > routes.jobs.KEEPALIVE_MS
 STARTUP_WAIT_SECONDS = 10.0
 """How long start-up waits for a first try at the tenant ids (a long move of old data may take
 longer: requests get a 503 until it is done)."""
-
-
-def make_enqueue(settings: Settings) -> Callable[[str], None]:
-    """`enqueue(job_id)` for a job just queued: a free worker will start the next job in fair
-    order (`worker.celery_app.enqueue`, `service.record.scheduling`)."""
-    from worker.celery_app import enqueue, make_celery  # celery only; no torch
-
-    celery = make_celery(settings)
-    return lambda job_id: enqueue(celery, settings, job_id)
 
 
 async def _resolve_tenants(store: Store, storage: Storage, keys: TenantKeys, tried: asyncio.Event) -> None:
@@ -89,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = Store.from_url(redis_url, name="seco-api")
     storage = open_storage(settings)
     sweep_scratch(settings, "uploads")  # uploads a killed API process was receiving
-    enqueue = make_enqueue(settings)
+    enqueue = Enqueue(settings)  # the queue's contract; its Celery app is built at the first job
     tenant_keys = TenantKeys(settings.api_keys)
     _ = settings.models  # fail at start-up, not at the first request, on a malformed SECO_MODELS
 
@@ -103,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )  # fmt: skip
         app.state.aredis = aioredis.Redis.from_pool(pool)
         app.state.reads = Reads.from_url(redis_url, max_connections=settings.max_concurrency,
-                                         name="seco-api-reads")  # the hot read routes  # fmt: skip
+                                         name="seco-api-reads", blocking=app.state.aredis)  # fmt: skip
         app.state.stream_slots = StreamSlots(app.state.aredis)
         tried = asyncio.Event()
         resolver = asyncio.create_task(_resolve_tenants(store, storage, tenant_keys, tried))

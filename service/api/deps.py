@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.streams import StreamSlots
 from service.record.reads import Reads
 from service.record.settings import Settings
 from service.record.storage import Storage
@@ -44,6 +45,10 @@ async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
+async def get_stream_slots(request: Request) -> StreamSlots:
+    return request.app.state.stream_slots
+
+
 async def get_enqueue(request: Request) -> Callable[[str], None]:
     return request.app.state.enqueue
 
@@ -63,4 +68,5 @@ StoreDep = Annotated[Store, Depends(get_store)]
 ReadsDep = Annotated[Reads, Depends(get_reads)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+StreamSlotsDep = Annotated[StreamSlots, Depends(get_stream_slots)]
 EnqueueDep = Annotated[Callable[[str], None], Depends(get_enqueue)]

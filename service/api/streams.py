@@ -2,7 +2,7 @@
 
 An event stream holds a connection and a Redis reader for as long as the job runs (hours),
 so one key opening hundreds of them would starve everyone else. Each open stream holds a
-slot in `seco:tenant:<t>:streams`, a sorted set of slot ids scored by when the slot
+slot in the tenant's `redis_keys.tenant_streams`, a sorted set of slot ids scored by when the slot
 expires (Redis server time, so every API host agrees): taking a slot drops the expired
 ones, refuses beyond the limit, and adds one; the stream renews its slot while it runs and
 gives it back when it ends. A stream whose API process was killed cannot give its slot
@@ -15,29 +15,11 @@ import secrets
 import time
 from typing import Any
 
-P = "seco:"
+from service.record import redis_keys, scripts
+
 SLOT_SECONDS = 60
 """A slot's lifetime without renewal: longer than a stream's longest wait for news (15 s)."""
 RENEW_SECONDS = SLOT_SECONDS / 4
-
-# KEYS: the tenant's slot set. ARGV: slot id, limit, lifetime ms ('' limit: renew only).
-# Returns 1 when the slot is held, 0 when the tenant is at its limit.
-_TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if ARGV[2] ~= '' and redis.call('ZSCORE', KEYS[1], ARGV[1]) == false
-   and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
-"""
-
-
-def _key(tenant: str) -> str:
-    return f"{P}tenant:{tenant}:streams"
 
 
 class Slot:
@@ -45,7 +27,7 @@ class Slot:
 
     def __init__(self, slots: StreamSlots, tenant: str) -> None:
         self._slots = slots
-        self.key = _key(tenant)
+        self.key = redis_keys.tenant_streams(tenant)
         self.id = secrets.token_hex(8)
         self._renewed = time.monotonic()
 
@@ -63,7 +45,7 @@ class StreamSlots:
 
     def __init__(self, aredis: Any) -> None:
         self.redis = aredis
-        self.take_script = aredis.register_script(_TAKE)
+        self.take_script = aredis.register_script(scripts.source("take_stream_slot"))
 
     async def take(self, tenant: str, limit: int) -> Slot | None:
         """A slot for a new stream, or None when the tenant already holds `limit` of them."""

@@ -20,120 +20,20 @@ reloaded on NOSCRIPT (a restarted server has forgotten them) by redis-py.
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import redis.asyncio as aioredis
 
-from service.record import ids
-from service.record.store import (
-    QUEUE_SNAPSHOT_FN,
-    Checkpoint,
-    JobRecord,
-    job_from_hash,
-    order_from_snapshot,
-    page_checkpoints,
-)
+from service.record import ids, scripts
+from service.record import redis_keys as K
+from service.record.queue import order_from_snapshot, snapshot_args
+from service.record.records import Checkpoint, JobRecord, job_from_hash, page_checkpoints
 
-P = "seco:"
 EVENT_BATCH = 500
 """Events an event stream reads at once."""
 LIST_SCAN = 500
 """Jobs a list script looks at before it returns to let other clients in (a metadata filter
 may have to skip many); the API calls it again from where it stopped."""
-
-# One job, and the queue snapshot when it is queued (its position needs it).
-# KEYS: job. ARGV: key prefix. Returns [hash] or [hash, snapshot] as JSON; [{}] when there is no such job.
-_JOB = (
-    QUEUE_SNAPSHOT_FN
-    + """
-local h = redis.call('HGETALL', KEYS[1])
-for i = 1, #h, 2 do
-  if h[i] == 'status' and h[i + 1] == 'queued' then return cjson.encode({h, queue_snapshot(ARGV[1])}) end
-end
-return cjson.encode({h})
-"""
-)
-
-# A page of a tenant's jobs, newest first, with the queue snapshot if one of them is queued.
-# KEYS: the tenant's job index. ARGV: key prefix, tenant, `after` job id ('' none), where a
-# previous call stopped ('' none), how many jobs are still wanted, metadata filter (JSON or '').
-# Returns [state, hashes, bound, snapshot or false] as JSON: state 0 = no more jobs, 1 = more jobs
-# than wanted, 2 = stopped after LIST_SCAN jobs (call again from `bound`), -1 = unknown `after`.
-_JOBS = (
-    QUEUE_SNAPSHOT_FN
-    + """
-local p, tenant, want = ARGV[1], ARGV[2], tonumber(ARGV[5])
-local bound = '+inf'
-if ARGV[4] ~= '' then
-  bound = ARGV[4]
-elseif ARGV[3] ~= '' then
-  local s = redis.call('ZSCORE', KEYS[1], ARGV[3])
-  if not s then return cjson.encode({-1, {}, '', false}) end
-  bound = '(' .. s
-end
-local meta = false
-if ARGV[6] ~= '' then meta = cjson.decode(ARGV[6]) end
-local out, queued, scanned = {}, false, 0
-local function done(state)
-  local snap = false
-  if queued then snap = queue_snapshot(p) end
-  return cjson.encode({state, out, bound, snap})
-end
-while scanned < LIST_SCAN do
-  local batch = redis.call('ZREVRANGEBYSCORE', KEYS[1], bound, '-inf', 'WITHSCORES', 'LIMIT', 0, 100)
-  if #batch == 0 then return done(0) end
-  for i = 1, #batch, 2 do
-    scanned = scanned + 1
-    local h = redis.call('HGETALL', p .. 'job:' .. batch[i])
-    local f = {}
-    for k = 1, #h, 2 do f[h[k]] = h[k + 1] end
-    local ok = f['tenant'] == tenant
-    if ok and meta then
-      local m = cjson.decode(f['spec'])['metadata']
-      for k, v in pairs(meta) do
-        if type(m) ~= 'table' or m[k] ~= v then ok = false end
-      end
-    end
-    if ok then
-      if #out == want then return done(1) end
-      table.insert(out, h)
-      if f['status'] == 'queued' then queued = true end
-    end
-    bound = '(' .. batch[i + 1]
-  end
-end
-return done(2)
-""".replace("LIST_SCAN", str(LIST_SCAN))
-)
-
-# A page of a job's events, newest first, if the job is the caller's.
-# KEYS: job, events. ARGV: tenant, top of the range ('' = nothing is older), count.
-# Returns the entries as JSON, or false (nil) when the job is not the caller's.
-_EVENTS = """
-if redis.call('HGET', KEYS[1], 'tenant') ~= ARGV[1] then return false end
-if ARGV[2] == '' then return '[]' end
-return cjson.encode(redis.call('XREVRANGE', KEYS[2], ARGV[2], '-', 'COUNT', ARGV[3]))
-"""
-
-# A job and its checkpoint records. KEYS: job, checkpoints. Returns [hash, [checkpoint JSON...]] as JSON.
-_CHECKPOINTS = """
-return cjson.encode({redis.call('HGETALL', KEYS[1]), redis.call('HVALS', KEYS[2])})
-"""
-
-# The events after a stream id and the job's status, read together: when there are no new
-# events and the status is final, the stream has nothing more to send (the final event is
-# written atomically with the status). KEYS: events, job. ARGV: last id, count. Returns [entries, status] as JSON.
-_STREAM = """
-local entries = redis.call('XREAD', 'COUNT', ARGV[2], 'STREAMS', KEYS[1], ARGV[1])
-return cjson.encode({entries, redis.call('HGET', KEYS[2], 'status')})
-"""
-
-# A job and its events after a stream id, read together. KEYS: job, events. ARGV: last id, count.
-# Returns [hash, entries] as JSON.
-_OPEN = """
-local h = redis.call('HGETALL', KEYS[1])
-return cjson.encode({h, redis.call('XREAD', 'COUNT', ARGV[2], 'STREAMS', KEYS[2], ARGV[1])})
-"""
 
 
 def _pairs(flat: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -146,7 +46,7 @@ JobHash = tuple[str, ...]
 from it can be memoised (the API's `public_job_json`)."""
 
 Entry = tuple[str, dict[str, str]]
-"""A stream entry: (stream id, fields); `Store.event_from_entry` makes an `Event` of one."""
+"""A stream entry: (stream id, fields); `records.event_from_entry` makes an `Event` of one."""
 
 
 def _entries(raw: list[Any]) -> list[Entry]:
@@ -187,17 +87,21 @@ class KnownPositions:
 class Reads:
     """The API process's async reads; share one per process (its pool is bounded)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, *, blocking: aioredis.Redis | None = None) -> None:
         self.r = client
-        self._job = client.register_script(_JOB)
-        self._jobs = client.register_script(_JOBS)
-        self._events = client.register_script(_EVENTS)
-        self._checkpoints = client.register_script(_CHECKPOINTS)
-        self._stream = client.register_script(_STREAM)
-        self._open = client.register_script(_OPEN)
+        self.blocking = blocking or client
+        """For the one blocking read (`wait_events`): a client whose socket timeout outlasts the block."""
+        self._job = client.register_script(scripts.source("read_job"))
+        self._jobs = client.register_script(scripts.source("read_jobs"))
+        self._events = client.register_script(scripts.source("read_events"))
+        self._checkpoints = client.register_script(scripts.source("read_checkpoints"))
+        self._stream = client.register_script(scripts.source("read_stream"))
+        self._open = client.register_script(scripts.source("open_stream"))
 
     @classmethod
-    def from_url(cls, url: str, *, max_connections: int, name: str | None = None) -> Reads:
+    def from_url(
+        cls, url: str, *, max_connections: int, name: str | None = None, blocking: aioredis.Redis | None = None
+    ) -> Reads:
         """A pool of at most `max_connections`: the API passes its connection limit (uvicorn's
         `--limit-concurrency`), and a request holds at most one connection of it at a time, so it is
         never exhausted and needs no waiting (the blocking pool's timer and condition per command
@@ -206,7 +110,7 @@ class Reads:
             url, max_connections=max_connections, decode_responses=True, socket_connect_timeout=3,
             socket_timeout=15, health_check_interval=15, client_name=name,
         )  # fmt: skip
-        return cls(aioredis.Redis.from_pool(pool))
+        return cls(aioredis.Redis.from_pool(pool), blocking=blocking)
 
     async def aclose(self) -> None:
         await self.r.aclose()
@@ -215,7 +119,8 @@ class Reads:
         """The caller's job (its hash as read) with its queue position; None for another tenant's or no job."""
         if not ids.is_job_id(job_id):
             return None
-        res = json.loads(await self._job(keys=[f"{P}job:{job_id}"], args=[P]))
+        queue_keys, queue_args = snapshot_args()
+        res = json.loads(await self._job(keys=[K.job(job_id), *queue_keys], args=queue_args))
         flat = tuple(res[0])
         if _pairs(res[0]).get("tenant") != tenant:
             return None
@@ -230,9 +135,12 @@ class Reads:
         snapshot: list[Any] | None = None
         bound = ""
         meta = json.dumps(metadata, separators=(",", ":")) if metadata else ""
+        queue_keys, (job_pattern, tenant_jobs_pattern) = snapshot_args()
         while True:
-            args: list[str | int] = [P, tenant, after or "", bound, limit - len(found), meta]
-            state, hashes, bound, snap = json.loads(await self._jobs(keys=[f"{P}tenant:{tenant}:jobs"], args=args))
+            args: list[str | int] = [job_pattern, tenant, after or "", bound, limit - len(found), meta,
+                                     tenant_jobs_pattern, LIST_SCAN]  # fmt: skip
+            raw = await self._jobs(keys=[K.tenant_jobs(tenant), *queue_keys], args=args)
+            state, hashes, bound, snap = json.loads(raw)
             if state == -1:
                 raise KeyError(after)
             found += [tuple(h) for h in hashes]
@@ -248,7 +156,7 @@ class Reads:
         if not ids.is_job_id(job_id):
             return None
         top = "" if after == ids.MIN_STREAM_ID else f"({after}" if after else "+"
-        raw = await self._events(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:events"], args=[tenant, top, limit + 1])
+        raw = await self._events(keys=[K.job(job_id), K.job_events(job_id)], args=[tenant, top, limit + 1])
         if raw is None:
             return None
         evs = _entries(json.loads(raw))
@@ -260,7 +168,7 @@ class Reads:
         """The caller's job and a page of its checkpoints, newest first (KeyError: unknown `after`)."""
         if not ids.is_job_id(job_id):
             return None
-        h, raw = json.loads(await self._checkpoints(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:checkpoints"]))
+        h, raw = json.loads(await self._checkpoints(keys=[K.job(job_id), K.job_checkpoints(job_id)]))
         job = _pairs(h)
         if job.get("tenant") != tenant:
             return None
@@ -272,7 +180,7 @@ class Reads:
         when the job is finished and the batch is not full, these are all its events."""
         if not ids.is_job_id(job_id):
             return None
-        h, entries = json.loads(await self._open(keys=[f"{P}job:{job_id}", f"{P}job:{job_id}:events"],
+        h, entries = json.loads(await self._open(keys=[K.job(job_id), K.job_events(job_id)],
                                                  args=[after, EVENT_BATCH]))  # fmt: skip
         if hash_field(h, "tenant") != tenant:
             return None
@@ -280,6 +188,15 @@ class Reads:
 
     async def stream(self, job_id: str, after: str) -> tuple[list[Entry], str | None]:
         """The job's events after stream id `after` (oldest first, a batch) and its status, read together."""
-        entries, status = json.loads(await self._stream(keys=[f"{P}job:{job_id}:events", f"{P}job:{job_id}"],
+        entries, status = json.loads(await self._stream(keys=[K.job_events(job_id), K.job(job_id)],
                                                         args=[after, EVENT_BATCH]))  # fmt: skip
         return (_entries(entries[0][1]) if entries else []), status or None
+
+    async def wait_events(self, job_id: str, after: str, block_ms: int) -> list[Entry]:
+        """The job's events after stream id `after` (oldest first, a batch), waiting up to `block_ms`
+        for one to come; [] when none came (an event stream then sends its keep-alive)."""
+        resp = cast(
+            list[tuple[str, list[Entry]]],
+            await self.blocking.xread({K.job_events(job_id): after}, count=EVENT_BATCH, block=block_ms),
+        )
+        return [entry for _, entries in resp or () for entry in entries]

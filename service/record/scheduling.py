@@ -6,7 +6,7 @@ of the tenant with the fewest running jobs; among tenants with as many running j
 one served least recently (never served first, then the oldest job first): round-robin.
 
 It is applied when a worker becomes free, not when a job is queued: the broker carries
-anonymous "a job is waiting" messages (one per queued job, see `worker.celery_app`), and
+anonymous "a job is waiting" messages (one per queued job, see `service.record.queue`), and
 the worker that takes one claims the job this order puts first (`Store.claim_next`). So
 a resumed job, a reaper's requeue or a new tenant's job is scheduled fairly at the next
 free worker, whatever order the messages were sent in, and nothing about the order lives

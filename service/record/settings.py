@@ -1,6 +1,6 @@
 """One `Settings` object, read once from the environment (API, worker and CLI share it).
 
-Names are the documented environment variables (DESIGN.md "Configuration"); the
+Names are the documented environment variables (README "Configuration"); the
 attributes are short aliases so code reads `settings.data_dir`, not `seco_data_dir`.
 """
 

@@ -3,7 +3,7 @@
 A tenant id names a tenant in Redis keys and storage keys and is shown as `organization_id`.
 It used to be `sha256(key)[:16]`: anyone who saw one (a log line, a bucket listing) could
 test candidate keys offline, and a weak key would fall. It is now HMAC-SHA256 of the key
-under a 32-byte secret the service generates once and keeps in Redis (`seco:tenant_secret`),
+under a 32-byte secret the service generates once and keeps in Redis (`redis_keys.TENANT_SECRET`),
 beside the records it protects: every API process (and anything else that ever needs to
 derive a tenant id) reads the same one, it survives restarts exactly as long as the
 records do, and there is nothing to configure.

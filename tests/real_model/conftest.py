@@ -18,7 +18,7 @@ TEXT = Path(__file__).with_name("public_domain.txt")
 
 
 def paragraphs() -> list[str]:
-    """The paragraphs of public_domain.txt (real English prose, see SOURCES.md), in order."""
+    """The paragraphs of public_domain.txt (real English prose, see tests/real_model/SOURCES.md), in order."""
     return [p.strip() for p in TEXT.read_text().split("\n\n") if p.strip()]
 
 

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import flush_db
+from tests.record_reads import tenant_file_bytes
 
 MAX_JOBS = 5
 FILE_QUOTA = 100_000
@@ -52,7 +53,7 @@ def test_parallel_uploads_never_exceed_the_byte_quota(svc: Any, tmp_path: Path) 
     for r in answers:
         if r.status_code == 429:
             assert "quota" in r.json()["error"]["message"] and r.headers["x-should-retry"] == "false"
-    assert svc.store().tenant_file_bytes(svc.tenant("b")) == UPLOAD * (FILE_QUOTA // UPLOAD)
+    assert tenant_file_bytes(svc.store(), svc.tenant("b")) == UPLOAD * (FILE_QUOTA // UPLOAD)
     assert not svc.upload_leftovers()
     stored = svc.objects(f"tenants/{svc.tenant('b')}/files")
     assert len(stored) == FILE_QUOTA // UPLOAD, "refused uploads left no file"

@@ -19,6 +19,7 @@ import pytest
 
 from service.record.store import REQUEUE_MESSAGE
 from tests.conftest import free_port
+from tests.record_reads import list_checkpoints
 from tests.reliability.helpers import (
     SECO,
     create_job,
@@ -83,7 +84,8 @@ def test_jobs_files_and_events_survive_a_redis_restart(
     running = create_job(svc, upload(svc, tmp_path, docs(36)))
     queued_file = upload(svc, tmp_path, docs(4))
     queued = create_job(svc, queued_file)
-    wait(lambda: store.get_job(running).status == "running" and store.list_checkpoints(running, after=None, limit=9)[0],
+    wait(lambda: store.get_job(running).status == "running" and list_checkpoints(store, running, after=None,
+                                                                                    limit=9)[0],
          timeout=120, interval=0.1, what="a checkpoint of the running job")  # fmt: skip
     files_before = sorted(f.id for f in client.files.list())
     events_before = [e.id for e in events(svc, running)]

@@ -21,6 +21,7 @@ import redis
 
 from service.record.tenants import legacy_tenant_of, tenant_of
 from tests.conftest import flush_db, wait_for
+from tests.record_reads import list_checkpoints
 from tests.reliability.helpers import create_job, docs, finished, restart_api, upload
 
 
@@ -91,7 +92,7 @@ def test_old_tenant_ids_are_moved_to_the_new_ones_when_the_api_starts(svc: Any, 
     assert a.files.content(train_file).read() == content
     assert a.fine_tuning.jobs.retrieve(job_id).organization_id == f"org-{new_a}"
     assert [c.step_number for c in a.fine_tuning.jobs.checkpoints.list(job_id).data] == checkpoints
-    for c in svc.store().list_checkpoints(job_id, after=None, limit=100)[0]:
+    for c in list_checkpoints(svc.store(), job_id, after=None, limit=100)[0]:
         assert svc.storage().exists(f"{c.path}/checkpoint.json"), c.path
     with svc.http() as http:
         adapter = http.get(f"/v1/fine_tuning/jobs/{job_id}/adapter")

@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from service.record.storage import keys
+from tests.record_reads import list_checkpoints
 from tests.reliability.helpers import create_job, docs, events, finished, metrics_steps, total_steps, upload
 from tests.reliability.s3_proxy import FaultProxy
 
@@ -103,10 +104,10 @@ def test_a_job_survives_two_worker_deaths_across_hosts(
 
     # 2. killed mid-job (between checkpoints, no upload held); a third host takes over
     store = svc.store()
-    wait(lambda: any(c.step >= 4 * EVERY for c in store.list_checkpoints(job_id, after=None, limit=100)[0]),
+    wait(lambda: any(c.step >= 4 * EVERY for c in list_checkpoints(store, job_id, after=None, limit=100)[0]),
          timeout=180, interval=0.1, what="more checkpoints")  # fmt: skip
     svc.stop_worker(second, sig=signal.SIGKILL)
-    newest = max(c.step for c in store.list_checkpoints(job_id, after=None, limit=100)[0])
+    newest = max(c.step for c in list_checkpoints(store, job_id, after=None, limit=100)[0])
     assert store.get_job(job_id).status == "running", "the job must still be running when its worker dies"
     svc.start_worker(SECO_DATA_DIR=str(host_dirs["host-3"]))
     done = wait(lambda: finished(svc, job_id), timeout=300, interval=0.5, what="the job to finish")

@@ -24,6 +24,7 @@ import pytest
 from service.record.storage import keys
 from service.record.store import REQUEUE_MESSAGE
 from tests.conftest import flush_db
+from tests.record_reads import list_checkpoints
 from tests.reliability.helpers import (
     create_job,
     docs,
@@ -53,7 +54,7 @@ def svc(
 def test_whole_worker_sigkill_resumes_on_a_new_worker(svc: Any, tmp_path: Path, wait: Callable[..., Any]) -> None:
     job_id = create_job(svc, upload(svc, tmp_path, docs(40)))
     store = svc.store()
-    wait(lambda: len(store.list_checkpoints(job_id, after=None, limit=100)[0]) >= 2, timeout=180, interval=0.1,
+    wait(lambda: len(list_checkpoints(store, job_id, after=None, limit=100)[0]) >= 2, timeout=180, interval=0.1,
          what="two checkpoints")  # fmt: skip
 
     # Kill the worker's whole process group at once: main process and pool child.
@@ -64,7 +65,7 @@ def test_whole_worker_sigkill_resumes_on_a_new_worker(svc: Any, tmp_path: Path, 
     svc.stop_worker(old, sig=signal.SIGKILL)
     _, alive = psutil.wait_procs(family, timeout=10)  # SIGKILLed; the kernel may take a moment to tear down
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
-    killed_at = max(c.step for c in store.list_checkpoints(job_id, after=None, limit=100)[0])
+    killed_at = max(c.step for c in list_checkpoints(store, job_id, after=None, limit=100)[0])
     if (rec := store.get_job(job_id)).status != "running":
         pytest.fail(f"the job finished before the kill ({rec.status}); give it more steps")
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from service.record.store import REQUEUE_MESSAGE
+from tests.record_reads import list_checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_sigkill_mid_job_resumes_from_checkpoint(svc: Any, tmp_path: Path, wait:
         extra_body={"seco": {"chunk_size": 16, "max_length": 64, "lora": {"r": 4}}},
     )  # fmt: skip
     store = svc.store()
-    wait(lambda: len(store.list_checkpoints(job.id, after=None, limit=100)[0]) >= 2, timeout=240,
+    wait(lambda: len(list_checkpoints(store, job.id, after=None, limit=100)[0]) >= 2, timeout=240,
          what="two checkpoints")  # fmt: skip
     rec = store.get_job(job.id)
     assert rec.status == "running" and rec.worker
@@ -61,9 +62,9 @@ def test_a_pickled_task_message_is_refused(svc: Any, tmp_path: Path, wait: Calla
     when it is loaded) is refused and starts nothing; a JSON one then starts the job."""
     import time
 
+    from service.record.queue import TASK_NAME, make_celery, publish
     from service.record.settings import Settings
     from tests.service.record.test_store import make_job
-    from worker.celery_app import TASK_NAME, enqueue, make_celery
 
     p = tmp_path / "train.jsonl"
     p.write_text(json.dumps({"text": "abc def ghi " * 5}) + "\n")
@@ -78,6 +79,6 @@ def test_a_pickled_task_message_is_refused(svc: Any, tmp_path: Path, wait: Calla
          what="the worker to refuse the pickled message")  # fmt: skip
     time.sleep(1)
     assert store.get_job(job_id).status == "queued", "the refused message started nothing"  # type: ignore[union-attr]
-    enqueue(celery, settings, job_id)
+    publish(celery, settings, job_id)
     done = wait(lambda: (r := store.get_job(job_id)).status in ("succeeded", "failed") and r, timeout=120)
     assert done.status == "succeeded", svc.logs()

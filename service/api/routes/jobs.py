@@ -24,7 +24,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
-from service.api.deps import BEARER, EnqueueDep, SettingsDep, StorageDep, StoreDep, TenantDep, caller
+from service.api.deps import BEARER, EnqueueDep, SettingsDep, StorageDep, StoreDep, StreamSlotsDep, TenantDep, caller
 from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
 from service.api.routes.models import refuse_alias, refuse_while_used
@@ -368,6 +368,8 @@ async def list_events(
 async def stream_events(
     fine_tuning_job_id: str,
     request: Request,
+    settings: SettingsDep,
+    stream_slots: StreamSlotsDep,
     after: str | None = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -379,7 +381,6 @@ async def stream_events(
     job's events are answered at once, in one response that holds no stream open.
     """
     tenant, reads = caller(request)
-    settings: Settings = request.app.state.settings
     if any(v is not None and ids.stream_id_of(v) is None for v in (last_event_id, after)):
         await _read(reads, tenant, fine_tuning_job_id)  # an unknown job is a 404 whatever the parameters
     start = _stream_id(last_event_id, "Last-Event-ID") or _stream_id(after, "after") or "0-0"
@@ -393,12 +394,10 @@ async def stream_events(
         writes = sse_writes(first) or [""]  # the retry hint rides with the first write, the end with the last
         writes[0], writes[-1] = "retry: 2000\n\n" + writes[0], writes[-1] + sse_end(str(status))
         return EventReplay(writes, headers)
-    slot = await request.app.state.stream_slots.take(tenant, settings.max_streams)
+    slot = await stream_slots.take(tenant, settings.max_streams)
     if slot is None:
         raise APIError(429, f"This API key already has {settings.max_streams} open event streams; close one "
                        "(or poll the events list) first", code="too_many_streams", retry=False)  # fmt: skip
-    aredis: Any = request.app.state.aredis
-    key = Store.events_key(fine_tuning_job_id)
 
     async def gen() -> AsyncIterator[str]:
         try:
@@ -421,8 +420,7 @@ async def stream_events(
                 if status in TERMINAL:
                     yield sse_end(status)
                     return
-                resp = await aredis.xread({key: last}, count=EVENT_BATCH, block=KEEPALIVE_MS)
-                events = [entry for _, entries in resp for entry in entries]
+                events = await reads.wait_events(fine_tuning_job_id, last, KEEPALIVE_MS)
                 if not events:
                     yield ": keep-alive\n\n"
                     continue

@@ -18,6 +18,7 @@ import pytest
 from service.api.schemas import JobEvent
 from service.record.models import checkpoint_model_name
 from tests.conftest import sse_events
+from tests.record_reads import list_events
 
 WORKER = "test-fast-reads-worker"
 
@@ -96,7 +97,7 @@ def test_events_keep_their_data_with_non_finite_numbers_as_null(svc: Any, train_
     store.request_cancel(job_id)
     client = svc.client()
     page = client.fine_tuning.jobs.list_events(job_id, limit=100)
-    stored = store.list_events(job_id, after=None, limit=100)[0]
+    stored = list_events(store, job_id, after=None, limit=100)[0]
     assert [e.id for e in page.data] == [e.id for e in stored]
     for got, ev in zip(page.data, stored, strict=True):
         want = JobEvent(id=ev.id, created_at=ev.created_at, level=ev.level, message=ev.message, type=ev.type,

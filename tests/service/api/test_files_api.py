@@ -12,6 +12,7 @@ import pytest
 
 from service.record.storage import keys
 from tests.conftest import flush_db
+from tests.record_reads import tenant_file_bytes
 
 UPLOAD_LIMIT = 64 * 1024
 TENANT_QUOTA = 1 << 20
@@ -252,13 +253,13 @@ def test_expires_after_is_shown_and_the_file_is_deleted_once_expired(
     client = svc.client()
     tenant = svc.tenant("a")
     store = svc.store()
-    used = store.tenant_file_bytes(tenant)
+    used = tenant_file_bytes(store, tenant)
     path = jsonl([{"text": "short-lived"}], name="tmp.jsonl")
     f = client.files.create(file=path.open("rb"), purpose="fine-tune",
                             expires_after={"anchor": "created_at", "seconds": 3600})  # fmt: skip
     assert f.expires_at == f.created_at + 3600
     assert client.files.retrieve(f.id).expires_at == f.expires_at
-    assert store.tenant_file_bytes(tenant) == used + f.bytes
+    assert tenant_file_bytes(store, tenant) == used + f.bytes
     key = keys.file_key(tenant, f.id)
     files_prefix = f"tenants/{tenant}/files"
     assert svc.objects(files_prefix)[key] == f.bytes
@@ -269,7 +270,7 @@ def test_expires_after_is_shown_and_the_file_is_deleted_once_expired(
     store.r.zadd("seco:files:expiring", {f.id: f.created_at - 1})
     wait(lambda: store.get_file(f.id) is None, timeout=30, what="the expiry sweep")
     assert key not in svc.objects(files_prefix), "the object is gone from storage"
-    assert store.tenant_file_bytes(tenant) == used + path.stat().st_size, "only the file without expiry counts"
+    assert tenant_file_bytes(store, tenant) == used + path.stat().st_size, "only the file without expiry counts"
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(f.id)
     assert f.id not in [x.id for x in client.files.list()]

@@ -11,6 +11,7 @@ from service.record import ids
 from service.record.expiry import InvalidExpiry, expire_files, expires_at
 from service.record.storage import LocalStorage, keys
 from service.record.store import FileRecord, Store
+from tests.record_reads import tenant_file_bytes
 from tests.service.record.test_store import T1, make_job
 
 
@@ -49,15 +50,15 @@ def test_the_sweep_deletes_expired_files_and_waits_for_jobs_using_them(store: St
     gone, kept, used = upload(store, data, 100, 4000), upload(store, data, 100, None), upload(store, data, 100, 4000)
     later = upload(store, data, 100, 9000)
     job = make_job(store, used.id)
-    assert store.tenant_file_bytes(T1) == 4 * 24
+    assert tenant_file_bytes(store, T1) == 4 * 24
     assert expire_files(store, data, at=3999) == []
     assert expire_files(store, data, at=5000) == [gone.id], "the file a queued job needs is kept"
     assert store.get_file(gone.id) is None and not data.exists(gone.path)
     assert store.get_file(kept.id) is not None and store.get_file(later.id) is not None
-    assert store.tenant_file_bytes(T1) == 3 * 24
+    assert tenant_file_bytes(store, T1) == 3 * 24
     assert store.request_cancel(job) == "cancelled"
     assert expire_files(store, data, at=5000) == [used.id], "deleted once the job has ended"
-    assert not data.exists(used.path) and store.tenant_file_bytes(T1) == 2 * 24
+    assert not data.exists(used.path) and tenant_file_bytes(store, T1) == 2 * 24
     assert expire_files(store, data, at=10_000) == [later.id] and store.expired_files(10**10) == []
 
 

@@ -11,9 +11,10 @@ import pytest
 from service.record.models import ModelName, checkpoint_model_name, fine_tuned_model_name, parse_model_name
 from service.record.storage import LocalStorage
 from service.record.store import Store
+from tests.record_reads import read_events
 from tests.service.record.test_store import T1, make_file, make_job, settings_for
 from worker.spec import JobPaused, TrainContext, TrainResult, TrainSpec
-from worker.tasks import run_job
+from worker.tasks import train_next_job
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def test_a_queued_job_pauses_at_once_resumes_and_can_be_cancelled(store: Store, 
     assert store.request_pause(job) == "paused"
     assert store.request_cancel(job) == "cancelled"
     assert store.request_pause(job) == "cancelled" and store.resume(job) == (False, "cancelled")
-    messages = [e.message for e in store.read_events(job)]
+    messages = [e.message for e in read_events(store, job)]
     assert messages.count("Fine-tuning job paused") == 2 and any(
         m.startswith("Fine-tuning job resumed") for m in messages
     )
@@ -50,7 +51,7 @@ def test_a_running_job_is_flagged_and_only_its_worker_pauses_it(store: Store, da
     assert store.start_job(job, "w1", 30)
     assert store.request_pause(job) == "running" and store.stop_requests(job) == (False, True)
     assert store.request_pause(job) == "running"
-    assert [e.message for e in store.read_events(job)].count(
+    assert [e.message for e in read_events(store, job)].count(
         "Pause requested; the job stops after its current step, with a checkpoint"
     ) == 1, "one event however often it is asked"
     assert not store.transition(job, ["running"], "paused")[0], "not without the owner"
@@ -71,7 +72,7 @@ def test_the_reaper_pauses_a_job_whose_worker_died_after_a_pause_request(store: 
     assert store.get_job(job).status == "paused"  # type: ignore[union-attr]
 
 
-def test_run_job_pauses_after_the_checkpoint(store: Store, data: LocalStorage, tmp_path: Path) -> None:
+def test_train_next_job_pauses_after_the_checkpoint(store: Store, data: LocalStorage, tmp_path: Path) -> None:
     """The task turns the loop's JobPaused into `paused`; the worker is then free (the task returns)."""
     settings = settings_for(store, data, tmp_path)
     job = make_job(store, make_file(store, data).id)
@@ -81,11 +82,11 @@ def test_run_job_pauses_after_the_checkpoint(store: Store, data: LocalStorage, t
         assert ctx.pause_requested()
         raise JobPaused(4)
 
-    assert run_job(job, settings, store, worker_id="w", train=train) == "paused"
+    assert train_next_job(settings, store, worker_id="w", train=train) == "paused"
     rec = store.get_job(job)
     assert rec is not None and rec.status == "paused"
     assert "Fine-tuning job paused at step 4; resume continues from its checkpoint" in [
-        e.message for e in store.read_events(job)
+        e.message for e in read_events(store, job)
     ]
 
 
@@ -140,4 +141,4 @@ def test_a_pause_asked_after_a_cancel_sets_no_pause(store: Store, data: LocalSto
     assert store.start_job(job, "w1", 30)
     assert store.request_cancel(job) == "running" and store.request_pause(job) == "running"
     assert store.stop_requests(job) == (True, False)
-    assert "Pause requested" not in " ".join(e.message for e in store.read_events(job))
+    assert "Pause requested" not in " ".join(e.message for e in read_events(store, job))

@@ -13,6 +13,7 @@ from service.record import ids
 from service.record.reads import LIST_SCAN, Reads, job_record
 from service.record.storage import LocalStorage
 from service.record.store import JobRecord, Store, now
+from tests.record_reads import list_checkpoints, list_events
 from tests.service.record.test_store import OTHER, T1, make_file
 
 
@@ -71,11 +72,11 @@ def test_reads_agree_with_the_store(store: Store, redis_url: str, tmp_path: Path
     assert pos.queue_position(jobs[1]) == order.index(jobs[1]) + 1
     assert [job_record(h).id for h in page] == jobs[::-1][:2] and more
     assert [positions.queue_position(j) for j in jobs[::-1][:2]] == [order.index(j) + 1 for j in jobs[::-1][:2]]
-    stored = store.list_events(jobs[0], after=None, limit=50)[0]
+    stored = list_events(store, jobs[0], after=None, limit=50)[0]
     assert [Store.event_from_entry(*e) for e in evs[0]] == stored and not evs[1]
     assert [Store.event_from_entry(*e) for e in streamed] == stored[::-1] and status == "running"
     rec, ck_page, ck_more = cks
-    assert rec == store.get_job(jobs[0]) and ck_page == store.list_checkpoints(jobs[0], after=None, limit=5)[0]
+    assert rec == store.get_job(jobs[0]) and ck_page == list_checkpoints(store, jobs[0], after=None, limit=5)[0]
     assert not ck_more
 
 

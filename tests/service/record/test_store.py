@@ -1,6 +1,6 @@
 """The store's state machine and the task's logic, against a real Redis (no HTTP, no Celery).
 
-`run_job` is called directly with a small stand-in for the training loop, as Celery's
+`train_next_job` is called directly with a small stand-in for the training loop, as Celery's
 docs advise for task logic; the real worker with the real trainer is exercised in
 test_end_to_end.py.
 """
@@ -20,8 +20,9 @@ from service.record.settings import Settings
 from service.record.storage import LocalStorage, keys
 from service.record.store import REQUEUE_MESSAGE, STATUSES, FileInUse, FileRecord, JobRecord, LimitExceeded, Store, now
 from service.record.tenants import tenant_of
+from tests.record_reads import list_checkpoints, list_events, read_events, tenant_file_bytes
 from worker.spec import JobCancelled, TrainContext, TrainingError, TrainResult, TrainSpec
-from worker.tasks import run_job
+from worker.tasks import train_next_job
 
 
 @pytest.fixture
@@ -156,13 +157,13 @@ def test_metrics_dedupe_events_and_pagination(store: Store, data: LocalStorage) 
     for step in (1, 2, 3, 2, 3, 4):  # a resume re-reports steps 2 and 3
         store.add_metrics(job, "w1", {"step": step, "train_loss": 1.0 / step, "peak_memory_bytes": step * 10}, "m")
     assert store.add_metrics(job, "intruder", {"step": 9}, "m") is None, "only the owner reports metrics"
-    events = store.read_events(job)
+    events = read_events(store, job)
     steps = [e.data["step"] for e in events if e.type == "metrics"]  # type: ignore[index]
     assert steps == [1, 2, 3, 4]
     assert store.get_job(job).peak_memory_bytes == 40  # type: ignore[union-attr]
     # newest first, paged by `after`
-    page1, more1 = store.list_events(job, after=None, limit=3)
-    page2, more2 = store.list_events(job, after=page1[-1].stream_id, limit=100)
+    page1, more1 = list_events(store, job, after=None, limit=3)
+    page2, more2 = list_events(store, job, after=page1[-1].stream_id, limit=100)
     assert more1 and not more2
     ids_all = [e.id for e in page1 + page2]
     assert ids_all == [e.id for e in reversed(events)]
@@ -179,10 +180,10 @@ def test_reaper_requeues_then_fails_after_max_attempts(store: Store, data: Local
     assert store.reap_expired(3) == [], "only one reaper wins"
     rec = store.get_job(job)
     assert rec is not None and rec.status == "queued" and rec.attempts == 1 and rec.worker is None
-    assert any(e.message == REQUEUE_MESSAGE for e in store.read_events(job))
+    assert any(e.message == REQUEUE_MESSAGE for e in read_events(store, job))
     assert not store.refresh_lease(job, "dead-worker", 30), "the old owner cannot renew"
     assert store.start_job(job, "w2", 0.3)
-    assert "attempt 2" in store.read_events(job)[-1].message
+    assert "attempt 2" in read_events(store, job)[-1].message
     time.sleep(0.4)
     assert store.reap_expired(3) == [job]
     assert store.start_job(job, "w3", 0.3)
@@ -216,13 +217,13 @@ def test_tenant_limits_and_file_in_use(store: Store, data: LocalStorage) -> None
                      path="files/x")  # fmt: skip
     with pytest.raises(LimitExceeded):
         store.create_file(big, counted=True, tenant_limit=f.bytes + 99)
-    assert store.tenant_file_bytes(T1) == f.bytes
+    assert tenant_file_bytes(store, T1) == f.bytes
     assert store.get_file(f.id, OTHER) is None
     with pytest.raises(LookupError):
         make_job(store, f.id, tenant=OTHER)
 
 
-# ----------------------------------------------------------------------------- run_job
+# ----------------------------------------------------------------------------- train_next_job
 
 
 def settings_for(store: Store, data: LocalStorage, model_dir: Path) -> Settings:
@@ -254,11 +255,11 @@ def fake_train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     )  # fmt: skip
 
 
-def test_run_job_success_registers_results(store: Store, data: LocalStorage, tmp_path: Path) -> None:
+def test_train_next_job_success_registers_results(store: Store, data: LocalStorage, tmp_path: Path) -> None:
     settings = settings_for(store, data, tmp_path)
     f = make_file(store, data)
     job = make_job(store, f.id)
-    assert run_job(job, settings, store, worker_id="w", train=fake_train) == "succeeded"
+    assert train_next_job(settings, store, worker_id="w", train=fake_train) == "succeeded"
     rec = store.get_job(job)
     assert rec is not None and rec.status == "succeeded"
     assert rec.fine_tuned_model == f"ft:tiny:org-{T1}::{job.removeprefix('ftjob-')}"
@@ -267,20 +268,20 @@ def test_run_job_success_registers_results(store: Store, data: LocalStorage, tmp
     adapter = store.get_file(rec.adapter_file, T1)  # type: ignore[arg-type]
     assert adapter is not None and adapter.purpose == "fine-tune-results"
     assert adapter.path == keys.result_key(T1, job, "adapter.tar.gz") and data.exists(adapter.path)
-    cks, _ = store.list_checkpoints(job, after=None, limit=10)
+    cks, _ = list_checkpoints(store, job, after=None, limit=10)
     assert [c.step for c in cks] == [2, 1]
     # each checkpoint was published with its marker, and the worker's scratch space is gone
     assert data.complete_dirs(keys.checkpoints_prefix(T1, job), "checkpoint.json") == ["step-000001", "step-000002"]
     assert not list((data.root / "scratch").rglob(f"{job}*")), "scratch space cleaned when the job ended"
-    messages = [e.message for e in store.read_events(job)]
+    messages = [e.message for e in read_events(store, job)]
     assert messages[-1] == "The job has successfully completed"
     assert "Checkpoint saved at step 2" in messages
-    # a redelivery of the same message does nothing
-    assert run_job(job, settings, store, worker_id="w2", train=fake_train) == "skipped"
+    # a redelivery of the same message finds no queued job: it does nothing
+    assert train_next_job(settings, store, worker_id="w2", train=fake_train) == "idle"
     assert store.get_job(job).status == "succeeded"  # type: ignore[union-attr]
 
 
-def test_run_job_failures_and_cancel(store: Store, data: LocalStorage, tmp_path: Path) -> None:
+def test_train_next_job_failures_and_cancel(store: Store, data: LocalStorage, tmp_path: Path) -> None:
     settings = settings_for(store, data, tmp_path)
     f = make_file(store, data)
 
@@ -300,18 +301,18 @@ def test_run_job_failures_and_cancel(store: Store, data: LocalStorage, tmp_path:
         raise AssertionError("cancel not seen")
 
     j1, j2, j3 = (make_job(store, f.id) for _ in range(3))
-    assert run_job(j1, settings, store, train=user_error) == "failed"
+    assert train_next_job(settings, store, train=user_error) == "failed"
     assert store.get_job(j1).error == {"code": "out_of_memory", "message": "max_length 99999 does not fit; "  # type: ignore[union-attr]
                                        "try 4096", "param": "seco.max_length"}  # fmt: skip
-    assert run_job(j2, settings, store, train=crash) == "failed"
+    assert train_next_job(settings, store, train=crash) == "failed"
     err = store.get_job(j2).error  # type: ignore[union-attr]
     assert err is not None and err["code"] == "internal_error" and "ZeroDivisionError: boom" in err["message"]
-    assert run_job(j3, settings, store, train=cancellable) == "cancelled"
+    assert train_next_job(settings, store, train=cancellable) == "cancelled"
     assert store.get_job(j3).status == "cancelled"  # type: ignore[union-attr]
     # a model no longer configured fails clearly instead of crashing
     settings2 = Settings(redis_url=_url(store), data_dir=data.root, models_raw="other=/x", lease_seconds=3)
     j4 = make_job(store, f.id)
-    assert run_job(j4, settings2, store, train=fake_train) == "failed"
+    assert train_next_job(settings2, store, train=fake_train) == "failed"
     assert store.get_job(j4).error["code"] == "model_not_available"  # type: ignore[index,union-attr]
 
 
@@ -325,7 +326,8 @@ def test_lease_is_renewed_while_training(store: Store, data: LocalStorage, tmp_p
         assert store.reap_expired(3) == [], "the lease is alive: nothing to reap"
         return fake_train(spec, ctx)
 
-    assert run_job(job, settings, store, worker_id="w", train=slow) == "succeeded"
+    assert train_next_job(settings, store, worker_id="w", train=slow) == "succeeded"
+    assert store.get_job(job).status == "succeeded"  # type: ignore[union-attr]
 
 
 def test_resolved_hyperparameters_replace_auto_and_a_retry_reads_them(
