@@ -3,6 +3,7 @@
 #
 #   scripts/dev.sh up [seco up flags]     the whole service on this machine (embedded Redis, API, one worker)
 #   scripts/dev.sh test [pytest args]     the test suite (starts its own Redis-compatible server)
+#   scripts/dev.sh lint                   ruff check, ruff format --check and mypy, as CI runs them
 #   scripts/dev.sh test-oldest [pytest args]
 #                                         the seco_core and worker trainer tests again, on the oldest
 #                                         torch / transformers / peft we support (ci/oldest.txt), in
@@ -16,8 +17,8 @@ cd "$(dirname "$0")/.."
 
 command=${1:-}
 case "$command" in
-  up|test|test-oldest) shift ;;
-  *) echo "usage: scripts/dev.sh up|test|test-oldest [args...]" >&2; exit 2 ;;
+  up|test|lint|test-oldest) shift ;;
+  *) echo "usage: scripts/dev.sh up|test|lint|test-oldest [args...]" >&2; exit 2 ;;
 esac
 
 # Run pytest with the given arguments; "no tests collected" (exit 5) is a failure too.
@@ -71,6 +72,11 @@ fi
 
 if [ "$command" = up ]; then
   exec seco up "$@"
+fi
+
+if [ "$command" = lint ]; then
+  ruff check . && ruff format --check . && mypy seco_core service worker scripts
+  exit $?
 fi
 
 # The dashboard test drives a real headless Chromium; install it where we can (root, apt).

@@ -20,6 +20,7 @@ FAKE_DEV_SH = """#!/usr/bin/env bash
 echo "$1" >> "$CALLS"
 case "$1" in
   test) exit "$TEST_STATUS" ;;
+  lint) exit "$LINT_STATUS" ;;
   test-oldest) exit "$OLDEST_STATUS" ;;
 esac
 exit 99
@@ -46,26 +47,32 @@ def _executable(path: Path, text: str) -> None:
     path.chmod(0o755)
 
 
-def run_ci(tmp_path: Path, test_status: int, oldest_status: int) -> tuple[int, list[str]]:
+def run_ci(tmp_path: Path, test_status: int, oldest_status: int, lint_status: int = 0) -> tuple[int, list[str]]:
     """`.ci/run` from a copy, with a dev.sh that records its command and exits as told."""
     (tmp_path / ".ci").mkdir()
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
     _executable(tmp_path / "scripts" / "dev.sh", FAKE_DEV_SH)
     calls = tmp_path / "calls"
-    env = {**os.environ, "CALLS": str(calls), "TEST_STATUS": str(test_status), "OLDEST_STATUS": str(oldest_status)}
+    env = {
+        **os.environ,
+        "CALLS": str(calls),
+        "TEST_STATUS": str(test_status),
+        "OLDEST_STATUS": str(oldest_status),
+        "LINT_STATUS": str(lint_status),
+    }
     done = subprocess.run([str(tmp_path / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
     return done.returncode, calls.read_text().split()
 
 
 @pytest.mark.parametrize(
-    ("test_status", "oldest_status", "passes"),
-    [(0, 0, True), (0, 1, False), (1, 0, False), (5, 0, False)],
+    ("test_status", "lint_status", "oldest_status", "passes"),
+    [(0, 0, 0, True), (0, 0, 1, False), (1, 0, 0, False), (5, 0, 0, False), (0, 1, 0, False)],
 )
-def test_ci_runs_both_and_fails_if_either_fails(
-    tmp_path: Path, test_status: int, oldest_status: int, passes: bool
+def test_ci_runs_all_three_and_fails_if_any_fails(
+    tmp_path: Path, test_status: int, lint_status: int, oldest_status: int, passes: bool
 ) -> None:
-    status, calls = run_ci(tmp_path, test_status, oldest_status)
-    assert calls == ["test", "test-oldest"]  # the second run happens even when the first failed
+    status, calls = run_ci(tmp_path, test_status, oldest_status, lint_status)
+    assert calls == ["test", "lint", "test-oldest"]  # each run happens even when an earlier one failed
     assert (status == 0) is passes
 
 
