@@ -180,7 +180,8 @@ class _Recorder:
 def part_job(args: argparse.Namespace, results: Results) -> None:
     import worker.trainer as trainer
     from seco_core.demo import build_demo_model
-    from worker.spec import SecoSpec, TrainSpec
+    from seco_core.job_config import JobConfig
+    from worker.spec import TrainSpec
 
     tiny = args.shape == "tiny"
     sentences, max_length, chunk = (6, 256, 64) if tiny else (40, 2048, 256)
@@ -198,7 +199,7 @@ def part_job(args: argparse.Namespace, results: Results) -> None:
     spec = TrainSpec(
         job_id="ftjob-gpucheck", model_name="tiny", model_path=model_dir, training_file=train_file,
         validation_file=valid_file, output_dir=tmp / "out", device=args.device, n_epochs=1, batch_size=1,
-        seco=SecoSpec(chunk_size=chunk, max_length=max_length), checkpoint_every=2,
+        seco=JobConfig(chunk_size=chunk, max_length=max_length), checkpoint_every=2,
     )  # fmt: skip
     rec = _Recorder(results)
     seconds, result = timed(torch.device(args.device), lambda: trainer.train(spec, rec))

@@ -113,7 +113,9 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
         f"(tolerance {check.tolerance:g} for {str(check.compute_dtype).removeprefix('torch.')})"
     )
 
-    chunk_config = _chunk_config(spec, job_plan)
+    chunk_config = spec.seco.chunk_config(
+        job_plan.chunk_size, offload_kv=job_plan.offload_kv, layer_checkpointing=job_plan.layer_checkpointing
+    )
     batch_size, n_epochs = hyper["batch_size"], hyper["n_epochs"]
     batches_per_epoch = math.ceil(len(objective.items) / batch_size)
     total_steps = n_epochs * batches_per_epoch
@@ -493,20 +495,6 @@ def _load_4bit(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> Any
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(
         spec.model_path, dtype=dtype, quantization_config=quant, device_map=_device_map(device)
-    )
-
-
-def _chunk_config(spec: TrainSpec, job_plan: Plan) -> ChunkConfig:
-    seco = spec.seco
-    spaco = seco.mode == "spaco"
-    return ChunkConfig(
-        chunk_size=job_plan.chunk_size,
-        mode="spaco" if spaco else "seco",
-        budget=seco.budget if spaco else None,
-        sampling=seco.sampling if spaco else "bernoulli",  # type: ignore[arg-type]
-        max_compensation=seco.max_compensation if spaco else None,
-        offload_kv=job_plan.offload_kv,
-        layer_checkpointing=job_plan.layer_checkpointing,
     )
 
 

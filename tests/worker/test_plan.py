@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaConfig
 
 import worker.trainer as trainer
-from worker.spec import SecoSpec, TrainingError, TrainSpec
+from seco_core.job_config import JobConfig
+from worker.spec import TrainingError, TrainSpec
 
 GiB = 2**30
 TINY_LLAMA = LlamaConfig(
@@ -33,7 +34,7 @@ def spec_for(max_length: int | None, budget: int = 24 * GiB, device: str = "cuda
     return TrainSpec(
         job_id="ftjob-plan", model_name="llama3-8b", model_path=Path("."), training_file=Path("."),
         validation_file=None, output_dir=Path("."), device=device, memory_budget_bytes=budget,
-        seco=SecoSpec(max_length=max_length, **seco),
+        seco=JobConfig(max_length=max_length, **seco),
     )  # fmt: skip
 
 
