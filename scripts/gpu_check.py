@@ -178,6 +178,7 @@ class _Recorder:
 
 
 def part_job(args: argparse.Namespace, results: Results) -> None:
+    import seco_core.memory_plan.policy as policy
     import worker.trainer as trainer
     from seco_core.demo import build_demo_model
     from seco_core.job_config import JobConfig
@@ -195,7 +196,7 @@ def part_job(args: argparse.Namespace, results: Results) -> None:
     # A tiny model would train in the fastest mode; force the one that reaches 128K on 24 GiB
     # (on CPU, where offloading to the host saves nothing, layer checkpointing).
     cuda = torch.device(args.device).type == "cuda"
-    trainer.MEMORY_MODES = (trainer.MEMORY_MODES[-1] if cuda else trainer.MEMORY_MODES[1],)  # type: ignore[assignment]
+    policy.MEMORY_MODES = (policy.MEMORY_MODES[-1] if cuda else policy.MEMORY_MODES[1],)
     spec = TrainSpec(
         job_id="ftjob-gpucheck", model_name="tiny", model_path=model_dir, training_file=train_file,
         validation_file=valid_file, output_dir=tmp / "out", device=args.device, n_epochs=1, batch_size=1,
