@@ -390,6 +390,7 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(index)
+        host_buffers.stats.reset()  # this step's prefetch misses and ring waits
 
         def run() -> float:
             if config is None:
@@ -407,7 +408,8 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
         # Allocated, reserved and device-wide; the verdict on the cap is on what the process held.
         memory = cuda_memory_use(device).report(cap) if cuda else {}
         return {"ok": True, "seconds": round(seconds, 3), "loss": round(loss, 4), **memory,
-                "host_pinned_bytes": host_buffers.bytes_allocated}  # fmt: skip
+                "host_pinned_bytes": host_buffers.bytes_allocated,
+                "kv_offload_stats": host_buffers.stats.as_dict()}  # fmt: skip
 
     def chosen(length: int) -> tuple[Any, Any]:
         """The worker's choice under the cap: fastest mode that fits, its chunk, its estimate."""

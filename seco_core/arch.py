@@ -11,6 +11,7 @@ parity test are accepted; anything else is refused by name rather than trained w
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,30 @@ class ModelParts:
     num_layers: int
     model_type: str
     architecture: str
+    cache_keyword: str  # the decoder's keyword for a Cache: "cache" or "past_key_values", see `cache_keyword`
+
+
+# The names transformers 5.x decoders take a Cache under, newest first: 5.17 takes only
+# `past_key_values`; later releases rename it `cache` and keep the old name as a deprecated
+# alias (a FutureWarning, to be removed).
+CACHE_KEYWORDS = ("cache", "past_key_values")
+
+
+def cache_keyword(decoder: nn.Module, architecture: str) -> str:
+    """The keyword `decoder.forward` takes its Cache under, read from its signature.
+
+    Why not one fixed name: a decoder swallows an unknown keyword in `**kwargs`, builds a
+    cache of its own and never touches ours, and the old name warns on newer releases and
+    will go; asking the signature works on every release and fails loudly on a decoder
+    that takes neither.
+    """
+    parameters = inspect.signature(decoder.forward).parameters
+    for name in CACHE_KEYWORDS:
+        if name in parameters:
+            return name
+    raise UnsupportedModelError(
+        f"{architecture}: its decoder's forward takes no KV cache argument (none of {', '.join(CACHE_KEYWORDS)})"
+    )
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -66,6 +91,7 @@ def model_parts(model: nn.Module) -> ModelParts:
         num_layers=config.num_hidden_layers,
         model_type=model_type,
         architecture=architecture,
+        cache_keyword=cache_keyword(decoder, architecture),
     )
 
 

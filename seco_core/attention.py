@@ -15,18 +15,29 @@ offload), which sums them for the relay.
 Per-block kernels: on CPU, PyTorch's fused flash-attention kernel; on CUDA in bf16/fp16,
 PyTorch's FlashAttention-2 forward and backward ops; elsewhere (fp32/fp64 on CUDA) a
 plain matmul/softmax version, which is also the reference the tests compare the fused
-ones with. The fused kernels never materialise a block's scores.
+ones with. The fused kernels never materialise a block's scores. FlashAttention-2 needs a
+GPU of compute capability 8.0 or newer; on older ones (T4, V100) the math kernel is used,
+with a logged warning.
+
+Streaming: the prefix blocks are consumed one at a time from the store's iterator, which
+fetches one block ahead, so at most two blocks of a layer are on the device at once
+(with KV offload, the rest stay in host memory). Work that is the same for every block
+(dtype conversions, the rowsum(dO * O) term of backward) is done once per call.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from seco_core.kv_store import LayerPrefix
+
+log = logging.getLogger(__name__)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -70,23 +81,22 @@ def _math_forward(
     return torch.matmul(torch.exp(s - lse), v.to(cdt)), lse
 
 
-def _math_backward(
-    do: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    q_len: int,
-    causal: bool,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _math_prepare(do: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What every block's backward shares: q and dO in the compute dtype and rowsum(dO * O)."""
     cdt = lse.dtype
-    p = torch.exp(_scores(q, k, q_len, causal, scale, cdt) - lse)  # the forward's probabilities, recomputed
-    qc, kc, doc = q.to(cdt), k.to(cdt), do.to(cdt)
-    delta = (doc * out.to(cdt)).sum(dim=-1, keepdim=True)  # rowsum(dO * O)
+    doc = do.to(cdt)
+    delta = (doc * out.to(cdt)).sum(dim=-1, keepdim=True)
+    return doc, q.to(cdt), delta, lse
+
+
+def _math_backward(
+    prepared: tuple[torch.Tensor, ...], k: torch.Tensor, v: torch.Tensor, q_len: int, causal: bool, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    doc, qc, delta, lse = prepared
+    cdt = lse.dtype
+    p = torch.exp(_scores(qc, k, q_len, causal, scale, cdt) - lse)  # the forward's probabilities, recomputed
     ds = p * (torch.matmul(doc, v.to(cdt).transpose(-1, -2)) - delta) * scale
-    return torch.matmul(ds, kc), torch.matmul(ds.transpose(-1, -2), qc), torch.matmul(p.transpose(-1, -2), doc)
+    return torch.matmul(ds, k.to(cdt)), torch.matmul(ds.transpose(-1, -2), qc), torch.matmul(p.transpose(-1, -2), doc)
 
 
 def _heads(x: torch.Tensor, q_len: int) -> torch.Tensor:
@@ -115,14 +125,17 @@ def _fused_forward(
     return out.reshape(q.shape), lse[..., :q_len].reshape(*q.shape[:-1], 1)
 
 
+def _fused_prepare(do: torch.Tensor, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The op's layout for what every block's backward shares: dO and the merged output in
+    q's dtype and contiguous, the log-sum-exp as (B, Hkv, R)."""
+    return do.contiguous(), q, out.to(q.dtype).contiguous(), lse.squeeze(-1).contiguous()
+
+
 def _fused_backward(
     op: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    do: torch.Tensor,
-    q: torch.Tensor,
+    prepared: tuple[torch.Tensor, ...],
     k: torch.Tensor,
     v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
     q_len: int,
     causal: bool,
     scale: float,
@@ -131,7 +144,7 @@ def _fused_backward(
     recomputes this block's probabilities as exp(q k^T * scale - lse) and takes
     rowsum(dO * O) from the merged output, i.e. exactly this block's share of dq and
     its dk, dv."""
-    out, lse = out.to(q.dtype).contiguous(), lse.squeeze(-1).contiguous()
+    do, q, out, lse = prepared
     if not causal:
         return op(do, q, k, v, out, lse, False, scale)
     groups = q.shape[-2] // q_len
@@ -181,26 +194,68 @@ _cuda_forward = functools.partial(_fused_forward, _cuda_op)
 _cuda_backward = functools.partial(_fused_backward, _cuda_op_backward)
 
 
-BlockForward = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-BlockBackward = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-KERNELS: dict[str, tuple[BlockForward, BlockBackward]] = {
-    "math": (_math_forward, _math_backward),
-    "cpu": (_cpu_forward, _cpu_backward),
-    "cuda": (_cuda_forward, _cuda_backward),
+@dataclass(frozen=True)
+class Kernel:
+    """A per-block kernel: `forward(q, k, v, q_len, causal, scale) -> (out, lse)`;
+    `prepare(dO, q, out, lse)` once per backward call, then per block
+    `backward(prepared, k, v, q_len, causal, scale) -> (dq, dk, dv)`."""
+
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    prepare: Callable[..., tuple[torch.Tensor, ...]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+KERNELS: dict[str, Kernel] = {
+    "math": Kernel(_math_forward, _math_prepare, _math_backward),
+    "cpu": Kernel(_cpu_forward, _fused_prepare, _cpu_backward),
+    "cuda": Kernel(_cuda_forward, _fused_prepare, _cuda_backward),
 }
 FUSED_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+FLASH_MIN_CAPABILITY = (8, 0)
+"""PyTorch's FlashAttention-2 kernels run on Ampere (8.0) and newer."""
+
+
+@functools.cache
+def _flash_supported(index: int) -> bool:
+    """Whether GPU `index` runs FlashAttention-2; says once per GPU when it does not."""
+    capability = tuple(torch.cuda.get_device_capability(index))
+    if capability >= FLASH_MIN_CAPABILITY:
+        return True
+    log.warning(
+        "cuda:%d has compute capability %d.%d; FlashAttention-2 needs %d.%d or newer, so chunk attention "
+        "uses the math kernel there (correct, but slower and with a block's scores in memory)",
+        index, *capability, *FLASH_MIN_CAPABILITY,
+    )  # fmt: skip
+    return False
 
 
 def kernel_for(q: torch.Tensor, requested: str = "auto") -> str:
-    """The per-block kernel for a query tensor: fused where PyTorch has one for its device and dtype."""
+    """The per-block kernel for a query tensor: fused where PyTorch has one for its device,
+    dtype and (on CUDA) compute capability; the math kernel otherwise."""
     if requested != "auto":
+        if requested not in KERNELS:
+            raise ValueError(f"unknown attention kernel {requested!r}; choose one of {sorted(KERNELS)} or 'auto'")
         return requested
     if q.device.type == "cpu":
         return "cpu"
     head_dim = q.shape[-1]
     if q.device.type == "cuda" and q.dtype in FUSED_CUDA_DTYPES and head_dim % 8 == 0 and head_dim <= 256:
-        return "cuda"
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        if _flash_supported(index):
+            return "cuda"
     return "math"
+
+
+def _merge(
+    out: torch.Tensor | None, lse: torch.Tensor | None, out_i: torch.Tensor, lse_i: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold one block's softmax output and log-sum-exp into the running ones, in place and
+    in the statistics' dtype (float32 or wider): out = out * e^(lse - m) + out_i * e^(lse_i - m)."""
+    if out is None or lse is None:
+        return out_i.to(lse_i.dtype), lse_i  # no copy when the kernel's output is already that dtype
+    merged = torch.logaddexp(lse, lse_i)
+    out.mul_(torch.exp(lse - merged)).addcmul_(out_i, torch.exp(lse_i - merged))
+    return out, merged
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -225,17 +280,18 @@ class _BlockAttention(torch.autograd.Function):
         q_len: int,
         kernel: str,
     ) -> torch.Tensor:
-        block_forward = KERNELS[kernel][0]
-        out = lse = None
-        for k_i, v_i, causal in [*((ki, vi, False) for ki, vi in prefix.stream(forward=True)), (k, v, True)]:
-            out_i, lse_i = block_forward(q, k_i, v_i, q_len, causal, scale)
-            if out is None or lse is None:
-                out, lse = out_i.to(lse_i.dtype), lse_i
-                continue
-            merged = torch.logaddexp(lse, lse_i)
-            out = out * torch.exp(lse - merged) + out_i.to(merged.dtype) * torch.exp(lse_i - merged)
-            lse = merged
-        assert out is not None and lse is not None
+        block_forward = KERNELS[kernel].forward
+        out: torch.Tensor | None = None
+        lse: torch.Tensor | None = None
+        # One block at a time, straight from the store's iterator (never a list of them): the
+        # store fetches the next block while this one is used, and each block's reference is
+        # dropped before the one after next is fetched, so at most two are on the device.
+        for k_i, v_i in prefix.stream(forward=True):
+            out_i, lse_i = block_forward(q, k_i, v_i, q_len, False, scale)
+            del k_i, v_i
+            out, lse = _merge(out, lse, out_i, lse_i)
+            del out_i, lse_i
+        out, lse = _merge(out, lse, *block_forward(q, k, v, q_len, True, scale))
         ctx.prefix, ctx.scale, ctx.q_len, ctx.kernel = prefix, scale, q_len, kernel
         ctx.save_for_backward(q, k, v, out, lse)
         return out.to(q.dtype)
@@ -243,16 +299,19 @@ class _BlockAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        block_backward = KERNELS[ctx.kernel][1]
+        kernel: Kernel = KERNELS[ctx.kernel]
         prefix: LayerPrefix = ctx.prefix
-        grad_out = grad_out.contiguous()
-        dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
-        for i, (k_i, v_i) in enumerate(prefix.stream(forward=False)):
-            dq_i, dk_i, dv_i = block_backward(grad_out, q, k_i, v_i, out, lse, ctx.q_len, False, ctx.scale)
+        prepared = kernel.prepare(grad_out, q, out, lse)
+        dq, dk, dv = kernel.backward(prepared, k, v, ctx.q_len, True, ctx.scale)
+        dq = dq.to(lse.dtype)  # summed over the blocks in float32 or wider
+        i = 0  # not enumerate(), whose reused result tuple would keep the previous block alive
+        for k_i, v_i in prefix.stream(forward=False):
+            dq_i, dk_i, dv_i = kernel.backward(prepared, k_i, v_i, ctx.q_len, False, ctx.scale)
+            del k_i, v_i  # before the store fetches the block after next
             dq += dq_i
             prefix.deposit(i, dk_i, dv_i)
-        dq_c, dk, dv = block_backward(grad_out, q, k, v, out, lse, ctx.q_len, True, ctx.scale)
-        dq += dq_c
+            del dq_i, dk_i, dv_i
+            i += 1  # noqa: SIM113 (see above)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

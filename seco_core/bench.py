@@ -223,9 +223,14 @@ def timed_steps(
     `grads`, the gradient norm of the last step. Gradients are cleared between steps, so
     each step's are its own.
     """
-    info = step()
-    model.zero_grad(set_to_none=True)
-    times, cpu_times = [], []
+    cpu0 = time.process_time()
+    with Stopwatch(device) as sw:
+        info = step()
+    warmup_seconds, warmup_cpu = sw.seconds, time.process_time() - cpu0
+    if steps:
+        model.zero_grad(set_to_none=True)
+    times: list[float] = []
+    cpu_times: list[float] = []
     out: dict[str, Any] = {}
     for i in range(steps):
         cpu0 = time.process_time()
@@ -238,6 +243,10 @@ def timed_steps(
         if i < steps - 1:
             model.zero_grad(set_to_none=True)
     out.update(info)
+    if not times:  # steps=0: the warm-up step only (a memory measurement), timed as it ran
+        times, cpu_times = [warmup_seconds], [warmup_cpu]
+        if grads:
+            out["grad_norm"], out["grads_nonzero"] = _grad_stats(model)
     out["step_seconds"] = times
     out["step_seconds_mean"] = sum(times) / len(times)
     out["cpu_seconds_mean"] = sum(cpu_times) / len(cpu_times)

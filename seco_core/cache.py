@@ -83,10 +83,26 @@ class ChunkCache(Cache):
         `needs_grad`: a later chunk's backward will relay into it, so the store keeps
         gradient sums for it.
         """
-        for layer in self.chunk_layers:
-            assert layer.new_keys is not None and layer.new_values is not None
-            layer.prefix.append(self.store.put(layer.new_keys, layer.new_values, needs_grad))
+        for layer, keys, values in self.written():
+            layer.prefix.append(self.store.put(keys, values, needs_grad))
             layer.new_keys = layer.new_values = None
+
+    def written(self) -> list[tuple[ChunkLayer, torch.Tensor, torch.Tensor]]:
+        """Per layer, the layer and the K/V the model just wrote; a clear error when it wrote none.
+
+        A decoder that was handed this cache under a keyword it does not know builds a cache
+        of its own and never writes here: say so instead of failing on a bare assertion.
+        """
+        out = []
+        for i, layer in enumerate(self.chunk_layers):
+            if layer.new_keys is None or layer.new_values is None:
+                raise UnsupportedModelError(
+                    f"the model did not write layer {i}'s keys/values into the chunk cache: its decoder "
+                    "ignored the cache it was given (an unknown cache keyword, or attention that bypasses "
+                    "the transformers Cache API)"
+                )
+            out.append((layer, layer.new_keys, layer.new_values))
+        return out
 
     def pop_last(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Stage 2: remove the last chunk's blocks (they are no longer anyone's prefix) and
@@ -110,11 +126,7 @@ class ChunkCache(Cache):
 
     def current(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The K/V states the model computed for the current chunk, per layer."""
-        out = []
-        for layer in self.chunk_layers:
-            assert layer.new_keys is not None and layer.new_values is not None
-            out.append((layer.new_keys, layer.new_values))
-        return out
+        return [(keys, values) for _, keys, values in self.written()]
 
     def prefix(self, layer_idx: int) -> LayerPrefix:
         """What layer `layer_idx`'s attention reads before the current chunk."""

@@ -25,6 +25,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -126,9 +127,13 @@ def run_chunk(
     """One chunk through the decoder on top of the cached prefix: (B, c) ids -> (B, c, H) hidden states.
 
     The chunk's fresh K/V are left in the cache (`cache.current()`) for the caller to
-    push as blocks (stage 1) or relay into (stage 2).
+    push as blocks (stage 1) or relay into (stage 2). The cache goes in under the keyword
+    the decoder's signature names (`ModelParts.cache_keyword`): transformers 5.17 knows
+    only `past_key_values` and would swallow `cache` in `**kwargs`, building a cache of
+    its own; newer releases call it `cache` and deprecate the old name.
     """
-    out = parts.decoder(input_ids=input_ids, position_ids=position_ids, past_key_values=cache, use_cache=True)
+    kwargs: dict[str, Any] = {parts.cache_keyword: cache}
+    out = parts.decoder(input_ids=input_ids, position_ids=position_ids, use_cache=True, **kwargs)
     return out.last_hidden_state
 
 

@@ -19,15 +19,24 @@ on the compute device" and hands back "this block's gradient". Two stores:
 
 Gradient sums are kept in float32 (or the blocks' dtype when wider): a block receives one
 contribution per later chunk, i.e. up to hundreds at 128K tokens, and summing them in
-bf16 would lose the small ones.
+bf16 would lose the small ones. A block's sums come into being with its first contribution,
+which is taken as it is (device) or copied (host), never added to zeros: no zeroing pass,
+and no sums held through stage 1 and the last chunk's activations, which is when the step's
+memory peaks. Host sums are added on several threads (`SUM_THREADS`), slice by slice.
+
+`StoreStats` (kept on the job's `HostBuffers`) counts what the overlap depends on: blocks
+fetched, prefetch misses (a block that was not already on its way when attention asked for
+it), copies not finished when they were needed, and waits for a free staging buffer.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -42,12 +51,14 @@ def grad_dtype(dtype: torch.dtype) -> torch.dtype:
 class KVBlock:
     """One earlier chunk's keys and values for one layer, and their gradient sums.
 
-    key, value: (B, Hkv, n, D). key_grad, value_grad: same shape in `grad_dtype`, present
-    only when a later chunk's backward must relay into this block.
+    key, value: (B, Hkv, n, D). key_grad, value_grad: same shape in `grad_dtype`, the sums
+    of the contributions received so far; None until the first one arrives.
     """
 
     key: torch.Tensor
     value: torch.Tensor
+    wants_grad: bool = False
+    """A later chunk's backward must relay into this block, so its contributions are summed."""
     key_grad: torch.Tensor | None = None
     value_grad: torch.Tensor | None = None
     ready: Any = None
@@ -61,28 +72,36 @@ class KVBlock:
 
     @property
     def needs_grad(self) -> bool:
-        return self.key_grad is not None
+        return self.wants_grad
 
 
 class DeviceStore:
-    """Blocks on the compute device; each gradient contribution is added in place."""
+    """Blocks on the compute device; the first gradient contribution becomes the sum, later
+    ones are added in place."""
 
     def put(self, key: torch.Tensor, value: torch.Tensor, needs_grad: bool) -> KVBlock:
-        """Stage 1: keep the chunk's K/V (detached) as a block, with zeroed gradient sums if needed."""
-        key, value = key.detach(), value.detach()
-        if not needs_grad:
-            return KVBlock(key, value)
-        dtype = grad_dtype(key.dtype)
-        return KVBlock(key, value, torch.zeros_like(key, dtype=dtype), torch.zeros_like(value, dtype=dtype))
+        """Stage 1: keep the chunk's K/V (detached) as a block; its gradient sums start with
+        its first contribution."""
+        return KVBlock(key.detach(), value.detach(), wants_grad=needs_grad)
 
-    def stream(self, blocks: list[KVBlock], layer: int, forward: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The blocks' (key, value) on the compute device, in order."""
+    def stream(
+        self, blocks: list[KVBlock], layer: int, forward: bool, training: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The blocks' (key, value) on the compute device, in order. `training`: the attention
+        call was made with grad enabled (its backward will stream them again)."""
         for block in blocks:
             yield block.key, block.value
 
     def deposit(self, block: KVBlock, key_grad: torch.Tensor, value_grad: torch.Tensor) -> None:
-        """Add one later chunk's gradient contribution to the block's sums."""
-        assert block.key_grad is not None and block.value_grad is not None
+        """Add one later chunk's gradient contribution to the block's sums.
+
+        The store takes the contribution over: the first one is kept as the sum itself
+        (converted to `grad_dtype` if narrower), as autograd does with a leaf's first grad.
+        """
+        if block.key_grad is None or block.value_grad is None:
+            dtype = grad_dtype(block.key.dtype)
+            block.key_grad, block.value_grad = key_grad.to(dtype), value_grad.to(dtype)
+            return
         block.key_grad.add_(key_grad)
         block.value_grad.add_(value_grad)
 
@@ -102,6 +121,33 @@ class DeviceStore:
         """End of the call: wait for outstanding work (before the remaining blocks are released)."""
 
 
+@dataclass
+class StoreStats:
+    """What a host store's overlap of copies and compute depends on, counted over the pool's
+    life (`HostBuffers.stats`; `reset()` between steps to count one step)."""
+
+    blocks_fetched: int = 0
+    """Blocks copied to the compute device."""
+    prefetch_misses: int = 0
+    """Blocks that attention asked for before any copy of them had been started (the
+    copy then starts on demand and the compute stream waits for all of it)."""
+    prefetch_late: int = 0
+    """CUDA: blocks whose prefetched copy had not finished when attention needed them."""
+    ring_waits: int = 0
+    """Deposits that found every staging buffer in flight and waited for the host sums."""
+    contributions: int = 0
+    """Gradient contributions received (each one block's K and V from one later chunk)."""
+    first_copies: int = 0
+    """Of those, the first of their block: copied into the sums, not added to zeros."""
+
+    def reset(self) -> None:
+        for name in self.as_dict():
+            setattr(self, name, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
 class HostBuffers:
     """A pool of host buffers for offloaded blocks, gradient sums and copy staging.
 
@@ -117,6 +163,8 @@ class HostBuffers:
         self.allocations = 0
         """Buffers allocated so far (a steady job stops allocating after its first step)."""
         self.bytes_allocated = 0
+        self.stats = StoreStats()
+        """Counters of every store that used this pool (see `StoreStats`)."""
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
         """A buffer of `shape` and `dtype` (contents undefined), reused when one is free."""
@@ -152,12 +200,20 @@ STAGING_BUFFERS = 32
 When all are in flight (the host additions fall behind), the next deposit waits."""
 
 
+SUM_THREADS = max(1, min(8, (os.cpu_count() or 1) // 2))
+"""Threads that add contributions into host sums. One thread adds ~0.5 G float32 elements/s,
+which at 128K tokens (~1.3e11 additions a step) is minutes a step; the work splits into
+independent slices and host memory bandwidth allows several."""
+SUM_SLICE = 1 << 20
+"""Elements per slice of one addition (4 MiB of float32): smaller additions stay on one thread."""
+
+
 @dataclass
 class _Job:
-    """Contributions copied out under one event, to be added into their host sums."""
+    """Contributions copied out under one event, to be added (or, first, copied) into their host sums."""
 
     ready: Any
-    adds: list[tuple[torch.Tensor, torch.Tensor]]  # (staged contribution, host sum)
+    adds: list[tuple[torch.Tensor, torch.Tensor, bool]]  # (staged contribution, host sum, first)
     staging: list[tuple[torch.Tensor, queue.Queue[torch.Tensor]]]  # buffers and the ring they return to
 
 
@@ -169,13 +225,41 @@ class _Prefetched:
     ready: Any
 
 
-class _Accumulator(threading.Thread):
-    """Adds copied-out gradient contributions into host sums, off the training thread."""
+def _sum_slice(total: torch.Tensor, staged: torch.Tensor, first: bool) -> None:
+    if first:
+        total.copy_(staged)
+    else:
+        total.add_(staged)
 
-    def __init__(self) -> None:
+
+class _Accumulator(threading.Thread):
+    """Adds copied-out gradient contributions into host sums, off the training thread.
+
+    Jobs are taken in order (a block's first contribution is copied before any is added),
+    and each job's additions are split into slices summed on `threads` threads at once.
+    """
+
+    def __init__(self, threads: int = SUM_THREADS) -> None:
         super().__init__(name="seco-kv-grad-accumulator", daemon=True)
         self.jobs: queue.Queue[_Job | None] = queue.Queue()
         self.error: BaseException | None = None
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="seco-kv-grad-sum") if threads > 1 else None
+
+    def _add(self, adds: list[tuple[torch.Tensor, torch.Tensor, bool]]) -> None:
+        """Every (staged, total) pair of a job, as slices spread over the threads."""
+        slices: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+        for staged, total, first in adds:
+            flat_total, flat_staged = total.view(-1), staged.view(-1)
+            n = flat_total.numel()
+            step = max(SUM_SLICE, -(-n // self.threads))
+            slices.extend((flat_total[s : s + step], flat_staged[s : s + step], first) for s in range(0, n, step))
+        if self._pool is None or len(slices) == 1:
+            for args in slices:
+                _sum_slice(*args)
+            return
+        for future in [self._pool.submit(_sum_slice, *args) for args in slices]:
+            future.result()
 
     def run(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -183,8 +267,7 @@ class _Accumulator(threading.Thread):
                 if job.ready is not None:
                     job.ready.synchronize()  # this thread waits for the copy; the training thread does not
                 if self.error is None:
-                    for staged, total in job.adds:
-                        total.add_(staged)
+                    self._add(job.adds)
             except BaseException as e:  # reported to the training thread at the next flush
                 self.error = e
             finally:
@@ -202,6 +285,14 @@ class _Accumulator(threading.Thread):
     def stop(self) -> None:
         self.jobs.put(None)
         self.join()
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _current_graph_task_id() -> int:
+    """-1 outside a backward pass; torch's own marker, read defensively (a private API)."""
+    query = getattr(torch._C, "_current_graph_task_id", None)
+    return int(query()) if query is not None else -1
 
 
 _COPY_STREAMS: dict[torch.device, tuple[Any, Any]] = {}
@@ -227,6 +318,7 @@ class HostStore(DeviceStore):
         self.cuda = device.type == "cuda"
         self.chunk_size = chunk_size
         self.buffers = buffers if buffers is not None else HostBuffers()
+        self.stats = self.buffers.stats
         self.layers: list[list[KVBlock]] = []
         self._ahead: tuple[int, _Prefetched] | None = None  # the next layer's first block, being copied in
         self._rings: dict[tuple[Any, ...], queue.Queue[torch.Tensor]] = {}
@@ -260,7 +352,11 @@ class HostStore(DeviceStore):
             ring = self._rings[key] = queue.Queue()
             for _ in range(STAGING_BUFFERS):
                 ring.put(self.buffers.take((key[0],), like.dtype, pin=self.cuda))
-        buffer = ring.get()  # waits while every buffer of the ring is in flight
+        try:
+            buffer = ring.get_nowait()
+        except queue.Empty:
+            self.stats.ring_waits += 1
+            buffer = ring.get()  # waits while every buffer of the ring is in flight
         staging.append((buffer, ring))
         return buffer[: like.numel()].view(like.shape)
 
@@ -285,15 +381,14 @@ class HostStore(DeviceStore):
         owned: list[torch.Tensor] = []
         host_key, host_value = self._host(key, key.dtype, owned), self._host(value, value.dtype, owned)
         ready = self._copy_out([(host_key, key.detach()), (host_value, value.detach())])
-        block = KVBlock(host_key, host_value, ready=ready, owned=owned)
-        if needs_grad:
-            dtype = grad_dtype(key.dtype)
-            block.key_grad = self._host(key, dtype, owned).zero_()
-            block.value_grad = self._host(value, dtype, owned).zero_()
-        return block
+        return KVBlock(host_key, host_value, wants_grad=needs_grad, ready=ready, owned=owned)
 
     def _fetch(self, block: KVBlock) -> _Prefetched:
         """Start copying a block to the compute device (on CUDA, on the copy stream)."""
+        self.stats.blocks_fetched += 1
+        return self._copy_in(block)
+
+    def _copy_in(self, block: KVBlock) -> _Prefetched:
         if not self.cuda:
             return _Prefetched(block, block.key, block.value, None)
         with torch.cuda.stream(self.h2d):
@@ -309,9 +404,27 @@ class HostStore(DeviceStore):
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == layer and ahead[1].block is block:
             return ahead[1]
+        self.stats.prefetch_misses += 1
         return self._fetch(block)
 
-    def stream(self, blocks: list[KVBlock], layer: int, forward: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _next_layer(self, layer: int, forward: bool, training: bool) -> int:
+        """The layer whose attention streams blocks next, to prefetch its first block.
+
+        Forward goes up the layers; after the last one, stage 2 (`training`) turns into that
+        layer's backward and stage 1 (no grad) into the next chunk's layer 0. A forward
+        inside a backward is a checkpointed layer's recomputation: its own backward follows.
+        Backward goes down; after layer 0 the next chunk's forward starts at layer 0 again.
+        """
+        in_backward = _current_graph_task_id() != -1
+        if forward and not in_backward and layer + 1 < len(self.layers):
+            return layer + 1
+        if forward:
+            return layer if in_backward or training else 0
+        return max(layer - 1, 0)
+
+    def stream(
+        self, blocks: list[KVBlock], layer: int, forward: bool, training: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Each block on the device, one at a time, the next one's copy already under way.
 
         After the last block, the first block of the layer that runs next (the next layer
@@ -324,11 +437,13 @@ class HostStore(DeviceStore):
                 upcoming: _Prefetched | None = self._fetch(blocks[i + 1])
             else:
                 upcoming = None
-                nxt = layer + (1 if forward else -1)
+                nxt = self._next_layer(layer, forward, training)
                 if 0 <= nxt < len(self.layers) and self.layers[nxt]:
                     self._ahead = (nxt, self._fetch(self.layers[nxt][0]))
             if self.cuda:
                 main = torch.cuda.current_stream(self.device)
+                if not current.ready.query():
+                    self.stats.prefetch_late += 1
                 main.wait_event(current.ready)
                 current.key.record_stream(main)
                 current.value.record_stream(main)
@@ -336,12 +451,20 @@ class HostStore(DeviceStore):
             current = upcoming
 
     def deposit(self, block: KVBlock, key_grad: torch.Tensor, value_grad: torch.Tensor) -> None:
-        """Copy the contribution out (asynchronously) and queue its addition to the host sums."""
+        """Copy the contribution out (asynchronously) and queue its addition to the host sums;
+        the block's first contribution is copied into newly taken sums instead."""
+        first = block.key_grad is None or block.value_grad is None
+        if first:
+            dtype = grad_dtype(block.key.dtype)
+            block.key_grad = self._host(block.key, dtype, block.owned)
+            block.value_grad = self._host(block.value, dtype, block.owned)
+            self.stats.first_copies += 1
         assert block.key_grad is not None and block.value_grad is not None
+        self.stats.contributions += 1
         staging: list[tuple[torch.Tensor, queue.Queue[torch.Tensor]]] = []
         staged_key, staged_value = self._stage(key_grad, staging), self._stage(value_grad, staging)
         copied = self._copy_out([(staged_key, key_grad), (staged_value, value_grad)])
-        adds = [(staged_key, block.key_grad), (staged_value, block.value_grad)]
+        adds = [(staged_key, block.key_grad, first), (staged_value, block.value_grad, first)]
         self._accumulator.jobs.put(_Job(copied, adds, staging))
 
     def take_grads(self, block: KVBlock) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -397,6 +520,8 @@ class LayerPrefix:
         self.store = store
         self.blocks = list(blocks)
         self.layer = layer
+        self.training = torch.is_grad_enabled()
+        """Taken where attention is called: inside the autograd Function's forward grad is off."""
 
     @classmethod
     def empty(cls) -> LayerPrefix:
@@ -413,7 +538,7 @@ class LayerPrefix:
     def stream(self, forward: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Each block's (key, value) on the compute device, in order."""
         if self.blocks:
-            yield from self.store.stream(self.blocks, self.layer, forward)
+            yield from self.store.stream(self.blocks, self.layer, forward, self.training)
 
     def deposit(self, i: int, key_grad: torch.Tensor, value_grad: torch.Tensor) -> None:
         """Block i's gradient from this chunk; dropped when no later relay needs it."""

@@ -9,7 +9,10 @@ real S3-protocol server (moto's standalone server, a subprocess started once per
 on a free 127.0.0.1 port) under a bucket prefix of their own; `storage_backend` is a
 module fixture parametrised over both back-ends for tests that must hold on either.
 
-Slow tests (`@pytest.mark.slow`) are skipped unless `-m slow` is given or SECO_SLOW=1.
+Slow tests (`@pytest.mark.slow`) are skipped unless `-m slow` is given or SECO_SLOW=1. The
+slow tests on the real pretrained model (`@pytest.mark.real_model`, tests/real_model) run
+also when SECO_REAL_MODEL_TESTS=1, which `scripts/dev.sh test` (the CI command) sets once it
+has built that model: in CI they run, never skip.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if "slow" in (config.getoption("-m") or "") or os.environ.get("SECO_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="slow: run with -m slow or SECO_SLOW=1")
+    real_model = os.environ.get("SECO_REAL_MODEL_TESTS") == "1"
     for item in items:
-        if "slow" in item.keywords:
+        if "slow" in item.keywords and not (real_model and "real_model" in item.keywords):
             item.add_marker(skip)
 
 

@@ -104,6 +104,9 @@ def test_gpu_check_runs_end_to_end_in_the_image_like_environment(
 
     names = [r["name"] for r in lines if r["part"] == "llama8b"]
     assert names[:3] == ["model", "seco_step", "seco_step"]
+    stats = named(lines, "llama8b", "seco_step")[0]["kv_offload_stats"]  # the offloaded step's overlap counters
+    assert isinstance(stats, dict) and {"ring_waits", "prefetch_misses", "blocks_fetched"} <= set(stats), stats
+    assert stats["prefetch_misses"] <= max(1, stats["blocks_fetched"]), stats
     assert "ratio" in names and named(lines, "llama8b", "longest")[0]["longest_length"] > 0
 
     done = named(lines, "gpu_check", "done")[0]

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import weakref
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from seco_core.attention import _cuda_backward, _cuda_forward, _math_forward, chunk_attention, kernel_for
-from seco_core.kv_store import DeviceStore, HostStore, LayerPrefix
+from seco_core import attention
+from seco_core.attention import (
+    _cuda_backward,
+    _cuda_forward,
+    _fused_prepare,
+    _math_forward,
+    chunk_attention,
+    kernel_for,
+)
+from seco_core.kv_store import DeviceStore, HostBuffers, HostStore, KVBlock, LayerPrefix, _Prefetched
 
 
 @pytest.mark.parametrize("kernel", ["math", "cpu"])
@@ -82,7 +94,7 @@ def test_fused_cuda_kernel_matches_the_installed_ops() -> None:
         ref_out, ref_lse = _math_forward(q.to("meta"), k, v, c, causal, 0.088)
         assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
         assert lse.dtype == torch.float32
-        dq, dk, dv = _cuda_backward(out, q, k, v, out.float(), lse, c, causal, 0.088)
+        dq, dk, dv = _cuda_backward(_fused_prepare(out, q, out.float(), lse), k, v, c, causal, 0.088)
         assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
 
 
@@ -90,3 +102,78 @@ def test_kernel_choice() -> None:
     assert kernel_for(torch.empty(1, 1, 4, 128)) == "cpu"
     assert kernel_for(torch.empty(1, 1, 4, 128, device="meta")) == "math"
     assert kernel_for(torch.empty(1, 1, 4, 128), "math") == "math"
+
+
+def test_gpus_older_than_ampere_fall_back_to_the_math_kernel(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FlashAttention-2 needs compute capability 8.0: on a T4 (7.5) or V100 (7.0) bf16 attention
+    takes the math kernel, with one warning per GPU, instead of failing in the fused op. The
+    capability query is faked, so this runs without a GPU."""
+    capability = [(7, 5)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability[0])
+    q = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, shape=(1, 8, 64, 128))
+    attention._flash_supported.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="seco_core.attention"):
+            assert kernel_for(q) == "math"  # type: ignore[arg-type]
+            assert kernel_for(q) == "math"  # type: ignore[arg-type]
+        messages = [r.getMessage() for r in caplog.records if r.name == "seco_core.attention"]
+        assert len(messages) == 1, messages
+        assert "compute capability 7.5" in messages[0] and "math kernel" in messages[0]
+        capability[0] = (8, 0)
+        attention._flash_supported.cache_clear()
+        assert kernel_for(q) == "cuda"  # type: ignore[arg-type]
+    finally:
+        attention._flash_supported.cache_clear()
+
+
+def test_an_unknown_kernel_name_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
+        kernel_for(torch.empty(1, 1, 4, 8), "flash")
+
+
+class CountingStore(HostStore):
+    """A host store whose fetches are real copies (as they are to a GPU), counting how many
+    fetched copies are alive at once: a copy is alive until nothing references it."""
+
+    def __init__(self, device: torch.device, chunk_size: int, buffers: HostBuffers | None = None) -> None:
+        super().__init__(device, chunk_size, buffers)
+        self.alive = self.most_alive = self.fetches = 0
+
+    def _copy_in(self, block: KVBlock) -> _Prefetched:
+        key, value = block.key.clone(), block.value.clone()
+        self.fetches += 1
+        self.alive += 1
+        self.most_alive = max(self.most_alive, self.alive)
+        weakref.finalize(key, self._gone)
+        return _Prefetched(block, key, value, None)
+
+    def _gone(self) -> None:
+        self.alive -= 1
+
+
+@pytest.mark.parametrize("kernel", ["math", "cpu"])
+def test_prefix_blocks_stream_one_ahead(kernel: str) -> None:
+    """Forward and backward take the prefix blocks one at a time from the store, never as a
+    list: with the next block prefetched, at most two fetched blocks are alive at once (with
+    KV offload on a GPU: on the device), and the results are those of the device store."""
+    torch.manual_seed(3)
+    bsz, heads, c, d, n_blocks = 1, 2, 4, 8, 6
+    q = torch.randn(bsz, heads, c, d, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(bsz, heads, c, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    pairs = [(torch.randn(bsz, heads, c, d, dtype=torch.float64), torch.randn(bsz, heads, c, d, dtype=torch.float64))
+             for _ in range(n_blocks)]  # fmt: skip
+    grad = torch.randn(bsz, c, heads, d, dtype=torch.float64)
+    results = []
+    for store in (DeviceStore(), CountingStore(torch.device("cpu"), chunk_size=c)):
+        blocks = [store.put(key, value, needs_grad=True) for key, value in pairs]
+        out = chunk_attention(q, k, v, 0.4, LayerPrefix(store, blocks, 0), kernel=kernel)
+        results.append((out.detach(), *torch.autograd.grad(out, [q, k, v], grad)))
+        store.close()
+        results[-1] += tuple(b.key_grad for b in blocks) + tuple(b.value_grad for b in blocks)
+    assert isinstance(store, CountingStore)
+    assert store.fetches == 2 * n_blocks  # each block once in forward, once in backward
+    assert store.most_alive <= 2, store.most_alive
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)

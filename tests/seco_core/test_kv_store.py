@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import copy
+import threading
+import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seco_core import ChunkConfig, chunked_backward
+from seco_core import ChunkConfig, chunked, chunked_backward, kv_store
 from seco_core.kv_store import DeviceStore, HostBuffers, HostStore, KVBlock
 from seco_core.lora import attach_lora
+from tests.seco_core.test_attention import CountingStore
 from tests.seco_core.tiny import VOCAB, tiny_model
 
 
@@ -96,3 +99,112 @@ def test_bf16_chunkwise_error_is_no_worse_than_a_plain_bf16_backward() -> None:
     assert out.num_chunks == 32
     chunked_error = ((grads_of(bf16) - exact).norm() / exact.norm()).item()
     assert 1e-4 < chunked_error <= plain_error, (chunked_error, plain_error)
+
+
+@pytest.mark.parametrize("layer_checkpointing", [False, True])
+def test_offload_keeps_at_most_two_blocks_fetched(monkeypatch: pytest.MonkeyPatch, layer_checkpointing: bool) -> None:
+    """A whole step with KV offload, its fetches made real copies: across layers, stages and
+    the next layer's prefetch, no more than two fetched blocks are alive at once, and the
+    gradients are those of the device store."""
+    stores: list[CountingStore] = []
+
+    def counting(device: torch.device, chunk_size: int, buffers: HostBuffers | None = None) -> CountingStore:
+        stores.append(CountingStore(device, chunk_size, buffers))
+        return stores[-1]
+
+    model = lora_llama(torch.float64)
+    ids = tokens(48)
+    chunked_backward(model, ids, ids, ChunkConfig(chunk_size=8, layer_checkpointing=layer_checkpointing))
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(chunked, "HostStore", counting)
+    config = ChunkConfig(chunk_size=8, offload_kv=True, layer_checkpointing=layer_checkpointing)
+    chunked_backward(model, ids, ids, config)
+    (store,) = stores
+    assert store.fetches >= 2 * 5 * 2  # every one of 5 prefix blocks of 2 layers, forward and backward
+    assert store.most_alive <= 2, store.most_alive
+    # Every block was on its way before attention asked for it, except the very first one
+    # (stage 1's second chunk, layer 0): the prefetch follows the order layers run in.
+    assert store.stats.prefetch_misses == 1, store.stats
+    torch.testing.assert_close(grads_of(model), want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("store_class", [DeviceStore, HostStore])
+def test_gradient_sums_start_with_the_first_contribution(
+    monkeypatch: pytest.MonkeyPatch, store_class: type[DeviceStore]
+) -> None:
+    """No block holds gradient sums through stage 1 (zeroed buffers as large as the KV cache,
+    alive with the last chunk's activations, where the step's memory peaks): the first
+    contribution becomes (device) or is copied into (host) the sums, later ones are added,
+    and the relayed gradients are unchanged."""
+    blocks: list[KVBlock] = []
+    put = store_class.put
+
+    def recording_put(self: DeviceStore, key: torch.Tensor, value: torch.Tensor, needs_grad: bool) -> KVBlock:
+        blocks.append(put(self, key, value, needs_grad))
+        assert blocks[-1].needs_grad == needs_grad
+        assert blocks[-1].key_grad is None and blocks[-1].value_grad is None
+        return blocks[-1]
+
+    model = lora_llama(torch.float64)
+    ids = tokens(40)
+    chunked_backward(model, ids, ids, ChunkConfig(chunk_size=8))
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(store_class, "put", recording_put)
+    buffers = HostBuffers()
+    config = ChunkConfig(chunk_size=8, offload_kv=store_class is HostStore)
+    chunked_backward(model, ids, ids, config, host_buffers=buffers)
+    assert len(blocks) == 5 * 2
+    assert all(b.key_grad is not None for b in blocks if b.needs_grad)
+    torch.testing.assert_close(grads_of(model), want, rtol=1e-12, atol=1e-14)
+    if store_class is HostStore:  # 4 blocks per layer receive 4, 3, 2, 1 contributions
+        assert (buffers.stats.first_copies, buffers.stats.contributions) == (4 * 2, 10 * 2)
+
+
+def test_host_sums_are_added_on_several_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large contribution is summed slice by slice on the accumulator's threads, with the
+    same result as one addition."""
+    threads: set[str] = set()
+    add = kv_store._sum_slice
+
+    def recording(total: torch.Tensor, staged: torch.Tensor, first: bool) -> None:
+        threads.add(threading.current_thread().name)
+        time.sleep(0.01)  # long enough that one thread cannot take every slice
+        add(total, staged, first)
+
+    monkeypatch.setattr(kv_store, "_sum_slice", recording)
+    monkeypatch.setattr(kv_store, "SUM_SLICE", 1000)
+    accumulator = kv_store._Accumulator(threads=4)
+    accumulator.start()
+    parts = [torch.randn(2, 4, 1000, 8, dtype=torch.bfloat16) for _ in range(3)]
+    total = torch.full((2, 4, 1000, 8), float("nan"))  # the first contribution overwrites, never adds
+    for i, part in enumerate(parts):
+        accumulator.jobs.put(kv_store._Job(None, [(part, total, i == 0)], []))
+    accumulator.flush()
+    accumulator.stop()
+    torch.testing.assert_close(total, sum(p.float() for p in parts))
+    assert len(threads) > 1, threads
+
+
+def test_ring_waits_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the host additions fall behind, a deposit waits for a staging buffer: counted."""
+    add = kv_store._sum_slice
+
+    def slow(total: torch.Tensor, staged: torch.Tensor, first: bool) -> None:
+        time.sleep(0.02)
+        add(total, staged, first)
+
+    monkeypatch.setattr(kv_store, "_sum_slice", slow)
+    monkeypatch.setattr(kv_store, "STAGING_BUFFERS", 2)
+    buffers = HostBuffers()
+    store = HostStore(torch.device("cpu"), chunk_size=4, buffers=buffers)
+    block = store.put(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), needs_grad=True)
+    grads = [torch.randn(1, 2, 4, 8) for _ in range(6)]
+    for g in grads:
+        store.deposit(block, g, -g)
+    sums = store.take_grads(block)
+    store.close()
+    assert sums is not None
+    torch.testing.assert_close(sums[0], sum(grads))
+    assert buffers.stats.ring_waits > 0 and buffers.stats.contributions == 6
