@@ -180,7 +180,7 @@ class _Recorder:
 def part_job(args: argparse.Namespace, results: Results) -> None:
     import seco_core.memory_plan.policy as policy
     import worker.trainer as trainer
-    from seco_core.demo import build_demo_model
+    from benchmarks.demo import build_demo_model
     from seco_core.job_config import JobConfig
     from worker.spec import TrainSpec
 
@@ -329,7 +329,7 @@ def part_cuda_tests(args: argparse.Namespace, results: Results) -> None:
 
 
 def _build(shape: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    from seco_core.bench import build_model
+    from benchmarks.bench import build_model
 
     spec = {**shape, "device": str(device), "dtype": "bfloat16" if device.type == "cuda" else "float32",
             "lora": True, "method": "seco", "seed": 0}  # fmt: skip
@@ -337,7 +337,7 @@ def _build(shape: dict[str, Any], device: torch.device) -> torch.nn.Module:
 
 
 def _plan_options(device: torch.device, **mode: bool) -> Any:
-    from seco_core.bench import LORA_TARGETS
+    from benchmarks.bench import LORA_TARGETS
     from seco_core.memory_plan import FASTEST_CHUNK, PlanOptions
 
     return PlanOptions(dtype_bytes=2 if device.type == "cuda" else 4, lora_r=8, lora_targets=tuple(LORA_TARGETS),

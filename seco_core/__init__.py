@@ -1,8 +1,9 @@
 """Chunk-wise exact (SeCO) and sparse (SpaCO) training of Hugging Face causal LMs.
 
 Li et al., "Training Long-Context LLMs Efficiently via Chunk-wise Optimization"
-(Findings of ACL 2025). This package imports only torch, transformers, peft and the
-standard library.
+(Findings of ACL 2025). This package imports only torch, transformers, peft (and psutil,
+which peft requires) and the standard library; the benchmarks and the demo model are in
+benchmarks/.
 
 The names below load on first use: `seco_core.job_config` (a job's settings, their
 defaults and validation) must be importable by the API process, which has no torch.

@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from seco_core.demo import build_demo_model
+from benchmarks.demo import build_demo_model
 from seco_core.job_config import JobConfig, JobLora
 from seco_core.lora import load_adapter
 from worker.spec import JobCancelled, JobPaused, TrainingError, TrainSpec
