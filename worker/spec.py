@@ -29,7 +29,7 @@ class TrainSpec:
     learning_rate_multiplier: float | None = None
     seed: int = 0
     seco: JobConfig = field(default_factory=JobConfig)  # the job's chunk-wise and LoRA settings (seco_core)
-    method: str = "supervised"  # "supervised" or "dpo" (preference pairs; trainer_dpo.py)
+    method: str = "supervised"  # "supervised" or "dpo" (preference pairs; preference.py)
     beta: float | None = None  # DPO; None ("auto"): seco_core.dpo.DEFAULT_BETA
     checkpoint_every: int | None = None  # optimizer steps; None: a sensible default
     memory_budget_bytes: int | None = None  # cap for the memory plan (SECO_MEMORY_BUDGET); None: the device's
