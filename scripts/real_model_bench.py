@@ -99,8 +99,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import AutoTokenizer
 
+    from benchmarks.bench import _start_cpu_watchdog
     from seco_core import ChunkConfig, chunked_backward
-    from seco_core.bench import _start_cpu_watchdog
     from seco_core.probes import PeakMemory
 
     if spec.get("threads"):

@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from seco_core.attention import chunk_attention
 from seco_core.errors import UnsupportedModelError
-from seco_core.kv_store import DeviceStore, KVBlock, LayerPrefix
+from seco_core.kv_store import DeviceStore, KVBlock, KVStore, LayerPrefix
 
 ATTENTION_NAME = "seco_chunked"
 
@@ -68,9 +68,9 @@ class ChunkLayer(CacheLayerMixin):
 class ChunkCache(Cache):
     """A transformers `Cache` whose layers are `ChunkLayer`s, their blocks kept by `store`."""
 
-    def __init__(self, num_layers: int, store: DeviceStore | None = None) -> None:
+    def __init__(self, num_layers: int, store: KVStore | None = None) -> None:
         super().__init__(layers=[ChunkLayer() for _ in range(num_layers)])
-        self.store = store if store is not None else DeviceStore()
+        self.store: KVStore = store if store is not None else DeviceStore()
         self.store.attach([layer.prefix for layer in self.chunk_layers])
 
     @property

@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from seco_core import cache as chunk_cache
 from seco_core.arch import ModelParts, check_length, model_parts
 from seco_core.config import ChunkConfig
-from seco_core.kv_store import DeviceStore, HostBuffers, HostStore
+from seco_core.kv_store import DeviceStore, HostBuffers, HostStore, KVStore
 from seco_core.sampling import chunk_factors
 
 IGNORE_INDEX = -100
@@ -182,7 +182,7 @@ def chunked_session(
 ) -> Iterator[chunk_cache.ChunkCache]:
     """A chunk cache on the store `config` asks for (device, or host with KV offload), the
     model attending through it and (optionally) checkpointing its layers; closed at the end."""
-    store = HostStore(device, config.chunk_size, host_buffers) if config.offload_kv else DeviceStore()
+    store: KVStore = HostStore(device, config.chunk_size, host_buffers) if config.offload_kv else DeviceStore()
     cache = chunk_cache.ChunkCache(parts.num_layers, store)
     with (
         contextlib.closing(cache),

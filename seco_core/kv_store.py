@@ -5,7 +5,8 @@ m'_i) that later chunks attend to. In stage 2 each later chunk's backward produc
 gradient for every block it attended to; those contributions are summed per block and,
 when the block's own chunk comes up, relayed into its fresh K/V. This module owns the
 blocks and their gradient sums, so that attention only asks for "the blocks of layer l,
-on the compute device" and hands back "this block's gradient". Two stores:
+on the compute device" and hands back "this block's gradient". What a store does is the
+`KVStore` protocol; two plain classes implement it:
 
 - `DeviceStore`: blocks stay on the compute device; contributions are added in place.
 - `HostStore` (KV offload): blocks and gradient sums live in host memory, pinned when the
@@ -37,7 +38,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -75,8 +76,48 @@ class KVBlock:
         return self.wants_grad
 
 
+class KVStore(Protocol):
+    """Where a call's K/V blocks and their gradient sums live (DeviceStore, HostStore).
+
+    Stage 1 `put`s each chunk's K/V per layer; attention `stream`s a layer's blocks; stage 2
+    `deposit`s each later chunk's gradient contribution into a block and `take_grads` when the
+    block's own chunk comes up; `release` ends a block's life, `close` the call's.
+    """
+
+    def put(self, key: torch.Tensor, value: torch.Tensor, needs_grad: bool) -> KVBlock:
+        """Stage 1: keep the chunk's K/V of one layer as a block."""
+        ...
+
+    def stream(
+        self, blocks: list[KVBlock], layer: int, forward: bool, training: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The blocks' (key, value) on the compute device, in order (`forward`: in the
+        forward pass, else in its backward)."""
+        ...
+
+    def deposit(self, block: KVBlock, key_grad: torch.Tensor, value_grad: torch.Tensor) -> None:
+        """Add one later chunk's gradient contribution to the block's sums."""
+        ...
+
+    def take_grads(self, block: KVBlock) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The block's summed gradients on the compute device (None: it received none)."""
+        ...
+
+    def release(self, block: KVBlock) -> None:
+        """The block is no longer anyone's prefix."""
+        ...
+
+    def attach(self, layers: list[list[KVBlock]]) -> None:
+        """The per-layer block lists (a store may prefetch across layers)."""
+        ...
+
+    def close(self) -> None:
+        """End of the call: wait for outstanding work."""
+        ...
+
+
 class DeviceStore:
-    """Blocks on the compute device; the first gradient contribution becomes the sum, later
+    """A KVStore on the compute device; the first gradient contribution becomes the sum, later
     ones are added in place."""
 
     def put(self, key: torch.Tensor, value: torch.Tensor, needs_grad: bool) -> KVBlock:
@@ -306,8 +347,9 @@ def copy_streams(device: torch.device) -> tuple[Any, Any]:
     return _COPY_STREAMS[device]
 
 
-class HostStore(DeviceStore):
-    """KV offload: blocks and float32 gradient sums in host memory, streamed block by block.
+class HostStore:
+    """A KVStore for KV offload: blocks and float32 gradient sums in host memory, streamed
+    block by block.
 
     On a CPU compute device the same code runs with plain copies and no events, which is
     what the CPU tests exercise; the asynchrony only exists on CUDA.
@@ -516,7 +558,7 @@ class LayerPrefix:
     backward (which may run much later, on another thread) index the same blocks.
     """
 
-    def __init__(self, store: DeviceStore, blocks: list[KVBlock], layer: int) -> None:
+    def __init__(self, store: KVStore, blocks: list[KVBlock], layer: int) -> None:
         self.store = store
         self.blocks = list(blocks)
         self.layer = layer

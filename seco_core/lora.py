@@ -17,7 +17,7 @@ import re
 import shutil
 import tarfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -109,9 +109,9 @@ def _check_targets(model: nn.Module, target_modules: list[str] | str) -> None:
 def attach_lora(
     model: nn.Module,
     r: int = 16,
-    alpha: int = 32,
+    alpha: float = 32,
     dropout: float = 0.0,
-    target_modules: list[str] | str | None = None,
+    target_modules: Sequence[str] | str | None = None,
 ) -> PeftModel:
     """Wrap `model` with a fresh LoRA adapter named "default"; base weights are frozen.
 
@@ -135,7 +135,7 @@ def attach_lora(
     _check_targets(model, targets)
     config = LoraConfig(
         r=r,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft hints int; it only divides by r (scaling), so 0.5 works
         lora_dropout=dropout,
         target_modules=targets,
         bias="none",

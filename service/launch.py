@@ -195,7 +195,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not os.environ.get("SECO_MODELS"):
         from transformers.utils import logging as hf_logging
 
-        from seco_core.demo import build_demo_model
+        from benchmarks.demo import build_demo_model
 
         hf_logging.disable_progress_bar()
         demo = build_demo_model(data_dir / "models" / "tiny-llama")

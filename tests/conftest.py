@@ -154,7 +154,7 @@ def storage_backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny offline demo Llama, built once per session."""
-    from seco_core.demo import build_demo_model
+    from benchmarks.demo import build_demo_model
 
     return build_demo_model(tmp_path_factory.mktemp("models") / "tiny-llama")
 

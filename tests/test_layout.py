@@ -12,6 +12,7 @@ a deployment that lacks the package.
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,11 +23,10 @@ STDLIB = set(sys.stdlib_module_names)
 
 # package -> (allowed third-party or project top-level names, forbidden dotted prefixes)
 RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
-    "seco_core": (
-        {"seco_core", "torch", "transformers", "peft", "safetensors", "tokenizers", "psutil", "matplotlib",
-         "bitsandbytes"},
-        (),
-    ),
+    # the library: torch, transformers and peft (and psutil, which peft requires: the host's free
+    # memory for the plan, a process's RSS where /proc is missing); tools on it live in benchmarks/
+    "seco_core": ({"seco_core", "torch", "transformers", "peft", "psutil"}, ()),
+    "benchmarks": ({"benchmarks", "seco_core", "torch", "transformers", "peft", "tokenizers", "matplotlib"}, ()),
     "service/record": (
         {"service", "redis", "pydantic", "pydantic_settings", "obstore", "celery"},
         ("service.api", "service.client"),
@@ -34,7 +34,7 @@ RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
     "service/client": ({"service", "httpx"}, ("service.api", "service.record", "service.launch")),
     "service/api": (
         {"service", "fastapi", "starlette", "pydantic", "redis", "python_multipart", "prometheus_client",
-         "swagger_ui_bundle"},
+         "swagger_ui_bundle", "seco_core"},
         ("service.client",),
     ),
     "worker": (
@@ -42,6 +42,13 @@ RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
         ("service.api", "service.client"),
     ),
 }  # fmt: skip
+
+ONLY: dict[str, dict[str, tuple[str, ...]]] = {
+    "service/api": {"seco_core": ("seco_core.job_config",)},
+}
+"""package -> {allowed top-level name: the only modules of it that package may import}. The API
+takes a job's configuration from the library (its defaults and rules, stated once) but no
+more: the rest of seco_core is torch."""
 
 
 def imported_names(path: Path) -> set[str]:
@@ -69,6 +76,9 @@ def test_imports_respect_the_layout(package: str) -> None:
                 continue
             if top not in allowed or any(name == f or name.startswith(f + ".") for f in forbidden):
                 problems.append(f"{path.relative_to(ROOT)} imports {name}")
+            only = ONLY.get(package, {}).get(top)
+            if only is not None and not any(name == m or name.startswith(m + ".") for m in only):
+                problems.append(f"{path.relative_to(ROOT)} imports {name} (of {top}, only {', '.join(only)})")
     assert not problems, "\n".join(problems)
 
 
@@ -101,3 +111,16 @@ def test_install_extras_per_side() -> None:
     assert training <= names(extras["worker"])
     assert extras["client"] == [] and names(project["dependencies"]) == {"httpx"}
     assert "seco-tune[api,worker]" in extras["server"]
+
+
+def test_the_api_loads_no_torch() -> None:
+    """The import rules see statements; this sees what importing the API really loads (seco_core's
+    package body included: it must not pull torch in for `seco_core.job_config`)."""
+    code = (
+        "import sys\n"
+        "import service.api.app\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -12,25 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-
-@dataclass
-class LoraSpec:
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: list[str] | None = None  # None: the model's attention projections
-
-
-@dataclass
-class SecoSpec:
-    mode: str = "seco"  # "seco" (exact) or "spaco" (sparse)
-    chunk_size: int | None = None  # None: the largest that fits the memory plan
-    budget: int | None = None  # SpaCO: chunks back-propagated per sequence (expected)
-    sampling: str = "bernoulli"  # SpaCO: "bernoulli" (unbiased) or "fixed" (the paper's)
-    max_compensation: float | None = None
-    max_length: int | None = None  # None: model context length, capped by the plan
-    load_in_4bit: bool = False  # NF4 base weights (bitsandbytes, CUDA only)
-    lora: LoraSpec = field(default_factory=LoraSpec)
+from seco_core.job_config import JobConfig
 
 
 @dataclass
@@ -46,7 +28,7 @@ class TrainSpec:
     batch_size: int | None = None  # windows per optimizer step (gradient accumulation)
     learning_rate_multiplier: float | None = None
     seed: int = 0
-    seco: SecoSpec = field(default_factory=SecoSpec)
+    seco: JobConfig = field(default_factory=JobConfig)  # the job's chunk-wise and LoRA settings (seco_core)
     method: str = "supervised"  # "supervised" or "dpo" (preference pairs; preference.py)
     beta: float | None = None  # DPO; None ("auto"): seco_core.dpo.DEFAULT_BETA
     checkpoint_every: int | None = None  # optimizer steps; None: a sensible default

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import redis
 from celery.signals import worker_init, worker_ready, worker_shutdown
 
+from seco_core.job_config import JobConfig
 from service.archives import safe_extract
 from service.record import ids
 from service.record.model_sources import resolve_fine_tuned
@@ -59,7 +60,7 @@ from service.record.storage import (
 from service.record.store import FileRecord, JobRecord, Store, now
 from worker.celery_app import app
 from worker.checkpoint_store import METRICS_CSV, prune_checkpoints, publish_checkpoint, restore_latest_checkpoint
-from worker.spec import JobCancelled, JobPaused, LoraSpec, SecoSpec, TrainContext, TrainingError, TrainResult, TrainSpec
+from worker.spec import JobCancelled, JobPaused, TrainContext, TrainingError, TrainResult, TrainSpec
 
 log = logging.getLogger(__name__)
 
@@ -269,14 +270,11 @@ def build_spec(
     training = file_path(rec.training_file, "training_file")
     assert training is not None
     start_adapter = scratch / "inputs" / "start-adapter"
-    s, hp = rec.seco, rec.hyperparameters
-    lora = dict(s.get("lora") or {})
-    if isinstance(lora.get("alpha"), float) and lora["alpha"].is_integer():
-        lora["alpha"] = int(lora["alpha"])
-    seco = SecoSpec(mode=s.get("mode", "seco"), chunk_size=s.get("chunk_size"), budget=s.get("budget"),
-                    sampling=s.get("sampling", "bernoulli"), max_compensation=s.get("max_compensation"),
-                    max_length=s.get("max_length"), load_in_4bit=bool(s.get("load_in_4bit", False)),
-                    lora=LoraSpec(**lora))  # fmt: skip
+    hp = rec.hyperparameters
+    try:
+        seco = JobConfig.from_dict(rec.seco)
+    except ValueError as exc:
+        raise TrainingError(f"invalid seco settings: {exc}", code="invalid_seco", param="seco") from None
     return TrainSpec(
         job_id=rec.id, model_name=rec.base_model, model_path=model_path, training_file=training,
         validation_file=file_path(rec.validation_file, "validation_file"), output_dir=scratch / "out",

@@ -9,10 +9,8 @@ earlier attempt at the same job died. The Celery task (tasks.py) only wraps it.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from seco_core.attention import FUSED_CUDA_DTYPES
 from seco_core.dpo import DEFAULT_BETA
 from seco_core.kv_store import HostBuffers
 from seco_core.lora import attach_lora, pack_adapter, save_adapter
-from seco_core.memory_plan import FASTEST_CHUNK, MemoryPlan, PlanOptions, device_budget_bytes, format_bytes, plan
+from seco_core.memory_plan import JobPlan, PlanRefused, device_budget_bytes, format_bytes, plan_job
 from seco_core.probes import PeakMemory
 from seco_core.selfcheck import self_check
 from seco_core.windows import Window, split_documents
@@ -54,25 +52,6 @@ OpenAI's result file reads ours), then ours. `train_accuracy` is the training to
 FULL_VALIDATION = {"valid_loss": "full_valid_loss", "valid_mean_token_accuracy": "full_valid_mean_token_accuracy"}
 """At the last step, the validation over the whole validation file is reported under OpenAI's
 `full_valid_*` names too (every validation of ours already covers the whole file)."""
-
-
-@dataclass
-class Plan:
-    """What the memory plan decided for this job on this device."""
-
-    max_length: int
-    chunk_size: int
-    offload_kv: bool
-    layer_checkpointing: bool
-    memory: MemoryPlan
-
-
-# Configurations in order of speed: each later one saves memory at some cost in time.
-MEMORY_MODES = (
-    {"layer_checkpointing": False, "kv_offload": False},
-    {"layer_checkpointing": True, "kv_offload": False},
-    {"layer_checkpointing": True, "kv_offload": True},
-)
 
 
 def train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
@@ -113,7 +92,9 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
         f"(tolerance {check.tolerance:g} for {str(check.compute_dtype).removeprefix('torch.')})"
     )
 
-    chunk_config = _chunk_config(spec, job_plan)
+    chunk_config = spec.seco.chunk_config(
+        job_plan.chunk_size, offload_kv=job_plan.offload_kv, layer_checkpointing=job_plan.layer_checkpointing
+    )
     batch_size, n_epochs = hyper["batch_size"], hyper["n_epochs"]
     batches_per_epoch = math.ceil(len(objective.items) / batch_size)
     total_steps = n_epochs * batches_per_epoch
@@ -243,7 +224,7 @@ def resolve_hyperparameters(spec: TrainSpec) -> dict[str, Any]:
     return resolved
 
 
-def _announce_plan(ctx: TrainContext, job_plan: Plan) -> None:
+def _announce_plan(ctx: TrainContext, job_plan: JobPlan) -> None:
     ctx.message(
         f"{job_plan.memory.message}; the longest max_length this device can train in this configuration "
         f"is {job_plan.memory.longest_length}",
@@ -253,7 +234,7 @@ def _announce_plan(ctx: TrainContext, job_plan: Plan) -> None:
 
 def _supervised_objective(
     spec: TrainSpec, tokenizer: Any, model_config: Any, dtype: torch.dtype, ctx: TrainContext
-) -> tuple[Objective, Plan]:
+) -> tuple[Objective, JobPlan]:
     """Windows of at most max_length tokens of the documents, mean token loss per step."""
     device = torch.device(spec.device)
     train_data = load_documents(spec.training_file, tokenizer, "training_file")
@@ -285,7 +266,7 @@ def _beta(spec: TrainSpec) -> float:
 
 def _preference_objective(
     spec: TrainSpec, tokenizer: Any, model_config: Any, dtype: torch.dtype, ctx: TrainContext
-) -> tuple[Objective, Plan]:
+) -> tuple[Objective, JobPlan]:
     """Preference pairs, one DPO step per batch of pairs (worker/preference.py).
 
     The memory plan knows the step is a prefix tree: the shorter answer's K/V are kept
@@ -374,53 +355,29 @@ def _validation_metrics(
 
 def _plan_memory(
     spec: TrainSpec, model_config: Any, dtype: torch.dtype, *, branch_tokens: int = 0, length: int | None = None
-) -> Plan:
-    """The fastest configuration that fits the device, or a refusal saying what would fit.
+) -> JobPlan:
+    """The library's plan for this job on this worker's device (seco_core.memory_plan.plan_job),
+    or a refusal saying what would fit.
 
-    Tried in MEMORY_MODES order at the requested max_length (default: `length`, else the
-    model's context); when the job left max_length unset and even the most frugal mode
-    cannot fit it, the longest length that mode fits is taken instead. The options
-    describe what will run: the device kind's fastest chunk size, fused attention
-    kernels where the device and dtype have them, 4-bit weights for NF4 jobs, and a DPO
-    step's second answer (`branch_tokens`, PlanOptions.branch_tokens).
+    What the worker adds is what it knows of the device: the compute dtype, whether fused
+    attention kernels run on it, its budget (SECO_MEMORY_BUDGET, else what is free) and the
+    host budget KV offload may use (CUDA only). `length`: the longest sequence of the data.
     """
-    context = int(getattr(model_config, "max_position_embeddings", 0) or 0)
-    lora = spec.seco.lora
-    targets = tuple(lora.target_modules) if lora.target_modules else PlanOptions().lora_targets
-    budget = spec.memory_budget_bytes or device_budget_bytes(spec.device)
-    host_budget = host_budget_bytes(spec) if spec.device.startswith("cuda") else None
-    default = min(length, context) if length and context else length or context or 4096
-    requested = spec.seco.max_length or default
     kind = torch.device(spec.device).type
-    base = PlanOptions(
-        dtype_bytes=torch.finfo(dtype).bits // 8,
-        lora_r=lora.r,
-        lora_targets=targets,
-        fused_attention=kind == "cpu" or dtype in FUSED_CUDA_DTYPES,
-        max_chunk=FASTEST_CHUNK.get(kind),
-        weights_4bit=spec.seco.load_in_4bit,
-        branch_tokens=branch_tokens,
-    )
-    memory: MemoryPlan | None = None
-    for mode in MEMORY_MODES:
-        if mode["kv_offload"] and host_budget is None:
-            continue  # offloading from the CPU to the CPU saves nothing
-        options = dataclasses.replace(
-            base, layer_checkpointing=mode["layer_checkpointing"], kv_offload=mode["kv_offload"]
+    try:
+        return plan_job(
+            model_config,
+            spec.seco,
+            device_kind=kind,
+            dtype_bytes=torch.finfo(dtype).bits // 8,
+            fused_attention=kind == "cpu" or dtype in FUSED_CUDA_DTYPES,
+            budget_bytes=spec.memory_budget_bytes or device_budget_bytes(spec.device),
+            host_budget_bytes=host_budget_bytes(spec) if kind == "cuda" else None,
+            length=length,
+            branch_tokens=branch_tokens,
         )
-        memory = plan(model_config, requested, budget, spec.seco.chunk_size, options, host_budget)
-        if not memory.fits and spec.seco.max_length is None and memory.longest_length >= 2 and mode is MEMORY_MODES[-1]:
-            memory = plan(model_config, memory.longest_length, budget, spec.seco.chunk_size, options, host_budget)
-        if memory.fits and memory.chunk_size is not None:
-            return Plan(
-                max_length=memory.seq_len,
-                chunk_size=min(memory.chunk_size, memory.seq_len),
-                offload_kv=mode["kv_offload"],
-                layer_checkpointing=mode["layer_checkpointing"],
-                memory=memory,
-            )
-    assert memory is not None
-    raise TrainingError(memory.message, code="does_not_fit", param="seco.max_length")
+    except PlanRefused as exc:
+        raise TrainingError(str(exc), code="does_not_fit", param="seco.max_length") from None
 
 
 def host_budget_bytes(spec: TrainSpec) -> int:
@@ -493,20 +450,6 @@ def _load_4bit(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> Any
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(
         spec.model_path, dtype=dtype, quantization_config=quant, device_map=_device_map(device)
-    )
-
-
-def _chunk_config(spec: TrainSpec, job_plan: Plan) -> ChunkConfig:
-    seco = spec.seco
-    spaco = seco.mode == "spaco"
-    return ChunkConfig(
-        chunk_size=job_plan.chunk_size,
-        mode="spaco" if spaco else "seco",
-        budget=seco.budget if spaco else None,
-        sampling=seco.sampling if spaco else "bernoulli",  # type: ignore[arg-type]
-        max_compensation=seco.max_compensation if spaco else None,
-        offload_kv=job_plan.offload_kv,
-        layer_checkpointing=job_plan.layer_checkpointing,
     )
 
 

@@ -12,6 +12,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from seco_core.job_config import (
+    LIMITS,
+    LORA_LIMITS,
+    MAX_MODULE_NAME,
+    MAX_TARGET_MODULES,
+    JobConfig,
+    JobLora,
+    Limits,
+    Mode,
+    Sampling,
+)
+
 # --------------------------------------------------------------------------- requests
 
 Auto = Literal["auto"]
@@ -21,19 +33,6 @@ LrMult = Auto | Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
 Beta = Auto | Annotated[float, Field(gt=0, le=2, allow_inf_nan=False)]
 
 SUFFIX_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-MIN_CHUNK_SIZE = 16
-MAX_WINDOW = 1 << 22
-MAX_CHUNKS = MAX_WINDOW // MIN_CHUNK_SIZE
-"""The most chunks a training window can have (the longest window in the smallest chunks):
-a SpaCO budget beyond it could never be spent."""
-
-
-def chunks_per_window(max_length: int | None, chunk_size: int | None) -> int:
-    """The most chunks a window of `max_length` tokens in chunks of `chunk_size` can have;
-    either unset (the worker's choice) takes the bound's extreme."""
-    window = max_length if max_length is not None else MAX_WINDOW
-    return -(-window // (chunk_size if chunk_size is not None else MIN_CHUNK_SIZE))
 
 
 class Hyperparameters(BaseModel):
@@ -52,51 +51,65 @@ class DpoHyperparameters(Hyperparameters):
     """DPO's temperature: how far the policy may move from the reference ("auto": 0.1)."""
 
 
+_LORA = JobLora()
+_SECO = JobConfig()
+
+
+def _bounded(default: Any, limits: Limits, **extra: Any) -> Any:
+    """A pydantic Field with seco_core's default and bounds for a setting. (A helper rather
+    than `Field(**limits)` in the class body, which mypy's view of the model cannot read.)"""
+    return Field(default=default, **limits, **extra)
+
+
 class LoraSettings(BaseModel):
+    """`seco.lora`: seco_core's JobLora as a request schema (its defaults and bounds)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    r: int = Field(default=16, ge=1, le=1024, strict=True)
-    alpha: float = Field(default=32, gt=0, le=1e6, allow_inf_nan=False)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    target_modules: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
-        default=None, max_length=64
+    r: int = _bounded(_LORA.r, LORA_LIMITS["r"], strict=True)
+    alpha: float = _bounded(_LORA.alpha, LORA_LIMITS["alpha"], allow_inf_nan=False)
+    dropout: float = _bounded(_LORA.dropout, LORA_LIMITS["dropout"])
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=MAX_MODULE_NAME)]] | None = Field(
+        default=None, max_length=MAX_TARGET_MODULES
     )
     """None: the model's attention projections."""
 
 
 class SecoSettings(BaseModel):
-    """The `seco` extension object (`extra_body={"seco": {...}}` in the SDK)."""
+    """The `seco` extension object (`extra_body={"seco": {...}}` in the SDK): seco_core's
+    JobConfig as a request schema.
+
+    The fields' types and bounds are checked here, so that an error names the field as
+    pydantic does (`seco.chunk_size`); the rules across fields are JobConfig's own, run by
+    building one (`job_config`).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["seco", "spaco"] = "seco"
+    mode: Mode = _SECO.mode
     """"seco": exact gradients, chunk by chunk. "spaco": back-propagate a random subset of chunks."""
-    chunk_size: int | None = Field(default=None, ge=MIN_CHUNK_SIZE, le=1 << 20, strict=True)
+    chunk_size: int | None = _bounded(_SECO.chunk_size, LIMITS["chunk_size"], strict=True)
     """Tokens per chunk; None: the largest that fits the worker's memory plan."""
-    budget: int | None = Field(default=None, ge=1, le=MAX_CHUNKS, strict=True)
+    budget: int | None = _bounded(_SECO.budget, LIMITS["budget"], strict=True)
     """SpaCO: chunks back-propagated per sequence (expected number with "bernoulli"); at most
     the chunks a window can have (`max_length` / `chunk_size`, rounded up)."""
-    sampling: Literal["bernoulli", "fixed"] = "bernoulli"
+    sampling: Sampling = _SECO.sampling
     """SpaCO: "bernoulli" is exactly unbiased; "fixed" (t of k, the paper's) is biased."""
-    max_compensation: float | None = Field(default=None, ge=1, le=1e6, allow_inf_nan=False)
-    max_length: int | None = Field(default=None, ge=16, le=MAX_WINDOW, strict=True)
+    max_compensation: float | None = _bounded(_SECO.max_compensation, LIMITS["max_compensation"], allow_inf_nan=False)
+    max_length: int | None = _bounded(_SECO.max_length, LIMITS["max_length"], strict=True)
     """Tokens per training window; None: the model's context length, capped by the memory plan."""
-    load_in_4bit: bool = False
+    load_in_4bit: bool = _SECO.load_in_4bit
     """NF4 base weights (QLoRA, bitsandbytes); needs a CUDA worker with bitsandbytes installed."""
     lora: LoraSettings = Field(default_factory=lambda: LoraSettings())
 
     @model_validator(mode="after")
-    def _budget_for_spaco(self) -> SecoSettings:
-        if self.mode == "spaco" and self.budget is None:
-            raise ValueError("budget is required when mode is 'spaco'")
-        if self.mode == "seco" and self.budget is not None:
-            raise ValueError("budget only applies to mode 'spaco'")
-        most = chunks_per_window(self.max_length, self.chunk_size)
-        if self.budget is not None and self.budget > most:
-            raise ValueError(f"budget {self.budget} is more than the {most} chunks a window of max_length "
-                             f"{self.max_length or MAX_WINDOW} in chunks of {self.chunk_size or MIN_CHUNK_SIZE} "
-                             "tokens can have")  # fmt: skip
+    def _valid_job_config(self) -> SecoSettings:
+        self.job_config()  # a ValueError (e.g. a SpaCO budget rule) becomes a 400 naming `seco`
         return self
+
+    def job_config(self) -> JobConfig:
+        """These settings as the library's JobConfig (ValueError: they break one of its rules)."""
+        return JobConfig.from_dict(self.model_dump())
 
 
 class SupervisedMethod(BaseModel):

@@ -208,3 +208,18 @@ def test_ring_waits_are_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sums is not None
     torch.testing.assert_close(sums[0], sum(grads))
     assert buffers.stats.ring_waits > 0 and buffers.stats.contributions == 6
+
+
+def test_the_two_stores_are_plain_classes_of_one_protocol() -> None:
+    """HostStore shares no implementation with DeviceStore; both implement every KVStore method
+    with its signature, so the chunk loop can take either."""
+    import inspect
+
+    from seco_core.kv_store import KVStore
+
+    assert not issubclass(HostStore, DeviceStore) and not issubclass(DeviceStore, HostStore)
+    methods = [name for name, _ in inspect.getmembers(KVStore, inspect.isfunction) if not name.startswith("_")]
+    assert sorted(methods) == ["attach", "close", "deposit", "put", "release", "stream", "take_grads"]
+    for cls in (DeviceStore, HostStore):
+        for name in methods:
+            assert inspect.signature(getattr(cls, name)) == inspect.signature(getattr(KVStore, name)), (cls, name)

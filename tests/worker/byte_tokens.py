@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from seco_core.demo import byte_tokenizer
+from benchmarks.demo import byte_tokenizer
 
 TOK = byte_tokenizer()
 EOS = TOK.eos_token_id

@@ -18,7 +18,7 @@ import torch
 import torch.serialization
 from transformers import AutoModelForCausalLM
 
-from seco_core.demo import build_demo_model
+from benchmarks.demo import build_demo_model
 from seco_core.lora import attach_lora
 from worker.checkpoints import Position, load_checkpoint, save_checkpoint
 

@@ -11,7 +11,9 @@ import torch
 from transformers import LlamaConfig
 
 import worker.trainer as trainer
-from worker.spec import SecoSpec, TrainingError, TrainSpec
+from seco_core.job_config import JobConfig
+from seco_core.memory_plan import plan as plan_one_mode
+from worker.spec import TrainingError, TrainSpec
 
 GiB = 2**30
 TINY_LLAMA = LlamaConfig(
@@ -33,7 +35,7 @@ def spec_for(max_length: int | None, budget: int = 24 * GiB, device: str = "cuda
     return TrainSpec(
         job_id="ftjob-plan", model_name="llama3-8b", model_path=Path("."), training_file=Path("."),
         validation_file=None, output_dir=Path("."), device=device, memory_budget_bytes=budget,
-        seco=SecoSpec(max_length=max_length, **seco),
+        seco=JobConfig(max_length=max_length, **seco),
     )  # fmt: skip
 
 
@@ -78,7 +80,7 @@ def test_the_chunk_is_the_fastest_that_fits_not_the_largest() -> None:
     assert cpu.memory.estimate.attention_scores == 2048 * 4 * 64 * 4 * 4  # c x heads x head_dim x fp32 x 4
     gpu = trainer._plan_memory(spec_for(32768, budget=80 * GiB), LLAMA3_8B, torch.bfloat16)
     assert gpu.chunk_size == 4096  # the GPU default, although larger chunks fit in 80 GiB
-    assert gpu.memory.estimate.total + 4 * GiB < trainer.plan(LLAMA3_8B, 32768, 80 * GiB, 32768).estimate.total
+    assert gpu.memory.estimate.total + 4 * GiB < plan_one_mode(LLAMA3_8B, 32768, 80 * GiB, 32768).estimate.total
     fp32_gpu = trainer._plan_memory(spec_for(8192, budget=80 * GiB), LLAMA3_8B, torch.float32)
     assert not fp32_gpu.memory.estimate.attention_scores < 4096 * 4096 * 32 * 4  # the matmul kernel's scores
 

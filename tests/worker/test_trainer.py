@@ -14,9 +14,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from seco_core.demo import build_demo_model
+from benchmarks.demo import build_demo_model
+from seco_core.job_config import JobConfig, JobLora
 from seco_core.lora import load_adapter
-from worker.spec import JobCancelled, JobPaused, LoraSpec, SecoSpec, TrainingError, TrainSpec
+from worker.spec import JobCancelled, JobPaused, TrainingError, TrainSpec
 from worker.trainer import train
 
 
@@ -85,7 +86,7 @@ def make_spec(tmp_path: Path, model: Path, **overrides: Any) -> TrainSpec:
         batch_size=2,
         learning_rate_multiplier=50.0,
         seed=3,
-        seco=SecoSpec(chunk_size=64, max_length=128),
+        seco=JobConfig(chunk_size=64, max_length=128),
         checkpoint_every=1,
     )
     return replace(spec, **overrides)
@@ -153,7 +154,7 @@ def test_same_seed_same_losses(tmp_path: Path, demo_model: Path) -> None:
 
 def test_resume_after_death_matches_an_uninterrupted_run(tmp_path: Path, demo_model: Path) -> None:
     spec = make_spec(
-        tmp_path / "resumed", demo_model, seco=SecoSpec(chunk_size=32, max_length=128, mode="spaco", budget=2)
+        tmp_path / "resumed", demo_model, seco=JobConfig(chunk_size=32, max_length=128, mode="spaco", budget=2)
     )
     dying = Recorder(die_at=4)
     with pytest.raises(KeyboardInterrupt):
@@ -212,7 +213,7 @@ def test_a_job_on_top_of_a_fine_tuned_model_continues_its_adapter(tmp_path: Path
     assert all(c[k].abs().max() < 1e-6 for k in c if "lora_B" in k)
 
     other_shape = make_spec(tmp_path / "bad", demo_model, n_epochs=1, init_adapter=parent.adapter_dir,
-                            seco=SecoSpec(chunk_size=64, max_length=128, lora=LoraSpec(r=2)))  # fmt: skip
+                            seco=JobConfig(chunk_size=64, max_length=128, lora=JobLora(r=2)))  # fmt: skip
     with pytest.raises(TrainingError) as info:
         train(other_shape, Recorder())
     assert info.value.code == "invalid_lora"
@@ -295,7 +296,7 @@ def test_validation_runs_with_the_training_chunk_configuration(
 
 
 def test_memory_plan_refuses_an_impossible_job(tmp_path: Path, demo_model: Path) -> None:
-    spec = make_spec(tmp_path, demo_model, memory_budget_bytes=int(2.5 * 2**30), seco=SecoSpec(max_length=1_000_000))
+    spec = make_spec(tmp_path, demo_model, memory_budget_bytes=int(2.5 * 2**30), seco=JobConfig(max_length=1_000_000))
     with pytest.raises(TrainingError, match=r"What would fit: .*max_length<=\d+") as info:
         train(spec, Recorder())
     assert info.value.code == "does_not_fit"
@@ -310,7 +311,7 @@ def test_bad_record_fails_with_file_and_line(tmp_path: Path, demo_model: Path) -
 
 
 def test_4bit_weights_need_cuda_and_bitsandbytes(tmp_path: Path, demo_model: Path) -> None:
-    spec = make_spec(tmp_path, demo_model, seco=SecoSpec(max_length=128, load_in_4bit=True))
+    spec = make_spec(tmp_path, demo_model, seco=JobConfig(max_length=128, load_in_4bit=True))
     with pytest.raises(TrainingError, match="needs a CUDA worker with bitsandbytes") as info:
         train(spec, Recorder())
     assert info.value.param == "seco.load_in_4bit"
@@ -431,7 +432,7 @@ def test_4bit_weights_on_a_cuda_worker_without_bitsandbytes_are_refused(
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a)
     )
-    spec = make_spec(tmp_path, demo_model, device="cuda:0", seco=SecoSpec(max_length=128, load_in_4bit=True))
+    spec = make_spec(tmp_path, demo_model, device="cuda:0", seco=JobConfig(max_length=128, load_in_4bit=True))
     with pytest.raises(
         TrainingError, match=r"bitsandbytes installed \(this worker: device cuda:0, bitsandbytes not installed\)"
     ) as info:

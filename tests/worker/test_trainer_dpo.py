@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from seco_core.job_config import JobConfig, JobLora
 from tests.conftest import write_jsonl
 from tests.preference_task import preference_records
 from tests.worker.test_trainer import Recorder
 from worker.preference import DPO_FIELDS
-from worker.spec import JobCancelled, LoraSpec, SecoSpec, TrainingError, TrainSpec
+from worker.spec import JobCancelled, TrainingError, TrainSpec
 from worker.trainer import METRIC_FIELDS, train
 
 
@@ -21,7 +22,7 @@ def dpo_spec(tmp_path: Path, model: Path, **overrides: object) -> TrainSpec:
     spec = TrainSpec(
         job_id="ftjob-dpo", model_name="tiny", model_path=model, training_file=train_file,
         validation_file=valid_file, output_dir=tmp_path / "job", n_epochs=2, batch_size=4,
-        learning_rate_multiplier=10.0, seed=1, seco=SecoSpec(chunk_size=16, lora=LoraSpec(r=8, alpha=16)),
+        learning_rate_multiplier=10.0, seed=1, seco=JobConfig(chunk_size=16, lora=JobLora(r=8, alpha=16)),
         checkpoint_every=3, method="dpo", beta=0.5,
     )  # fmt: skip
     for key, value in overrides.items():
@@ -72,7 +73,7 @@ def test_auto_hyperparameters_resolve_to_the_values_used(tmp_path: Path, demo_mo
 
 def test_a_pair_longer_than_max_length_fails_the_job_naming_its_line(tmp_path: Path, demo_model: Path) -> None:
     spec = dpo_spec(tmp_path, demo_model)
-    spec.seco = SecoSpec(chunk_size=16, max_length=40)
+    spec.seco = JobConfig(chunk_size=16, max_length=40)
     with pytest.raises(TrainingError) as info:
         train(spec, Recorder())
     assert (info.value.code, info.value.param) == ("invalid_file", "training_file")

@@ -16,10 +16,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         add_help=False,
-        help="run the seco_core benchmark (needs torch; --help for its options)",
-        description="Runs `python -m seco_core.bench` with the arguments given.",
+        help="run the chunk-wise training benchmark (needs torch; --help for its options)",
+        description="Runs `python -m benchmarks.bench` with the arguments given.",
     )
-    p.__class__ = _PassThroughParser  # every argument, options included, goes to seco_core.bench
+    p.__class__ = _PassThroughParser  # every argument, options included, goes to benchmarks.bench
 
 
 class _PassThroughParser(argparse.ArgumentParser):
@@ -39,14 +39,14 @@ class _PassThroughParser(argparse.ArgumentParser):
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Delegate to `python -m seco_core.bench` (a subprocess: its exit code is ours)."""
+    """Delegate to `python -m benchmarks.bench` (a subprocess: its exit code is ours)."""
     # find_spec on top-level names only: it locates them without importing torch here.
-    missing = [m for m in ("torch", "seco_core") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("torch", "seco_core", "benchmarks") if importlib.util.find_spec(m) is None]
     if missing:
         print(f"seco: error: `seco bench` runs the training library locally and needs {', '.join(missing)}; "
-              "install the server extras: pip install 'seco-tune[server]'", file=sys.stderr)  # fmt: skip
+              "install the worker extras: pip install 'seco-tune[worker]'", file=sys.stderr)  # fmt: skip
         return EXIT_ERROR
     try:
-        return subprocess.call([sys.executable, "-m", "seco_core.bench", *args.args])
+        return subprocess.call([sys.executable, "-m", "benchmarks.bench", *args.args])
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

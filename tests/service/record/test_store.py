@@ -349,3 +349,21 @@ def test_resolved_hyperparameters_replace_auto_and_a_retry_reads_them(
     assert rec is not None and rec.hyperparameters == resolved and rec.seed == 7 and rec.seco["lora"] == {"r": 4}
     spec = build_spec(rec, settings, store, data, tmp_path / "scratch")
     assert (spec.n_epochs, spec.batch_size, spec.learning_rate_multiplier) == (3, 2, 1.0)
+
+
+def test_a_record_breaking_a_job_config_rule_is_a_clear_training_error(
+    store: Store, data: LocalStorage, tmp_path: Path
+) -> None:
+    """A stored `seco` the library's JobConfig refuses (here SpaCO without a budget) fails the job
+    naming `seco`, rather than reaching the training loop."""
+    from worker.tasks import build_spec
+
+    settings = settings_for(store, data, tmp_path)
+    f = make_file(store, data)
+    rec = store.get_job(make_job(store, f.id))
+    assert rec is not None
+    bad = rec.model_copy(update={"seco": {"mode": "spaco", "lora": {"r": 4}}})
+    with pytest.raises(TrainingError) as info:
+        build_spec(bad, settings, store, data, tmp_path / "scratch")
+    assert info.value.code == "invalid_seco" and info.value.param == "seco"
+    assert "budget is required when mode is 'spaco'" in str(info.value)

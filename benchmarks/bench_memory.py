@@ -1,7 +1,7 @@
 """Benchmark: SeCO's CPU memory against its floor and against plain backward.
 
-    python -m seco_core.bench_memory                  # 4-layer 256-wide Llama, fp32, 2K and 8K
-    python -m seco_core.bench_memory --glibc-default  # glibc's own (dynamic) mmap threshold
+    python -m benchmarks.bench_memory                  # 4-layer 256-wide Llama, fp32, 2K and 8K
+    python -m benchmarks.bench_memory --glibc-default  # glibc's own (dynamic) mmap threshold
 
 Two figures say whether chunk-wise training keeps only what it must:
 
@@ -12,7 +12,7 @@ Two figures say whether chunk-wise training keeps only what it must:
 - plain / SeCO peak extra memory at the long length (the baseline, plain backward, from
   the same run): the aim is >= 8x.
 
-Each case runs in its own process (`seco_core.bench`'s child: build the model, reset the
+Each case runs in its own process (`benchmarks.bench`'s child: build the model, reset the
 peak-RSS probe, run the steps), so no case's peak includes another's allocations. Memory
 figures do not depend on the machine's load; `--steps 0` (the default) runs the warm-up
 step only, which is where the first step's peak is.
@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from seco_core import bench
+from benchmarks import bench
 from seco_core.kv_store import grad_dtype
 from seco_core.memory_plan import parse_size
 
@@ -90,7 +90,7 @@ def format_report(fig: dict[str, float], short: int, long: int) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m seco_core.bench_memory", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", nargs=2, type=int, default=[2048, 8192], metavar=("SHORT", "LONG"))
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--steps", type=int, default=0, help="steps after the warm-up step (memory needs none)")

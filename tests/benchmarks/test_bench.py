@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from seco_core import bench
-from seco_core.bench import DEFAULT_METHODS, ratios, spaco_budget
+from benchmarks import bench
+from benchmarks.bench import DEFAULT_METHODS, ratios, spaco_budget
 
 TINY = [
     "--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "4", "--intermediate", "64",
@@ -22,7 +22,7 @@ TINY = [
 def test_bench_command_writes_every_method_and_length(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "seco_core.bench", *TINY, "--jobs", "2", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.bench", *TINY, "--jobs", "2", "--out", str(out)],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,8 +1,8 @@
 """Benchmark: one exact DPO step with a shared prompt against the two sequences processed separately.
 
-    python -m seco_core.bench_dpo                                # CPU, 16K prompt, two 512-token answers
-    python -m seco_core.bench_dpo --prompt 4096 --answers 256 256 --steps 2
-    python -m seco_core.bench_dpo --preset llama3-8b             # on a GPU
+    python -m benchmarks.bench_dpo                                # CPU, 16K prompt, two 512-token answers
+    python -m benchmarks.bench_dpo --prompt 4096 --answers 256 256 --steps 2
+    python -m benchmarks.bench_dpo --preset llama3-8b             # on a GPU
 
 Both methods compute the same exact DPO gradient of one preference pair (LoRA r=8 on
 q/k/v/o; reference = the adapter disabled), chunk-wise with the same chunk size:
@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seco_core.bench import DTYPES, PRESETS, RESULT_PREFIX, _log, build_model, run_child, timed_steps
+from benchmarks.bench import DTYPES, PRESETS, RESULT_PREFIX, _log, build_model, run_child, timed_steps
 from seco_core.probes import PeakMemory
 
 METHODS = ("shared", "separate")
@@ -142,7 +142,7 @@ def compare(results: dict[str, dict[str, Any]], spec: dict[str, Any]) -> tuple[d
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m seco_core.bench_dpo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_dpo", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     p.add_argument("--prompt", type=int, default=16384, help="prompt tokens (default 16384)")
     p.add_argument("--answers", type=int, nargs=2, default=[512, 512], metavar=("CHOSEN", "REJECTED"))
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     results = {}
     for method in METHODS:
-        r = run_child(method, spec["prompt"], spec, module="seco_core.bench_dpo")
+        r = run_child(method, spec["prompt"], spec, module="benchmarks.bench_dpo")
         results[method] = r
         _log(f"  {method}: {r['status']}")
     ratios, problems = compare(results, spec)

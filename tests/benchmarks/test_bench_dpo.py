@@ -16,7 +16,7 @@ TINY = [
 def test_bench_dpo_prints_both_methods_and_their_ratios(tmp_path: Path) -> None:
     out = tmp_path / "dpo.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "seco_core.bench_dpo", *TINY, "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.bench_dpo", *TINY, "--out", str(out)],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr

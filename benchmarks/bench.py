@@ -1,7 +1,7 @@
 """Benchmark: plain backward vs HF gradient checkpointing vs SeCO vs SpaCO.
 
-    python -m seco_core.bench                                  # CPU, 4-layer 256-wide Llama
-    python -m seco_core.bench --preset llama3-8b --memory-cap 24GiB --find-max-length
+    python -m benchmarks.bench                                  # CPU, 4-layer 256-wide Llama
+    python -m benchmarks.bench --preset llama3-8b --memory-cap 24GiB --find-max-length
 
 Every (method, length) is measured in a fresh subprocess, so the CPU peak RSS of one
 measurement never includes another's allocations (freed memory is often kept by the
@@ -338,7 +338,7 @@ def child_main(spec_json: str) -> int:
 # ---------------------------------------------------------------- the parent: orchestration
 
 
-def run_child(method: str, length: int, spec: dict[str, Any], module: str = "seco_core.bench") -> dict[str, Any]:
+def run_child(method: str, length: int, spec: dict[str, Any], module: str = "benchmarks.bench") -> dict[str, Any]:
     """Run `module`'s measurement in a fresh interpreter; a killed child (OOM killer, CPU cap) is OOM."""
     child_spec = {**spec, "method": method, "length": length}
     cmd = [sys.executable, "-m", module, "--child-spec", json.dumps(child_spec)]
@@ -490,7 +490,7 @@ def _log(msg: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m seco_core.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     p.add_argument("--lengths", nargs="+", type=int, help="sequence lengths (default: the preset's)")

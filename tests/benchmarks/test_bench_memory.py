@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from seco_core import bench, bench_memory
+from benchmarks import bench, bench_memory
 
 
 def test_floor_is_kv_and_kv_gradient_bytes_per_token() -> None:
