@@ -71,15 +71,33 @@ CPU_OOM_EXIT = 86
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough for a 2-core CPU; Llama-shaped, no GQA.
     "cpu-small": dict(
-        layers=4, hidden=256, heads=4, kv_heads=4, intermediate=688, vocab=32000,
-        dtype="float32", device="cpu", lengths=[2048, 4096, 8192], chunk_size=512, lora=False,
+        layers=4,
+        hidden=256,
+        heads=4,
+        kv_heads=4,
+        intermediate=688,
+        vocab=32000,
+        dtype="float32",
+        device="cpu",
+        lengths=[2048, 4096, 8192],
+        chunk_size=512,
+        lora=False,
     ),
     # Llama-3-8B's shape with random weights, bf16, LoRA r=8 on q/k/v/o: for a GPU.
     "llama3-8b": dict(
-        layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
-        dtype="bfloat16", device="cuda", lengths=[4096, 8192, 16384], chunk_size=1024, lora=True,
+        layers=32,
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        intermediate=14336,
+        vocab=128256,
+        dtype="bfloat16",
+        device="cuda",
+        lengths=[4096, 8192, 16384],
+        chunk_size=1024,
+        lora=True,
     ),
-}  # fmt: skip
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -305,12 +323,15 @@ def _plan_step_bytes(model: nn.Module, length: int, spec: dict[str, Any], varian
 
     shape = ModelShape.from_config(
         LlamaConfig(
-            vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["intermediate"],
-            num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+            vocab_size=spec["vocab"],
+            hidden_size=spec["hidden"],
+            intermediate_size=spec["intermediate"],
+            num_hidden_layers=spec["layers"],
+            num_attention_heads=spec["heads"],
             num_key_value_heads=spec["kv_heads"],
         ),
         num_params=sum(p.numel() for p in model.parameters()),
-    )  # fmt: skip
+    )
     options = PlanOptions(
         dtype_bytes=DTYPES[spec["dtype"]].itemsize,
         batch_size=spec["batch"],
@@ -497,8 +518,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, help="SeCO/SpaCO chunk size (default: the preset's)")
     p.add_argument("--budget", type=int, help="SpaCO: chunks back-propagated (default: from --budget-fraction)")
     p.add_argument("--budget-fraction", type=float, default=2 / 16, help="SpaCO: t = max(1, int(k * this))")
-    p.add_argument("--sampling", choices=["fixed", "bernoulli"], default="fixed",
-                   help="SpaCO sampling; fixed (exactly t chunks) keeps step times comparable")  # fmt: skip
+    p.add_argument(
+        "--sampling",
+        choices=["fixed", "bernoulli"],
+        default="fixed",
+        help="SpaCO sampling; fixed (exactly t chunks) keeps step times comparable",
+    )
     p.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", help="cpu or cuda[:N] (default: the preset's)")
@@ -514,8 +539,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length-limit", type=int, default=2**20, help="stop the doubling here")
     p.add_argument("--max-length-step", type=int, help="bisection resolution (default: the chunk size)")
     p.add_argument("--threads", type=int, help="torch CPU threads per child (default: torch's)")
-    p.add_argument("--mmap-threshold", type=parse_size,
-                   help="CPU: glibc MALLOC_MMAP_THRESHOLD_ for children, e.g. 128KiB (RSS ~ live bytes)")  # fmt: skip
+    p.add_argument(
+        "--mmap-threshold",
+        type=parse_size,
+        help="CPU: glibc MALLOC_MMAP_THRESHOLD_ for children, e.g. 128KiB (RSS ~ live bytes)",
+    )
     p.add_argument("--jobs", type=int, default=1, help="children run at once (>1 distorts times)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -570,9 +598,14 @@ def main(argv: list[str] | None = None) -> int:
     def one(m: str, length: int) -> dict[str, Any]:
         check = m == "seco" and length == spec["lengths"][0]
         r = run_child(m, length, {**spec, "check_loss": check})
-        _log(f"  {m} L={length}: {r['status']}"
-             + (f", {r['peak_extra_bytes'] / 2**20:.1f} MB, {r['step_seconds_mean']:.3f} s"
-                if r["status"] == "ok" else f" {r.get('error', '')}"))  # fmt: skip
+        _log(
+            f"  {m} L={length}: {r['status']}"
+            + (
+                f", {r['peak_extra_bytes'] / 2**20:.1f} MB, {r['step_seconds_mean']:.3f} s"
+                if r["status"] == "ok"
+                else f" {r.get('error', '')}"
+            )
+        )
         return r
 
     # --jobs > 1 runs children side by side: peaks stay per process, but times then

@@ -162,8 +162,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     preset = PRESETS[args.preset]
-    spec: dict[str, Any] = {k: getattr(args, k) or preset[k] for k in ("layers", "hidden", "heads", "intermediate",
-                                                                      "vocab", "dtype", "device")}  # fmt: skip
+    spec: dict[str, Any] = {
+        k: getattr(args, k) or preset[k]
+        for k in ("layers", "hidden", "heads", "intermediate", "vocab", "dtype", "device")
+    }
     spec.update(
         preset=args.preset,
         kv_heads=args.kv_heads or preset["kv_heads"],
@@ -200,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         if r["status"] != "ok":
             print(f"{method:>9} {r['status'].upper():>15}")
             continue
-        print(f"{method:>9} {r['peak_extra_bytes'] / 2**20:>15.1f} {r['step_seconds_mean']:>9.2f} "
-              f"{r['cpu_seconds_mean']:>9.2f} {r['loss']:>9.5f} {r['grad_norm']:>10.4g}")  # fmt: skip
+        print(
+            f"{method:>9} {r['peak_extra_bytes'] / 2**20:>15.1f} {r['step_seconds_mean']:>9.2f} "
+            f"{r['cpu_seconds_mean']:>9.2f} {r['loss']:>9.5f} {r['grad_norm']:>10.4g}"
+        )
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
     for msg in problems:

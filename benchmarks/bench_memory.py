@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     fig = figures(results, spec, short, long)
     allocator = spec["mmap_threshold"] or os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
-    print(f"model: {spec['layers']} layers, width {spec['hidden']}, {spec['dtype']}, chunk {spec['chunk_size']}, "
-          f"MALLOC_MMAP_THRESHOLD_={allocator}")  # fmt: skip
+    print(
+        f"model: {spec['layers']} layers, width {spec['hidden']}, {spec['dtype']}, chunk {spec['chunk_size']}, "
+        f"MALLOC_MMAP_THRESHOLD_={allocator}"
+    )
     print(format_report(fig, short, long))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -90,14 +90,19 @@ class Row:
         ours_rps, ref_rps = self._median(self.ours, "rps"), self._median(self.reference, "rps")
         ours_p99, ref_p99 = self._median(self.ours, "p99_ms"), self._median(self.reference, "p99_ms")
         return {
-            "route": self.route, "ours_rps": ours_rps, "ref_rps": ref_rps,
+            "route": self.route,
+            "ours_rps": ours_rps,
+            "ref_rps": ref_rps,
             "ratio": round(ours_rps / ref_rps, 2) if ref_rps else 0.0,
-            "ours_p50_ms": self._median(self.ours, "p50_ms"), "ours_p99_ms": ours_p99,
-            "ref_p50_ms": self._median(self.reference, "p50_ms"), "ref_p99_ms": ref_p99,
+            "ours_p50_ms": self._median(self.ours, "p50_ms"),
+            "ours_p99_ms": ours_p99,
+            "ref_p50_ms": self._median(self.reference, "p50_ms"),
+            "ref_p99_ms": ref_p99,
             "p99_ratio": round(ours_p99 / ref_p99, 2) if ref_p99 else 0.0,
-            "ours_cpu_us": self._median(self.ours, "cpu_us"), "ref_cpu_us": self._median(self.reference, "cpu_us"),
+            "ours_cpu_us": self._median(self.ours, "cpu_us"),
+            "ref_cpu_us": self._median(self.reference, "cpu_us"),
             "errors": sum(r.errors for r in self.ours + self.reference),
-        }  # fmt: skip
+        }
 
 
 # --------------------------------------------------------------------------- wrk
@@ -141,8 +146,18 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def wrk(url: str, connections: int, seconds: float, threads: int, server_pid: int | None = None) -> Run:
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
-           "-H", f"Authorization: Bearer {KEY}", url]  # fmt: skip
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "--timeout",
+        "10s",
+        "-H",
+        f"Authorization: Bearer {KEY}",
+        url,
+    ]
     cpu0 = _cpu_seconds(server_pid) if server_pid else 0.0
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     run = parse_wrk(out)
@@ -165,19 +180,44 @@ def servers(workdir: Path, api_workers: int) -> Iterator[tuple[str, dict[str, tu
     valkey.start()
     redis_url = f"{valkey.connection_url}/0"
     (workdir / "model").mkdir()  # never loaded: no worker runs
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "SECO_DATA_DIR": str(workdir / "data"),
-           "SECO_API_KEYS": KEY, "SECO_MODELS": f"tiny={workdir / 'model'}", "SECO_LOG_LEVEL": "WARNING",
-           "SECO_MAX_STREAMS": "100000", "BENCH_KEY": KEY}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "REDIS_URL": redis_url,
+        "SECO_DATA_DIR": str(workdir / "data"),
+        "SECO_API_KEYS": KEY,
+        "SECO_MODELS": f"tiny={workdir / 'model'}",
+        "SECO_LOG_LEVEL": "WARNING",
+        "SECO_MAX_STREAMS": "100000",
+        "BENCH_KEY": KEY,
+    }
     api_port, ref_port = free_port(), free_port()
-    ref_argv = [sys.executable, "-m", "uvicorn", "api_bench_reference:app", "--app-dir", str(ROOT / "scripts"),
-                "--host", "127.0.0.1", "--port", str(ref_port), "--no-access-log"]  # fmt: skip
+    ref_argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "api_bench_reference:app",
+        "--app-dir",
+        str(ROOT / "scripts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(ref_port),
+        "--no-access-log",
+    ]
     log_path = workdir / "servers.log"
     log = open(log_path, "ab")  # noqa: SIM115 (closed below)
     procs = [
-        subprocess.Popen(api_argv("127.0.0.1", api_port, env, workers=api_workers), cwd=ROOT, env=env, stdout=log,
-                         stderr=log, start_new_session=True),
+        subprocess.Popen(
+            api_argv("127.0.0.1", api_port, env, workers=api_workers),
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        ),
         subprocess.Popen(ref_argv, cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True),
-    ]  # fmt: skip
+    ]
     try:
         api, ref = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{ref_port}"
         wait_http(api + "/healthz", procs, log=log_path)
@@ -229,13 +269,24 @@ def make_jobs(api: str, redis_url: str) -> dict[str, str]:
             },
         )
         for step in range(1, steps + 1):
-            data = {"step": step, "train_loss": 5.0 - step / 10, "tokens_per_second": 1234.5, "learning_rate": 1e-4,
-                    "peak_memory_bytes": 480_000_000, "total_steps": 100}  # fmt: skip
+            data = {
+                "step": step,
+                "train_loss": 5.0 - step / 10,
+                "tokens_per_second": 1234.5,
+                "learning_rate": 1e-4,
+                "peak_memory_bytes": 480_000_000,
+                "total_steps": 100,
+            }
             store.add_metrics(job_id, WORKER, data, f"Step {step}/100: training loss={data['train_loss']:.4f}")
         for k in range(1, CHECKPOINTS + 1):
             store.add_checkpoint(job_id, 10 * k, f"tenants/x/ck/{job_id}/{10 * k}", {"train_loss": 4.0 - k / 10})
-    assert store.finish_job(finished, WORKER, "succeeded", fields={"fine_tuned_model": f"tiny:bench:{finished}"},
-                            event="The job has successfully completed")  # fmt: skip
+    assert store.finish_job(
+        finished,
+        WORKER,
+        "succeeded",
+        fields={"fine_tuned_model": f"tiny:bench:{finished}"},
+        event="The job has successfully completed",
+    )
     store.r.close()
     return {"running": running, "finished": finished, "queued": queued}
 
@@ -256,23 +307,57 @@ def route_paths(jobs: dict[str, str]) -> dict[str, str]:
 
 
 def print_table(rows: list[Row], connections: int, seconds: float, rounds: int) -> None:
-    heads = ["route", "ours req/s", "ref req/s", "ratio", "ours p50", "ours p99", "ref p50", "ref p99", "p99 ratio",
-             "ours CPU/req", "ref CPU/req", "errors"]  # fmt: skip
-    keys = ["route", "ours_rps", "ref_rps", "ratio", "ours_p50_ms", "ours_p99_ms", "ref_p50_ms", "ref_p99_ms",
-            "p99_ratio", "ours_cpu_us", "ref_cpu_us", "errors"]  # fmt: skip
+    heads = [
+        "route",
+        "ours req/s",
+        "ref req/s",
+        "ratio",
+        "ours p50",
+        "ours p99",
+        "ref p50",
+        "ref p99",
+        "p99 ratio",
+        "ours CPU/req",
+        "ref CPU/req",
+        "errors",
+    ]
+    keys = [
+        "route",
+        "ours_rps",
+        "ref_rps",
+        "ratio",
+        "ours_p50_ms",
+        "ours_p99_ms",
+        "ref_p50_ms",
+        "ref_p99_ms",
+        "p99_ratio",
+        "ours_cpu_us",
+        "ref_cpu_us",
+        "errors",
+    ]
     table = [[str(r.summary()[k]) for k in keys] for r in rows]
     widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(heads)]
-    print(f"\nwrk, {connections} connections, {seconds:g} s per run, medians of {rounds} alternating rounds "
-          "(latencies in ms; CPU/req: the server's CPU time per request, in µs):")  # fmt: skip
+    print(
+        f"\nwrk, {connections} connections, {seconds:g} s per run, medians of {rounds} alternating rounds "
+        "(latencies in ms; CPU/req: the server's CPU time per request, in µs):"
+    )
     print("  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)))
     for t in table:
         print("  ".join(v.rjust(w) for v, w in zip(t, widths, strict=True)))
     for r in rows:
         print(f"  {r.route}: GET {r.path}")
-        print("    ours      req/s " + ", ".join(f"{run.rps:.0f}" for run in r.ours)
-              + "; p99 ms " + ", ".join(f"{run.p99_ms:.0f}" for run in r.ours))  # fmt: skip
-        print("    reference req/s " + ", ".join(f"{run.rps:.0f}" for run in r.reference)
-              + "; p99 ms " + ", ".join(f"{run.p99_ms:.0f}" for run in r.reference))  # fmt: skip
+        print(
+            "    ours      req/s "
+            + ", ".join(f"{run.rps:.0f}" for run in r.ours)
+            + "; p99 ms "
+            + ", ".join(f"{run.p99_ms:.0f}" for run in r.ours)
+        )
+        print(
+            "    reference req/s "
+            + ", ".join(f"{run.rps:.0f}" for run in r.reference)
+            + "; p99 ms "
+            + ", ".join(f"{run.p99_ms:.0f}" for run in r.reference)
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=100, help="wrk connections (default 100)")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
     p.add_argument("--routes", default=",".join(ROUTES), help=f"comma-separated, of {', '.join(ROUTES)}")
-    p.add_argument("--api-workers", type=int, default=1, help="uvicorn processes of our API (default 1, as the "
-                   "reference)")  # fmt: skip
+    p.add_argument(
+        "--api-workers", type=int, default=1, help="uvicorn processes of our API (default 1, as the reference)"
+    )
     p.add_argument("--json", type=Path, help="also write every run as JSON here")
     args = p.parse_args(argv)
     routes = [r.strip() for r in args.routes.split(",") if r.strip()]
@@ -292,12 +378,15 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.rounds <= 50 or not 1 <= args.duration <= 120 or not 1 <= args.connections <= 10_000:
         p.error("bounded on purpose: 1-50 rounds, 1-120 s per run, 1-10000 connections")
     if shutil.which("wrk") is None:
-        sys.exit("wrk is not installed: `apt-get install wrk` (Debian/Ubuntu), `brew install wrk` (macOS), "
-                 "or build it from https://github.com/wg/wrk")  # fmt: skip
+        sys.exit(
+            "wrk is not installed: `apt-get install wrk` (Debian/Ubuntu), `brew install wrk` (macOS), "
+            "or build it from https://github.com/wg/wrk"
+        )
     load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="seco-api-bench-") as tmp, servers(Path(tmp), args.api_workers) as (
-        redis_url, procs
-    ):  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory(prefix="seco-api-bench-") as tmp,
+        servers(Path(tmp), args.api_workers) as (redis_url, procs),
+    ):
         (api, api_pid), (ref, ref_pid) = procs["ours"], procs["reference"]
         jobs = make_jobs(api, redis_url)
         paths = route_paths(jobs)
@@ -318,19 +407,39 @@ def main(argv: list[str] | None = None) -> int:
             print(f"... round {n + 1}/{args.rounds} done (load average {os.getloadavg()[0]:.2f})", file=sys.stderr)
     load_after = os.getloadavg()
     print_table(rows, args.connections, args.duration, args.rounds)
-    print(f"  {os.cpu_count()} CPUs; load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load_before)}, "
-          f"after {', '.join(f'{x:.2f}' for x in load_after)}")  # fmt: skip
+    print(
+        f"  {os.cpu_count()} CPUs; load average (1, 5, 15 min) before {', '.join(f'{x:.2f}' for x in load_before)}, "
+        f"after {', '.join(f'{x:.2f}' for x in load_after)}"
+    )
     summaries = [r.summary() for r in rows]
     short = [s["route"] for s in summaries if s["ratio"] < TARGET_RATIO or s["p99_ratio"] > TARGET_P99_RATIO]
-    print(f"  target: ratio >= {TARGET_RATIO} and p99 ratio <= {TARGET_P99_RATIO}: "
-          + (f"missed by {', '.join(short)}" if short else "met by every route"))  # fmt: skip
+    print(
+        f"  target: ratio >= {TARGET_RATIO} and p99 ratio <= {TARGET_P99_RATIO}: "
+        + (f"missed by {', '.join(short)}" if short else "met by every route")
+    )
     if args.json:
-        args.json.write_text(json.dumps({
-            "connections": args.connections, "duration_s": args.duration, "rounds": args.rounds,
-            "cpus": os.cpu_count(), "load_before": load_before, "load_after": load_after,
-            "routes": [{**r.summary(), "path": r.path, "ours": [asdict(x) for x in r.ours],
-                        "reference": [asdict(x) for x in r.reference]} for r in rows],
-        }, indent=1))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "connections": args.connections,
+                    "duration_s": args.duration,
+                    "rounds": args.rounds,
+                    "cpus": os.cpu_count(),
+                    "load_before": load_before,
+                    "load_after": load_after,
+                    "routes": [
+                        {
+                            **r.summary(),
+                            "path": r.path,
+                            "ours": [asdict(x) for x in r.ours],
+                            "reference": [asdict(x) for x in r.reference],
+                        }
+                        for r in rows
+                    ],
+                },
+                indent=1,
+            )
+        )
     return 1 if any(s["errors"] for s in summaries) else 0
 
 

@@ -81,9 +81,16 @@ def measure(limit: int, body: bytes, repeat: int, work: Path) -> dict[str, Any]:
     server.start()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": server.connection_url + "/0",
-           "SECO_DATA_DIR": str(work / f"data-{limit}"), "SECO_API_KEYS": KEY, "SECO_MODELS": f"tiny={work}",
-           "SECO_MAX_BODY_BYTES": str(limit), "SECO_LOG_LEVEL": "WARNING"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "REDIS_URL": server.connection_url + "/0",
+        "SECO_DATA_DIR": str(work / f"data-{limit}"),
+        "SECO_API_KEYS": KEY,
+        "SECO_MODELS": f"tiny={work}",
+        "SECO_MAX_BODY_BYTES": str(limit),
+        "SECO_LOG_LEVEL": "WARNING",
+    }
     with (work / f"api-{limit}.log").open("ab") as log:
         api = subprocess.Popen(api_argv("127.0.0.1", port, env), cwd=ROOT, env=env, stdout=log, stderr=log)
     try:
@@ -103,18 +110,29 @@ def measure(limit: int, body: bytes, repeat: int, work: Path) -> dict[str, Any]:
             sampler = Sampler(api.pid, url)
             sampler.start()
             t0 = time.perf_counter()
-            r = httpx.post(url + "/v1/fine_tuning/jobs", content=body, timeout=300,
-                           headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})  # fmt: skip
+            r = httpx.post(
+                url + "/v1/fine_tuning/jobs",
+                content=body,
+                timeout=300,
+                headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"},
+            )
             seconds = time.perf_counter() - t0
             sampler.done.set()
             sampler.join()
-            runs.append({"status": r.status_code, "seconds": seconds,
-                         "rss_mib": (sampler.peak_rss - sampler.start_rss) / MiB,
-                         "healthz_ms": sampler.worst_healthz * 1000})  # fmt: skip
-        return {"seconds": statistics.median(run["seconds"] for run in runs),
-                "healthz_ms": statistics.median(run["healthz_ms"] for run in runs),
-                "rss_mib": max(run["rss_mib"] for run in runs),  # the first request pays; later ones reuse memory
-                "status": sorted({run["status"] for run in runs})}  # fmt: skip
+            runs.append(
+                {
+                    "status": r.status_code,
+                    "seconds": seconds,
+                    "rss_mib": (sampler.peak_rss - sampler.start_rss) / MiB,
+                    "healthz_ms": sampler.worst_healthz * 1000,
+                }
+            )
+        return {
+            "seconds": statistics.median(run["seconds"] for run in runs),
+            "healthz_ms": statistics.median(run["healthz_ms"] for run in runs),
+            "rss_mib": max(run["rss_mib"] for run in runs),  # the first request pays; later ones reuse memory
+            "status": sorted({run["status"] for run in runs}),
+        }
     finally:
         api.terminate()
         api.wait(30)
@@ -130,14 +148,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="body-bench-") as tmp:
         limited = measure(1 << 20, body, args.repeat, Path(tmp))
         baseline = measure(1 << 30, body, args.repeat, Path(tmp))
-    print(f"POST /v1/fine_tuning/jobs with a {len(body) / MiB:.1f} MiB JSON body, {args.repeat} times "
-          "(times: median; RSS: the largest peak above the API's RSS before the request):")  # fmt: skip
+    print(
+        f"POST /v1/fine_tuning/jobs with a {len(body) / MiB:.1f} MiB JSON body, {args.repeat} times "
+        "(times: median; RSS: the largest peak above the API's RSS before the request):"
+    )
     print(f"{'':28} {'status':>8} {'answer s':>9} {'API RSS +MiB':>13} {'worst /healthz ms':>18}")
     for name, m in (("limit 1 MiB (default)", limited), ("limit 1 GiB (baseline)", baseline)):
-        print(f"{name:28} {'/'.join(map(str, m['status'])):>8} {m['seconds']:9.3f} {m['rss_mib']:13.1f} "
-              f"{m['healthz_ms']:18.1f}")  # fmt: skip
-    print(f"baseline / limited: answer {baseline['seconds'] / limited['seconds']:.1f}x, "
-          f"worst /healthz {baseline['healthz_ms'] / limited['healthz_ms']:.1f}x")  # fmt: skip
+        print(
+            f"{name:28} {'/'.join(map(str, m['status'])):>8} {m['seconds']:9.3f} {m['rss_mib']:13.1f} "
+            f"{m['healthz_ms']:18.1f}"
+        )
+    print(
+        f"baseline / limited: answer {baseline['seconds'] / limited['seconds']:.1f}x, "
+        f"worst /healthz {baseline['healthz_ms'] / limited['healthz_ms']:.1f}x"
+    )
 
 
 if __name__ == "__main__":

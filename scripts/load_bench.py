@@ -119,20 +119,32 @@ def local_service(workdir: Path, max_jobs: int) -> Iterator[tuple[str, str]]:
     from service.launch import api_argv, worker_argv
 
     model = build_demo_model(workdir / "models" / "tiny-llama")
-    server = ValkeyServer(port=free_port(), data_dir=workdir / "redis", persist=True, appendonly="yes",
-                          appendfsync="everysec")  # fmt: skip
+    server = ValkeyServer(
+        port=free_port(), data_dir=workdir / "redis", persist=True, appendonly="yes", appendfsync="everysec"
+    )
     server.start()
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": f"{server.connection_url}/0",
-           "SECO_DATA_DIR": str(workdir / "data"), "SECO_API_KEYS": KEY, "SECO_MODELS": f"tiny={model}",
-           "SECO_DEVICE": "cpu", "SECO_MAX_QUEUED_JOBS": str(max_jobs), "SECO_LOG_LEVEL": "WARNING",
-           "SECO_MAX_STREAMS": "10000",  # one key stands for every client here: no per-key stream cap
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "REDIS_URL": f"{server.connection_url}/0",
+        "SECO_DATA_DIR": str(workdir / "data"),
+        "SECO_API_KEYS": KEY,
+        "SECO_MODELS": f"tiny={model}",
+        "SECO_DEVICE": "cpu",
+        "SECO_MAX_QUEUED_JOBS": str(max_jobs),
+        "SECO_LOG_LEVEL": "WARNING",
+        "SECO_MAX_STREAMS": "10000",  # one key stands for every client here: no per-key stream cap
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     logs = open(workdir / "service.log", "ab")  # noqa: SIM115 (closed below)
-    procs = [subprocess.Popen(api_argv("127.0.0.1", port, env), cwd=ROOT, env=env, stdout=logs, stderr=logs,
-                              start_new_session=True),
-             subprocess.Popen(worker_argv("bench@%h"), cwd=ROOT, env=env, stdout=logs, stderr=logs,
-                              start_new_session=True)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            api_argv("127.0.0.1", port, env), cwd=ROOT, env=env, stdout=logs, stderr=logs, start_new_session=True
+        ),
+        subprocess.Popen(worker_argv("bench@%h"), cwd=ROOT, env=env, stdout=logs, stderr=logs, start_new_session=True),
+    ]
     url = f"http://127.0.0.1:{port}"
     SERVICE_PIDS.update(api=procs[0].pid, worker=procs[1].pid)
     try:
@@ -187,9 +199,16 @@ async def start_training_job(http: httpx.AsyncClient, model: str) -> str:
     r = await http.post("/v1/files", files={"file": ("bench.jsonl", text.encode()), "purpose": (None, "fine-tune")})
     r.raise_for_status()
     file_id = r.json()["id"]
-    r = await http.post("/v1/fine_tuning/jobs", json={
-        "model": model, "training_file": file_id, "hyperparameters": {"n_epochs": 100, "batch_size": 1},
-        "seco": SECO, "suffix": "load-bench"})  # fmt: skip
+    r = await http.post(
+        "/v1/fine_tuning/jobs",
+        json={
+            "model": model,
+            "training_file": file_id,
+            "hyperparameters": {"n_epochs": 100, "batch_size": 1},
+            "seco": SECO,
+            "suffix": "load-bench",
+        },
+    )
     r.raise_for_status()
     job_id = str(r.json()["id"])
     deadline = time.monotonic() + 120
@@ -295,8 +314,9 @@ async def submit_scenario(url: str, model: str, n: int) -> Result:
         listed: list[dict[str, Any]] = []
         after = None
         while True:
-            page = (await http.get("/v1/fine_tuning/jobs", params={"limit": 100, **({"after": after} if after else {})}
-                                   )).json()  # fmt: skip
+            page = (
+                await http.get("/v1/fine_tuning/jobs", params={"limit": 100, **({"after": after} if after else {})})
+            ).json()
             listed += page["data"]
             if not page["has_more"]:
                 break
@@ -313,9 +333,11 @@ async def submit_scenario(url: str, model: str, n: int) -> Result:
         # newest first by the same sequence: reversed, it must be the order of the positions.
         created_order = [j["id"] for j in reversed(mine)]
         swaps = sum(1 for a, b in itertools.pairwise(created_order) if positions[a] > positions[b])
-        res.notes.append(f"{len(created)}/{n} created, {lost} lost, {not_queued} not queued; queue positions "
-                         f"distinct and gap-free: {gap_free}; pairs of neighbours (by creation) whose positions "
-                         f"are in the other order: {swaps}")  # fmt: skip
+        res.notes.append(
+            f"{len(created)}/{n} created, {lost} lost, {not_queued} not queued; queue positions "
+            f"distinct and gap-free: {gap_free}; pairs of neighbours (by creation) whose positions "
+            f"are in the other order: {swaps}"
+        )
         if lost or not_queued or not gap_free or swaps or len(created) != n:
             res.error("jobs lost, unqueued or out of order")
 
@@ -324,8 +346,11 @@ async def submit_scenario(url: str, model: str, n: int) -> Result:
         answers = await asyncio.gather(*[http.post(f"/v1/fine_tuning/jobs/{i}/cancel") for i in ids])
         cancel_s = time.perf_counter() - t1
         cancelled = sum(a.status_code == 200 and a.json()["status"] == "cancelled" for a in answers)
-        still = [j for j in (await http.get("/v1/fine_tuning/jobs", params={"limit": 100})).json()["data"]
-                 if j["id"] in ids and j["status"] != "cancelled"]  # fmt: skip
+        still = [
+            j
+            for j in (await http.get("/v1/fine_tuning/jobs", params={"limit": 100})).json()["data"]
+            if j["id"] in ids and j["status"] != "cancelled"
+        ]
         res.notes.append(f"{cancelled}/{len(ids)} cancelled in {cancel_s:.2f}s; {len(still)} not cancelled")
         if cancelled != len(ids) or still:
             res.error("jobs not cancelled")
@@ -336,10 +361,34 @@ async def submit_scenario(url: str, model: str, n: int) -> Result:
 
 
 def print_table(results: list[Result]) -> None:
-    cols = ["scenario", "clients", "seconds", "requests", "rps", "p50_ms", "p99_ms", "max_ms", "errors",
-            "sse_streams", "sse_first_event_p50_ms", "sse_events"]  # fmt: skip
-    heads = ["scenario", "clients", "s", "requests", "req/s", "p50 ms", "p99 ms", "max ms", "errors", "streams",
-             "SSE 1st p50 ms", "SSE events"]  # fmt: skip
+    cols = [
+        "scenario",
+        "clients",
+        "seconds",
+        "requests",
+        "rps",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+        "errors",
+        "sse_streams",
+        "sse_first_event_p50_ms",
+        "sse_events",
+    ]
+    heads = [
+        "scenario",
+        "clients",
+        "s",
+        "requests",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "errors",
+        "streams",
+        "SSE 1st p50 ms",
+        "SSE events",
+    ]
     rows = [[str(round(v, 1) if isinstance(v, float) else v) for v in (getattr(r, c) for c in cols)] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(heads)]
     print("  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True)))
@@ -361,8 +410,9 @@ async def run(url: str, model: str, clients: list[int], seconds: float, jobs: in
             results.append(await clients_scenario(url, job_id, n, seconds, sse_share))
             print(f"... {n} clients done", file=sys.stderr)
         status = (await http.get(f"/v1/fine_tuning/jobs/{job_id}")).json()
-        results[-1].notes.append(f"training job still {status['status']} at step {status.get('step')} "
-                                 f"of {status.get('total_steps')}")  # fmt: skip
+        results[-1].notes.append(
+            f"training job still {status['status']} at step {status.get('step')} of {status.get('total_steps')}"
+        )
         if jobs:
             results.append(await submit_scenario(url, model, jobs))
         await http.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
@@ -384,8 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     clients = [int(c) for c in args.clients.split(",") if c.strip()]
     if not clients or max(clients) > 1000 or args.duration > 120 or not 0 <= args.jobs <= 500:
         p.error("bounded on purpose: at most 1000 clients, 120 s per step, 500 jobs")
-    meta = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "duration_s": args.duration}  # fmt: skip
+    meta = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "duration_s": args.duration,
+    }
     if args.url:
         if urlparse(args.url).hostname not in LOOPBACK:
             p.error("--url must be a loopback address (this is a load generator)")

@@ -67,11 +67,27 @@ class Api:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log = work / f"api-{name}.log"
-        env = {**os.environ, "PYTHONPATH": str(root), "REDIS_URL": self.server.connection_url + "/0",
-               "SECO_DATA_DIR": str(work / f"data-{name}"), "SECO_API_KEYS": ",".join(KEYS),
-               "SECO_MODELS": f"tiny={work}", "SECO_LOG_LEVEL": "WARNING"}  # fmt: skip
-        argv = [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--host", "127.0.0.1",
-                "--port", str(port), "--no-access-log"]  # fmt: skip
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(root),
+            "REDIS_URL": self.server.connection_url + "/0",
+            "SECO_DATA_DIR": str(work / f"data-{name}"),
+            "SECO_API_KEYS": ",".join(KEYS),
+            "SECO_MODELS": f"tiny={work}",
+            "SECO_LOG_LEVEL": "WARNING",
+        }
+        argv = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.api.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-access-log",
+        ]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(argv, cwd=root, env=env, stdout=log, stderr=log, start_new_session=True)
         wait_http(self.url + "/healthz", [self.proc], ready=lambda s: s == 200, log=self.log)
@@ -111,8 +127,12 @@ def flood(api: Api, n: int) -> dict[str, Any]:
     text = httpx.get(api.url + "/metrics", timeout=120).text
     scrape = time.perf_counter() - t0
     series = sum(1 for line in text.splitlines() if line.startswith("seco_http_requests_total{"))
-    return {"series": series, "kib": len(text.encode()) / 1024, "scrape_ms": scrape * 1000,
-            "rss_mib": (api.rss() - start_rss) / MiB}  # fmt: skip
+    return {
+        "series": series,
+        "kib": len(text.encode()) / 1024,
+        "scrape_ms": scrape * 1000,
+        "rss_mib": (api.rss() - start_rss) / MiB,
+    }
 
 
 class PeakRss(threading.Thread):
@@ -133,8 +153,9 @@ def uploads(api: Api, body: bytes, keys: list[str]) -> dict[str, Any]:
 
     def one(key: str) -> int:
         with httpx.Client(base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=600) as http:
-            return http.post("/v1/files", data={"purpose": "fine-tune"},
-                             files={"file": ("long.jsonl", body, "application/jsonl")}).status_code  # fmt: skip
+            return http.post(
+                "/v1/files", data={"purpose": "fine-tune"}, files={"file": ("long.jsonl", body, "application/jsonl")}
+            ).status_code
 
     sampler = PeakRss(api)
     sampler.start()
@@ -156,8 +177,14 @@ print(tracemalloc.get_traced_memory()[1])
 
 def validation_peak(root: Path, path: Path) -> float:
     """MiB at the peak of validating `path` once with the checkout at `root`."""
-    out = subprocess.run([sys.executable, "-c", _VALIDATE, str(path)], cwd=root, env={**os.environ,
-                         "PYTHONPATH": str(root)}, check=True, capture_output=True, text=True).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", _VALIDATE, str(path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return int(out.split()[-1]) / MiB
 
 
@@ -165,8 +192,11 @@ def measure(root: Path, work: Path, name: str, args: argparse.Namespace, body: b
     api = Api(root, work, name)
     try:
         spread = [KEYS[i % args.keys] for i in range(args.parallel * 2)]
-        return {"flood": flood(api, args.flood), "one_key": uploads(api, body, [KEYS[0]] * args.parallel),
-                "many_keys": uploads(api, body, spread)}  # fmt: skip
+        return {
+            "flood": flood(api, args.flood),
+            "one_key": uploads(api, body, [KEYS[0]] * args.parallel),
+            "many_keys": uploads(api, body, spread),
+        }
     finally:
         api.close()
 
@@ -176,8 +206,9 @@ def main() -> None:
     parser.add_argument("--baseline", default="main", help="the revision to compare with (git archive)")
     parser.add_argument("--flood", type=int, default=10_000, help="invented requests")
     parser.add_argument("--mib", type=int, default=60, help="the one JSONL line of each upload (MiB)")
-    parser.add_argument("--parallel", type=int, default=4, help="parallel uploads from one key (twice as many "
-                        "from --keys keys)")  # fmt: skip
+    parser.add_argument(
+        "--parallel", type=int, default=4, help="parallel uploads from one key (twice as many from --keys keys)"
+    )
     parser.add_argument("--keys", type=int, default=4)
     args = parser.parse_args()
     body = b'{"text": "' + b"long document " * (args.mib * MiB // 14) + b'"}\n'
@@ -197,12 +228,16 @@ def main() -> None:
     fo, fb = ours["flood"], base["flood"]
     print(f"baseline / this: series {fb['series'] / fo['series']:.0f}x, size {fb['kib'] / fo['kib']:.0f}x")
     x = [p * MiB / len(body) for p in peaks]
-    print(f"\nvalidating one {len(body) / MiB:.0f} MiB line: peak {peaks[0]:.0f} MiB ({x[0]:.1f}x the line) this "
-          f"checkout, {peaks[1]:.0f} MiB ({x[1]:.1f}x) baseline; baseline / this "
-          f"{peaks[1] / peaks[0]:.2f}x")  # fmt: skip
+    print(
+        f"\nvalidating one {len(body) / MiB:.0f} MiB line: peak {peaks[0]:.0f} MiB ({x[0]:.1f}x the line) this "
+        f"checkout, {peaks[1]:.0f} MiB ({x[1]:.1f}x) baseline; baseline / this "
+        f"{peaks[1] / peaks[0]:.2f}x"
+    )
     print(f"\nparallel uploads of one {len(body) / MiB:.0f} MiB line each; API peak RSS above its start:")
-    for case, label in (("one_key", f"{args.parallel} from one key"), ("many_keys",
-                        f"{args.parallel * 2} from {args.keys} keys")):  # fmt: skip
+    for case, label in (
+        ("one_key", f"{args.parallel} from one key"),
+        ("many_keys", f"{args.parallel * 2} from {args.keys} keys"),
+    ):
         for name, m in (("this checkout", ours), (f"baseline {args.baseline}", base)):
             u = m[case]
             print(f"{label:18} {name:22} answers {u['answers']!s:28} peak +{u['peak_mib']:.0f} MiB")

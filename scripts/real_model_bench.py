@@ -90,8 +90,15 @@ def plan_for(config: Any, length: int, chunk: int, layer_checkpointing: bool, lo
     """memory_plan's estimate of one step of this benchmark (no optimizer, no workspace)."""
     from seco_core.memory_plan import PlanOptions, estimate
 
-    options = PlanOptions(dtype_bytes=4, lora_r=lora_r, lora_targets=tuple(LORA_TARGETS), optimizer=False,
-                          workspace_bytes=0, layer_checkpointing=layer_checkpointing, fused_attention=True)  # fmt: skip
+    options = PlanOptions(
+        dtype_bytes=4,
+        lora_r=lora_r,
+        lora_targets=tuple(LORA_TARGETS),
+        optimizer=False,
+        workspace_bytes=0,
+        layer_checkpointing=layer_checkpointing,
+        fused_attention=True,
+    )
     return estimate(config, length, chunk, options)
 
 
@@ -135,10 +142,16 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     result = {
-        "method": method, "length": length, "status": "ok", "seconds": seconds, "loss": loss,
-        "peak_extra_bytes": probe.peak_extra_bytes, "baseline_bytes": probe.baseline_bytes,
-        "grad_norm": math.sqrt(sum(float(g.norm()) ** 2 for g in grads)), "grads": len(grads),
-    }  # fmt: skip
+        "method": method,
+        "length": length,
+        "status": "ok",
+        "seconds": seconds,
+        "loss": loss,
+        "peak_extra_bytes": probe.peak_extra_bytes,
+        "baseline_bytes": probe.baseline_bytes,
+        "grad_norm": math.sqrt(sum(float(g.norm()) ** 2 for g in grads)),
+        "grads": len(grads),
+    }
     if method.startswith("seco"):
         base = model.get_base_model().config
         result["chunk_size"] = chunk
@@ -213,9 +226,16 @@ def seco_choice(model_dir: Path, cap: int, measured: list[dict[str, Any]], args:
     for method in ("seco", "seco-ckpt"):
         ok = [r for r in measured if r["method"] == method and r["status"] == "ok"]
         error = ok[-1]["plan_step_bytes"] / ok[-1]["peak_extra_bytes"] if ok else 1.0
-        options = PlanOptions(dtype_bytes=4, lora_r=args.lora_r, lora_targets=tuple(LORA_TARGETS), optimizer=False,
-                              workspace_bytes=0, layer_checkpointing=method == "seco-ckpt", fused_attention=True,
-                              max_chunk=FASTEST_CHUNK.get("cpu", args.chunk_size))  # fmt: skip
+        options = PlanOptions(
+            dtype_bytes=4,
+            lora_r=args.lora_r,
+            lora_targets=tuple(LORA_TARGETS),
+            optimizer=False,
+            workspace_bytes=0,
+            layer_checkpointing=method == "seco-ckpt",
+            fused_attention=True,
+            max_chunk=FASTEST_CHUNK.get("cpu", args.chunk_size),
+        )
         weights = plan_for(config, 1, 1, False, args.lora_r).weights
         budget = weights + int(cap * error)
         longest = min(max_length(config, budget, None, options, limit=args.max_length_limit), args.max_length_limit)
@@ -246,8 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--memory-cap", type=parse_size, default=parse_size("4GiB"),
-                   help="part 2: peak RSS above the loaded model, e.g. 4GiB")  # fmt: skip
+    p.add_argument(
+        "--memory-cap",
+        type=parse_size,
+        default=parse_size("4GiB"),
+        help="part 2: peak RSS above the loaded model, e.g. 4GiB",
+    )
     p.add_argument("--skip-cap", action="store_true", help="part 1 only")
     p.add_argument("--max-tries", type=int, default=3, help="part 2: steps per method at most")
     p.add_argument("--max-length-limit", type=int, default=65536)
@@ -263,8 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     from build_real_model import DEFAULT_DIR, build  # scripts/build_real_model.py (this script's directory)
 
     model_dir = args.model_dir or build(DEFAULT_DIR)
-    base = {"model_dir": str(model_dir), "chunk_size": args.chunk_size, "lora_r": args.lora_r,
-            "threads": args.threads, "timeout": args.timeout}  # fmt: skip
+    base = {
+        "model_dir": str(model_dir),
+        "chunk_size": args.chunk_size,
+        "lora_r": args.lora_r,
+        "threads": args.threads,
+        "timeout": args.timeout,
+    }
     load_start = os.getloadavg()
     log(f"real_model_bench: {model_dir.name}, fp32, LoRA r{args.lora_r} on q/k/v/o, chunk {args.chunk_size}")
 
@@ -277,8 +306,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{'length':>7} {'method':>10} {'step s':>8} {'peak GiB':>9} {'loss':>7} {'plan/peak':>9}  vs hf-ckpt")
     for length in sorted(args.lengths):
-        ref = next((r for r in results if r["length"] == length and r["method"] == "hf-ckpt" and r["status"] == "ok"),
-                   None)  # fmt: skip
+        ref = next(
+            (r for r in results if r["length"] == length and r["method"] == "hf-ckpt" and r["status"] == "ok"), None
+        )
         for r in (r for r in results if r["length"] == length):
             if r["status"] != "ok":
                 print(f"{length:>7} {r['method']:>10} {r['status'].upper():>8}")
@@ -288,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             if ref:
                 less = ref["peak_extra_bytes"] / r["peak_extra_bytes"]
                 vs = f"time {r['seconds'] / ref['seconds']:.2f}x, hf-ckpt's peak / this {less:.2f}x"
-            print(f"{length:>7} {r['method']:>10} {r['seconds']:>8.1f} {r['peak_extra_bytes'] / 2**30:>9.2f} "
-                  f"{r['loss']:>7.3f} {plan:>9}  {vs}")  # fmt: skip
+            print(
+                f"{length:>7} {r['method']:>10} {r['seconds']:>8.1f} {r['peak_extra_bytes'] / 2**30:>9.2f} "
+                f"{r['loss']:>7.3f} {plan:>9}  {vs}"
+            )
 
     longest: list[dict[str, Any]] = []
     if not args.skip_cap:
@@ -316,13 +348,16 @@ def main(argv: list[str] | None = None) -> int:
             how = f"chunk {x['chunk_size']}, plan error {x['plan_error']:.2f}, " if "chunk_size" in x else ""
             fig = f"{got['seconds']:.1f} s, {got['peak_extra_bytes'] / 2**30:.2f} GiB" if got else "no length verified"
             ratio = f", {x['length'] / hf_ckpt:.1f}x hf-ckpt's" if hf_ckpt and x["length"] else ""
-            print(f"  {x['method']:>10}: {x['length']} tokens ({how}first guess {x['guess']}, {x['steps']} step(s); "
-                  f"{fig}){ratio}")  # fmt: skip
+            print(
+                f"  {x['method']:>10}: {x['length']} tokens ({how}first guess {x['guess']}, {x['steps']} step(s); "
+                f"{fig}){ratio}"
+            )
     load_end = os.getloadavg()
     print(f"load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f} ({os.cpu_count()} CPUs)")
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "longest": longest, "load": [load_start, load_end]},
-                                        indent=2))  # fmt: skip
+        args.json.write_text(
+            json.dumps({"results": results, "longest": longest, "load": [load_start, load_end]}, indent=2)
+        )
     return 1 if any(r["status"] == "error" for r in results) else 0
 
 

@@ -94,8 +94,16 @@ def bench_backend(name: str, env: dict[str, str], work: Path, mib: int, repeat: 
     from service.record.tenants import tenant_of
 
     port = free_port()
-    api = [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--port", str(port),
-           "--no-access-log"]  # fmt: skip
+    api = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "service.api.app:create_app",
+        "--factory",
+        "--port",
+        str(port),
+        "--no-access-log",
+    ]
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {KEY}"}
     out: dict[str, Any] = {}
@@ -140,11 +148,31 @@ def bench_backend(name: str, env: dict[str, str], work: Path, mib: int, repeat: 
         storage.put_file(key, archive)
         store = Store.from_url(env["REDIS_URL"])
         fid = "file-" + os.urandom(12).hex()
-        store.create_file(FileRecord(id=fid, tenant=tenant, bytes=archive.stat().st_size, created_at=now(),
-                                     filename=f"{job}-adapter.tar.gz", purpose="fine-tune-results", path=key,
-                                     job_id=job), counted=False, tenant_limit=0)  # fmt: skip
-        rec = JobRecord(id=job, tenant=tenant, status="validating_files", created_at=now(), model="m",
-                        training_file=fid, hyperparameters={}, seed=0, seco={})  # fmt: skip
+        store.create_file(
+            FileRecord(
+                id=fid,
+                tenant=tenant,
+                bytes=archive.stat().st_size,
+                created_at=now(),
+                filename=f"{job}-adapter.tar.gz",
+                purpose="fine-tune-results",
+                path=key,
+                job_id=job,
+            ),
+            counted=False,
+            tenant_limit=0,
+        )
+        rec = JobRecord(
+            id=job,
+            tenant=tenant,
+            status="validating_files",
+            created_at=now(),
+            model="m",
+            training_file=fid,
+            hyperparameters={},
+            seed=0,
+            seco={},
+        )
         store.create_job(rec, tenant_limit=100)
         store.transition(job, ["validating_files"], "queued")
         store.start_job(job, "bench", 60)
@@ -182,14 +210,26 @@ def main() -> int:
         moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)]
         try:
             with _process(moto, dict(os.environ), work / "moto.log", endpoint + "/moto-api/"):
-                boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench",
-                             aws_secret_access_key="bench-secret").create_bucket(Bucket=BUCKET)  # fmt: skip
+                boto3.client(
+                    "s3",
+                    endpoint_url=endpoint,
+                    region_name="us-east-1",
+                    aws_access_key_id="bench",
+                    aws_secret_access_key="bench-secret",
+                ).create_bucket(Bucket=BUCKET)
                 results = {}
                 s3 = {"SECO_STORAGE_URL": f"s3://{BUCKET}/bench", "AWS_ENDPOINT_URL": endpoint, **AWS}
                 for n, (name, extra) in enumerate((("local", {}), ("s3", s3))):
-                    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": f"{valkey.connection_url}/{n + 1}",
-                           "SECO_DATA_DIR": str(work / name), "SECO_API_KEYS": KEY, "SECO_LOG_LEVEL": "WARNING",
-                           "SECO_MAX_UPLOAD_BYTES": str(4 * args.mib * MiB), **extra}  # fmt: skip
+                    env = {
+                        **os.environ,
+                        "PYTHONPATH": str(ROOT),
+                        "REDIS_URL": f"{valkey.connection_url}/{n + 1}",
+                        "SECO_DATA_DIR": str(work / name),
+                        "SECO_API_KEYS": KEY,
+                        "SECO_LOG_LEVEL": "WARNING",
+                        "SECO_MAX_UPLOAD_BYTES": str(4 * args.mib * MiB),
+                        **extra,
+                    }
                     (work / name).mkdir()
                     results[name] = bench_backend(name, env, work, args.mib, args.repeat)
         finally:

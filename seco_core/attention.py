@@ -148,8 +148,16 @@ def _fused_backward(
     if not causal:
         return op(do, q, k, v, out, lse, False, scale)
     groups = q.shape[-2] // q_len
-    dq, dk, dv = op(_heads(do, q_len), _heads(q, q_len), k.repeat_interleave(groups, 1),
-                    v.repeat_interleave(groups, 1), _heads(out, q_len), _heads(lse, q_len), True, scale)  # fmt: skip
+    dq, dk, dv = op(
+        _heads(do, q_len),
+        _heads(q, q_len),
+        k.repeat_interleave(groups, 1),
+        v.repeat_interleave(groups, 1),
+        _heads(out, q_len),
+        _heads(lse, q_len),
+        True,
+        scale,
+    )
     fold = (k.shape[0], k.shape[1], groups, *k.shape[2:])  # sum the repeated heads' gradients
     return dq.reshape(q.shape), dk.reshape(fold).sum(2), dv.reshape(fold).sum(2)
 
@@ -183,8 +191,9 @@ def _cuda_op_backward(*args: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     do, q, k, v, out, lse, causal, scale = args
     unused = torch.empty((), dtype=torch.long, device=q.device)
     backward = torch.ops.aten._scaled_dot_product_flash_attention_backward
-    dq, dk, dv = backward(do, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, causal, unused, unused,
-                          scale=scale)  # fmt: skip
+    dq, dk, dv = backward(
+        do, q, k, v, out, lse, None, None, q.shape[-2], k.shape[-2], 0.0, causal, unused, unused, scale=scale
+    )
     return dq, dk, dv
 
 
@@ -224,8 +233,10 @@ def _flash_supported(index: int) -> bool:
     log.warning(
         "cuda:%d has compute capability %d.%d; FlashAttention-2 needs %d.%d or newer, so chunk attention "
         "uses the math kernel there (correct, but slower and with a block's scores in memory)",
-        index, *capability, *FLASH_MIN_CAPABILITY,
-    )  # fmt: skip
+        index,
+        *capability,
+        *FLASH_MIN_CAPABILITY,
+    )
     return False
 
 

@@ -182,9 +182,15 @@ def prefix_tree_backward(
     counts = tree_num_chunks(prefix_ids.shape[-1], [c.input_ids.shape[-1] for c in conts], config.chunk_size)
     factors = chunk_factors(sum(counts), config, generator)
     return backward_tree_with_factors(
-        model, prefix_ids, conts, config, factors, prefix_labels=prefix_labels, weight_fn=weight_fn,
+        model,
+        prefix_ids,
+        conts,
+        config,
+        factors,
+        prefix_labels=prefix_labels,
+        weight_fn=weight_fn,
         host_buffers=host_buffers,
-    )  # fmt: skip
+    )
 
 
 def prefix_tree_loss(

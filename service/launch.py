@@ -39,8 +39,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--data-dir", type=Path, default=None, help="SECO_DATA_DIR (default ./data)")
-    p.add_argument("--workers", type=_positive, default=1,
-                   help="API processes sharing the port (default 1; one per core serves more clients)")  # fmt: skip
+    p.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="API processes sharing the port (default 1; one per core serves more clients)",
+    )
 
 
 def _positive(value: str) -> int:
@@ -73,9 +77,28 @@ def worker_argv(name: str = "seco@%h") -> list[str]:
     """One job at a time; a fresh child process per job so a job's GPU memory is freed."""
     queue = os.environ.get("SECO_QUEUE", "seco")
     level = os.environ.get("SECO_LOG_LEVEL", "INFO")
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "prefork",
-            "--concurrency", "1", "--max-tasks-per-child", "1", "-Q", queue, "-n", name,
-            "--loglevel", level, "--without-gossip", "--without-mingle"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool",
+        "prefork",
+        "--concurrency",
+        "1",
+        "--max-tasks-per-child",
+        "1",
+        "-Q",
+        queue,
+        "-n",
+        name,
+        "--loglevel",
+        level,
+        "--without-gossip",
+        "--without-mingle",
+    ]
 
 
 GRACEFUL_SHUTDOWN_SECONDS = 5
@@ -98,9 +121,24 @@ def api_argv(host: str, port: int, env: Mapping[str, str] | None = None, *, work
     restarts one that dies); each has its own connection limit and Redis pools.
     """
     limit = _max_concurrency(os.environ if env is None else env)
-    return [sys.executable, "-m", "uvicorn", "service.api.app:create_app", "--factory", "--host", host,
-            "--port", str(port), "--no-access-log", "--limit-concurrency", str(limit),
-            "--timeout-graceful-shutdown", str(GRACEFUL_SHUTDOWN_SECONDS), "--workers", str(workers)]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "service.api.app:create_app",
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--limit-concurrency",
+        str(limit),
+        "--timeout-graceful-shutdown",
+        str(GRACEFUL_SHUTDOWN_SECONDS),
+        "--workers",
+        str(workers),
+    ]
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -110,9 +148,16 @@ def cmd_api(args: argparse.Namespace) -> int:
 
     # workers > 1: uvicorn's supervisor runs that many API processes on one socket and restarts one
     # that dies; each has its own connection limit, Redis pools and reaper (safe to run in several).
-    uvicorn.run("service.api.app:create_app", factory=True, host=args.host, port=args.port, access_log=False,
-                limit_concurrency=_max_concurrency(os.environ), workers=args.workers,
-                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)  # fmt: skip
+    uvicorn.run(
+        "service.api.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        access_log=False,
+        limit_concurrency=_max_concurrency(os.environ),
+        workers=args.workers,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+    )
     return 0
 
 
@@ -150,12 +195,15 @@ def _start_embedded_redis(data_dir: Path) -> Any:
     password = secret_file(data_dir / "redis_password")
     redis_dir = private_dir(data_dir / "redis")
     acl = redis_dir / "users.acl"
-    acl.write_text("user default on nopass -@all +ping\n"
-                   f"user {REDIS_USER} on #{hashlib.sha256(password.encode()).hexdigest()} ~* &* +@all\n")  # fmt: skip
+    acl.write_text(
+        "user default on nopass -@all +ping\n"
+        f"user {REDIS_USER} on #{hashlib.sha256(password.encode()).hexdigest()} ~* &* +@all\n"
+    )
     acl.chmod(0o600)
     # AOF: jobs, events and the queue survive a restart of `seco up`.
-    server = ValkeyServer(port=_free_port(), data_dir=redis_dir, persist=True, appendonly="yes",
-                          appendfsync="everysec", aclfile=str(acl))  # fmt: skip
+    server = ValkeyServer(
+        port=_free_port(), data_dir=redis_dir, persist=True, appendonly="yes", appendfsync="everysec", aclfile=str(acl)
+    )
     server.start()
     os.environ["REDIS_URL"] = f"redis://{REDIS_USER}:{password}@{server.host}:{server.port}/0"
     return server
@@ -240,8 +288,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             dead = [(name, p) for name, p in procs if p.poll() is not None]
             if dead:
                 name, p = dead[0]
-                print(f"the {name} process exited with code {p.returncode}; stopping. The end of "
-                      f"{logs / (name + '.log')}:\n{_tail(logs / (name + '.log'))}", file=sys.stderr)  # fmt: skip
+                print(
+                    f"the {name} process exited with code {p.returncode}; stopping. The end of "
+                    f"{logs / (name + '.log')}:\n{_tail(logs / (name + '.log'))}",
+                    file=sys.stderr,
+                )
                 rc = 1
                 break
             time.sleep(0.5)

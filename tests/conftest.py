@@ -38,8 +38,11 @@ if str(ROOT) not in sys.path:  # the tests import the packages from the checkout
     sys.path.insert(0, str(ROOT))
 
 S3_BUCKET = "seco-test"
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test-key-id", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
-                  "AWS_REGION": "us-east-1"}  # fmt: skip
+S3_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "test-key-id",
+    "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+    "AWS_REGION": "us-east-1",
+}
 BACKENDS = ["local", "s3"]
 KEY_A = "sk-test-tenant-a-0123456789"
 KEY_B = "sk-test-tenant-b-9876543210"
@@ -124,8 +127,12 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "ab")  # noqa: SIM115 (owned by the process)
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=log, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -136,9 +143,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         except httpx.HTTPError:
             assert time.monotonic() < deadline, "moto server did not start"
             time.sleep(0.2)
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])  # fmt: skip
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
     client.create_bucket(Bucket=S3_BUCKET)
     yield S3Server(endpoint=endpoint, proc=proc)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -235,8 +246,9 @@ class Service:
         name = f"w{next(self._names)}-{os.getpid()}@%h"
         log = open(self.log_dir / f"worker-{len(self.workers)}.log", "ab")  # noqa: SIM115
         before = set(self.store().live_workers(60))
-        proc = subprocess.Popen(worker_argv(name), cwd=ROOT, env={**self.env, **env}, stdout=log, stderr=log,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            worker_argv(name), cwd=ROOT, env={**self.env, **env}, stdout=log, stderr=log, start_new_session=True
+        )
         self.workers.append(proc)
         if wait:
             deadline = time.monotonic() + 60
@@ -304,8 +316,15 @@ def launch_service(demo_model: Path, request: pytest.FixtureRequest) -> Iterator
     the session's S3 server (a fresh prefix); `s3_endpoint` points it at a proxy of that server."""
     launched: list[Service] = []
 
-    def launch(redis_url: str, tmp: Path, *, workers: int = 0, storage: str = "local", s3_endpoint: str | None = None,
-               **env_overrides: str) -> Service:  # fmt: skip
+    def launch(
+        redis_url: str,
+        tmp: Path,
+        *,
+        workers: int = 0,
+        storage: str = "local",
+        s3_endpoint: str | None = None,
+        **env_overrides: str,
+    ) -> Service:
         if storage == "s3":
             s3: S3Server = request.getfixturevalue("s3_server")
             env_overrides = {"SECO_STORAGE_URL": s3.new_url(tmp.name), **s3.env(s3_endpoint), **env_overrides}
@@ -331,13 +350,13 @@ def launch_service(demo_model: Path, request: pytest.FixtureRequest) -> Iterator
             "TOKENIZERS_PARALLELISM": "false",
             **env_overrides,
         }
-        svc = Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, data_dir=data_dir, env=env,
-                      log_dir=log_dir)  # fmt: skip
+        svc = Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, data_dir=data_dir, env=env, log_dir=log_dir)
         from service.launch import api_argv
 
         log = open(log_dir / "api.log", "ab")  # noqa: SIM115
-        svc.api = subprocess.Popen(api_argv("127.0.0.1", port, env), cwd=ROOT, env=env, stdout=log, stderr=log,
-                                   start_new_session=True)  # fmt: skip
+        svc.api = subprocess.Popen(
+            api_argv("127.0.0.1", port, env), cwd=ROOT, env=env, stdout=log, stderr=log, start_new_session=True
+        )
         launched.append(svc)
         wait_healthy(svc)
         for _ in range(workers):

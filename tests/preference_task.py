@@ -23,9 +23,11 @@ def preference_records(n: int, seed: int) -> list[dict[str, Any]]:
     records = []
     for _ in range(n):
         question, body = words(3, 8), words(2, 5)
-        records.append({
-            "input": {"messages": [{"role": "user", "content": question}]},
-            "preferred_output": [{"role": "assistant", "content": body + " !!"}],
-            "non_preferred_output": [{"role": "assistant", "content": body + " ??"}],
-        })  # fmt: skip
+        records.append(
+            {
+                "input": {"messages": [{"role": "user", "content": question}]},
+                "preferred_output": [{"role": "assistant", "content": body + " !!"}],
+                "non_preferred_output": [{"role": "assistant", "content": body + " ??"}],
+            }
+        )
     return records

@@ -55,8 +55,14 @@ def clean_env(bin_dir: Path, **extra: str) -> dict[str, str]:
 def run_check(out: Path, env: dict[str, str], *args: str) -> tuple[int, list[dict[str, Any]], float, str]:
     """gpu_check.sh's exit status, its JSON lines, its wall time and its console output."""
     started = time.monotonic()
-    done = subprocess.run(["bash", "scripts/gpu_check.sh", *args, str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", *args, str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     seconds = time.monotonic() - started
     lines = [json.loads(line) for line in (out / "gpu_check.jsonl").read_text().splitlines()]
     return done.returncode, lines, seconds, done.stdout[-4000:] + done.stderr[-4000:]
@@ -68,8 +74,13 @@ def named(lines: list[dict[str, Any]], part: str, name: str) -> list[dict[str, A
 
 def test_the_environment_looks_like_the_image(image_python: Path) -> None:
     probe = "import importlib.util as u, sys; print([m for m in sys.argv[1:] if u.find_spec(m)])"
-    done = subprocess.run([str(image_python), "-c", probe, *SERVICE_MODULES, "pytest", "transformers", "peft"],
-                          env=clean_env(image_python.parent), capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [str(image_python), "-c", probe, *SERVICE_MODULES, "pytest", "transformers", "peft"],
+        env=clean_env(image_python.parent),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['transformers', 'peft']"
 
@@ -147,12 +158,26 @@ def test_the_budget_cuts_the_run_short_and_says_where(tmp_path: Path) -> None:
 
 def test_bad_arguments_are_refused_by_name(tmp_path: Path) -> None:
     env = clean_env(Path(sys.executable).parent)
-    for args, message in ((["--device", "tpu"], "--device must be cuda, cuda:N or cpu, got 'tpu'"),
-                          (["--frobnicate"], "unknown option '--frobnicate'")):  # fmt: skip
-        done = subprocess.run(["bash", "scripts/gpu_check.sh", *args, str(tmp_path)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    for args, message in (
+        (["--device", "tpu"], "--device must be cuda, cuda:N or cpu, got 'tpu'"),
+        (["--frobnicate"], "unknown option '--frobnicate'"),
+    ):
+        done = subprocess.run(
+            ["bash", "scripts/gpu_check.sh", *args, str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 2 and message in done.stderr
     bad_budget = {**env, "GPU_CHECK_SECONDS": "7m"}
-    done = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path)], cwd=ROOT, env=bad_budget,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    done = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", str(tmp_path)],
+        cwd=ROOT,
+        env=bad_budget,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "GPU_CHECK_SECONDS must be a whole number of seconds, got '7m'" in done.stderr

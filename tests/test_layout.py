@@ -33,15 +33,24 @@ RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
     ),
     "service/client": ({"service", "httpx"}, ("service.api", "service.record", "service.launch")),
     "service/api": (
-        {"service", "fastapi", "starlette", "pydantic", "redis", "python_multipart", "prometheus_client",
-         "swagger_ui_bundle", "seco_core"},
+        {
+            "service",
+            "fastapi",
+            "starlette",
+            "pydantic",
+            "redis",
+            "python_multipart",
+            "prometheus_client",
+            "swagger_ui_bundle",
+            "seco_core",
+        },
         ("service.client",),
     ),
     "worker": (
         {"worker", "service", "seco_core", "celery", "redis", "torch", "transformers", "peft", "safetensors"},
         ("service.api", "service.client"),
     ),
-}  # fmt: skip
+}
 
 ONLY: dict[str, dict[str, tuple[str, ...]]] = {
     "service/api": {"seco_core": ("seco_core.job_config",)},
@@ -85,15 +94,22 @@ def test_imports_respect_the_layout(package: str) -> None:
 def test_the_api_imports_no_worker_module() -> None:
     """Stated on its own: the API publishes jobs through `service.record.queue` and deploys without
     the worker's code (the `api` extra has no torch)."""
-    found = [f"{path.relative_to(ROOT)} imports {name}" for path in sorted((ROOT / "service" / "api").rglob("*.py"))
-             for name in sorted(imported_names(path)) if name == "worker" or name.startswith("worker.")]  # fmt: skip
+    found = [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in sorted((ROOT / "service" / "api").rglob("*.py"))
+        for name in sorted(imported_names(path))
+        if name == "worker" or name.startswith("worker.")
+    ]
     assert not found, "\n".join(found)
 
 
 def test_only_the_queue_contract_imports_celery_in_the_record() -> None:
     """Celery is how a job reaches a worker; the rest of the shared record knows nothing of it."""
-    found = [str(path.relative_to(ROOT)) for path in sorted((ROOT / "service" / "record").rglob("*.py"))
-             if any(n.split(".")[0] == "celery" for n in imported_names(path))]  # fmt: skip
+    found = [
+        str(path.relative_to(ROOT))
+        for path in sorted((ROOT / "service" / "record").rglob("*.py"))
+        if any(n.split(".")[0] == "celery" for n in imported_names(path))
+    ]
     assert found == ["service/record/queue.py"], found
 
 

@@ -31,8 +31,11 @@ DOTTED_RE = re.compile(r"(?<![\w.])((?:seco_core|service|worker)(?:\.\w+)+)")
 def prose(path: Path) -> list[tuple[int, str]]:
     """(line, text) of each comment and docstring of a module."""
     text = path.read_text()
-    out = [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(text).readline)
-           if tok.type == tokenize.COMMENT]  # fmt: skip
+    out = [
+        (tok.start[0], tok.string)
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+        if tok.type == tokenize.COMMENT
+    ]
     for node in ast.walk(ast.parse(text)):  # docstrings, of modules, classes, functions and attributes
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
             out.append((node.lineno, node.value.value))
@@ -99,8 +102,16 @@ def test_every_reference_in_prose_exists() -> None:
     assert not found, "stale references:\n" + "\n".join(found)
 
 
-@pytest.mark.parametrize("text", ["see ../shared/notes.md", "see DESIGN.md", "in worker/trainer_dpo.py",
-                                  "`worker.tasks.run_job`", "`service.record.nowhere`"])  # fmt: skip
+@pytest.mark.parametrize(
+    "text",
+    [
+        "see ../shared/notes.md",
+        "see DESIGN.md",
+        "in worker/trainer_dpo.py",
+        "`worker.tasks.run_job`",
+        "`service.record.nowhere`",
+    ],
+)
 def test_a_stale_reference_is_found(tmp_path: Path, text: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Path, "relative_to", lambda self, other: self)
     path = tmp_path / "probe.py"

@@ -106,8 +106,10 @@ def load_checkpoint(
         # not have (or not have free): CPU first, the optimizer places its state itself.
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise TrainingError(f"checkpoint {path.name} holds more than tensors and plain values; refusing to load it",
-                            code="invalid_checkpoint") from e  # fmt: skip
+        raise TrainingError(
+            f"checkpoint {path.name} holds more than tensors and plain values; refusing to load it",
+            code="invalid_checkpoint",
+        ) from e
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng_states(state["cpu_rng"], state["cuda_rng"])

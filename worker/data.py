@@ -346,8 +346,10 @@ class PreferenceData:
 def _preference_pair(renderer: _ChatRenderer, record: PreferenceRecord, line: int) -> PreferencePair:
     try:
         prompt_text = renderer.text(record.input, add_generation_prompt=True)
-        full_texts = [renderer.text([*record.input, a], add_generation_prompt=False) for a in
-                      (record.preferred, record.non_preferred)]  # fmt: skip
+        full_texts = [
+            renderer.text([*record.input, a], add_generation_prompt=False)
+            for a in (record.preferred, record.non_preferred)
+        ]
     except Exception as exc:  # jinja2 errors, or raise_exception() inside the template
         raise ValueError(f"the model's chat template cannot render this record: {exc}") from None
     prompt = renderer.encode(prompt_text)
@@ -381,9 +383,11 @@ def load_preferences(
     for number, record in read_records(path, name):
         if not isinstance(record, PreferenceRecord):
             raise DataError(
-                name, number, f"a {record.format} record: a job with method 'dpo' trains on preference pairs, "
-                "one {\"input\", \"preferred_output\", \"non_preferred_output\"} object per line",
-            )  # fmt: skip
+                name,
+                number,
+                f"a {record.format} record: a job with method 'dpo' trains on preference pairs, "
+                'one {"input", "preferred_output", "non_preferred_output"} object per line',
+            )
         try:
             pair = _preference_pair(renderer, record, number)
         except ValueError as exc:

@@ -26,9 +26,15 @@ from worker.objective import Objective, StepResult, step_seed
 from worker.spec import JobCancelled
 
 DPO_FIELDS = [
-    "reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected",
-    "valid_reward_margin", "valid_reward_accuracy",
-]  # fmt: skip
+    "reward_chosen",
+    "reward_rejected",
+    "reward_margin",
+    "reward_accuracy",
+    "logps_chosen",
+    "logps_rejected",
+    "valid_reward_margin",
+    "valid_reward_accuracy",
+]
 """Metrics CSV columns of a DPO job, after the common ones (train_loss is the DPO loss)."""
 
 
@@ -65,10 +71,12 @@ def check_pair_lengths(pairs: Sequence[PreferencePair], max_length: int, file: s
     for pair in pairs:
         if len(pair) > max_length:
             raise DataError(
-                file, pair.line, f"this preference pair is {len(pair)} tokens (prompt {len(pair.prompt)} + the longer "
+                file,
+                pair.line,
+                f"this preference pair is {len(pair)} tokens (prompt {len(pair.prompt)} + the longer "
                 f"answer {len(pair) - len(pair.prompt)}), longer than max_length {max_length} ({why}); raise "
                 "seco.max_length or shorten the prompt",
-            )  # fmt: skip
+            )
 
 
 def preference_objective(
@@ -90,8 +98,15 @@ def preference_objective(
         for pair in batch:
             if cancelled():
                 raise JobCancelled()
-            out = dpo_backward(model, *_tensors(pair, device), config, generator, beta=beta,
-                               loss_scale=1 / len(batch), host_buffers=buffers)  # fmt: skip
+            out = dpo_backward(
+                model,
+                *_tensors(pair, device),
+                config,
+                generator,
+                beta=beta,
+                loss_scale=1 / len(batch),
+                host_buffers=buffers,
+            )
             stats.add(out)
         chunks = sum(o.chunks_backpropagated for o in stats.outputs)
         return StepResult(stats.mean(lambda o: o.loss), chunks, sum(p.tokens for p in batch), stats.metrics())

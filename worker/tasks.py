@@ -142,8 +142,16 @@ class StoreContext:
 
     CANCEL_POLL_SECONDS = 0.25
 
-    def __init__(self, store: Store, rec: JobRecord, worker_id: str, lease: LeaseKeeper, storage: Storage,
-                 output_dir: Path, keep_checkpoints: int = 3) -> None:  # fmt: skip
+    def __init__(
+        self,
+        store: Store,
+        rec: JobRecord,
+        worker_id: str,
+        lease: LeaseKeeper,
+        storage: Storage,
+        output_dir: Path,
+        keep_checkpoints: int = 3,
+    ) -> None:
         self.store, self.job_id, self.tenant, self.worker_id = store, rec.id, rec.tenant, worker_id
         self.lease = lease
         self.storage = storage
@@ -187,10 +195,12 @@ class StoreContext:
 
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
         fields = {
-            "step": step, "total_steps": total_steps, "trained_tokens": trained_tokens,
+            "step": step,
+            "total_steps": total_steps,
+            "trained_tokens": trained_tokens,
             "progress": round(step / total_steps, 6) if total_steps else "",
             "estimated_finish": int(time.time() + eta_seconds) if eta_seconds is not None else "",
-        }  # fmt: skip
+        }
         self.persist(lambda: self.store.update_running(self.job_id, self.worker_id, fields))
 
     def hyperparameters(self, resolved: dict[str, Any]) -> None:
@@ -204,8 +214,7 @@ class StoreContext:
             return
         key = publish_checkpoint(self.storage, self.tenant, self.job_id, path, self.output_dir / METRICS_CSV)
         self.persist(lambda: self.store.add_checkpoint(self.job_id, step, key, metrics))
-        self.persist(lambda: self.store.add_event(self.job_id, f"Checkpoint saved at step {step}",
-                                                  data={"step": step}))  # fmt: skip
+        self.persist(lambda: self.store.add_event(self.job_id, f"Checkpoint saved at step {step}", data={"step": step}))
         pruned = prune_checkpoints(self.storage, self.tenant, self.job_id, self.keep_checkpoints)
         self.persist(lambda: self.store.remove_checkpoints(self.job_id, pruned))
         size = self.storage.size_under(keys.job_prefix(self.tenant, self.job_id))
@@ -253,8 +262,11 @@ def build_spec(
     """
     model_path = settings.models.get(rec.base_model)
     if model_path is None:
-        raise TrainingError(f"Model {rec.base_model!r} is not configured on this worker (SECO_MODELS)",
-                            code="model_not_available", param="model")  # fmt: skip
+        raise TrainingError(
+            f"Model {rec.base_model!r} is not configured on this worker (SECO_MODELS)",
+            code="model_not_available",
+            param="model",
+        )
 
     def file_path(file_id: str | None, param: str) -> Path | None:
         if file_id is None:
@@ -276,17 +288,27 @@ def build_spec(
     except ValueError as exc:
         raise TrainingError(f"invalid seco settings: {exc}", code="invalid_seco", param="seco") from None
     return TrainSpec(
-        job_id=rec.id, model_name=rec.base_model, model_path=model_path, training_file=training,
-        validation_file=file_path(rec.validation_file, "validation_file"), output_dir=scratch / "out",
-        device=settings.device, n_epochs=_auto(hp.get("n_epochs")), batch_size=_auto(hp.get("batch_size")),
-        learning_rate_multiplier=_auto(hp.get("learning_rate_multiplier")), seed=rec.seed, seco=seco,
-        method=rec.method, beta=_auto(hp.get("beta")),
-        checkpoint_every=settings.checkpoint_every, memory_budget_bytes=settings.memory_budget_bytes,
+        job_id=rec.id,
+        model_name=rec.base_model,
+        model_path=model_path,
+        training_file=training,
+        validation_file=file_path(rec.validation_file, "validation_file"),
+        output_dir=scratch / "out",
+        device=settings.device,
+        n_epochs=_auto(hp.get("n_epochs")),
+        batch_size=_auto(hp.get("batch_size")),
+        learning_rate_multiplier=_auto(hp.get("learning_rate_multiplier")),
+        seed=rec.seed,
+        seco=seco,
+        method=rec.method,
+        beta=_auto(hp.get("beta")),
+        checkpoint_every=settings.checkpoint_every,
+        memory_budget_bytes=settings.memory_budget_bytes,
         host_memory_budget_bytes=settings.host_memory_budget_bytes,
         # a resume restores every LoRA weight from the job's own checkpoint: the model it started
         # from is not needed (and may have been deleted since, or lost from storage)
         init_adapter=None if resuming else fetch_start_adapter(rec, store, storage, start_adapter),
-    )  # fmt: skip
+    )
 
 
 def fetch_start_adapter(rec: JobRecord, store: Store, storage: Storage, dest: Path) -> Path | None:
@@ -307,8 +329,11 @@ def fetch_start_adapter(rec: JobRecord, store: Store, storage: Storage, dest: Pa
         safe_extract(archive, dest)
         return dest
     except ObjectNotFound:
-        raise TrainingError(f"Model {rec.model!r} no longer exists (it was deleted after this job was created)",
-                            code="model_not_available", param="model") from None  # fmt: skip
+        raise TrainingError(
+            f"Model {rec.model!r} no longer exists (it was deleted after this job was created)",
+            code="model_not_available",
+            param="model",
+        ) from None
 
 
 def _publish_results(rec: JobRecord, result: TrainResult, storage: Storage) -> list[tuple[str, str, int]]:
@@ -318,8 +343,10 @@ def _publish_results(rec: JobRecord, result: TrainResult, storage: Storage) -> l
     never served half-written; the records pointing at them come after (`_register_results`).
     """
     out = []
-    for kind, path, name in (("adapter", result.adapter_archive, "adapter.tar.gz"),
-                             ("metrics", result.metrics_csv, "metrics.csv")):  # fmt: skip
+    for kind, path, name in (
+        ("adapter", result.adapter_archive, "adapter.tar.gz"),
+        ("metrics", result.metrics_csv, "metrics.csv"),
+    ):
         path = Path(path)
         if not path.is_file():
             raise TrainingError(f"the training loop produced no {kind} file at {path.name}", code="missing_output")
@@ -337,20 +364,46 @@ def _register_results(rec: JobRecord, published: list[tuple[str, str, int]], sto
     for kind, key, size in published:
         fid = ids.result_file_id(rec.id, kind)
         name = f"{rec.id}-{'adapter.tar.gz' if kind == 'adapter' else 'metrics.csv'}"
-        store.create_file(FileRecord(id=fid, tenant=rec.tenant, bytes=size, created_at=now(), filename=name,
-                                     purpose="fine-tune-results", path=key, job_id=rec.id),
-                          counted=False, tenant_limit=0)  # fmt: skip
+        store.create_file(
+            FileRecord(
+                id=fid,
+                tenant=rec.tenant,
+                bytes=size,
+                created_at=now(),
+                filename=name,
+                purpose="fine-tune-results",
+                path=key,
+                job_id=rec.id,
+            ),
+            counted=False,
+            tenant_limit=0,
+        )
         out.append(fid)
     return out[0], out[1]
 
 
 # errno of a data dir that is full or cannot be written, and how libraries that hide the
 # errno (safetensors, torch.save) spell the same failures.
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
-                   errno.ENOTDIR, errno.ENOTEMPTY, errno.EIO, errno.EFBIG}  # fmt: skip
-_STORAGE_TEXT = {"No space left on device": errno.ENOSPC, "os error 28": errno.ENOSPC,
-                 "Disk quota exceeded": errno.EDQUOT, "Read-only file system": errno.EROFS,
-                 "Permission denied": errno.EACCES, "file write failed": errno.EIO}  # fmt: skip
+_STORAGE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENOTEMPTY,
+    errno.EIO,
+    errno.EFBIG,
+}
+_STORAGE_TEXT = {
+    "No space left on device": errno.ENOSPC,
+    "os error 28": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+    "file write failed": errno.EIO,
+}
 
 
 LOCAL_DISK_REMEDY = "Check the free space and permissions of the data directory (SECO_DATA_DIR)."
@@ -417,9 +470,14 @@ def train_next_job(
 
 
 def _run_and_settle(
-    rec: JobRecord, settings: Settings, store: Store, worker_id: str, lease: LeaseKeeper, train: TrainFn | None,
+    rec: JobRecord,
+    settings: Settings,
+    store: Store,
+    worker_id: str,
+    lease: LeaseKeeper,
+    train: TrainFn | None,
     scratch: Path,
-) -> str:  # fmt: skip
+) -> str:
     """Run the claimed job and record how it ended: the outcome's name ("succeeded", "failed",
     "cancelled", "paused", or "lost" once the lease is someone else's and nothing more is written)."""
     job_id = rec.id
@@ -428,8 +486,14 @@ def _run_and_settle(
     log.info("job started", extra={"job_id": job_id, "worker": worker_id, "attempt": rec.attempts + 1})
 
     def fail(code: str, message: str, param: str | None = None) -> str:
-        store.finish_job(job_id, worker_id, "failed", event=message, event_level="error",
-                         fields={"error": {"code": code, "message": message, "param": param}})  # fmt: skip
+        store.finish_job(
+            job_id,
+            worker_id,
+            "failed",
+            event=message,
+            event_level="error",
+            fields={"error": {"code": code, "message": message, "param": param}},
+        )
         return "failed"
 
     try:
@@ -476,19 +540,31 @@ def _run_and_settle(
         failure = storage_failure(e)
         if failure is not None:
             reason, remedy = failure
-            return fail("storage_error", f"The worker could not save this job's files: {reason}. "
-                        f"{remedy or storage.remedy}")  # fmt: skip
+            return fail(
+                "storage_error", f"The worker could not save this job's files: {reason}. {remedy or storage.remedy}"
+            )
         return fail("internal_error", _scrub(f"Training failed: {type(e).__name__}: {e}", settings))
     fine_tuned = fine_tuned_model_name(rec.base_model, rec.tenant, rec.suffix, job_id)
     ctx.persist(lambda: store.add_event(job_id, f"New fine-tuned model created: {fine_tuned}"))
     recorded = ctx.persist(lambda: store.get_job(job_id))
     peak = max(int(result.peak_memory_bytes or 0), (recorded.peak_memory_bytes if recorded else 0) or 0)
-    done = ctx.persist(lambda: store.finish_job(
-        job_id, worker_id, "succeeded", event="The job has successfully completed",
-        fields={"fine_tuned_model": fine_tuned, "trained_tokens": str(result.trained_tokens),
-                "result_files": [metrics_id, adapter_id], "adapter_file": adapter_id, "progress": "1",
-                "peak_memory_bytes": str(peak), "step": str(result.steps)},
-    ))  # fmt: skip
+    done = ctx.persist(
+        lambda: store.finish_job(
+            job_id,
+            worker_id,
+            "succeeded",
+            event="The job has successfully completed",
+            fields={
+                "fine_tuned_model": fine_tuned,
+                "trained_tokens": str(result.trained_tokens),
+                "result_files": [metrics_id, adapter_id],
+                "adapter_file": adapter_id,
+                "progress": "1",
+                "peak_memory_bytes": str(peak),
+                "step": str(result.steps),
+            },
+        )
+    )
     return "succeeded" if done else "lost"
 
 

@@ -42,10 +42,22 @@ CHECKPOINTS_PER_EPOCH = 4
 """With checkpoint_every unset: about this many checkpoints per epoch, plus one at its end."""
 
 METRIC_FIELDS = [
-    "step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy",
-    "total_steps", "epoch", "learning_rate", "tokens", "tokens_per_second", "step_seconds", "peak_memory_bytes",
-    "chunks_backpropagated", "full_valid_loss", "full_valid_mean_token_accuracy",
-]  # fmt: skip
+    "step",
+    "train_loss",
+    "train_accuracy",
+    "valid_loss",
+    "valid_mean_token_accuracy",
+    "total_steps",
+    "epoch",
+    "learning_rate",
+    "tokens",
+    "tokens_per_second",
+    "step_seconds",
+    "peak_memory_bytes",
+    "chunks_backpropagated",
+    "full_valid_loss",
+    "full_valid_mean_token_accuracy",
+]
 """Metrics CSV columns: OpenAI's five first, in its order and with its names (a script reading
 OpenAI's result file reads ours), then ours. `train_accuracy` is the training token accuracy
 (`train_mean_token_accuracy` in events); a value a step does not have is an empty cell."""
@@ -276,8 +288,7 @@ def _preference_objective(
     valid = load_preferences(spec.validation_file, tokenizer, "validation_file") if spec.validation_file else None
     pairs = [*train.pairs, *(valid.pairs if valid else [])]
     branch_tokens = max(min(len(p.chosen), len(p.rejected)) for p in pairs)
-    job_plan = _plan_memory(spec, model_config, dtype, branch_tokens=branch_tokens,
-                            length=max(len(p) for p in pairs))  # fmt: skip
+    job_plan = _plan_memory(spec, model_config, dtype, branch_tokens=branch_tokens, length=max(len(p) for p in pairs))
     _announce_plan(ctx, job_plan)
     why = "set by the job" if spec.seco.max_length else "the longest this device fits"
     check_pair_lengths(train.pairs, job_plan.max_length, "training_file", why)
@@ -321,8 +332,15 @@ def _optimizer_step(
             raise JobCancelled()
         ids = torch.tensor([window.input_ids], device=device)  # (1, T)
         labels = torch.tensor([window.labels], device=device)
-        out = chunked_backward(model, ids, labels, chunk_config, generator, loss_scale=window.num_targets / n_targets,
-                               host_buffers=host_buffers)  # fmt: skip
+        out = chunked_backward(
+            model,
+            ids,
+            labels,
+            chunk_config,
+            generator,
+            loss_scale=window.num_targets / n_targets,
+            host_buffers=host_buffers,
+        )
         loss_sum += out.loss * out.tokens
         correct += out.correct_tokens
         chunks += out.chunks_backpropagated
@@ -428,8 +446,11 @@ def _start_from_adapter(model: torch.nn.Module, directory: Path) -> None:
     weights = load_file(str(directory / "adapter_model.safetensors"))
     expected = get_peft_model_state_dict(model)
     if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in weights):
-        raise TrainingError("the fine-tuned model this job starts from has a LoRA adapter of another shape than "
-                            "the job's seco.lora", code="invalid_lora", param="model")  # fmt: skip
+        raise TrainingError(
+            "the fine-tuned model this job starts from has a LoRA adapter of another shape than the job's seco.lora",
+            code="invalid_lora",
+            param="model",
+        )
     set_peft_model_state_dict(model, weights)
 
 

@@ -90,12 +90,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # SSE readers block on XREAD for up to the keep-alive interval: the read timeout must be longer.
         # One connection at most per request uvicorn serves at once, so streams cannot exhaust the pool.
         pool = aioredis.BlockingConnectionPool.from_url(
-            redis_url, max_connections=settings.max_concurrency, timeout=POOL_WAIT_SECONDS, decode_responses=True,
-            socket_connect_timeout=3, socket_timeout=SSE_SOCKET_TIMEOUT, client_name="seco-api-async",
-        )  # fmt: skip
+            redis_url,
+            max_connections=settings.max_concurrency,
+            timeout=POOL_WAIT_SECONDS,
+            decode_responses=True,
+            socket_connect_timeout=3,
+            socket_timeout=SSE_SOCKET_TIMEOUT,
+            client_name="seco-api-async",
+        )
         app.state.aredis = aioredis.Redis.from_pool(pool)
-        app.state.reads = Reads.from_url(redis_url, max_connections=settings.max_concurrency,
-                                         name="seco-api-reads", blocking=app.state.aredis)  # fmt: skip
+        app.state.reads = Reads.from_url(
+            redis_url, max_connections=settings.max_concurrency, name="seco-api-reads", blocking=app.state.aredis
+        )
         app.state.stream_slots = StreamSlots(app.state.aredis)
         tried = asyncio.Event()
         resolver = asyncio.create_task(_resolve_tenants(store, storage, tenant_keys, tried))
@@ -106,8 +112,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # collector's generations, a full collection no longer walks it, and no request waits
         # for that walk (tens of milliseconds, several times a minute under load).
         gc.freeze()
-        log.info("api started", extra={"models": list(settings.models), "tenants": len(settings.api_keys),
-                                       "storage": storage.describe()})  # fmt: skip
+        log.info(
+            "api started",
+            extra={"models": list(settings.models), "tenants": len(settings.api_keys), "storage": storage.describe()},
+        )
         try:
             yield
         finally:

@@ -61,9 +61,17 @@ class BearerAuth:
             return
         tenant = self.keys.tenants.get(key)
         if tenant is None:
-            await _respond(send, 503, {"message": "The job store (Redis) is unavailable; retry shortly",
-                                       "type": "server_error", "param": None, "code": "store_unavailable"},
-                           [(b"retry-after", b"2")])  # fmt: skip
+            await _respond(
+                send,
+                503,
+                {
+                    "message": "The job store (Redis) is unavailable; retry shortly",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "store_unavailable",
+                },
+                [(b"retry-after", b"2")],
+            )
             return
         scope.setdefault("state", {})["tenant"] = tenant
         await self.app(scope, receive, send)
@@ -76,9 +84,11 @@ async def _deny(send: Send, message: str, code: str | None) -> None:
 
 async def _respond(send: Send, status: int, error: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
     raw = json.dumps({"error": error}).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *headers],
-    })  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": raw})

@@ -113,22 +113,35 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
-        return error_response(exc.status_code, str(exc.detail), "invalid_request_error", None, code,
-                              dict(exc.headers or {}))  # fmt: skip
+        return error_response(
+            exc.status_code, str(exc.detail), "invalid_request_error", None, code, dict(exc.headers or {})
+        )
 
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
     @app.exception_handler(redis.exceptions.BusyLoadingError)
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
         log.warning("job store unavailable: %s", type(exc).__name__)
-        return error_response(503, "The job store (Redis) is unavailable; retry shortly", "server_error",
-                              None, "store_unavailable", {"retry-after": "2"})  # fmt: skip
+        return error_response(
+            503,
+            "The job store (Redis) is unavailable; retry shortly",
+            "server_error",
+            None,
+            "store_unavailable",
+            {"retry-after": "2"},
+        )
 
     @app.exception_handler(StorageError)
     async def _storage_down(_: Request, exc: StorageError) -> JSONResponse:
         log.warning("file storage failed: %s", exc.reason)
-        return error_response(503, f"File storage is unavailable ({exc.reason}); retry shortly", "server_error",
-                              None, "storage_unavailable", {"retry-after": "2"})  # fmt: skip
+        return error_response(
+            503,
+            f"File storage is unavailable ({exc.reason}); retry shortly",
+            "server_error",
+            None,
+            "storage_unavailable",
+            {"retry-after": "2"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

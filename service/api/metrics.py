@@ -22,10 +22,15 @@ class Metrics:
 
     def __init__(self, store: Store, lease_seconds: int) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("seco_http_requests_total", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)  # fmt: skip
-        self.latency = Histogram("seco_http_request_seconds", "HTTP request latency (to response start)",
-                                 ["method", "route"], registry=self.registry)  # fmt: skip
+        self.requests = Counter(
+            "seco_http_requests_total", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "seco_http_request_seconds",
+            "HTTP request latency (to response start)",
+            ["method", "route"],
+            registry=self.registry,
+        )
         self.registry.register(_JobCollector(store, lease_seconds))
 
 

@@ -43,13 +43,22 @@ class UploadSlots:
         """A slot for one upload of `tenant` while the block runs; APIError 429/503 when none is free."""
         headers = {**UNREAD_BODY, "retry-after": str(RETRY_AFTER_SECONDS)}
         if self.held[tenant] >= self.per_key:
-            raise APIError(429, f"This API key already has {self.per_key} uploads in progress (the limit, "
-                           "SECO_MAX_UPLOADS_PER_KEY); retry when one has finished", code="too_many_uploads",
-                           headers=headers)  # fmt: skip
+            raise APIError(
+                429,
+                f"This API key already has {self.per_key} uploads in progress (the limit, "
+                "SECO_MAX_UPLOADS_PER_KEY); retry when one has finished",
+                code="too_many_uploads",
+                headers=headers,
+            )
         if self.total >= self.per_process:
-            raise APIError(503, f"The server is receiving {self.per_process} uploads already (the limit, "
-                           "SECO_MAX_UPLOADS); retry shortly", type="server_error", code="server_busy",
-                           headers=headers)  # fmt: skip
+            raise APIError(
+                503,
+                f"The server is receiving {self.per_process} uploads already (the limit, "
+                "SECO_MAX_UPLOADS); retry shortly",
+                type="server_error",
+                code="server_busy",
+                headers=headers,
+            )
         self.held[tenant] += 1
         try:
             yield

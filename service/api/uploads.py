@@ -90,9 +90,11 @@ class _Receiver:
         self._name = params.get(b"name", b"").decode("utf-8", "replace")
         if self._name not in FIELDS:
             shown = self._name if len(self._name) <= 64 else self._name[:64] + "…"
-            raise _refuse(f"Unknown form field {shown!r}: an upload has a 'file' part, a 'purpose' field and "
-                          "optionally 'expires_after[anchor]' and 'expires_after[seconds]'",
-                          shown or "file")  # fmt: skip
+            raise _refuse(
+                f"Unknown form field {shown!r}: an upload has a 'file' part, a 'purpose' field and "
+                "optionally 'expires_after[anchor]' and 'expires_after[seconds]'",
+                shown or "file",
+            )
         if self._name in self._seen:
             raise _refuse(f"The form field {self._name!r} appears more than once", self._name)
         self._seen.add(self._name)
@@ -132,17 +134,28 @@ async def receive_file(request: Request, dest: Path, max_bytes: int) -> Upload:
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if ctype != b"multipart/form-data" or not boundary:
-        raise APIError(400, "Upload files as multipart/form-data with a 'file' part and a 'purpose' field",
-                       param="file", retry=False)  # fmt: skip
+        raise APIError(
+            400,
+            "Upload files as multipart/form-data with a 'file' part and a 'purpose' field",
+            param="file",
+            retry=False,
+        )
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > max_bytes + MULTIPART_OVERHEAD:
         raise TooLarge()
     rx = _Receiver(dest, max_bytes)
-    parser = MultipartParser(boundary, callbacks={
-        "on_part_begin": rx.on_part_begin, "on_part_data": rx.on_part_data, "on_part_end": rx.on_part_end,
-        "on_header_field": rx.on_header_field, "on_header_value": rx.on_header_value,
-        "on_header_end": rx.on_header_end, "on_headers_finished": rx.on_headers_finished,
-    })  # fmt: skip
+    parser = MultipartParser(
+        boundary,
+        callbacks={
+            "on_part_begin": rx.on_part_begin,
+            "on_part_data": rx.on_part_data,
+            "on_part_end": rx.on_part_end,
+            "on_header_field": rx.on_header_field,
+            "on_header_value": rx.on_header_value,
+            "on_header_end": rx.on_header_end,
+            "on_headers_finished": rx.on_headers_finished,
+        },
+    )
     received = 0
     try:
         async for chunk in request.stream():

@@ -50,9 +50,11 @@ def _data_json(raw: str | None) -> str:
 def event_json(entry: Entry) -> str:
     """The public event object of a stream entry, as JSON text (`schemas.JobEvent`)."""
     sid, f = entry
-    return (f'{{"id":"ftevent-{sid}","object":"fine_tuning.job.event","created_at":{int(f.get("created_at") or 0)},'
-            f'"level":{_encode_str(f.get("level", "info"))},"message":{_encode_str(f.get("message", ""))},'
-            f'"type":{_encode_str(f.get("type", "message"))},"data":{_data_json(f.get("data"))}}}')  # fmt: skip
+    return (
+        f'{{"id":"ftevent-{sid}","object":"fine_tuning.job.event","created_at":{int(f.get("created_at") or 0)},'
+        f'"level":{_encode_str(f.get("level", "info"))},"message":{_encode_str(f.get("message", ""))},'
+        f'"type":{_encode_str(f.get("type", "message"))},"data":{_data_json(f.get("data"))}}}'
+    )
 
 
 def list_response(items: list[str], has_more: bool) -> Response:

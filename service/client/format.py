@@ -132,8 +132,12 @@ class ProgressLine:
     def render(self) -> str:
         total = self.total or 0
         frac = self.step / total if total else 0.0
-        parts = [f"step {self.step}/{total or '?'}", bar(frac, unicode=self.unicode), f"{frac * 100:.0f}%",
-                 f"ETA {human_duration(self.eta_seconds())}"]  # fmt: skip
+        parts = [
+            f"step {self.step}/{total or '?'}",
+            bar(frac, unicode=self.unicode),
+            f"{frac * 100:.0f}%",
+            f"ETA {human_duration(self.eta_seconds())}",
+        ]
         if self.tokens_per_second is not None:
             parts.append(f"{self.tokens_per_second:,.0f} tok/s")
         if self.train_loss is not None:

@@ -106,16 +106,21 @@ class Client:
         return resp.json()
 
     def unreachable(self, e: Exception) -> ClientError:
-        return ClientError(f"cannot reach the seco server at {self.url} ({type(e).__name__}: {e}); "
-                           "is it running? (set SECO_URL or pass --url)")  # fmt: skip
+        return ClientError(
+            f"cannot reach the seco server at {self.url} ({type(e).__name__}: {e}); "
+            "is it running? (set SECO_URL or pass --url)"
+        )
 
     # ----------------------------------------------------------------- files and jobs
 
     def upload(self, path: Path) -> dict[str, Any]:
         """POST /v1/files (multipart), streaming the file from disk."""
         with path.open("rb") as f:
-            return dict(self.request("POST", "/files", files={"file": (path.name, f)},
-                                     data={"purpose": "fine-tune"}, timeout=None))  # fmt: skip
+            return dict(
+                self.request(
+                    "POST", "/files", files={"file": (path.name, f)}, data={"purpose": "fine-tune"}, timeout=None
+                )
+            )
 
     def delete_file(self, file_id: str) -> None:
         self.request("DELETE", f"/files/{file_id}")
@@ -187,5 +192,4 @@ class Client:
         # The server sends a keep-alive comment every 15 s: 60 s of silence means a dead
         # connection, which surfaces as a transport error that the follower recovers from.
         timeout = httpx.Timeout(10.0, read=60.0)
-        return self.http.stream("GET", f"/fine_tuning/jobs/{job_id}/events/stream", headers=headers,
-                                timeout=timeout)  # fmt: skip
+        return self.http.stream("GET", f"/fine_tuning/jobs/{job_id}/events/stream", headers=headers, timeout=timeout)

@@ -129,8 +129,10 @@ def follow_events(
                     reason = "the server closed the stream"
         except httpx.TransportError as e:
             if not connected:  # never reached it: say so now rather than retry for minutes
-                raise ClientError(f"cannot reach the seco server at {client.url} ({type(e).__name__}: {e}); "
-                                  "is it running? (set SECO_URL or pass --url)") from None  # fmt: skip
+                raise ClientError(
+                    f"cannot reach the seco server at {client.url} ({type(e).__name__}: {e}); "
+                    "is it running? (set SECO_URL or pass --url)"
+                ) from None
             reason = f"connection lost ({type(e).__name__})"
         parser.drop_partial()
         if not delivered:

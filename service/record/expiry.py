@@ -39,18 +39,24 @@ def expires_at(created_at: int, anchor: str | None, seconds: str | None) -> int 
     if anchor is None and seconds is None:
         return None
     if anchor is None:
-        raise InvalidExpiry("expires_after[anchor] is required with expires_after[seconds]; it must be 'created_at'",
-                            "expires_after.anchor")  # fmt: skip
+        raise InvalidExpiry(
+            "expires_after[anchor] is required with expires_after[seconds]; it must be 'created_at'",
+            "expires_after.anchor",
+        )
     if anchor not in ANCHORS:
         raise InvalidExpiry(f"expires_after[anchor] must be 'created_at' (got {anchor!r})", "expires_after.anchor")
     if seconds is None or not _ASCII_SECONDS.fullmatch(seconds):
-        raise InvalidExpiry(f"expires_after[seconds] must be a whole number of seconds in ASCII digits (0-9), "
-                            f"between {MIN_SECONDS} and {MAX_SECONDS} (got {seconds!r})",
-                            "expires_after.seconds")  # fmt: skip
+        raise InvalidExpiry(
+            f"expires_after[seconds] must be a whole number of seconds in ASCII digits (0-9), "
+            f"between {MIN_SECONDS} and {MAX_SECONDS} (got {seconds!r})",
+            "expires_after.seconds",
+        )
     n = int(seconds)
     if not MIN_SECONDS <= n <= MAX_SECONDS:
-        raise InvalidExpiry(f"expires_after[seconds] must be between {MIN_SECONDS} (1 hour) and {MAX_SECONDS} "
-                            f"(30 days); got {n}", "expires_after.seconds")  # fmt: skip
+        raise InvalidExpiry(
+            f"expires_after[seconds] must be between {MIN_SECONDS} (1 hour) and {MAX_SECONDS} (30 days); got {n}",
+            "expires_after.seconds",
+        )
     return created_at + n
 
 

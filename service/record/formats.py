@@ -349,8 +349,10 @@ def _json(text: str) -> object:
         raise ValueError(f"JSON nested too deeply (limit {MAX_DEPTH} levels)")
     surrogate = _lone_surrogate(raw)
     if surrogate is not None:  # the tokenizer would fail on it mid-job with an internal error
-        raise ValueError(f"a string holds a lone UTF-16 surrogate ({surrogate}, an unpaired \\u escape), which is "
-                         "not a character; write the character itself or its full surrogate pair")  # fmt: skip
+        raise ValueError(
+            f"a string holds a lone UTF-16 surrogate ({surrogate}, an unpaired \\u escape), which is "
+            "not a character; write the character itself or its full surrogate pair"
+        )
     return raw
 
 

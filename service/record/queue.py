@@ -165,14 +165,22 @@ class Queue:
         else:
             msg = "Fine-tuning job started"
         fields: dict[str, Any] = {"started_at": str(rec.started_at or now())}
-        applied, _ = self.jobs.transition(job_id, ["queued"], "running", new_owner=worker_id,
-                                          lease_seconds=lease_seconds, set_fields=fields, event=msg)  # fmt: skip
+        applied, _ = self.jobs.transition(
+            job_id,
+            ["queued"],
+            "running",
+            new_owner=worker_id,
+            lease_seconds=lease_seconds,
+            set_fields=fields,
+            event=msg,
+        )
         return applied
 
     def refresh_lease(self, job_id: str, worker_id: str, lease_seconds: float) -> bool:
         """Extend this worker's lease; False when the job is no longer its own (stop working)."""
-        res = self.conn.script("refresh_lease")(keys=[K.job(job_id), K.lease(job_id)],
-                                                args=[worker_id, max(1, int(lease_seconds * 1000))])  # fmt: skip
+        res = self.conn.script("refresh_lease")(
+            keys=[K.job(job_id), K.lease(job_id)], args=[worker_id, max(1, int(lease_seconds * 1000))]
+        )
         return bool(res)
 
     def reap_expired(self, max_attempts: int) -> list[str]:
@@ -193,26 +201,49 @@ class Queue:
             transition = self.jobs.transition
             action = stop_action(rec.cancel_requested, rec.pause_requested)
             if action == "cancel":
-                applied, _ = transition(job_id, ["running"], "cancelled", require_no_lease=True,
-                                        set_fields={"finished_at": str(now())},
-                                        event="Fine-tuning job cancelled (its worker was lost)")  # fmt: skip
+                applied, _ = transition(
+                    job_id,
+                    ["running"],
+                    "cancelled",
+                    require_no_lease=True,
+                    set_fields={"finished_at": str(now())},
+                    event="Fine-tuning job cancelled (its worker was lost)",
+                )
             elif action == "pause":  # resume continues from its last checkpoint, as a requeue would
-                applied, _ = transition(job_id, ["running"], "paused", require_no_lease=True,
-                                        unless_set=CANCEL_FLAG,
-                                        set_fields={"pause_requested": "0", "estimated_finish": ""},
-                                        event="Fine-tuning job paused (its worker was lost); resume "
-                                        "continues from its last checkpoint")  # fmt: skip
+                applied, _ = transition(
+                    job_id,
+                    ["running"],
+                    "paused",
+                    require_no_lease=True,
+                    unless_set=CANCEL_FLAG,
+                    set_fields={"pause_requested": "0", "estimated_finish": ""},
+                    event="Fine-tuning job paused (its worker was lost); resume continues from its last checkpoint",
+                )
             elif rec.attempts + 1 >= max_attempts:
                 msg = f"worker lost {rec.attempts + 1} times; giving up"
                 applied, _ = transition(
-                    job_id, ["running"], "failed", require_no_lease=True, incr={"attempts": 1},
-                    set_fields={"finished_at": str(now()),
-                                "error": {"code": "worker_lost", "message": msg, "param": None}},
-                    event=msg, event_level="error",
-                )  # fmt: skip
+                    job_id,
+                    ["running"],
+                    "failed",
+                    require_no_lease=True,
+                    incr={"attempts": 1},
+                    set_fields={
+                        "finished_at": str(now()),
+                        "error": {"code": "worker_lost", "message": msg, "param": None},
+                    },
+                    event=msg,
+                    event_level="error",
+                )
             else:
-                applied, _ = transition(job_id, ["running"], "queued", require_no_lease=True,
-                                        incr={"attempts": 1}, event=REQUEUE_MESSAGE, event_level="warn")  # fmt: skip
+                applied, _ = transition(
+                    job_id,
+                    ["running"],
+                    "queued",
+                    require_no_lease=True,
+                    incr={"attempts": 1},
+                    event=REQUEUE_MESSAGE,
+                    event_level="warn",
+                )
                 if applied:
                     requeue.append(job_id)
             if applied:

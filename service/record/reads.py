@@ -107,9 +107,14 @@ class Reads:
         never exhausted and needs no waiting (the blocking pool's timer and condition per command
         cost more than the read); a short connect timeout so an outage is a quick 503."""
         pool = aioredis.ConnectionPool.from_url(
-            url, max_connections=max_connections, decode_responses=True, socket_connect_timeout=3,
-            socket_timeout=15, health_check_interval=15, client_name=name,
-        )  # fmt: skip
+            url,
+            max_connections=max_connections,
+            decode_responses=True,
+            socket_connect_timeout=3,
+            socket_timeout=15,
+            health_check_interval=15,
+            client_name=name,
+        )
         return cls(aioredis.Redis.from_pool(pool), blocking=blocking)
 
     async def aclose(self) -> None:
@@ -137,8 +142,16 @@ class Reads:
         meta = json.dumps(metadata, separators=(",", ":")) if metadata else ""
         queue_keys, (job_pattern, tenant_jobs_pattern) = snapshot_args()
         while True:
-            args: list[str | int] = [job_pattern, tenant, after or "", bound, limit - len(found), meta,
-                                     tenant_jobs_pattern, LIST_SCAN]  # fmt: skip
+            args: list[str | int] = [
+                job_pattern,
+                tenant,
+                after or "",
+                bound,
+                limit - len(found),
+                meta,
+                tenant_jobs_pattern,
+                LIST_SCAN,
+            ]
             raw = await self._jobs(keys=[K.tenant_jobs(tenant), *queue_keys], args=args)
             state, hashes, bound, snap = json.loads(raw)
             if state == -1:
@@ -180,16 +193,16 @@ class Reads:
         when the job is finished and the batch is not full, these are all its events."""
         if not ids.is_job_id(job_id):
             return None
-        h, entries = json.loads(await self._open(keys=[K.job(job_id), K.job_events(job_id)],
-                                                 args=[after, EVENT_BATCH]))  # fmt: skip
+        h, entries = json.loads(await self._open(keys=[K.job(job_id), K.job_events(job_id)], args=[after, EVENT_BATCH]))
         if hash_field(h, "tenant") != tenant:
             return None
         return tuple(h), (_entries(entries[0][1]) if entries else [])
 
     async def stream(self, job_id: str, after: str) -> tuple[list[Entry], str | None]:
         """The job's events after stream id `after` (oldest first, a batch) and its status, read together."""
-        entries, status = json.loads(await self._stream(keys=[K.job_events(job_id), K.job(job_id)],
-                                                        args=[after, EVENT_BATCH]))  # fmt: skip
+        entries, status = json.loads(
+            await self._stream(keys=[K.job_events(job_id), K.job(job_id)], args=[after, EVENT_BATCH])
+        )
         return (_entries(entries[0][1]) if entries else []), status or None
 
     async def wait_events(self, job_id: str, after: str, block_ms: int) -> list[Entry]:

@@ -89,8 +89,17 @@ class JobRecord(BaseModel):
 # Job fields written at creation, kept as one JSON blob ("spec") in the hash. Only its
 # hyperparameters change later: the worker replaces "auto" by the values it trains with
 # (`resolve_hyperparameters`), which a retry or resume then reads back and uses as they are.
-SPEC_FIELDS = ("model", "training_file", "validation_file", "hyperparameters", "suffix", "seed", "metadata", "seco",
-               "method")  # fmt: skip
+SPEC_FIELDS = (
+    "model",
+    "training_file",
+    "validation_file",
+    "hyperparameters",
+    "suffix",
+    "seed",
+    "metadata",
+    "seco",
+    "method",
+)
 
 
 class Checkpoint(BaseModel):
@@ -123,11 +132,18 @@ class FileInUse(Exception):
 def file_from_hash(h: dict[str, str]) -> FileRecord:
     """A file record from its Redis hash."""
     return FileRecord(
-        id=h["id"], tenant=h["tenant"], bytes=int(h["bytes"]), created_at=int(h["created_at"]),
-        filename=h["filename"], purpose=h["purpose"], status=h.get("status") or "processed",
-        path=h["path"], job_id=h.get("job_id") or None, kind=h.get("kind") or None,
+        id=h["id"],
+        tenant=h["tenant"],
+        bytes=int(h["bytes"]),
+        created_at=int(h["created_at"]),
+        filename=h["filename"],
+        purpose=h["purpose"],
+        status=h.get("status") or "processed",
+        path=h["path"],
+        job_id=h.get("job_id") or None,
+        kind=h.get("kind") or None,
         expires_at=opt_int(h.get("expires_at")),
-    )  # fmt: skip
+    )
 
 
 def job_from_hash(h: dict[str, str]) -> JobRecord:
@@ -135,29 +151,41 @@ def job_from_hash(h: dict[str, str]) -> JobRecord:
     spec = json.loads(h["spec"])
     progress = h.get("progress")
     return JobRecord(
-        id=h["id"], tenant=h["tenant"], status=h["status"], created_at=int(h["created_at"]), **spec,
-        worker=h.get("worker") or None, cancel_requested=h.get("cancel_requested") == "1",
+        id=h["id"],
+        tenant=h["tenant"],
+        status=h["status"],
+        created_at=int(h["created_at"]),
+        **spec,
+        worker=h.get("worker") or None,
+        cancel_requested=h.get("cancel_requested") == "1",
         pause_requested=h.get("pause_requested") == "1",
-        attempts=int(h.get("attempts") or 0), started_at=opt_int(h.get("started_at")),
+        attempts=int(h.get("attempts") or 0),
+        started_at=opt_int(h.get("started_at")),
         finished_at=opt_int(h.get("finished_at")),
-        progress=float(progress) if progress else None, step=opt_int(h.get("step")),
-        total_steps=opt_int(h.get("total_steps")), trained_tokens=opt_int(h.get("trained_tokens")),
+        progress=float(progress) if progress else None,
+        step=opt_int(h.get("step")),
+        total_steps=opt_int(h.get("total_steps")),
+        trained_tokens=opt_int(h.get("trained_tokens")),
         estimated_finish=opt_int(h.get("estimated_finish")),
         peak_memory_bytes=opt_int(h.get("peak_memory_bytes")),
         fine_tuned_model=h.get("fine_tuned_model") or None,
         error=json.loads(h["error"]) if h.get("error") else None,
         result_files=json.loads(h.get("result_files") or "[]"),
         adapter_file=h.get("adapter_file") or None,
-    )  # fmt: skip
+    )
 
 
 def event_from_entry(stream_id: str, fields: dict[str, str]) -> Event:
     """An event from its stream entry (the stream id is the event's id)."""
     return Event(
-        id=ids.event_id(stream_id), stream_id=stream_id, created_at=int(fields.get("created_at") or 0),
-        level=fields.get("level", "info"), message=fields.get("message", ""),
-        type=fields.get("type", "message"), data=json.loads(fields.get("data") or "null"),
-    )  # fmt: skip
+        id=ids.event_id(stream_id),
+        stream_id=stream_id,
+        created_at=int(fields.get("created_at") or 0),
+        level=fields.get("level", "info"),
+        message=fields.get("message", ""),
+        type=fields.get("type", "message"),
+        data=json.loads(fields.get("data") or "null"),
+    )
 
 
 def page_checkpoints(raw: Iterable[str], *, after: str | None, limit: int) -> tuple[list[Checkpoint], bool]:

@@ -66,5 +66,7 @@ def migrate_tenant(store: Store, storage: Storage, old: str, new: str) -> None:
         raise RuntimeError(f"tenant {new} already has records; not merging the data of old id {old} into them")
     moved = storage.move_under(keys.tenant_prefix(old), keys.tenant_prefix(new))
     records = store.rename_tenant(old, new)
-    log.warning("moved a tenant's data to its new id", extra={"old_tenant": old, "tenant": new, "objects": moved,
-                                                               "records": records})  # fmt: skip
+    log.warning(
+        "moved a tenant's data to its new id",
+        extra={"old_tenant": old, "tenant": new, "objects": moved, "records": records},
+    )

@@ -14,17 +14,36 @@ from benchmarks import bench
 from benchmarks.bench import DEFAULT_METHODS, ratios, spaco_budget
 
 TINY = [
-    "--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "4", "--intermediate", "64",
-    "--vocab", "128", "--lengths", "64", "128", "--chunk-size", "32", "--steps", "1",
-]  # fmt: skip
+    "--layers",
+    "2",
+    "--hidden",
+    "32",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "4",
+    "--intermediate",
+    "64",
+    "--vocab",
+    "128",
+    "--lengths",
+    "64",
+    "128",
+    "--chunk-size",
+    "32",
+    "--steps",
+    "1",
+]
 
 
 def test_bench_command_writes_every_method_and_length(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench", *TINY, "--jobs", "2", "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "bench.json").read_text())
     got = {(r["method"], r["length"]): r for r in report["results"]}
@@ -58,11 +77,15 @@ def test_spaco_budget_defaults_to_two_of_sixteen() -> None:
 
 def test_ratios_against_plain() -> None:
     def r(method: str, length: int, mem: int, secs: float) -> dict[str, Any]:
-        return {"method": method, "length": length, "status": "ok", "peak_extra_bytes": mem,
-                "step_seconds_mean": secs}  # fmt: skip
+        return {"method": method, "length": length, "status": "ok", "peak_extra_bytes": mem, "step_seconds_mean": secs}
 
-    results = [r("plain", 8, 800, 1.0), r("seco", 8, 100, 1.3), r("spaco", 8, 100, 0.4),
-               r("plain", 16, 0, 0.0) | {"status": "oom"}, r("seco", 16, 150, 2.6)]  # fmt: skip
+    results = [
+        r("plain", 8, 800, 1.0),
+        r("seco", 8, 100, 1.3),
+        r("spaco", 8, 100, 0.4),
+        r("plain", 16, 0, 0.0) | {"status": "oom"},
+        r("seco", 16, 150, 2.6),
+    ]
     rat = ratios(results, [8, 16])
     assert rat["8"]["plain/seco memory"] == 8.0
     assert abs(rat["8"]["seco/plain time"] - 1.3) < 1e-12
@@ -78,8 +101,13 @@ def test_find_max_length_doubles_then_bisects(monkeypatch: pytest.MonkeyPatch) -
         calls.append(length)
         if length > 5000:  # "OOM" above 5000 tokens
             return {"method": method, "length": length, "status": "oom"}
-        return {"method": method, "length": length, "status": "ok", "step_seconds_mean": length / 1000,
-                "peak_extra_bytes": length}  # fmt: skip
+        return {
+            "method": method,
+            "length": length,
+            "status": "ok",
+            "step_seconds_mean": length / 1000,
+            "peak_extra_bytes": length,
+        }
 
     monkeypatch.setattr(bench, "run_child", fake_child)
     spec = {"lengths": [512], "max_length_limit": 2**20, "max_length_step": 256}
@@ -97,8 +125,13 @@ def test_find_max_length_reports_spaco_training_over_inference(monkeypatch: pyte
         if length > 4096:
             return {"method": method, "length": length, "status": "oom"}
         seconds = length / 1000 if method == "prefill" else 1.25 * length / 1000
-        return {"method": method, "length": length, "status": "ok", "step_seconds_mean": seconds,
-                "peak_extra_bytes": length}  # fmt: skip
+        return {
+            "method": method,
+            "length": length,
+            "status": "ok",
+            "step_seconds_mean": seconds,
+            "peak_extra_bytes": length,
+        }
 
     monkeypatch.setattr(bench, "run_child", fake_child)
     spec = {"lengths": [1024], "max_length_limit": 2**20, "max_length_step": 1024}

@@ -8,17 +8,38 @@ import sys
 from pathlib import Path
 
 TINY = [
-    "--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2", "--intermediate", "64",
-    "--vocab", "128", "--prompt", "100", "--answers", "20", "13", "--chunk-size", "32", "--steps", "1",
-]  # fmt: skip
+    "--layers",
+    "2",
+    "--hidden",
+    "32",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--intermediate",
+    "64",
+    "--vocab",
+    "128",
+    "--prompt",
+    "100",
+    "--answers",
+    "20",
+    "13",
+    "--chunk-size",
+    "32",
+    "--steps",
+    "1",
+]
 
 
 def test_bench_dpo_prints_both_methods_and_their_ratios(tmp_path: Path) -> None:
     out = tmp_path / "dpo.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_dpo", *TINY, "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(out.read_text())
     shared, separate = report["results"]["shared"], report["results"]["separate"]

@@ -58,11 +58,16 @@ def chat(question: str, answer: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def svc(launch_service: Callable[..., Service], redis_url: str, real_model_dir: Path,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:  # fmt: skip
+def svc(
+    launch_service: Callable[..., Service],
+    redis_url: str,
+    real_model_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Service]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp("real-job"), workers=1,
-                       SECO_MODELS=f"smollm2={real_model_dir}")  # fmt: skip
+    s = launch_service(
+        redis_url, tmp_path_factory.mktemp("real-job"), workers=1, SECO_MODELS=f"smollm2={real_model_dir}"
+    )
     yield s
     s.close()
 
@@ -79,13 +84,20 @@ def test_a_job_on_the_real_model(svc: Service, real_model_dir: Path, tmp_path: P
     train_id = client.files.create(file=train.open("rb"), purpose="fine-tune").id
     valid_id = client.files.create(file=valid.open("rb"), purpose="fine-tune").id
     job = client.fine_tuning.jobs.create(
-        model="smollm2", training_file=train_id, validation_file=valid_id, suffix="real",
+        model="smollm2",
+        training_file=train_id,
+        validation_file=valid_id,
+        suffix="real",
         hyperparameters={"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 5},
         extra_body={"seco": {"chunk_size": CHUNK, "max_length": MAX_LENGTH, "lora": {"r": 8, "alpha": 16}}},
-    )  # fmt: skip
+    )
 
-    done = wait(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed",
-                "cancelled") and j, timeout=900, interval=2, what="the job to end")  # fmt: skip
+    done = wait(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j,
+        timeout=900,
+        interval=2,
+        what="the job to end",
+    )
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=200))
     assert done.status == "succeeded", f"{done.error}\n{[e.message for e in events]}\n{svc.logs()}"
     messages = [e.message for e in events]
@@ -110,8 +122,10 @@ def test_a_job_on_the_real_model(svc: Service, real_model_dir: Path, tmp_path: P
         tar.extractall(adapter_dir, filter="data")
     base_loss, tuned_loss, answer = held_out_with_adapter(real_model_dir, adapter_dir, held_out)
     first, last = validated[0]["valid_loss"], validated[-1]["valid_loss"]
-    print(f"plan/step peak {ratio:.2f}, validation loss {first:.3f} -> {last:.3f}, "
-          f"held-out chats {base_loss:.3f} -> {tuned_loss:.3f}, answer {answer!r}")  # fmt: skip
+    print(
+        f"plan/step peak {ratio:.2f}, validation loss {first:.3f} -> {last:.3f}, "
+        f"held-out chats {base_loss:.3f} -> {tuned_loss:.3f}, answer {answer!r}"
+    )
     assert tuned_loss < 0.8 * base_loss, (base_loss, tuned_loss)
     assert "Paris" in answer, answer
 

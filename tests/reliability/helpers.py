@@ -38,9 +38,11 @@ def upload(svc: Any, tmp: Path, records: list[dict[str, Any]], tenant: str = "a"
 def create_job(svc: Any, file_id: str, *, epochs: int = 1, tenant: str = "a", **seco: Any) -> str:
     """A job with batch size 1 (one optimizer step per record and epoch)."""
     job = svc.client(tenant).fine_tuning.jobs.create(
-        model="tiny", training_file=file_id, hyperparameters={"n_epochs": epochs, "batch_size": 1},
+        model="tiny",
+        training_file=file_id,
+        hyperparameters={"n_epochs": epochs, "batch_size": 1},
         extra_body={"seco": {**SECO, **seco}},
-    )  # fmt: skip
+    )
     return str(job.id)
 
 
@@ -99,6 +101,7 @@ def restart_api(svc: Any, sig: int = signal.SIGKILL) -> None:
     kill_group(svc.api, sig)
     port = int(svc.url.rsplit(":", 1)[1])
     log = open(svc.log_dir / "api.log", "ab")  # noqa: SIM115 (owned by the process)
-    svc.api = subprocess.Popen(api_argv("127.0.0.1", port, svc.env), cwd=ROOT, env=svc.env, stdout=log, stderr=log,
-                               start_new_session=True)  # fmt: skip
+    svc.api = subprocess.Popen(
+        api_argv("127.0.0.1", port, svc.env), cwd=ROOT, env=svc.env, stdout=log, stderr=log, start_new_session=True
+    )
     wait_healthy(svc)

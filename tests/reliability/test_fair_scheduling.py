@@ -24,8 +24,13 @@ LEASE = 2
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp("fair"), SECO_LEASE_SECONDS=str(LEASE),
-                       SECO_REAPER_INTERVAL="0.5", SECO_CHECKPOINT_EVERY="2")  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp("fair"),
+        SECO_LEASE_SECONDS=str(LEASE),
+        SECO_REAPER_INTERVAL="0.5",
+        SECO_CHECKPOINT_EVERY="2",
+    )
     yield s
     s.close()
 
@@ -43,8 +48,9 @@ def _start(svc: Any, job_id: str, tenant: str, resumed: bool = False) -> tuple[i
 def _queue(svc: Any, tmp: Path) -> tuple[str, list[str], str]:
     """A's first job (running once this returns), A's five others, then B's one."""
     first = create_job(svc, upload(svc, tmp, docs(12)))
-    wait_for(lambda: svc.client().fine_tuning.jobs.retrieve(first).status == "running", 120,
-             what="A's first job to start")  # fmt: skip
+    wait_for(
+        lambda: svc.client().fine_tuning.jobs.retrieve(first).status == "running", 120, what="A's first job to start"
+    )
     short_file = upload(svc, tmp, docs(1))
     rest = [create_job(svc, short_file) for _ in range(5)]
     b_job = create_job(svc, upload(svc, tmp, docs(1), tenant="b"), tenant="b")
@@ -71,8 +77,9 @@ def _cancel_the_rest(svc: Any, jobs: dict[str, str]) -> None:
         wait_for(lambda j=job_id, t=tenant: finished(svc, j, t), 120, interval=0.5, what=f"job {job_id} to end")
 
 
-def _first_starts_as_positioned(svc: Any, queued: dict[str, str], positions: dict[str, int], n: int,
-                                resumed: str = "") -> None:  # fmt: skip
+def _first_starts_as_positioned(
+    svc: Any, queued: dict[str, str], positions: dict[str, int], n: int, resumed: str = ""
+) -> None:
     """The first `n` jobs to start were the first `n` by position, in that order. (Only the first
     ones: cancelling the rest races with the worker, which may start one of them meanwhile.)"""
     starts = {j: _start(svc, j, t, resumed=j == resumed) for j, t in queued.items()}
@@ -100,11 +107,19 @@ def test_the_other_tenants_job_starts_second(svc: Any, tmp_path: Path) -> None:
 def test_order_and_exactly_once_hold_when_the_worker_is_killed_mid_job(svc: Any, tmp_path: Path) -> None:
     worker = svc.start_worker()
     first, rest, b_job = _queue(svc, tmp_path)
-    wait_for(lambda: svc.client().fine_tuning.jobs.checkpoints.list(first).data, 120, interval=0.2,
-             what="a checkpoint of A's first job")  # fmt: skip
+    wait_for(
+        lambda: svc.client().fine_tuning.jobs.checkpoints.list(first).data,
+        120,
+        interval=0.2,
+        what="a checkpoint of A's first job",
+    )
     svc.stop_worker(worker, signal.SIGKILL)
-    wait_for(lambda: svc.client().fine_tuning.jobs.retrieve(first).status == "queued", 30, interval=0.2,
-             what="the reaper to requeue A's first job")  # fmt: skip
+    wait_for(
+        lambda: svc.client().fine_tuning.jobs.retrieve(first).status == "queued",
+        30,
+        interval=0.2,
+        what="the reaper to requeue A's first job",
+    )
     queued = {first: "a", **{j: "a" for j in rest}, b_job: "b"}
     positions = _positions(svc, queued)
     assert positions[b_job] == 1 and positions[first] == 2, positions

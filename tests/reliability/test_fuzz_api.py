@@ -32,9 +32,12 @@ EXAMPLES = 20  # per operation and generation mode
 U64 = 2**64 - 1
 EDGES = [0, 1, U64, U64 + 1, 10**20 - 1]
 """Halves of a stream id at the edges of what Redis accepts (and the largest twenty digits allow)."""
-EVENT_IDS = st.builds(lambda prefix, ms, seq: f"{prefix}{ms}-{seq}", st.sampled_from(["ftevent-", ""]),
-                      st.sampled_from(EDGES) | st.integers(0, 10**20 - 1),
-                      st.sampled_from(EDGES) | st.integers(0, 10**20 - 1))  # fmt: skip
+EVENT_IDS = st.builds(
+    lambda prefix, ms, seq: f"{prefix}{ms}-{seq}",
+    st.sampled_from(["ftevent-", ""]),
+    st.sampled_from(EDGES) | st.integers(0, 10**20 - 1),
+    st.sampled_from(EDGES) | st.integers(0, 10**20 - 1),
+)
 """`after` / `Last-Event-ID` values shaped like event ids."""
 
 
@@ -111,8 +114,14 @@ class Fuzzer:
     def run(self, op: Any, mode: Any) -> None:
         label = f"{op.label} [{mode.value}]"
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                  phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
+        @settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
         @given(case=op.as_strategy(generation_mode=mode), real=st.booleans(), event_id=st.none() | EVENT_IDS)
         def fuzz(case: Any, real: bool, event_id: str | None) -> None:
             self.check(self.with_ids(case, real, event_id), label, op.path)

@@ -28,9 +28,16 @@ def svc(
     launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
 ) -> Iterator[Any]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp(f"outputs-{storage_backend}"), storage=storage_backend,
-                       workers=1, SECO_CHECKPOINT_EVERY="1", SECO_KEEP_CHECKPOINTS=str(KEEP),
-                       SECO_MAX_FILE_BYTES=str(QUOTA), SECO_MAX_UPLOAD_BYTES=str(QUOTA))  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp(f"outputs-{storage_backend}"),
+        storage=storage_backend,
+        workers=1,
+        SECO_CHECKPOINT_EVERY="1",
+        SECO_KEEP_CHECKPOINTS=str(KEEP),
+        SECO_MAX_FILE_BYTES=str(QUOTA),
+        SECO_MAX_UPLOAD_BYTES=str(QUOTA),
+    )
     yield s
     s.close()
 
@@ -103,8 +110,12 @@ def test_outputs_are_pruned_counted_and_deleted_with_the_job(svc: Any, tmp_path:
 def test_a_job_that_has_not_finished_cannot_be_deleted(svc: Any, tmp_path: Path) -> None:
     client = svc.client()
     job_id = create_job(svc, upload(svc, tmp_path, docs(30)))
-    wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job_id).data, 120, interval=0.2,
-             what="the job's first checkpoint")  # fmt: skip
+    wait_for(
+        lambda: client.fine_tuning.jobs.checkpoints.list(job_id).data,
+        120,
+        interval=0.2,
+        what="the job's first checkpoint",
+    )
     with svc.http() as http:
         r = http.delete(f"/v1/fine_tuning/jobs/{job_id}")
     assert r.status_code == 400 and r.headers["x-should-retry"] == "false", r.text

@@ -54,15 +54,27 @@ def test_invented_methods_and_paths_add_no_metrics_series(svc: Any) -> None:
 
 def upload_raw(svc: Any, body: bytes, **form: str) -> httpx.Response:
     with svc.http() as http:
-        return http.post("/v1/files", data={"purpose": "fine-tune", **form},
-                         files={"file": ("t.jsonl", body, "application/jsonl")})  # fmt: skip
+        return http.post(
+            "/v1/files", data={"purpose": "fine-tune", **form}, files={"file": ("t.jsonl", body, "application/jsonl")}
+        )
 
 
 GOOD = b'{"text": "a document"}\n'
 
 
-@pytest.mark.parametrize("seconds", ["\u00b2", "\u0664\u0660\u0660\u0660", "\uff14\uff10\uff10\uff10", "3600\u00b9",
-                                     "+3600", " 3600", "3_600", "-3600"])  # fmt: skip
+@pytest.mark.parametrize(
+    "seconds",
+    [
+        "\u00b2",
+        "\u0664\u0660\u0660\u0660",
+        "\uff14\uff10\uff10\uff10",
+        "3600\u00b9",
+        "+3600",
+        " 3600",
+        "3_600",
+        "-3600",
+    ],
+)
 def test_expiry_seconds_take_ascii_digits_only(svc: Any, seconds: str) -> None:
     r = upload_raw(svc, GOOD, **{"expires_after[anchor]": "created_at", "expires_after[seconds]": seconds})
     assert r.status_code == 400, (r.status_code, r.text)
@@ -76,10 +88,15 @@ def test_expiry_seconds_in_ascii_digits_still_work(svc: Any) -> None:
     assert r.json()["expires_at"] == r.json()["created_at"] + 3600
 
 
-@pytest.mark.parametrize("line", [b'{"text": "ok \\ud800 then"}', b'{"text": "low \\udc00"}',
-                                  b'{"messages": [{"role": "user", "content": "\\udbff"}, '
-                                  b'{"role": "assistant", "content": "x"}]}',
-                                  b'{"prompt": "p", "completion": "\\ud800\\ud800"}'])  # fmt: skip
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"text": "ok \\ud800 then"}',
+        b'{"text": "low \\udc00"}',
+        b'{"messages": [{"role": "user", "content": "\\udbff"}, {"role": "assistant", "content": "x"}]}',
+        b'{"prompt": "p", "completion": "\\ud800\\ud800"}',
+    ],
+)
 def test_a_lone_surrogate_is_refused_at_upload_naming_the_line(svc: Any, line: bytes) -> None:
     r = upload_raw(svc, GOOD + GOOD + line + b"\n")
     assert r.status_code == 400, (r.status_code, r.text)
@@ -97,10 +114,14 @@ def create_job(svc: Any, **body: Any) -> httpx.Response:
         return http.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": "file-x", **body})
 
 
-@pytest.mark.parametrize(("seco", "bound"), [({"mode": "spaco", "budget": 10**9}, 262144),
-                                             ({"mode": "spaco", "budget": 5, "chunk_size": 16, "max_length": 64}, 4),
-                                             ({"mode": "spaco", "budget": 65, "chunk_size": 16, "max_length": 1024},
-                                              64)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("seco", "bound"),
+    [
+        ({"mode": "spaco", "budget": 10**9}, 262144),
+        ({"mode": "spaco", "budget": 5, "chunk_size": 16, "max_length": 64}, 4),
+        ({"mode": "spaco", "budget": 65, "chunk_size": 16, "max_length": 1024}, 64),
+    ],
+)
 def test_spaco_budget_is_bounded_by_the_chunks_a_window_can_have(svc: Any, seco: dict[str, Any], bound: int) -> None:
     r = create_job(svc, seco=seco)
     assert r.status_code == 400, r.text

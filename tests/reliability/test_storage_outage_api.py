@@ -27,8 +27,10 @@ def test_uploads_and_downloads_get_503_while_the_store_is_down(
             client = svc.client()
             stored = client.files.create(file=path.open("rb"), purpose="fine-tune")
             down = proxy.add("down", "tenants/", methods=("GET", "HEAD", "PUT", "POST", "DELETE"))
-            for call in (lambda: client.files.create(file=path.open("rb"), purpose="fine-tune"),
-                         lambda: client.files.content(stored.id).read()):  # fmt: skip
+            for call in (
+                lambda: client.files.create(file=path.open("rb"), purpose="fine-tune"),
+                lambda: client.files.content(stored.id).read(),
+            ):
                 with pytest.raises(openai.InternalServerError) as e:
                     call()
                 err = e.value.response.json()["error"]

@@ -28,8 +28,12 @@ MAX_CONCURRENCY = 12
 
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("stream-limits"), SECO_MAX_STREAMS=str(MAX_STREAMS),
-                       SECO_MAX_CONCURRENCY=str(MAX_CONCURRENCY))  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp("stream-limits"),
+        SECO_MAX_STREAMS=str(MAX_STREAMS),
+        SECO_MAX_CONCURRENCY=str(MAX_CONCURRENCY),
+    )
     yield s
     s.close()
 
@@ -96,8 +100,12 @@ def test_a_key_holds_at_most_max_streams_open(svc: Any, jobs: dict[str, str]) ->
         assert _api_connections(svc).get("seco-api-async", 0) <= MAX_STREAMS + 1 + 2
         streams.close_one()  # B's
         streams.close_one()  # one of A's: its slot comes back once the server sees the disconnect
-        wait_for(lambda: streams.open("a", jobs["a"]).status_code == 200, timeout=10, interval=0.5,
-                 what="the closed stream's slot to be given back")  # fmt: skip
+        wait_for(
+            lambda: streams.open("a", jobs["a"]).status_code == 200,
+            timeout=10,
+            interval=0.5,
+            what="the closed stream's slot to be given back",
+        )
     finally:
         streams.close()
 
@@ -113,5 +121,8 @@ def test_the_api_serves_at_most_max_concurrency_connections(svc: Any) -> None:
     finally:
         for s in held:
             s.close()
-    wait_for(lambda: httpx.get(svc.url + "/healthz", timeout=10).status_code == 200, timeout=10,
-             what="the API to serve again once the connections are closed")  # fmt: skip
+    wait_for(
+        lambda: httpx.get(svc.url + "/healthz", timeout=10).status_code == 200,
+        timeout=10,
+        what="the API to serve again once the connections are closed",
+    )

@@ -30,8 +30,13 @@ def svc(
     launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
 ) -> Iterator[Any]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp(f"tenant-ids-{storage_backend}"), storage=storage_backend,
-                       workers=1, SECO_CHECKPOINT_EVERY="2")  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp(f"tenant-ids-{storage_backend}"),
+        storage=storage_backend,
+        workers=1,
+        SECO_CHECKPOINT_EVERY="2",
+    )
     yield s
     s.close()
 

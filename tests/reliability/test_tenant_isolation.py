@@ -27,9 +27,14 @@ def svc(
     launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
 ) -> Iterator[Any]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp(f"isolation-{storage_backend}"), storage=storage_backend,
-                       workers=1, SECO_CHECKPOINT_EVERY="2",
-                       SECO_LOG_LEVEL="DEBUG")  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp(f"isolation-{storage_backend}"),
+        storage=storage_backend,
+        workers=1,
+        SECO_CHECKPOINT_EVERY="2",
+        SECO_LOG_LEVEL="DEBUG",
+    )
     yield s
     s.close()
 
@@ -62,12 +67,21 @@ def test_another_tenant_sees_nothing_of_a_finished_job(svc: Any, trained: Any) -
     evs = events(svc, job_id)
     assert checkpoints and len(trained.result_files) == 2 and evs
     fake_job, fake_file = "ftjob-" + "0" * 24, "file-" + "0" * 24
-    job_routes = [("GET", "/v1/fine_tuning/jobs/{id}"), ("POST", "/v1/fine_tuning/jobs/{id}/cancel"),
-                  ("GET", "/v1/fine_tuning/jobs/{id}/events"), ("GET", "/v1/fine_tuning/jobs/{id}/events/stream"),
-                  ("GET", "/v1/fine_tuning/jobs/{id}/checkpoints"), ("GET", "/v1/fine_tuning/jobs/{id}/adapter"),
-                  ("GET", "/v1/fine_tuning/jobs?after={id}")]  # fmt: skip
-    file_routes = [("GET", "/v1/files/{id}"), ("GET", "/v1/files/{id}/content"), ("DELETE", "/v1/files/{id}"),
-                   ("GET", "/v1/files?after={id}")]  # fmt: skip
+    job_routes = [
+        ("GET", "/v1/fine_tuning/jobs/{id}"),
+        ("POST", "/v1/fine_tuning/jobs/{id}/cancel"),
+        ("GET", "/v1/fine_tuning/jobs/{id}/events"),
+        ("GET", "/v1/fine_tuning/jobs/{id}/events/stream"),
+        ("GET", "/v1/fine_tuning/jobs/{id}/checkpoints"),
+        ("GET", "/v1/fine_tuning/jobs/{id}/adapter"),
+        ("GET", "/v1/fine_tuning/jobs?after={id}"),
+    ]
+    file_routes = [
+        ("GET", "/v1/files/{id}"),
+        ("GET", "/v1/files/{id}/content"),
+        ("DELETE", "/v1/files/{id}"),
+        ("GET", "/v1/files?after={id}"),
+    ]
     with svc.http("b") as http:
         for method, path in job_routes:
             _same_as_missing(http, method, path, job_id, fake_job)

@@ -43,9 +43,15 @@ def hosts(
 ) -> Iterator[tuple[Any, FaultProxy, Path]]:
     tmp = tmp_path_factory.mktemp("two-hosts")
     with FaultProxy(s3_server.endpoint) as proxy:
-        svc = launch_service(redis_url, tmp / "api-host", storage="s3", s3_endpoint=proxy.endpoint,
-                             SECO_CHECKPOINT_EVERY=str(EVERY), SECO_LEASE_SECONDS=str(LEASE),
-                             SECO_REAPER_INTERVAL="0.5")  # fmt: skip
+        svc = launch_service(
+            redis_url,
+            tmp / "api-host",
+            storage="s3",
+            s3_endpoint=proxy.endpoint,
+            SECO_CHECKPOINT_EVERY=str(EVERY),
+            SECO_LEASE_SECONDS=str(LEASE),
+            SECO_REAPER_INTERVAL="0.5",
+        )
         try:
             yield svc, proxy, tmp
         finally:
@@ -98,14 +104,21 @@ def test_a_job_survives_two_worker_deaths_across_hosts(
     proxy.remove(hang)
     second = _running_on(svc, job_id, wait, not_on=first)
     assert second is (w2 if first is w1 else w1)
-    resumed = wait(lambda: [e for e in events(svc, job_id) if e.message.startswith("resumed from checkpoint")],
-                   timeout=120, what="the resume")  # fmt: skip
+    resumed = wait(
+        lambda: [e for e in events(svc, job_id) if e.message.startswith("resumed from checkpoint")],
+        timeout=120,
+        what="the resume",
+    )
     assert resumed[0].data["step"] == EVERY, "resumed from the last complete checkpoint, not the half-uploaded one"
 
     # 2. killed mid-job (between checkpoints, no upload held); a third host takes over
     store = svc.store()
-    wait(lambda: any(c.step >= 4 * EVERY for c in list_checkpoints(store, job_id, after=None, limit=100)[0]),
-         timeout=180, interval=0.1, what="more checkpoints")  # fmt: skip
+    wait(
+        lambda: any(c.step >= 4 * EVERY for c in list_checkpoints(store, job_id, after=None, limit=100)[0]),
+        timeout=180,
+        interval=0.1,
+        what="more checkpoints",
+    )
     svc.stop_worker(second, sig=signal.SIGKILL)
     newest = max(c.step for c in list_checkpoints(store, job_id, after=None, limit=100)[0])
     assert store.get_job(job_id).status == "running", "the job must still be running when its worker dies"
@@ -130,8 +143,10 @@ def test_a_job_survives_two_worker_deaths_across_hosts(
         assert {"adapter_config.json", "adapter_model.safetensors"} <= set(tar.getnames())
     results = [f for f in client.files.list(purpose="fine-tune-results") if f.filename.startswith(job_id)]
     assert sorted(f.id for f in results) == sorted(done.result_files), "one adapter, one metrics file"
-    assert [k for k in svc.objects(prefix) if "/checkpoints/" not in k] == [f"{prefix}/adapter.tar.gz",
-                                                                           f"{prefix}/metrics.csv"]  # fmt: skip
+    assert [k for k in svc.objects(prefix) if "/checkpoints/" not in k] == [
+        f"{prefix}/adapter.tar.gz",
+        f"{prefix}/metrics.csv",
+    ]
 
     # nothing of the job on any host's disk: the API's holds no job files, the finishing
     # worker cleaned its scratch space (the killed ones could not; a restart there sweeps it)

@@ -29,8 +29,13 @@ LEASE = 2  # the shortest allowed: the long job outlives many lease periods
 
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("two-workers"), workers=2, SECO_LEASE_SECONDS=str(LEASE),
-                       SECO_REAPER_INTERVAL="0.5")  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp("two-workers"),
+        workers=2,
+        SECO_LEASE_SECONDS=str(LEASE),
+        SECO_REAPER_INTERVAL="0.5",
+    )
     yield s
     s.close()
 
@@ -47,8 +52,12 @@ def _owner(svc: Any, worker_field: str) -> int:
 def test_each_job_runs_on_exactly_one_worker(svc: Any, tmp_path: Path, wait: Callable[..., Any]) -> None:
     store = svc.store()
     long_id = create_job(svc, upload(svc, tmp_path, docs(40, words=8)), epochs=50)
-    long_worker = wait(lambda: (r := store.get_job(long_id)).status == "running" and r.worker, timeout=120,
-                       interval=0.1, what="the long job to start")  # fmt: skip
+    long_worker = wait(
+        lambda: (r := store.get_job(long_id)).status == "running" and r.worker,
+        timeout=120,
+        interval=0.1,
+        what="the long job to start",
+    )
     long_owner = _owner(svc, long_worker)
 
     # Short jobs submitted meanwhile can only go to the other worker.

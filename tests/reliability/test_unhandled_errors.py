@@ -21,8 +21,9 @@ HOOK = Path(__file__).parent / "raising_api"
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp("raising-api"), PYTHONPATH=f"{HOOK}:{ROOT}",
-                       SECO_TEST_RAISE_ROUTE="1")  # fmt: skip
+    s = launch_service(
+        redis_url, tmp_path_factory.mktemp("raising-api"), PYTHONPATH=f"{HOOK}:{ROOT}", SECO_TEST_RAISE_ROUTE="1"
+    )
     yield s
     s.close()
 

@@ -32,9 +32,13 @@ def svc(
     launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
 ) -> Iterator[Any]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp(f"upload-abuse-{storage_backend}"), storage=storage_backend,
-                       SECO_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
-                       SECO_MAX_LINE_BYTES=str(MAX_LINE))  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp(f"upload-abuse-{storage_backend}"),
+        storage=storage_backend,
+        SECO_MAX_UPLOAD_BYTES=str(MAX_UPLOAD),
+        SECO_MAX_LINE_BYTES=str(MAX_LINE),
+    )
     yield s
     s.close()
 
@@ -87,8 +91,12 @@ def test_a_100mb_line_is_refused_without_buffering_it(svc: Any) -> None:
 
     with svc.http() as http, PeakRss(svc.api.pid) as rss:
         t0 = time.monotonic()
-        r = http.post("/v1/files", content=_multipart(one_line()), timeout=120,
-                      headers={"content-type": "multipart/form-data; boundary=B"})  # fmt: skip
+        r = http.post(
+            "/v1/files",
+            content=_multipart(one_line()),
+            timeout=120,
+            headers={"content-type": "multipart/form-data; boundary=B"},
+        )
         seconds = time.monotonic() - t0
     assert r.status_code == 400, r.text
     err = r.json()["error"]
@@ -105,8 +113,12 @@ def test_an_upload_over_the_limit_is_cut_off_without_buffering_it(svc: Any) -> N
             yield line
 
     with svc.http() as http, PeakRss(svc.api.pid) as rss:
-        r = http.post("/v1/files", content=_multipart(too_much()), timeout=120,
-                      headers={"content-type": "multipart/form-data; boundary=B"})  # fmt: skip
+        r = http.post(
+            "/v1/files",
+            content=_multipart(too_much()),
+            timeout=120,
+            headers={"content-type": "multipart/form-data; boundary=B"},
+        )
     assert r.status_code == 413, r.text
     assert r.json()["error"]["code"] == "file_too_large" and str(MAX_UPLOAD) in r.json()["error"]["message"]
     assert rss.growth < RSS_SLACK, f"API RSS grew by {rss.growth / MiB:.0f} MiB for a 300 MiB upload"
@@ -116,9 +128,13 @@ def test_an_upload_over_the_limit_is_cut_off_without_buffering_it(svc: Any) -> N
 
 @pytest.mark.parametrize(
     ("encoding", "expected"),
-    [("utf-16", "not valid UTF-8"), ("utf-32", "not valid UTF-8"), ("latin-1", "not valid UTF-8"),
-     ("utf-16-le", "line 1: ")],
-)  # fmt: skip
+    [
+        ("utf-16", "not valid UTF-8"),
+        ("utf-32", "not valid UTF-8"),
+        ("latin-1", "not valid UTF-8"),
+        ("utf-16-le", "line 1: "),
+    ],
+)
 def test_wrong_encodings_are_refused(svc: Any, encoding: str, expected: str) -> None:
     content = '{"text": "café crème"}\n{"text": "naïve"}\n'.encode(encoding)
     with svc.http() as http:
@@ -130,14 +146,28 @@ def test_wrong_encodings_are_refused(svc: Any, encoding: str, expected: str) -> 
     assert _no_partial_files(svc)
 
 
-BAD_IDS = ["..", "../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e%2f%2e%2e%2fapi_key", "ftjob-..%2F..%2Ffiles",
-           "ftjob-0123456789abcdef01234567%2F..", "%00", "ftjob-" + "0" * 5000]  # fmt: skip
+BAD_IDS = [
+    "..",
+    "../../etc/passwd",
+    "..%2F..%2Fetc%2Fpasswd",
+    "%2e%2e%2f%2e%2e%2fapi_key",
+    "ftjob-..%2F..%2Ffiles",
+    "ftjob-0123456789abcdef01234567%2F..",
+    "%00",
+    "ftjob-" + "0" * 5000,
+]
 
 
 @pytest.mark.parametrize("bad", BAD_IDS)
 def test_job_ids_with_path_characters_are_404_on_every_route(svc: Any, bad: str) -> None:
-    routes = [("GET", ""), ("POST", "/cancel"), ("GET", "/events"), ("GET", "/events/stream"), ("GET", "/checkpoints"),
-              ("GET", "/adapter")]  # fmt: skip
+    routes = [
+        ("GET", ""),
+        ("POST", "/cancel"),
+        ("GET", "/events"),
+        ("GET", "/events/stream"),
+        ("GET", "/checkpoints"),
+        ("GET", "/adapter"),
+    ]
     with svc.http() as http:
         for method, suffix in routes:
             r = http.request(method, f"/v1/fine_tuning/jobs/{bad}{suffix}")
@@ -151,8 +181,11 @@ def test_job_ids_with_path_characters_are_404_on_every_route(svc: Any, bad: str)
 @pytest.mark.parametrize(
     ("body", "param", "fragment"),
     [
-        ({"hyperparameters": {"learning_rate_multiplier": 1e9}}, "hyperparameters.learning_rate_multiplier",
-         "less than or equal to 100"),
+        (
+            {"hyperparameters": {"learning_rate_multiplier": 1e9}},
+            "hyperparameters.learning_rate_multiplier",
+            "less than or equal to 100",
+        ),
         ({"hyperparameters": {"batch_size": -5}}, "hyperparameters.batch_size", "greater than or equal to 1"),
         ({"hyperparameters": {"n_epochs": 10**30}}, "hyperparameters.n_epochs", "less than or equal to 100"),
         ({"hyperparameters": {"n_epochs": True}}, "hyperparameters.n_epochs", ""),
@@ -170,9 +203,10 @@ def test_job_ids_with_path_characters_are_404_on_every_route(svc: Any, bad: str)
         ({"model": "x" * 10_000}, "model", "at most 256 characters"),
         ({"training_file": "file-" + "a" * 500}, "training_file", "at most 64 characters"),
     ],
-)  # fmt: skip
-def test_absurd_job_settings_name_the_field_and_range(svc: Any, body: dict[str, Any], param: str,
-                                                      fragment: str) -> None:  # fmt: skip
+)
+def test_absurd_job_settings_name_the_field_and_range(
+    svc: Any, body: dict[str, Any], param: str, fragment: str
+) -> None:
     with svc.http() as http:
         r = http.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": "file-" + "0" * 24, **body})
     assert r.status_code == 400, r.text
@@ -186,8 +220,9 @@ def test_non_finite_numbers_are_refused(svc: Any) -> None:
     for token in ("NaN", "Infinity", "-Infinity"):
         raw = '{"model": "tiny", "training_file": "file-%s", "hyperparameters": {"learning_rate_multiplier": %s}}'
         with svc.http() as http:
-            r = http.post("/v1/fine_tuning/jobs", content=raw % ("0" * 24, token),
-                          headers={"content-type": "application/json"})  # fmt: skip
+            r = http.post(
+                "/v1/fine_tuning/jobs", content=raw % ("0" * 24, token), headers={"content-type": "application/json"}
+            )
         assert r.status_code == 400, (token, r.text)
         assert r.json()["error"]["param"] == "hyperparameters.learning_rate_multiplier"
 
@@ -216,8 +251,10 @@ def test_a_24mb_json_body_is_refused_at_the_body_limit_without_reading_it(svc: A
             assert r.headers["x-should-retry"] == "false"
     assert rss.growth < 16 * MiB, f"API RSS grew by {rss.growth / MiB:.0f} MiB for a 24 MiB body"
     with svc.http() as http:  # just under the limit: parsed and judged on its content
-        r = http.post("/v1/fine_tuning/jobs", json={"model": "tiny", "training_file": "file-" + "0" * 24,
-                                                    "suffix": "s" * (MiB - 200)})  # fmt: skip
+        r = http.post(
+            "/v1/fine_tuning/jobs",
+            json={"model": "tiny", "training_file": "file-" + "0" * 24, "suffix": "s" * (MiB - 200)},
+        )
         assert r.status_code == 400 and r.json()["error"]["param"] == "suffix", r.text[:300]
         r = http.post("/v1/fine_tuning/jobs", content=body, headers={"authorization": "Bearer sk-not-a-key"})
         assert r.status_code == 401, "the key is checked before any body is read"
@@ -228,8 +265,11 @@ def test_huge_and_deep_json_bodies(svc: Any) -> None:
         deep = "[" * 100_000 + "]" * 100_000
         r = http.post("/v1/fine_tuning/jobs", content=deep, headers={"content-type": "application/json"})
         assert r.status_code == 400, r.text[:300]
-        r = http.post("/v1/fine_tuning/jobs", content='{"model": "tiny", "seed": ' + "9" * 10_000 + "}",
-                      headers={"content-type": "application/json"})  # fmt: skip
+        r = http.post(
+            "/v1/fine_tuning/jobs",
+            content='{"model": "tiny", "seed": ' + "9" * 10_000 + "}",
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 400, r.text[:300]
         body = {"model": "tiny", "training_file": "f", "metadata": {"k": "v" * 600}}
         r = http.post("/v1/fine_tuning/jobs", json=body)

@@ -23,8 +23,13 @@ BOUNDARY = "held0upload"
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp("upload-slots"), SECO_API_KEYS=f"{KEY_A},{KEY_B},{KEY_C}",
-                       SECO_MAX_UPLOADS_PER_KEY="1", SECO_MAX_UPLOADS="2")  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp("upload-slots"),
+        SECO_API_KEYS=f"{KEY_A},{KEY_B},{KEY_C}",
+        SECO_MAX_UPLOADS_PER_KEY="1",
+        SECO_MAX_UPLOADS="2",
+    )
     yield s
     s.close()
 
@@ -35,15 +40,21 @@ class HeldUpload:
     def __init__(self, url: str, key: str) -> None:
         u = urlparse(url)
         assert u.hostname is not None and u.port is not None
-        head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
-                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n'
-                "Content-Type: application/jsonl\r\n\r\n").encode()  # fmt: skip
+        head = (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="t.jsonl"\r\n'
+            "Content-Type: application/jsonl\r\n\r\n"
+        ).encode()
         self.rest = GOOD * 1000 + f"\r\n--{BOUNDARY}--\r\n".encode()
         body_len = len(head) + len(GOOD) + len(self.rest)
         self.sock = socket.create_connection((u.hostname, u.port), timeout=30)
-        self.sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: {u.netloc}\r\nAuthorization: Bearer {key}\r\n"
-                          f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
-                          f"Content-Length: {body_len}\r\n\r\n".encode() + head + GOOD)  # fmt: skip
+        self.sock.sendall(
+            f"POST /v1/files HTTP/1.1\r\nHost: {u.netloc}\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\n"
+            f"Content-Length: {body_len}\r\n\r\n".encode()
+            + head
+            + GOOD
+        )
 
     def finish(self) -> bytes:
         self.sock.sendall(self.rest)

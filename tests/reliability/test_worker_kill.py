@@ -44,9 +44,15 @@ def svc(
     launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
 ) -> Iterator[Any]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp(f"worker-kill-{storage_backend}"), workers=1,
-                       storage=storage_backend, SECO_CHECKPOINT_EVERY="3", SECO_LEASE_SECONDS=str(LEASE),
-                       SECO_REAPER_INTERVAL="0.5")  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp(f"worker-kill-{storage_backend}"),
+        workers=1,
+        storage=storage_backend,
+        SECO_CHECKPOINT_EVERY="3",
+        SECO_LEASE_SECONDS=str(LEASE),
+        SECO_REAPER_INTERVAL="0.5",
+    )
     yield s
     s.close()
 
@@ -54,8 +60,12 @@ def svc(
 def test_whole_worker_sigkill_resumes_on_a_new_worker(svc: Any, tmp_path: Path, wait: Callable[..., Any]) -> None:
     job_id = create_job(svc, upload(svc, tmp_path, docs(40)))
     store = svc.store()
-    wait(lambda: len(list_checkpoints(store, job_id, after=None, limit=100)[0]) >= 2, timeout=180, interval=0.1,
-         what="two checkpoints")  # fmt: skip
+    wait(
+        lambda: len(list_checkpoints(store, job_id, after=None, limit=100)[0]) >= 2,
+        timeout=180,
+        interval=0.1,
+        what="two checkpoints",
+    )
 
     # Kill the worker's whole process group at once: main process and pool child.
     old = svc.workers[0]
@@ -70,11 +80,19 @@ def test_whole_worker_sigkill_resumes_on_a_new_worker(svc: Any, tmp_path: Path, 
         pytest.fail(f"the job finished before the kill ({rec.status}); give it more steps")
 
     # No worker at all: the reaper requeues the job once its lease has expired.
-    wait(lambda: store.get_job(job_id).status == "queued", timeout=LEASE * 4, interval=0.2,
-         what="the reaper to requeue the job")  # fmt: skip
+    wait(
+        lambda: store.get_job(job_id).status == "queued",
+        timeout=LEASE * 4,
+        interval=0.2,
+        what="the reaper to requeue the job",
+    )
     new = svc.start_worker()
-    running = wait(lambda: (r := store.get_job(job_id)).status == "running" and r.worker, timeout=120,
-                   interval=0.1, what="the new worker to start the job")  # fmt: skip
+    running = wait(
+        lambda: (r := store.get_job(job_id)).status == "running" and r.worker,
+        timeout=120,
+        interval=0.1,
+        what="the new worker to start the job",
+    )
     new_family = {p.pid for p in psutil.Process(new.pid).children(recursive=True)}
     assert int(running.rsplit(":", 1)[1]) in new_family, "the new worker process runs the second attempt"
     done = wait(lambda: finished(svc, job_id), timeout=240, interval=0.5, what="the job to finish")
@@ -103,8 +121,10 @@ def test_whole_worker_sigkill_resumes_on_a_new_worker(svc: Any, tmp_path: Path, 
     results = [f for f in client.files.list(purpose="fine-tune-results") if f.filename.startswith(job_id)]
     assert sorted(f.id for f in results) == sorted(done.result_files)
     prefix = keys.job_prefix(svc.tenant("a"), job_id)
-    assert [k for k in svc.objects(prefix) if "/checkpoints/" not in k] == [f"{prefix}/adapter.tar.gz",
-                                                                           f"{prefix}/metrics.csv"]  # fmt: skip
+    assert [k for k in svc.objects(prefix) if "/checkpoints/" not in k] == [
+        f"{prefix}/adapter.tar.gz",
+        f"{prefix}/metrics.csv",
+    ]
     if svc.env.get("SECO_STORAGE_URL") is None:
         assert not [p for p in (svc.data_dir / prefix).rglob(".*")], "no temporary names left"
     with tarfile.open(fileobj=io.BytesIO(client.files.content(done.result_files[1]).read())) as tar:

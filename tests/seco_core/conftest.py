@@ -32,6 +32,12 @@ def float64_norms(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(modeling_gemma.GemmaRMSNorm, "forward", gemma_forward)
     # Llama's formula: the others are copies of it (OLMo-2 multiplies before casting back).
-    for norm in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm,
-                 modeling_qwen3.Qwen3RMSNorm, modeling_phi3.Phi3RMSNorm, modeling_olmo2.Olmo2RMSNorm):  # fmt: skip
+    for norm in (
+        modeling_llama.LlamaRMSNorm,
+        modeling_mistral.MistralRMSNorm,
+        modeling_qwen2.Qwen2RMSNorm,
+        modeling_qwen3.Qwen3RMSNorm,
+        modeling_phi3.Phi3RMSNorm,
+        modeling_olmo2.Olmo2RMSNorm,
+    ):
         monkeypatch.setattr(norm, "forward", llama_forward)

@@ -77,12 +77,33 @@ def test_fused_cuda_kernel_matches_the_installed_ops() -> None:
     installed torch's op schemas by running them on meta tensors (shapes and dtypes only),
     for a prefix block (folded query heads) and the chunk's own causal block (GQA)."""
     names = {
-        "_scaled_dot_product_flash_attention": ["query", "key", "value", "dropout_p", "is_causal",
-                                                "return_debug_mask", "scale"],
+        "_scaled_dot_product_flash_attention": [
+            "query",
+            "key",
+            "value",
+            "dropout_p",
+            "is_causal",
+            "return_debug_mask",
+            "scale",
+        ],
         "_scaled_dot_product_flash_attention_backward": [
-            "grad_out", "query", "key", "value", "out", "logsumexp", "cum_seq_q", "cum_seq_k", "max_q", "max_k",
-            "dropout_p", "is_causal", "philox_seed", "philox_offset", "scale"],
-    }  # fmt: skip
+            "grad_out",
+            "query",
+            "key",
+            "value",
+            "out",
+            "logsumexp",
+            "cum_seq_q",
+            "cum_seq_k",
+            "max_q",
+            "max_k",
+            "dropout_p",
+            "is_causal",
+            "philox_seed",
+            "philox_offset",
+            "scale",
+        ],
+    }
     for op, args in names.items():
         assert [a.name for a in getattr(torch.ops.aten, op).default._schema.arguments] == args
     bsz, kv_heads, groups, c, n, d = 1, 8, 4, 256, 384, 128  # Llama-3-8B's heads
@@ -162,8 +183,10 @@ def test_prefix_blocks_stream_one_ahead(kernel: str) -> None:
     bsz, heads, c, d, n_blocks = 1, 2, 4, 8, 6
     q = torch.randn(bsz, heads, c, d, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(bsz, heads, c, d, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    pairs = [(torch.randn(bsz, heads, c, d, dtype=torch.float64), torch.randn(bsz, heads, c, d, dtype=torch.float64))
-             for _ in range(n_blocks)]  # fmt: skip
+    pairs = [
+        (torch.randn(bsz, heads, c, d, dtype=torch.float64), torch.randn(bsz, heads, c, d, dtype=torch.float64))
+        for _ in range(n_blocks)
+    ]
     grad = torch.randn(bsz, c, heads, d, dtype=torch.float64)
     results = []
     for store in (DeviceStore(), CountingStore(torch.device("cpu"), chunk_size=c)):

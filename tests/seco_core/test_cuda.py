@@ -74,10 +74,13 @@ def test_fused_kernel_matches_math_on_cuda(q_heads: int, kv_heads: int, head_dim
         v = torch.randn(1, kv_heads, c, head_dim, device="cuda", dtype=dtype, requires_grad=True)
         store = DeviceStore()
         blocks = [
-            store.put(torch.randn(1, kv_heads, n, head_dim, device="cuda", dtype=dtype),
-                      torch.randn(1, kv_heads, n, head_dim, device="cuda", dtype=dtype), needs_grad=True)
+            store.put(
+                torch.randn(1, kv_heads, n, head_dim, device="cuda", dtype=dtype),
+                torch.randn(1, kv_heads, n, head_dim, device="cuda", dtype=dtype),
+                needs_grad=True,
+            )
             for n in prefix
-        ]  # fmt: skip
+        ]
         out = chunk_attention(q, k, v, head_dim**-0.5, LayerPrefix(store, blocks, 0), kernel=kernel)
         out.backward(torch.randn_like(out))
         results[kernel] = [out, q.grad, k.grad, v.grad, *(g for b in blocks for g in (b.key_grad, b.value_grad))]

@@ -81,8 +81,7 @@ def test_plain_model_dpo_with_given_reference(arch: str) -> None:
     prompt, chosen, rejected = pair()
     reference = tuple(answer_logps(tiny_model(arch, seed=5), prompt, [chosen, rejected], ChunkConfig(chunk_size=8)))
     ref_loss, ref, _ = plain_dpo(model, prompt, chosen, rejected, reference=reference)  # type: ignore[arg-type]
-    out = dpo_backward(model, prompt, chosen, rejected, ChunkConfig(chunk_size=8), beta=BETA,
-                       reference_logps=reference)  # type: ignore[arg-type]  # fmt: skip
+    out = dpo_backward(model, prompt, chosen, rejected, ChunkConfig(chunk_size=8), beta=BETA, reference_logps=reference)  # type: ignore[arg-type]
     assert out.loss == pytest.approx(ref_loss, rel=1e-12)
     assert max_rel_error(model, ref) < REL_TOL
 
@@ -129,8 +128,14 @@ def test_loss_scale_and_accumulation() -> None:
 
 def test_metrics_are_trls() -> None:
     """Rewards beta * (policy - reference) log-probs; margin = beta * z; loss = -log sigmoid(margin)."""
-    out = DPOOutput(loss=0.0, chosen_logp=-10.0, rejected_logp=-12.0, reference_chosen_logp=-11.0,
-                    reference_rejected_logp=-11.5, beta=0.1)  # fmt: skip
+    out = DPOOutput(
+        loss=0.0,
+        chosen_logp=-10.0,
+        rejected_logp=-12.0,
+        reference_chosen_logp=-11.0,
+        reference_rejected_logp=-11.5,
+        beta=0.1,
+    )
     assert out.chosen_reward == pytest.approx(0.1) and out.rejected_reward == pytest.approx(-0.05)
     assert out.margin == pytest.approx(0.15)
     loss, c = dpo_loss_and_weight(0.1, 1.5)
@@ -183,8 +188,16 @@ def test_spaco_dpo_is_exactly_unbiased() -> None:
         if not any(subset):
             continue
         model.zero_grad(set_to_none=True)
-        dpo_backward(model, prompt, chosen, rejected, cfg, beta=BETA, reference_logps=reference,
-                     factors=[1 / q if s else 0.0 for s in subset])  # fmt: skip
+        dpo_backward(
+            model,
+            prompt,
+            chosen,
+            rejected,
+            cfg,
+            beta=BETA,
+            reference_logps=reference,
+            factors=[1 / q if s else 0.0 for s in subset],
+        )
         n = sum(subset)
         # a draw of prompt chunks alone back-propagates nothing: the prompt has no targets
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for n_, p in named if n_ in exact_grads]

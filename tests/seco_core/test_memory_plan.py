@@ -29,9 +29,14 @@ from seco_core.memory_plan import (
 from tests.seco_core.tiny import CONFIGS, VOCAB, tiny_model
 
 LLAMA3_8B = LlamaConfig(
-    num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-    intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
-)  # fmt: skip
+    num_hidden_layers=32,
+    hidden_size=4096,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+    tie_word_embeddings=False,
+)
 SHAPE = ModelShape.from_config(LLAMA3_8B)
 # The anchors' "checkpointing + fused CE", with their bf16 K/V gradients (seco_core sums them in fp32).
 LEAN = PlanOptions(layer_checkpointing=True, fused_loss=True, kv_grad_bytes=2)
@@ -257,8 +262,16 @@ def test_max_chunk_caps_the_choice() -> None:
 
 def test_branch_tokens_add_their_kv_cache_and_gradients() -> None:
     """A prefix tree (DPO) keeps every branch's leaves until stage 2: L + branch tokens of K/V."""
-    shape = ModelShape(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16,
-                       intermediate_size=128, vocab_size=100, num_params=10**6)  # fmt: skip
+    shape = ModelShape(
+        num_layers=2,
+        hidden_size=64,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        vocab_size=100,
+        num_params=10**6,
+    )
     for offload in (False, True):
         tree = estimate(shape, 1000, 128, PlanOptions(branch_tokens=300, kv_offload=offload))
         longer = estimate(shape, 1300, 128, PlanOptions(kv_offload=offload))
@@ -348,8 +361,16 @@ def test_8b_at_128k_with_offload_counts_pinning_and_the_allocator() -> None:
 def test_heads_that_are_not_a_power_of_two_pin_a_third_more() -> None:
     """Phi-3-mini (32 KV heads of 96): a block's K in bf16 at chunk 4096 is 24 MiB and pins
     32 MiB; its float32 sum is 48 MiB and pins 64 MiB."""
-    phi3 = ModelShape(num_layers=32, hidden_size=3072, num_heads=32, num_kv_heads=32, head_dim=96,
-                      intermediate_size=8192, vocab_size=32064, num_params=3_821_079_552)  # fmt: skip
+    phi3 = ModelShape(
+        num_layers=32,
+        hidden_size=3072,
+        num_heads=32,
+        num_kv_heads=32,
+        head_dim=96,
+        intermediate_size=8192,
+        vocab_size=32064,
+        num_params=3_821_079_552,
+    )
     e = estimate(phi3, 32768, 4096, PlanOptions(kv_offload=True, layer_checkpointing=True))
     exact_kv = 32768 * 32 * 2 * 32 * 96 * 2  # 12 GiB of K/V for 32K tokens
     assert exact_kv == 12 * GiB and e.host_kv_cache == 16 * GiB

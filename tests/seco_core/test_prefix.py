@@ -140,8 +140,9 @@ def test_weight_fn_sees_exact_losses_and_sets_the_weights() -> None:
         seen.append([c.clone() for c in ce_sums])
         return chosen
 
-    out = prefix_tree_backward(model, prefix, conts, ChunkConfig(chunk_size=8), prefix_labels=prefix_labels,
-                               weight_fn=weight_fn)  # fmt: skip
+    out = prefix_tree_backward(
+        model, prefix, conts, ChunkConfig(chunk_size=8), prefix_labels=prefix_labels, weight_fn=weight_fn
+    )
     assert len(seen) == 1
     for got, want in zip(seen[0], ref_ce, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
@@ -165,8 +166,9 @@ def test_loss_only_has_no_gradients() -> None:
     model = lora_model("olmo2")
     prefix, prefix_labels, conts = tree()
     ref_ce, _ = reference(model, prefix, prefix_labels, conts)
-    ce = prefix_tree_loss(model, prefix, [(c.input_ids, c.labels) for c in conts], ChunkConfig(chunk_size=9),
-                          prefix_labels=prefix_labels)  # fmt: skip
+    ce = prefix_tree_loss(
+        model, prefix, [(c.input_ids, c.labels) for c in conts], ChunkConfig(chunk_size=9), prefix_labels=prefix_labels
+    )
     for got, want in zip(ce, ref_ce, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
     assert all(p.grad is None for p in model.parameters())
@@ -229,8 +231,9 @@ def test_spaco_draws_over_the_tree_are_reproducible() -> None:
     runs = []
     for _ in range(2):
         model.zero_grad(set_to_none=True)
-        out = prefix_tree_backward(model, prefix, conts, cfg, torch.Generator().manual_seed(3),
-                                   prefix_labels=prefix_labels)  # fmt: skip
+        out = prefix_tree_backward(
+            model, prefix, conts, cfg, torch.Generator().manual_seed(3), prefix_labels=prefix_labels
+        )
         runs.append((out.chunks_backpropagated, flat_grads(model)))
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
     assert 0 < runs[0][0] < out.num_chunks

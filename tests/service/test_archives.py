@@ -34,14 +34,17 @@ def test_safe_extract_writes_plain_files(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "sub" / "w.bin").read_bytes() == b"12"
 
 
-@pytest.mark.parametrize("evil", [
-    {"name": "../escape.txt"},
-    {"name": "/tmp/abs.txt"},
-    {"name": "a/../../escape.txt"},
-    {"name": "link", "type": tarfile.SYMTYPE, "linkname": "/etc/passwd"},
-    {"name": "hard", "type": tarfile.LNKTYPE, "linkname": "../x"},
-    {"name": "dev", "type": tarfile.CHRTYPE},
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "evil",
+    [
+        {"name": "../escape.txt"},
+        {"name": "/tmp/abs.txt"},
+        {"name": "a/../../escape.txt"},
+        {"name": "link", "type": tarfile.SYMTYPE, "linkname": "/etc/passwd"},
+        {"name": "hard", "type": tarfile.LNKTYPE, "linkname": "../x"},
+        {"name": "dev", "type": tarfile.CHRTYPE},
+    ],
+)
 def test_safe_extract_refuses_path_traversal_and_links(tmp_path: Path, evil: dict[str, Any]) -> None:
     archive = _tar(tmp_path, [{"name": "adapter_config.json"}, evil])
     out = tmp_path / "out"

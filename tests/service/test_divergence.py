@@ -39,11 +39,16 @@ def test_a_diverging_job_fails_clearly_and_keeps_its_checkpoints(
     data.write_text("".join(json.dumps({"text": f"doc {i}: " + "the quick brown fox. " * 3}) + "\n" for i in range(8)))
     upload = client.files.create(file=data.open("rb"), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=upload.id, hyperparameters={"n_epochs": 1, "batch_size": 2},
+        model="tiny",
+        training_file=upload.id,
+        hyperparameters={"n_epochs": 1, "batch_size": 2},
         extra_body={"seco": {"chunk_size": 16, "max_length": 64, "lora": {"r": 4, "alpha": 8}}},
-    )  # fmt: skip
-    done = wait(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("failed", "succeeded") and j,
-                timeout=240, what="the job to end")  # fmt: skip
+    )
+    done = wait(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("failed", "succeeded") and j,
+        timeout=240,
+        what="the job to end",
+    )
 
     assert done.status == "failed", svc.logs()
     assert done.error and done.error.code == "training_diverged"

@@ -47,21 +47,34 @@ def answer_logp(model: torch.nn.Module, prompt: list[int], answer: list[int]) ->
 
 def test_a_dpo_job_learns_the_preference(svc: Any, tmp_path: Path, demo_model: Path) -> None:
     client = svc.client()
-    upload = {name: write_jsonl(tmp_path / f"{name}.jsonl", preference_records(n, seed))
-              for name, n, seed in (("train", 24, 1), ("valid", 8, 2), ("heldout", 16, 3))}  # fmt: skip
+    upload = {
+        name: write_jsonl(tmp_path / f"{name}.jsonl", preference_records(n, seed))
+        for name, n, seed in (("train", 24, 1), ("valid", 8, 2), ("heldout", 16, 3))
+    }
     train = client.files.create(file=upload["train"].open("rb"), purpose="fine-tune").id
     valid = client.files.create(file=upload["valid"].open("rb"), purpose="fine-tune").id
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=train, validation_file=valid, seed=1,
-        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": BETA, "n_epochs": 2, "batch_size": 4,
-                                                           "learning_rate_multiplier": 10}}},
+        model="tiny",
+        training_file=train,
+        validation_file=valid,
+        seed=1,
+        method={
+            "type": "dpo",
+            "dpo": {"hyperparameters": {"beta": BETA, "n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 10}},
+        },
         extra_body={"seco": {"chunk_size": 16, "lora": {"r": 8, "alpha": 16}}},
-    )  # fmt: skip
+    )
 
     # seco follow, the CLI, watches it to the end and shows the rewards
     env = {**os.environ, "SECO_URL": svc.url, "SECO_API_KEY": svc.key(), "PYTHONPATH": str(ROOT)}
-    follow = subprocess.run([sys.executable, "-m", "service.client.cli", "follow", job.id], env=env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    follow = subprocess.run(
+        [sys.executable, "-m", "service.client.cli", "follow", job.id],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert follow.returncode == 0, follow.stdout + follow.stderr + svc.logs()
     assert "margin " in follow.stdout and " acc 100%" in follow.stdout and "(val " in follow.stdout
 

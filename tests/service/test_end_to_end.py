@@ -27,8 +27,13 @@ def svc(
     launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
 ) -> Iterator[Any]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp(f"e2e-{storage_backend}"), workers=1,
-                       storage=storage_backend, SECO_CHECKPOINT_EVERY="2")  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp(f"e2e-{storage_backend}"),
+        workers=1,
+        storage=storage_backend,
+        SECO_CHECKPOINT_EVERY="2",
+    )
     yield s
     s.close()
 
@@ -37,23 +42,28 @@ def svc(
 def files(svc: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("e2e-data")
     train = d / "train.jsonl"
-    train.write_text("".join(json.dumps({"text": f"document {i}: " + "the quick brown fox jumps. " * 3}) + "\n"
-                             for i in range(8)))  # fmt: skip
+    train.write_text(
+        "".join(json.dumps({"text": f"document {i}: " + "the quick brown fox jumps. " * 3}) + "\n" for i in range(8))
+    )
     valid = d / "valid.jsonl"
     valid.write_text(json.dumps({"text": "the quick brown fox jumps over the lazy dog."}) + "\n")
     long = d / "long.jsonl"
     long.write_text("".join(json.dumps({"text": "lorem ipsum dolor sit amet " * 8}) + "\n" for _ in range(40)))
     c = svc.client()
-    return {name: c.files.create(file=p.open("rb"), purpose="fine-tune").id
-            for name, p in (("train", train), ("valid", valid), ("long", long))}  # fmt: skip
+    return {
+        name: c.files.create(file=p.open("rb"), purpose="fine-tune").id
+        for name, p in (("train", train), ("valid", valid), ("long", long))
+    }
 
 
 def test_cancel_a_running_job(svc: Any, files: dict[str, str], wait: Callable[..., Any]) -> None:
     client = svc.client()
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=files["long"], hyperparameters={"n_epochs": 50, "batch_size": 1},
+        model="tiny",
+        training_file=files["long"],
+        hyperparameters={"n_epochs": 50, "batch_size": 1},
         extra_body={"seco": SECO},
-    )  # fmt: skip
+    )
 
     def has_metrics() -> bool:
         return any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data)
@@ -61,8 +71,11 @@ def test_cancel_a_running_job(svc: Any, files: dict[str, str], wait: Callable[..
     wait(has_metrics, timeout=240, interval=0.5, what="the first metrics event")
     resp = client.fine_tuning.jobs.cancel(job.id)
     assert resp.status == "running" and (resp.model_extra or {})["cancel_requested"] is True
-    done = wait(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status != "running" and j, timeout=60,
-                what="the cancel to take effect")  # fmt: skip
+    done = wait(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status != "running" and j,
+        timeout=60,
+        what="the cancel to take effect",
+    )
     assert done.status == "cancelled" and done.fine_tuned_model is None and done.result_files == []
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert messages[0] == "Fine-tuning job cancelled"
@@ -72,16 +85,21 @@ def test_cancel_a_running_job(svc: Any, files: dict[str, str], wait: Callable[..
 def test_a_job_runs_to_an_adapter(svc: Any, files: dict[str, str], wait: Callable[..., Any]) -> None:
     """Runs after the cancel test: the same worker survived it and takes this job."""
     client = svc.client()
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=files["train"], validation_file=files["valid"],
-                                         suffix="e2e", hyperparameters=SMALL, extra_body={"seco": SECO})  # fmt: skip
+    job = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=files["train"],
+        validation_file=files["valid"],
+        suffix="e2e",
+        hyperparameters=SMALL,
+        extra_body={"seco": SECO},
+    )
     assert job.hyperparameters.learning_rate_multiplier == "auto"  # as asked, until the worker resolves it
     # follow it live over SSE to the end
     streamed: list[dict[str, Any]] = []
     end: dict[str, Any] = {}
 
     def follow() -> None:
-        with svc.http() as http, http.stream("GET", f"/v1/fine_tuning/jobs/{job.id}/events/stream",
-                                             timeout=300) as r:  # fmt: skip
+        with svc.http() as http, http.stream("GET", f"/v1/fine_tuning/jobs/{job.id}/events/stream", timeout=300) as r:
             event = None
             for line in r.iter_lines():
                 if line.startswith("event: "):

@@ -44,10 +44,13 @@ SECO = {"chunk_size": 16, "max_length": 48, "lora": {"r": 4}}
 
 def create(client: Any, fid: str, n_epochs: int = 3, lr: float = 1.0, **kw: Any) -> Any:
     return client.fine_tuning.jobs.create(
-        model=kw.pop("model", "tiny"), training_file=fid, seed=11,
+        model=kw.pop("model", "tiny"),
+        training_file=fid,
+        seed=11,
         hyperparameters={"n_epochs": n_epochs, "batch_size": 1, "learning_rate_multiplier": lr},
-        extra_body={"seco": kw.pop("seco", SECO)}, **kw,
-    )  # fmt: skip
+        extra_body={"seco": kw.pop("seco", SECO)},
+        **kw,
+    )
 
 
 def first_loss(client: Any, job_id: str) -> float:
@@ -56,8 +59,12 @@ def first_loss(client: Any, job_id: str) -> float:
 
 
 def finished(client: Any, job_id: str, wait: Callable[..., Any], timeout: float = 300) -> Any:
-    return wait(lambda: (j := client.fine_tuning.jobs.retrieve(job_id)).status in ("succeeded", "failed", "cancelled")
-                and j, timeout=timeout, interval=0.3, what=f"job {job_id} to finish")  # fmt: skip
+    return wait(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job_id)).status in ("succeeded", "failed", "cancelled") and j,
+        timeout=timeout,
+        interval=0.3,
+        what=f"job {job_id} to finish",
+    )
 
 
 def test_pause_frees_the_worker_and_resume_continues_bit_for_bit(
@@ -68,14 +75,22 @@ def test_pause_frees_the_worker_and_resume_continues_bit_for_bit(
     client = svc.client()
     fid = client.files.create(file=p.open("rb"), purpose="fine-tune").id
     paused_job = create(client, fid, suffix="pz")
-    wait(lambda: ((client.fine_tuning.jobs.retrieve(paused_job.id).model_extra or {}).get("step") or 0) >= 2,
-         timeout=240, interval=0.1, what="the job to run two steps")  # fmt: skip
+    wait(
+        lambda: ((client.fine_tuning.jobs.retrieve(paused_job.id).model_extra or {}).get("step") or 0) >= 2,
+        timeout=240,
+        interval=0.1,
+        what="the job to run two steps",
+    )
     other = create(client, fid)  # the same job, never paused: queued behind the first
     asked = client.fine_tuning.jobs.pause(paused_job.id)
     assert asked.id == paused_job.id and asked.status in ("running", "paused")
     assert asked.status == "paused" or (asked.model_extra or {})["pause_requested"] is True
-    paused = wait(lambda: (j := client.fine_tuning.jobs.retrieve(paused_job.id)).status == "paused" and j,
-                  timeout=120, interval=0.2, what="the job to pause")  # fmt: skip
+    paused = wait(
+        lambda: (j := client.fine_tuning.jobs.retrieve(paused_job.id)).status == "paused" and j,
+        timeout=120,
+        interval=0.2,
+        what="the job to pause",
+    )
     extra = paused.model_extra or {}
     assert 2 <= extra["step"] < extra["total_steps"] and extra["pause_requested"] is False
     paused_at = extra["step"]

@@ -22,10 +22,17 @@ def test_seco_up_prints_a_summary_and_serves(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "SECO_MODELS", "SECO_API_KEYS")}
     env.update({"PYTHONPATH": str(ROOT), "SECO_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"})
-    cmd = [sys.executable, "-c", "from service.client.cli import main; raise SystemExit(main())", "up",
-           "--port", str(port)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        "from service.client.cli import main; raise SystemExit(main())",
+        "up",
+        "--port",
+        str(port),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         assert proc.stdout is not None
         lines: list[str] = []
@@ -39,8 +46,13 @@ def test_seco_up_prints_a_summary_and_serves(tmp_path: Path) -> None:
         summary = "".join(lines)
         base = f"http://127.0.0.1:{port}"
         assert summary.startswith("seco is up\n"), summary
-        for expected in (f"{base}/v1", f"{base}/ui", str(tmp_path / "data" / "api_key"), "seco-tiny-demo",
-                         str(tmp_path / "data" / "logs" / "worker.log")):  # fmt: skip
+        for expected in (
+            f"{base}/v1",
+            f"{base}/ui",
+            str(tmp_path / "data" / "api_key"),
+            "seco-tiny-demo",
+            str(tmp_path / "data" / "logs" / "worker.log"),
+        ):
             assert expected in summary, (expected, summary)
         # Celery's banner and warnings, uvicorn's lines and progress bars are in the logs, not here.
         for noise in ("SecurityWarning", "[tasks]", "Uvicorn running", "Writing model shards", '{"ts"'):
@@ -69,10 +81,17 @@ def _train_one_job(base: str, key: str, tmp_path: Path) -> None:
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "a short document to train on"}\n' * 2)
     f = client.files.create(file=data.open("rb"), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="seco-tiny-demo", training_file=f.id, hyperparameters={"n_epochs": 1},
-                                         extra_body={"seco": {"chunk_size": 16, "max_length": 32}})  # fmt: skip
-    done = wait_for(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
-                    120, what="the job")  # fmt: skip
+    job = client.fine_tuning.jobs.create(
+        model="seco-tiny-demo",
+        training_file=f.id,
+        hyperparameters={"n_epochs": 1},
+        extra_body={"seco": {"chunk_size": 16, "max_length": 32}},
+    )
+    done = wait_for(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+        120,
+        what="the job",
+    )
     assert done.status == "succeeded", done.error
 
 
@@ -103,8 +122,16 @@ def _everything_is_private(data_dir: Path) -> None:
             open_ones.append(f"{oct(mode & 0o777)} {path.relative_to(data_dir.parent)}")
     assert not open_ones, "\n".join(open_ones)
     names = {p.name for p in data_dir.rglob("*")}
-    for expected in ("api_key", "redis_password", "valkey.conf", "adapter.tar.gz", "metrics.csv", "trainer_state.pt",
-                     "api.log", "worker.log"):  # fmt: skip
+    for expected in (
+        "api_key",
+        "redis_password",
+        "valkey.conf",
+        "adapter.tar.gz",
+        "metrics.csv",
+        "trainer_state.pt",
+        "api.log",
+        "worker.log",
+    ):
         assert expected in names, (expected, sorted(names))
     assert any(n.startswith("file-") for n in names) and any(n.endswith(".aof") for n in names), sorted(names)
 
@@ -116,10 +143,25 @@ def test_seco_api_workers_runs_several_processes_that_serve(redis_url: str, demo
     from openai import OpenAI
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "SECO_DATA_DIR": str(tmp_path / "data"),
-           "SECO_API_KEYS": KEY_A, "SECO_MODELS": f"tiny={demo_model}", "OMP_NUM_THREADS": "1"}  # fmt: skip
-    cmd = [sys.executable, "-c", "from service.client.cli import main; raise SystemExit(main())", "api",
-           "--port", str(port), "--workers", "2"]  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "REDIS_URL": redis_url,
+        "SECO_DATA_DIR": str(tmp_path / "data"),
+        "SECO_API_KEYS": KEY_A,
+        "SECO_MODELS": f"tiny={demo_model}",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-c",
+        "from service.client.cli import main; raise SystemExit(main())",
+        "api",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+    ]
     log = open(tmp_path / "api.log", "ab")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=log, start_new_session=True)
     base = f"http://127.0.0.1:{port}"

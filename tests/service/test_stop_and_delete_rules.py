@@ -40,9 +40,12 @@ def upload(svc: Any, tmp: Path, n: int) -> str:
 
 def create(svc: Any, fid: str, n_epochs: int = 2, model: str = "tiny") -> Any:
     return svc.client().fine_tuning.jobs.create(
-        model=model, training_file=fid, seed=3, hyperparameters={"n_epochs": n_epochs, "batch_size": 1},
+        model=model,
+        training_file=fid,
+        seed=3,
+        hyperparameters={"n_epochs": n_epochs, "batch_size": 1},
         extra_body={"seco": SECO} if model == "tiny" else None,
-    )  # fmt: skip
+    )
 
 
 def step(svc: Any, job_id: str) -> int:
@@ -51,8 +54,12 @@ def step(svc: Any, job_id: str) -> int:
 
 def finished(svc: Any, job_id: str, wait: Callable[..., Any], timeout: float = 300) -> Any:
     jobs = svc.client().fine_tuning.jobs
-    return wait(lambda: (j := jobs.retrieve(job_id)).status in ("succeeded", "failed", "cancelled", "paused") and j,
-                timeout=timeout, interval=0.2, what=f"job {job_id} to stop")  # fmt: skip
+    return wait(
+        lambda: (j := jobs.retrieve(job_id)).status in ("succeeded", "failed", "cancelled", "paused") and j,
+        timeout=timeout,
+        interval=0.2,
+        what=f"job {job_id} to stop",
+    )
 
 
 def test_a_cancel_sent_while_a_pause_is_pending_wins(svc: Any, tmp_path: Path, wait: Callable[..., Any]) -> None:

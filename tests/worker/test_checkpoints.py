@@ -52,8 +52,15 @@ def gpu_checkpoint(tmp_path: Path, demo_model: Path, monkeypatch: pytest.MonkeyP
         m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")
         m.setattr(torch.cuda, "is_available", lambda: True)
         m.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in SAVED_CUDA_STATES])
-        return save_checkpoint(tmp_path / "checkpoints", model, "tiny", optimizer, scheduler,
-                               Position(step=1, epoch=0, batch_in_epoch=1, trained_tokens=12), {"step": 1})  # fmt: skip
+        return save_checkpoint(
+            tmp_path / "checkpoints",
+            model,
+            "tiny",
+            optimizer,
+            scheduler,
+            Position(step=1, epoch=0, batch_in_epoch=1, trained_tokens=12),
+            {"step": 1},
+        )
 
 
 def _simulate_devices(monkeypatch: pytest.MonkeyPatch, count: int) -> dict[int, torch.Tensor]:

@@ -26,17 +26,28 @@ TINY_LLAMA = LlamaConfig(
     max_position_embeddings=65536,
 )  # the benchmark's CPU preset
 LLAMA3_8B = LlamaConfig(
-    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-)  # fmt: skip
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+)
 
 
 def spec_for(max_length: int | None, budget: int = 24 * GiB, device: str = "cuda:0", **seco: Any) -> TrainSpec:
     return TrainSpec(
-        job_id="ftjob-plan", model_name="llama3-8b", model_path=Path("."), training_file=Path("."),
-        validation_file=None, output_dir=Path("."), device=device, memory_budget_bytes=budget,
+        job_id="ftjob-plan",
+        model_name="llama3-8b",
+        model_path=Path("."),
+        training_file=Path("."),
+        validation_file=None,
+        output_dir=Path("."),
+        device=device,
+        memory_budget_bytes=budget,
         seco=JobConfig(max_length=max_length, **seco),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -61,31 +61,49 @@ def test_plain_format_without_a_template_ends_answers_with_eos(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("record", "reason"),
     [
-        ({**pair(), "preferred_output": {"role": "assistant", "content": "x"}},
-         "'preferred_output' must be a list with one assistant message"),
-        ({**pair(), "preferred_output": [{"role": "assistant", "content": "a"}] * 2},
-         "'preferred_output' must be a list with one assistant message"),
-        ({**pair(), "non_preferred_output": [{"role": "user", "content": "x"}]},
-         "non_preferred_output[0].role must be 'assistant', got 'user'"),
-        ({**pair(), "preferred_output": [{"role": "assistant", "content": "x", "weight": 1}]},
-         "preferred_output[0]: 'weight' has no meaning in a preference record"),
-        ({k: v for k, v in pair().items() if k != "non_preferred_output"},
-         "a preference record needs ['non_preferred_output'] too"),
+        (
+            {**pair(), "preferred_output": {"role": "assistant", "content": "x"}},
+            "'preferred_output' must be a list with one assistant message",
+        ),
+        (
+            {**pair(), "preferred_output": [{"role": "assistant", "content": "a"}] * 2},
+            "'preferred_output' must be a list with one assistant message",
+        ),
+        (
+            {**pair(), "non_preferred_output": [{"role": "user", "content": "x"}]},
+            "non_preferred_output[0].role must be 'assistant', got 'user'",
+        ),
+        (
+            {**pair(), "preferred_output": [{"role": "assistant", "content": "x", "weight": 1}]},
+            "preferred_output[0]: 'weight' has no meaning in a preference record",
+        ),
+        (
+            {k: v for k, v in pair().items() if k != "non_preferred_output"},
+            "a preference record needs ['non_preferred_output'] too",
+        ),
         ({**pair(), "input": [{"role": "user", "content": "x"}]}, "'input' must be an object with 'messages'"),
         ({**pair(), "input": {"messages": []}}, "'input.messages' must be a non-empty list"),
-        ({**pair(), "input": {"messages": [{"role": "user", "content": "x"}], "tools": []}},
-         "input ['tools'] are not supported (no tool or function calling)"),
-        ({**pair(), "input": {"messages": [{"role": "user", "content": "x"}], "temperature": 1}},
-         "unknown field(s) ['temperature'] in 'input'"),
-        ({**pair(), "input": {"messages": [{"role": "wizard", "content": "x"}]}},
-         "input.messages[0].role must be one of 'system', 'user', 'assistant', got 'wizard'"),
+        (
+            {**pair(), "input": {"messages": [{"role": "user", "content": "x"}], "tools": []}},
+            "input ['tools'] are not supported (no tool or function calling)",
+        ),
+        (
+            {**pair(), "input": {"messages": [{"role": "user", "content": "x"}], "temperature": 1}},
+            "unknown field(s) ['temperature'] in 'input'",
+        ),
+        (
+            {**pair(), "input": {"messages": [{"role": "wizard", "content": "x"}]}},
+            "input.messages[0].role must be one of 'system', 'user', 'assistant', got 'wizard'",
+        ),
         (pair(good="same", bad="same"), "'preferred_output' and 'non_preferred_output' are the same answer"),
         (pair(id=3), "unknown field(s) ['id'] in a 'preference' record"),
-        ({"text": "a supervised record"},
-         "a supervised record in a file of preference records (line 1 is one); a file holds either preference "
-         "pairs (for method 'dpo') or supervised records, not both"),
+        (
+            {"text": "a supervised record"},
+            "a supervised record in a file of preference records (line 1 is one); a file holds either preference "
+            "pairs (for method 'dpo') or supervised records, not both",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_preference_record_names_file_line_and_reason(tmp_path: Path, record: object, reason: str) -> None:
     """The same rule at upload (validate_file) and in the worker (load_preferences)."""
     path = write(tmp_path, pair(), record)

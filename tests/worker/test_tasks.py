@@ -55,8 +55,13 @@ def test_the_celery_task_trains_the_next_job_not_the_one_it_names(
     store = Store.from_url(redis_url)
     store.r.flushdb()
     data = LocalStorage(tmp_path / "data")
-    for name, value in {"REDIS_URL": redis_url, "SECO_DATA_DIR": str(data.root), "SECO_MODELS": f"tiny={tmp_path}",
-                        "SECO_DEVICE": "cpu", "SECO_LEASE_SECONDS": "3"}.items():  # fmt: skip
+    for name, value in {
+        "REDIS_URL": redis_url,
+        "SECO_DATA_DIR": str(data.root),
+        "SECO_MODELS": f"tiny={tmp_path}",
+        "SECO_DEVICE": "cpu",
+        "SECO_LEASE_SECONDS": "3",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(worker.trainer, "train", fake_train)  # what the task imports in its child process
     get_settings.cache_clear()  # the task reads the process's settings from the environment

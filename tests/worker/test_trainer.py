@@ -203,8 +203,12 @@ def test_a_pause_after_the_last_step_lets_the_job_finish(tmp_path: Path, demo_mo
 def test_a_job_on_top_of_a_fine_tuned_model_continues_its_adapter(tmp_path: Path, demo_model: Path) -> None:
     parent = train(make_spec(tmp_path / "parent", demo_model, n_epochs=1), Recorder())
     child_rec = Recorder()
-    child = train(make_spec(tmp_path / "child", demo_model, n_epochs=1, learning_rate_multiplier=1e-9,
-                            init_adapter=parent.adapter_dir), child_rec)  # fmt: skip
+    child = train(
+        make_spec(
+            tmp_path / "child", demo_model, n_epochs=1, learning_rate_multiplier=1e-9, init_adapter=parent.adapter_dir
+        ),
+        child_rec,
+    )
     a, b = adapter_weights(parent.adapter_dir), adapter_weights(child.adapter_dir)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), "it started from it"
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k), "a fresh adapter would have zero lora_B"
@@ -212,8 +216,13 @@ def test_a_job_on_top_of_a_fine_tuned_model_continues_its_adapter(tmp_path: Path
     c = adapter_weights(fresh.adapter_dir)
     assert all(c[k].abs().max() < 1e-6 for k in c if "lora_B" in k)
 
-    other_shape = make_spec(tmp_path / "bad", demo_model, n_epochs=1, init_adapter=parent.adapter_dir,
-                            seco=JobConfig(chunk_size=64, max_length=128, lora=JobLora(r=2)))  # fmt: skip
+    other_shape = make_spec(
+        tmp_path / "bad",
+        demo_model,
+        n_epochs=1,
+        init_adapter=parent.adapter_dir,
+        seco=JobConfig(chunk_size=64, max_length=128, lora=JobLora(r=2)),
+    )
     with pytest.raises(TrainingError) as info:
         train(other_shape, Recorder())
     assert info.value.code == "invalid_lora"
@@ -322,15 +331,22 @@ def test_4bit_weights_need_cuda_and_bitsandbytes(tmp_path: Path, demo_model: Pat
     [
         ([{"prompt": "Q: what jumps? A:", "completion": " the quick brown fox"}] * 2, " the quick brown fox"),
         (
-            [{"messages": [{"role": "user", "content": "what jumps?"},
-                           {"role": "assistant", "content": "the fox", "weight": 0},
-                           {"role": "user", "content": "and then?"},
-                           {"role": "assistant", "content": "the dog sleeps"}]}] * 2,
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": "what jumps?"},
+                        {"role": "assistant", "content": "the fox", "weight": 0},
+                        {"role": "user", "content": "and then?"},
+                        {"role": "assistant", "content": "the dog sleeps"},
+                    ]
+                }
+            ]
+            * 2,
             "the dog sleeps",
         ),
     ],
     ids=["prompt-completion", "chat"],
-)  # fmt: skip
+)
 def test_each_format_trains_only_its_targets(
     tmp_path: Path, demo_model: Path, records: list[dict[str, Any]], trained_text: str
 ) -> None:

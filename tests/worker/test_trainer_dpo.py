@@ -20,11 +20,21 @@ def dpo_spec(tmp_path: Path, model: Path, **overrides: object) -> TrainSpec:
     train_file = write_jsonl(tmp_path / "train.jsonl", preference_records(24, seed=1))
     valid_file = write_jsonl(tmp_path / "valid.jsonl", preference_records(8, seed=2))
     spec = TrainSpec(
-        job_id="ftjob-dpo", model_name="tiny", model_path=model, training_file=train_file,
-        validation_file=valid_file, output_dir=tmp_path / "job", n_epochs=2, batch_size=4,
-        learning_rate_multiplier=10.0, seed=1, seco=JobConfig(chunk_size=16, lora=JobLora(r=8, alpha=16)),
-        checkpoint_every=3, method="dpo", beta=0.5,
-    )  # fmt: skip
+        job_id="ftjob-dpo",
+        model_name="tiny",
+        model_path=model,
+        training_file=train_file,
+        validation_file=valid_file,
+        output_dir=tmp_path / "job",
+        n_epochs=2,
+        batch_size=4,
+        learning_rate_multiplier=10.0,
+        seed=1,
+        seco=JobConfig(chunk_size=16, lora=JobLora(r=8, alpha=16)),
+        checkpoint_every=3,
+        method="dpo",
+        beta=0.5,
+    )
     for key, value in overrides.items():
         setattr(spec, key, value)
     return spec
@@ -65,8 +75,10 @@ def test_dpo_job_learns_the_preference(tmp_path: Path, demo_model: Path) -> None
 def test_auto_hyperparameters_resolve_to_the_values_used(tmp_path: Path, demo_model: Path) -> None:
     rec = Recorder(cancel_at=1)
     with pytest.raises(JobCancelled):
-        train(dpo_spec(tmp_path, demo_model, n_epochs=None, batch_size=None, learning_rate_multiplier=None,
-                       beta=None), rec)  # fmt: skip
+        train(
+            dpo_spec(tmp_path, demo_model, n_epochs=None, batch_size=None, learning_rate_multiplier=None, beta=None),
+            rec,
+        )
     assert rec.resolved == [{"n_epochs": 3, "batch_size": 1, "learning_rate_multiplier": 1.0, "beta": 0.1}]
     assert rec.steps[0]["total_steps"] == 3 * 24  # 24 pairs, one per step, 3 epochs
 

@@ -19,8 +19,9 @@ from tests.record_reads import list_checkpoints
 
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("recovery"), workers=1, SECO_CHECKPOINT_EVERY="3",
-                       SECO_LEASE_SECONDS="4")  # fmt: skip
+    s = launch_service(
+        redis_url, tmp_path_factory.mktemp("recovery"), workers=1, SECO_CHECKPOINT_EVERY="3", SECO_LEASE_SECONDS="4"
+    )
     yield s
     s.close()
 
@@ -31,19 +32,26 @@ def test_sigkill_mid_job_resumes_from_checkpoint(svc: Any, tmp_path: Path, wait:
     client = svc.client()
     fid = client.files.create(file=p.open("rb"), purpose="fine-tune").id
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=fid, hyperparameters={"n_epochs": 2, "batch_size": 1},
+        model="tiny",
+        training_file=fid,
+        hyperparameters={"n_epochs": 2, "batch_size": 1},
         extra_body={"seco": {"chunk_size": 16, "max_length": 64, "lora": {"r": 4}}},
-    )  # fmt: skip
+    )
     store = svc.store()
-    wait(lambda: len(list_checkpoints(store, job.id, after=None, limit=100)[0]) >= 2, timeout=240,
-         what="two checkpoints")  # fmt: skip
+    wait(
+        lambda: len(list_checkpoints(store, job.id, after=None, limit=100)[0]) >= 2, timeout=240, what="two checkpoints"
+    )
     rec = store.get_job(job.id)
     assert rec.status == "running" and rec.worker
     victim = int(rec.worker.rsplit(":", 1)[1])  # the pool process running the job
     os.kill(victim, signal.SIGKILL)
 
-    done = wait(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
-                timeout=300, interval=0.5, what="the job to finish after the kill")  # fmt: skip
+    done = wait(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+        timeout=300,
+        interval=0.5,
+        what="the job to finish after the kill",
+    )
     assert done.status == "succeeded", (done.error, svc.logs())
     assert (done.model_extra or {})["attempts"] == 1
     events = list(reversed(list(client.fine_tuning.jobs.list_events(job.id, limit=1000))))
@@ -75,8 +83,11 @@ def test_a_pickled_task_message_is_refused(svc: Any, tmp_path: Path, wait: Calla
     celery = make_celery(settings)
     celery.send_task(TASK_NAME, args=[job_id], queue=settings.queue, serializer="pickle")
     log = svc.log_dir / "worker-0.log"
-    wait(lambda: "untrusted content of type pickle" in log.read_text(errors="replace"), timeout=30,
-         what="the worker to refuse the pickled message")  # fmt: skip
+    wait(
+        lambda: "untrusted content of type pickle" in log.read_text(errors="replace"),
+        timeout=30,
+        what="the worker to refuse the pickled message",
+    )
     time.sleep(1)
     assert store.get_job(job_id).status == "queued", "the refused message started nothing"  # type: ignore[union-attr]
     publish(celery, settings, job_id)

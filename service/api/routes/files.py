@@ -52,14 +52,26 @@ UPLOAD_BODY = {
 
 
 def public(rec: FileRecord) -> FileObject:
-    return FileObject(id=rec.id, bytes=rec.bytes, created_at=rec.created_at, filename=rec.filename,
-                      purpose=rec.purpose, status=rec.status, expires_at=rec.expires_at)  # fmt: skip
+    return FileObject(
+        id=rec.id,
+        bytes=rec.bytes,
+        created_at=rec.created_at,
+        filename=rec.filename,
+        purpose=rec.purpose,
+        status=rec.status,
+        expires_at=rec.expires_at,
+    )
 
 
 def _quota_error(limit: int, headers: dict[str, str] | None = None) -> APIError:
-    return APIError(429, f"Storage quota of {limit} bytes for this API key is used up by files and job outputs; "
-                    "delete files or finished jobs first", code="quota_exceeded", retry=False,
-                    headers=headers)  # fmt: skip
+    return APIError(
+        429,
+        f"Storage quota of {limit} bytes for this API key is used up by files and job outputs; "
+        "delete files or finished jobs first",
+        code="quota_exceeded",
+        retry=False,
+        headers=headers,
+    )
 
 
 @router.post("", response_model=FileObject, openapi_extra=UPLOAD_BODY)
@@ -95,15 +107,22 @@ async def _create_file(request: Request, tenant: str, store: Store, settings: Se
         except TooLarge:
             if limit < settings.max_upload_bytes:
                 raise _quota_error(settings.max_file_bytes, UNREAD_BODY) from None
-            raise APIError(413, f"File is larger than the limit of {settings.max_upload_bytes} bytes",
-                           param="file", code="file_too_large", retry=False, headers=UNREAD_BODY) from None  # fmt: skip
+            raise APIError(
+                413,
+                f"File is larger than the limit of {settings.max_upload_bytes} bytes",
+                param="file",
+                code="file_too_large",
+                retry=False,
+                headers=UNREAD_BODY,
+            ) from None
         purpose = up.fields["purpose"]
         if purpose != "fine-tune":
             raise bad_request(f"purpose must be 'fine-tune' (got {purpose!r})", param="purpose")
         created_at = now()
         try:
-            expires = expires_at(created_at, up.fields.get("expires_after[anchor]"),
-                                 up.fields.get("expires_after[seconds]"))  # fmt: skip
+            expires = expires_at(
+                created_at, up.fields.get("expires_after[anchor]"), up.fields.get("expires_after[seconds]")
+            )
         except InvalidExpiry as e:
             raise bad_request(str(e), param=e.param, code="invalid_expires_after") from None
         try:
@@ -112,20 +131,32 @@ async def _create_file(request: Request, tenant: str, store: Store, settings: Se
             raise bad_request(f"Invalid training file: {e}", param="file", code="invalid_file") from None
         await run_in_threadpool(storage.put_file, key, tmp, move=True)  # publish: complete, validated files only
         kind = record_kind(fmt.split("+")[0])  # a file holds one kind of record (formats.py)
-        rec = FileRecord(id=file_id, tenant=tenant, bytes=up.bytes, created_at=created_at, filename=up.filename,
-                         purpose=purpose, path=key, kind=kind, expires_at=expires)  # fmt: skip
+        rec = FileRecord(
+            id=file_id,
+            tenant=tenant,
+            bytes=up.bytes,
+            created_at=created_at,
+            filename=up.filename,
+            purpose=purpose,
+            path=key,
+            kind=kind,
+            expires_at=expires,
+        )
         outputs = await run_in_threadpool(store.tenant_output_bytes, tenant)
         try:  # the script checks uploads against what the outputs leave of the quota, atomically
-            await run_in_threadpool(store.create_file, rec, counted=True,
-                                    tenant_limit=settings.max_file_bytes - outputs)  # fmt: skip
+            await run_in_threadpool(
+                store.create_file, rec, counted=True, tenant_limit=settings.max_file_bytes - outputs
+            )
         except LimitExceeded:
             await run_in_threadpool(storage.delete, key)
             raise _quota_error(settings.max_file_bytes) from None
         except BaseException:
             await run_in_threadpool(storage.delete, key)
             raise
-        log.info("file uploaded", extra={"file_id": file_id, "tenant": tenant, "bytes": up.bytes,
-                                         "records": n, "format": fmt})  # fmt: skip
+        log.info(
+            "file uploaded",
+            extra={"file_id": file_id, "tenant": tenant, "bytes": up.bytes, "records": n, "format": fmt},
+        )
         return public(rec)
     finally:
         with contextlib.suppress(OSError):
@@ -147,8 +178,9 @@ def list_files(
     except KeyError:
         raise bad_request(f"after: no such file {after!r}", param="after") from None
     data = [public(r) for r in recs if not is_expired(r)]  # the sweep deletes them soon
-    return FileList(data=data, has_more=more, first_id=data[0].id if data else None,
-                    last_id=data[-1].id if data else None)  # fmt: skip
+    return FileList(
+        data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )
 
 
 def _get(store: StoreDep, tenant: str, file_id: str) -> FileRecord:
@@ -181,10 +213,13 @@ def _refuse_model_adapter(store: Store, rec: FileRecord) -> None:
         return
     job = store.get_job(rec.job_id, rec.tenant)
     if job is not None and job.adapter_file == rec.id and job.fine_tuned_model:
-        raise bad_request(f"File {rec.id!r} is the adapter of fine-tuned model {job.fine_tuned_model!r}; delete the "
-                          f"model instead (DELETE /v1/models/{job.fine_tuned_model}), which removes its adapter, "
-                          "checkpoints and result files together", param="file_id",
-                          code="file_in_use")  # fmt: skip
+        raise bad_request(
+            f"File {rec.id!r} is the adapter of fine-tuned model {job.fine_tuned_model!r}; delete the "
+            f"model instead (DELETE /v1/models/{job.fine_tuned_model}), which removes its adapter, "
+            "checkpoints and result files together",
+            param="file_id",
+            code="file_in_use",
+        )
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
@@ -197,8 +232,11 @@ def delete_file(file_id: str, tenant: TenantDep, store: StoreDep, storage: Stora
     try:
         store.delete_file(rec)
     except FileInUse as e:
-        raise bad_request(f"File {file_id!r} is used by job {e} which has not finished; cancel it first",
-                          param="file_id", code="file_in_use") from None  # fmt: skip
+        raise bad_request(
+            f"File {file_id!r} is used by job {e} which has not finished; cancel it first",
+            param="file_id",
+            code="file_in_use",
+        ) from None
     storage.delete(rec.path)
     if rec.job_id:  # a job's result file: the job's outputs shrank
         measure_outputs(store, storage, tenant, rec.job_id)

@@ -64,21 +64,36 @@ def public_job(rec: JobRecord, store: QueuePositions) -> FineTuningJob:
     """
     hp = rec.hyperparameters
     return FineTuningJob(
-        id=rec.id, created_at=rec.created_at, finished_at=rec.finished_at, model=rec.model,
-        fine_tuned_model=rec.fine_tuned_model, organization_id=organization_id(rec.tenant),
+        id=rec.id,
+        created_at=rec.created_at,
+        finished_at=rec.finished_at,
+        model=rec.model,
+        fine_tuned_model=rec.fine_tuned_model,
+        organization_id=organization_id(rec.tenant),
         result_files=rec.result_files,
-        status=rec.status, training_file=rec.training_file, validation_file=rec.validation_file,
-        hyperparameters=hp, trained_tokens=rec.trained_tokens,
-        error=JobError(**rec.error) if rec.error else None, seed=rec.seed,
-        estimated_finish=rec.estimated_finish if rec.status == "running" else None, metadata=rec.metadata,
+        status=rec.status,
+        training_file=rec.training_file,
+        validation_file=rec.validation_file,
+        hyperparameters=hp,
+        trained_tokens=rec.trained_tokens,
+        error=JobError(**rec.error) if rec.error else None,
+        seed=rec.seed,
+        estimated_finish=rec.estimated_finish if rec.status == "running" else None,
+        metadata=rec.metadata,
         method={"type": rec.method, rec.method: {"hyperparameters": hp}},
         user_provided_suffix=rec.suffix,
         queue_position=store.queue_position(rec.id) if rec.status == "queued" else None,
-        progress=1.0 if rec.status == "succeeded" else rec.progress, step=rec.step, total_steps=rec.total_steps,
-        peak_memory_bytes=rec.peak_memory_bytes, cancel_requested=rec.cancel_requested,
+        progress=1.0 if rec.status == "succeeded" else rec.progress,
+        step=rec.step,
+        total_steps=rec.total_steps,
+        peak_memory_bytes=rec.peak_memory_bytes,
+        cancel_requested=rec.cancel_requested,
         pause_requested=rec.pause_requested,
-        attempts=rec.attempts, started_at=rec.started_at, seco=rec.seco, adapter_file=rec.adapter_file,
-    )  # fmt: skip
+        attempts=rec.attempts,
+        started_at=rec.started_at,
+        seco=rec.seco,
+        adapter_file=rec.adapter_file,
+    )
 
 
 class _Position:
@@ -100,14 +115,19 @@ def public_job_json(flat: JobHash, position: int | None) -> str:
 
 def public_checkpoints(rec: JobRecord, cks: list[Checkpoint], more: bool) -> CheckpointList:
     data = [
-        JobCheckpoint(id=c.id, created_at=c.created_at,
-                      fine_tuned_model_checkpoint=checkpoint_model_name(rec.base_model, rec.tenant, rec.suffix,
-                                                                        rec.id, c.step),
-                      fine_tuning_job_id=rec.id, step_number=c.step, metrics={"step": c.step, **c.metrics})
+        JobCheckpoint(
+            id=c.id,
+            created_at=c.created_at,
+            fine_tuned_model_checkpoint=checkpoint_model_name(rec.base_model, rec.tenant, rec.suffix, rec.id, c.step),
+            fine_tuning_job_id=rec.id,
+            step_number=c.step,
+            metrics={"step": c.step, **c.metrics},
+        )
         for c in cks
-    ]  # fmt: skip
-    return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
-                          last_id=data[-1].id if data else None)  # fmt: skip
+    ]
+    return CheckpointList(
+        data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
+    )
 
 
 def _get(store: Store, tenant: str, job_id: str) -> JobRecord:
@@ -131,12 +151,16 @@ def _check_kind(param: str, frec: FileRecord, method: str) -> None:
     if frec.kind is None or frec.kind == wanted:
         return
     if wanted == PREFERENCE:
-        message = (f"{param}: file {frec.id!r} holds supervised records (text, chat or prompt/completion); a job "
-                   "with method type 'dpo' needs preference pairs, one {\"input\", \"preferred_output\", "
-                   "\"non_preferred_output\"} object per line")  # fmt: skip
+        message = (
+            f"{param}: file {frec.id!r} holds supervised records (text, chat or prompt/completion); a job "
+            'with method type \'dpo\' needs preference pairs, one {"input", "preferred_output", '
+            '"non_preferred_output"} object per line'
+        )
     else:
-        message = (f"{param}: file {frec.id!r} holds preference pairs; train on them with "
-                   "method={\"type\": \"dpo\"}, or give this job supervised records")  # fmt: skip
+        message = (
+            f"{param}: file {frec.id!r} holds preference pairs; train on them with "
+            'method={"type": "dpo"}, or give this job supervised records'
+        )
     raise bad_request(message, param=param, code="invalid_file_format")
 
 
@@ -146,24 +170,35 @@ def _parent_lora(body: JobCreate, tenant: str, store: Store, settings: Settings)
     refuse_alias(body.model)
     if parse_model_name(body.model) is None:
         offered = ", ".join(settings.models) or "(none configured)"
-        raise bad_request(f"Model {body.model!r} is not offered by this server; choose one of: {offered}",
-                          param="model", code="model_not_available")  # fmt: skip
+        raise bad_request(
+            f"Model {body.model!r} is not offered by this server; choose one of: {offered}",
+            param="model",
+            code="model_not_available",
+        )
     found = resolve_fine_tuned(body.model, tenant, store)
     if found is None:
-        raise bad_request(f"Model {body.model!r} is not one of your fine-tuned models or checkpoints (GET "
-                          "/v1/models lists them; a checkpoint is kept while it is among the newest)", param="model",
-                          code="model_not_available")  # fmt: skip
+        raise bad_request(
+            f"Model {body.model!r} is not one of your fine-tuned models or checkpoints (GET "
+            "/v1/models lists them; a checkpoint is kept while it is among the newest)",
+            param="model",
+            code="model_not_available",
+        )
     if found.adapter_location(store) is None:
-        raise bad_request(f"Model {body.model!r} no longer has its adapter", param="model",
-                          code="model_not_available")  # fmt: skip
+        raise bad_request(f"Model {body.model!r} no longer has its adapter", param="model", code="model_not_available")
     if found.name.base not in settings.models:
-        raise bad_request(f"Model {body.model!r} adapts base model {found.name.base!r}, which this server no "
-                          "longer offers", param="model", code="model_not_available")  # fmt: skip
+        raise bad_request(
+            f"Model {body.model!r} adapts base model {found.name.base!r}, which this server no longer offers",
+            param="model",
+            code="model_not_available",
+        )
     lora = dict(found.job.seco.get("lora") or {})
     if "lora" in body.seco.model_fields_set and body.seco.lora.model_dump() != lora:
-        raise bad_request(f"seco.lora: a job on top of {body.model!r} continues training its adapter, whose LoRA "
-                          f"settings are {lora}; leave seco.lora out or give the same", param="seco.lora",
-                          code="invalid_lora")  # fmt: skip
+        raise bad_request(
+            f"seco.lora: a job on top of {body.model!r} continues training its adapter, whose LoRA "
+            f"settings are {lora}; leave seco.lora out or give the same",
+            param="seco.lora",
+            code="invalid_lora",
+        )
     return lora
 
 
@@ -193,45 +228,70 @@ def create_job(
         if frec is None or is_expired(frec):
             raise bad_request(f"{param}: no such file {file_id!r}", param=param, code="file_not_found")
         if frec.purpose != "fine-tune":
-            raise bad_request(f"{param}: file {file_id!r} has purpose {frec.purpose!r}; upload training data "
-                              "with purpose 'fine-tune'", param=param)  # fmt: skip
+            raise bad_request(
+                f"{param}: file {file_id!r} has purpose {frec.purpose!r}; upload training data "
+                "with purpose 'fine-tune'",
+                param=param,
+            )
         _check_kind(param, frec, body.method_type)
         stored[file_id] = frec.path
     if store.tenant_storage_bytes(tenant) >= settings.max_file_bytes:  # its outputs would not fit
-        raise APIError(429, f"Storage quota of {settings.max_file_bytes} bytes for this API key is used up by files "
-                       "and job outputs; delete files or finished jobs first", code="quota_exceeded",
-                       retry=False)  # fmt: skip
+        raise APIError(
+            429,
+            f"Storage quota of {settings.max_file_bytes} bytes for this API key is used up by files "
+            "and job outputs; delete files or finished jobs first",
+            code="quota_exceeded",
+            retry=False,
+        )
     rec = JobRecord(
-        id=ids.new_job_id(), tenant=tenant, status="validating_files", created_at=now(), model=body.model,
-        training_file=body.training_file, validation_file=body.validation_file,
-        hyperparameters=body.effective_hyperparameters().model_dump(), suffix=body.suffix,
-        seed=body.seed if body.seed is not None else secrets.randbelow(2**31), metadata=body.metadata,
-        seco=seco, method=body.method_type,
-    )  # fmt: skip
+        id=ids.new_job_id(),
+        tenant=tenant,
+        status="validating_files",
+        created_at=now(),
+        model=body.model,
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        hyperparameters=body.effective_hyperparameters().model_dump(),
+        suffix=body.suffix,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        metadata=body.metadata,
+        seco=seco,
+        method=body.method_type,
+    )
     try:
         store.create_job(rec, tenant_limit=settings.max_queued_jobs)
     except LimitExceeded:
-        raise APIError(429, f"This API key already has {settings.max_queued_jobs} queued or running jobs; wait "
-                       "for one to finish or cancel one", code="quota_exceeded", retry=False) from None  # fmt: skip
+        raise APIError(
+            429,
+            f"This API key already has {settings.max_queued_jobs} queued or running jobs; wait "
+            "for one to finish or cancel one",
+            code="quota_exceeded",
+            retry=False,
+        ) from None
     except LookupError:
-        raise bad_request("A file of this job was deleted while the job was being created",
-                          param="training_file") from None  # fmt: skip
-    store.add_event(rec.id, f"Validating training file: {rec.training_file}"
-                    + (f" and validation file: {rec.validation_file}" if rec.validation_file else ""))  # fmt: skip
+        raise bad_request(
+            "A file of this job was deleted while the job was being created", param="training_file"
+        ) from None
+    store.add_event(
+        rec.id,
+        f"Validating training file: {rec.training_file}"
+        + (f" and validation file: {rec.validation_file}" if rec.validation_file else ""),
+    )
     # Records were validated at upload; here only check the bytes are still in storage.
     missing = [file_id for file_id, key in stored.items() if not storage.exists(key)]
     if missing:
-        store.fail_unstarted(rec.id, f"File content missing from storage: {', '.join(missing)}",
-                             "file_missing")  # fmt: skip
-    elif store.transition(rec.id, ["validating_files"], "queued",
-                          event="Files validated, moving job to queued state")[0]:  # fmt: skip
+        store.fail_unstarted(rec.id, f"File content missing from storage: {', '.join(missing)}", "file_missing")
+    elif store.transition(rec.id, ["validating_files"], "queued", event="Files validated, moving job to queued state")[
+        0
+    ]:
         try:
             enqueue(rec.id)
         except Exception as e:
             log.exception("could not enqueue job %s", rec.id)
             store.fail_unstarted(rec.id, f"Could not queue the job: {type(e).__name__}", "queue_unavailable")
-            raise APIError(503, "The job queue is unavailable; retry shortly", type="server_error",
-                           code="queue_unavailable") from None  # fmt: skip
+            raise APIError(
+                503, "The job queue is unavailable; retry shortly", type="server_error", code="queue_unavailable"
+            ) from None
     log.info("job created", extra={"job_id": rec.id, "tenant": tenant, "model": rec.model})
     return public_job(_get(store, tenant, rec.id), store)
 
@@ -275,8 +335,11 @@ def cancel_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> F
     rec = _get(store, tenant, fine_tuning_job_id)
     status = store.request_cancel(rec.id)
     if status in ("succeeded", "failed"):
-        raise bad_request(f"Job {rec.id} has already {status} and cannot be cancelled", param="fine_tuning_job_id",
-                          code="invalid_state")  # fmt: skip
+        raise bad_request(
+            f"Job {rec.id} has already {status} and cannot be cancelled",
+            param="fine_tuning_job_id",
+            code="invalid_state",
+        )
     return public_job(_get(store, tenant, rec.id), store)
 
 
@@ -292,8 +355,11 @@ def pause_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep) -> Fi
     rec = _get(store, tenant, fine_tuning_job_id)
     status = store.request_pause(rec.id)
     if status in TERMINAL:
-        raise bad_request(f"Job {rec.id} has already {'been ' if status == 'cancelled' else ''}{status} and "
-                          "cannot be paused", param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
+        raise bad_request(
+            f"Job {rec.id} has already {'been ' if status == 'cancelled' else ''}{status} and cannot be paused",
+            param="fine_tuning_job_id",
+            code="invalid_state",
+        )
     return public_job(_get(store, tenant, rec.id), store)
 
 
@@ -304,15 +370,22 @@ def resume_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, enqu
     rec = _get(store, tenant, fine_tuning_job_id)
     applied, before = store.resume(rec.id)
     if not applied:
-        raise bad_request(f"Job {rec.id} is {before}, not paused; only a paused job can be resumed",
-                          param="fine_tuning_job_id", code="invalid_state")  # fmt: skip
+        raise bad_request(
+            f"Job {rec.id} is {before}, not paused; only a paused job can be resumed",
+            param="fine_tuning_job_id",
+            code="invalid_state",
+        )
     try:
         enqueue(rec.id)
     except Exception as e:  # paused again (unless a worker took it already), so a retry of the resume works
         log.exception("could not enqueue resumed job %s", rec.id)
         store.transition(rec.id, ["queued"], "paused", event="Could not queue the job; it stays paused")
-        raise APIError(503, f"The job queue is unavailable ({type(e).__name__}); the job stays paused, retry "
-                       "the resume shortly", type="server_error", code="queue_unavailable") from None  # fmt: skip
+        raise APIError(
+            503,
+            f"The job queue is unavailable ({type(e).__name__}); the job stays paused, retry the resume shortly",
+            type="server_error",
+            code="queue_unavailable",
+        ) from None
     log.info("job resumed", extra={"job_id": rec.id, "tenant": tenant})
     return public_job(_get(store, tenant, rec.id), store)
 
@@ -329,8 +402,11 @@ def delete_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, stor
     try:
         delete_outputs(store, storage, rec)
     except JobNotFinished as e:
-        raise bad_request(f"Job {rec.id} is {e}; only a finished job can be deleted (cancel it first)",
-                          param="fine_tuning_job_id", code="invalid_state") from None  # fmt: skip
+        raise bad_request(
+            f"Job {rec.id} is {e}; only a finished job can be deleted (cancel it first)",
+            param="fine_tuning_job_id",
+            code="invalid_state",
+        ) from None
     if store.delete_job(rec) != "deleted":  # something wrote under the job meanwhile: deleting again clears it
         raise APIError(409, f"Job {rec.id} was still being written to; retry", code="conflict")
     log.info("job deleted", extra={"job_id": rec.id, "tenant": tenant})
@@ -363,8 +439,12 @@ async def list_events(
     return event_list_response(*found)
 
 
-@router.get("/{fine_tuning_job_id}/events/stream", response_class=StreamingResponse,
-            responses={200: {"content": {"text/event-stream": {}}}}, openapi_extra=BEARER)  # fmt: skip
+@router.get(
+    "/{fine_tuning_job_id}/events/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+    openapi_extra=BEARER,
+)
 async def stream_events(
     fine_tuning_job_id: str,
     request: Request,
@@ -396,8 +476,13 @@ async def stream_events(
         return EventReplay(writes, headers)
     slot = await stream_slots.take(tenant, settings.max_streams)
     if slot is None:
-        raise APIError(429, f"This API key already has {settings.max_streams} open event streams; close one "
-                       "(or poll the events list) first", code="too_many_streams", retry=False)  # fmt: skip
+        raise APIError(
+            429,
+            f"This API key already has {settings.max_streams} open event streams; close one "
+            "(or poll the events list) first",
+            code="too_many_streams",
+            retry=False,
+        )
 
     async def gen() -> AsyncIterator[str]:
         try:
@@ -429,8 +514,9 @@ async def stream_events(
                 yield chunk
 
     # the slot is given back once the stream ends, the client's disconnect included
-    return StreamingResponse(gen(), media_type="text/event-stream", headers=headers,
-                             background=BackgroundTask(slot.release))  # fmt: skip
+    return StreamingResponse(
+        gen(), media_type="text/event-stream", headers=headers, background=BackgroundTask(slot.release)
+    )
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList, openapi_extra=BEARER)
@@ -451,16 +537,20 @@ async def list_checkpoints(
     return json_response(public_checkpoints(*found))
 
 
-@router.get("/{fine_tuning_job_id}/adapter", response_class=FileResponse,
-            responses={200: {"content": {"application/gzip": {}}}})  # fmt: skip
+@router.get(
+    "/{fine_tuning_job_id}/adapter", response_class=FileResponse, responses={200: {"content": {"application/gzip": {}}}}
+)
 async def download_adapter(
     fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep
 ) -> Response:
     """The trained LoRA adapter as a .tar.gz (adapter_config.json + adapter_model.safetensors at its root)."""
     rec = await run_in_threadpool(_get, store, tenant, fine_tuning_job_id)
     if rec.status != "succeeded":
-        raise bad_request(f"Job {rec.id} is {rec.status}; its adapter is available once it has succeeded",
-                          param="fine_tuning_job_id", code="adapter_not_ready")  # fmt: skip
+        raise bad_request(
+            f"Job {rec.id} is {rec.status}; its adapter is available once it has succeeded",
+            param="fine_tuning_job_id",
+            code="adapter_not_ready",
+        )
     frec = await run_in_threadpool(store.get_file, rec.adapter_file or "", tenant)
     response = await object_response(storage, frec.path, frec.filename, "application/gzip") if frec else None
     if response is None:

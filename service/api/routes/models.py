@@ -30,8 +30,12 @@ def refuse_alias(model: str) -> None:
     the one spelling: such a name is no alias of the checkpoint."""
     canonical = canonical_spelling(model)
     if canonical is not None:
-        raise bad_request(f"Model {model!r} is not a model name: a checkpoint step is written without leading "
-                          f"zeros, as in {canonical!r}", param="model", code="invalid_model_name")  # fmt: skip
+        raise bad_request(
+            f"Model {model!r} is not a model name: a checkpoint step is written without leading "
+            f"zeros, as in {canonical!r}",
+            param="model",
+            code="invalid_model_name",
+        )
 
 
 def refuse_while_used(job_id: str, tenant: str, store: Store, what: str, param: str = "model") -> None:
@@ -40,9 +44,14 @@ def refuse_while_used(job_id: str, tenant: str, store: Store, what: str, param: 
     users = unfinished_dependents(job_id, tenant, store)
     if users:
         shown = ", ".join(users[:10]) + (f" and {len(users) - 10} more" if len(users) > 10 else "")
-        raise APIError(409, f"{what} cannot be deleted while unfinished jobs start from it or its checkpoints: "
-                       f"{shown}; wait until they finish, or cancel them first", param=param, code="model_in_use",
-                       retry=False)  # fmt: skip
+        raise APIError(
+            409,
+            f"{what} cannot be deleted while unfinished jobs start from it or its checkpoints: "
+            f"{shown}; wait until they finish, or cancel them first",
+            param=param,
+            code="model_in_use",
+            retry=False,
+        )
 
 
 def _all(tenant: str, store: Store, settings: Settings) -> list[Model]:
@@ -52,8 +61,13 @@ def _all(tenant: str, store: Store, settings: Settings) -> list[Model]:
         recs, more = store.list_jobs(tenant, after=after, limit=100)
         for rec in recs:
             if rec.status == "succeeded" and rec.fine_tuned_model:
-                out.append(Model(id=rec.fine_tuned_model, created=rec.finished_at or rec.created_at,
-                                 owned_by=organization_id(tenant)))  # fmt: skip
+                out.append(
+                    Model(
+                        id=rec.fine_tuned_model,
+                        created=rec.finished_at or rec.created_at,
+                        owned_by=organization_id(tenant),
+                    )
+                )
         if not more or not recs:
             return out
         after = recs[-1].id
@@ -80,14 +94,20 @@ def retrieve_model(model: str, tenant: TenantDep, store: StoreDep, settings: Set
 
 
 @router.delete("/{model:path}", response_model=ModelDeleted)
-def delete_model(model: str, tenant: TenantDep, store: StoreDep, storage: StorageDep,
-                 settings: SettingsDep) -> ModelDeleted:  # fmt: skip
+def delete_model(
+    model: str, tenant: TenantDep, store: StoreDep, storage: StorageDep, settings: SettingsDep
+) -> ModelDeleted:
     """Delete a fine-tuned model: its adapter, checkpoints and result files (freeing their
     storage quota). The job record stays, without a `fine_tuned_model`. Base models are the
     server's and cannot be deleted; a checkpoint goes with its model."""
     if model in settings.models:
-        raise APIError(403, f"Model {model!r} is a base model offered by this server; only fine-tuned models "
-                       "can be deleted", param="model", code="model_not_deletable", retry=False)  # fmt: skip
+        raise APIError(
+            403,
+            f"Model {model!r} is a base model offered by this server; only fine-tuned models can be deleted",
+            param="model",
+            code="model_not_deletable",
+            retry=False,
+        )
     refuse_alias(model)
     found = resolve_fine_tuned(model, tenant, store)
     if found is None:
@@ -95,9 +115,12 @@ def delete_model(model: str, tenant: TenantDep, store: StoreDep, storage: Storag
     parsed, rec = found.name, found.job
     if parsed.step is not None:
         final = parsed.format().rsplit(":", 1)[0]
-        raise bad_request(f"{model!r} is a checkpoint of job {rec.id}; delete the fine-tuned model {final!r} "
-                          "(which removes its checkpoints too) or the job", param="model",
-                          code="model_not_deletable")  # fmt: skip
+        raise bad_request(
+            f"{model!r} is a checkpoint of job {rec.id}; delete the fine-tuned model {final!r} "
+            "(which removes its checkpoints too) or the job",
+            param="model",
+            code="model_not_deletable",
+        )
     refuse_while_used(rec.id, tenant, store, f"Model {model!r}")
     delete_outputs(store, storage, rec)  # the job has succeeded, so its outputs can go
     store.forget_fine_tuned_model(rec.id, model)

@@ -43,8 +43,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     # find_spec on top-level names only: it locates them without importing torch here.
     missing = [m for m in ("torch", "seco_core", "benchmarks") if importlib.util.find_spec(m) is None]
     if missing:
-        print(f"seco: error: `seco bench` runs the training library locally and needs {', '.join(missing)}; "
-              "install the worker extras: pip install 'seco-tune[worker]'", file=sys.stderr)  # fmt: skip
+        print(
+            f"seco: error: `seco bench` runs the training library locally and needs {', '.join(missing)}; "
+            "install the worker extras: pip install 'seco-tune[worker]'",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
     try:
         return subprocess.call([sys.executable, "-m", "benchmarks.bench", *args.args])

@@ -44,6 +44,8 @@ def cmd_download(args: argparse.Namespace, client: Client) -> int:
         except (tarfile.TarError, EOFError) as e:
             raise ClientError(f"the downloaded adapter is not a valid .tar.gz: {e}") from None
     emit(f"Extracted {len(names)} files ({human_bytes(size)}) to {dest}/: {', '.join(sorted(names))}")
-    emit(f'Load it (BASE: the weights of {job["model"]!r}): '
-          f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "{dest}")')  # fmt: skip
+    emit(
+        f"Load it (BASE: the weights of {job['model']!r}): "
+        f'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "{dest}")'
+    )
     return EXIT_OK

@@ -27,8 +27,11 @@ def register(sub: Any, conn: argparse.ArgumentParser) -> None:
     p.add_argument("job_id")
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("pause", parents=[conn], help="pause a job (a running one stops after its current step, "
-                       "with a checkpoint, and frees its worker)")  # fmt: skip
+    p = sub.add_parser(
+        "pause",
+        parents=[conn],
+        help="pause a job (a running one stops after its current step, with a checkpoint, and frees its worker)",
+    )
     p.add_argument("job_id")
     p.set_defaults(func=cmd_pause)
 
@@ -125,8 +128,10 @@ def cmd_pause(args: argparse.Namespace, client: Client) -> int:
     if job["status"] == "paused":
         emit(f"Paused {job['id']} (continue it with: seco resume {job['id']})")
     else:
-        emit(f"Pause requested: {job['id']} stops after its current step, with a checkpoint "
-              f"(watch: seco follow {job['id']})")  # fmt: skip
+        emit(
+            f"Pause requested: {job['id']} stops after its current step, with a checkpoint "
+            f"(watch: seco follow {job['id']})"
+        )
     return EXIT_OK
 
 

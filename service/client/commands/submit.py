@@ -29,8 +29,9 @@ def register(sub: Any, conn: argparse.ArgumentParser) -> None:
     hp.add_argument("--batch-size", type=_int_or_auto, help="windows (dpo: pairs) per optimizer step (default: auto)")
     hp.add_argument("--lr-multiplier", type=_float_or_auto, help="scales the base learning rate (default: auto)")
     hp.add_argument("--method", choices=["supervised", "dpo"], help="dpo: preference pairs (default: supervised)")
-    hp.add_argument("--beta", type=_float_or_auto, help="dpo: how far the policy may move from the reference "
-                    "(default: auto = 0.1)")  # fmt: skip
+    hp.add_argument(
+        "--beta", type=_float_or_auto, help="dpo: how far the policy may move from the reference (default: auto = 0.1)"
+    )
     hp.add_argument("--suffix", help="added to the fine-tuned model's name")
     hp.add_argument("--seed", type=int)
     hp.add_argument("--metadata", action="append", metavar="KEY=VALUE", default=[], help="repeatable")
@@ -92,8 +93,11 @@ def job_body(args: argparse.Namespace, training_file: str, validation_file: str 
         if bad := [k for k, eq, _ in pairs if not eq or not k]:
             raise ClientError(f"--metadata takes KEY=VALUE (got {bad[0]!r})")
         body["metadata"] = {k: v for k, _, v in pairs}
-    seco = {k: getattr(args, k) for k in ("mode", "chunk_size", "max_length", "budget", "sampling",
-                                          "max_compensation") if getattr(args, k) is not None}  # fmt: skip
+    seco = {
+        k: getattr(args, k)
+        for k in ("mode", "chunk_size", "max_length", "budget", "sampling", "max_compensation")
+        if getattr(args, k) is not None
+    }
     lora = {k: getattr(args, f"lora_{k}") for k in ("r", "alpha", "dropout") if getattr(args, f"lora_{k}") is not None}
     if args.lora_target_modules:
         lora["target_modules"] = [m.strip() for m in args.lora_target_modules.split(",") if m.strip()]

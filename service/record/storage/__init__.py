@@ -25,8 +25,18 @@ from service.record.storage import keys
 from service.record.storage.base import Download, ObjectInfo, ObjectNotFound, Storage, StorageError
 from service.record.storage.local import LocalStorage
 
-__all__ = ["Download", "LocalStorage", "ObjectInfo", "ObjectNotFound", "Storage", "StorageError", "keys",
-           "open_storage", "scratch_dir", "sweep_scratch"]  # fmt: skip
+__all__ = [
+    "Download",
+    "LocalStorage",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "Storage",
+    "StorageError",
+    "keys",
+    "open_storage",
+    "scratch_dir",
+    "sweep_scratch",
+]
 
 
 def open_storage(settings: Settings) -> Storage:

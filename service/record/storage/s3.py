@@ -45,8 +45,11 @@ PART_BYTES = 8 << 20
 """Multipart part size: files larger than this are uploaded in parts of this size."""
 UPLOAD_CONCURRENCY = 4
 """Parts in flight at once per upload (memory: about this many parts)."""
-RETRY: RetryConfig = {"max_retries": 4, "backoff": {"init_backoff": timedelta(milliseconds=200),
-         "max_backoff": timedelta(seconds=4), "base": 2.0}, "retry_timeout": timedelta(seconds=30)}  # fmt: skip
+RETRY: RetryConfig = {
+    "max_retries": 4,
+    "backoff": {"init_backoff": timedelta(milliseconds=200), "max_backoff": timedelta(seconds=4), "base": 2.0},
+    "retry_timeout": timedelta(seconds=30),
+}
 """Transient failures (5xx, connection errors) are retried for up to ~30 s, then the
 operation fails: a job whose store is down fails with `storage_error` instead of hanging."""
 
@@ -83,8 +86,7 @@ class S3Storage(Storage):
         client_options: ClientConfig = {"connect_timeout": "5s", "timeout": "120s"}
         if endpoint.startswith("http://"):
             client_options["allow_http"] = True  # a MinIO or test server on a private network
-        self.store = S3Store(self.bucket, prefix=self.prefix or None, client_options=client_options,
-                             retry_config=RETRY)  # fmt: skip
+        self.store = S3Store(self.bucket, prefix=self.prefix or None, client_options=client_options, retry_config=RETRY)
 
     def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
         """Run one obstore call; its errors become StorageError / ObjectNotFound."""

@@ -18,8 +18,7 @@ class Events:
 
     def add(self, job_id: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> str:
         """Append a `message` event; returns its stream id."""
-        fields = {"type": "message", "level": level, "message": message, "data": dumps(data),
-                  "created_at": str(now())}  # fmt: skip
+        fields = {"type": "message", "level": level, "message": message, "data": dumps(data), "created_at": str(now())}
         return cast(str, self.r.xadd(K.job_events(job_id), fields))  # type: ignore[arg-type]
 
     def add_metrics(self, job_id: str, worker_id: str, data: dict[str, Any], message: str) -> str | None:

@@ -26,11 +26,13 @@ def zpage(r: redis.Redis, key: str, after: str | None, order: str) -> Iterable[s
         bound = "+inf" if desc else "-inf"
     while True:
         if desc:
-            batch = cast(list[tuple[str, float]], r.zrevrangebyscore(
-                key, bound, "-inf", start=0, num=200, withscores=True))  # fmt: skip
+            batch = cast(
+                list[tuple[str, float]], r.zrevrangebyscore(key, bound, "-inf", start=0, num=200, withscores=True)
+            )
         else:
-            batch = cast(list[tuple[str, float]], r.zrangebyscore(
-                key, bound, "+inf", start=0, num=200, withscores=True))  # fmt: skip
+            batch = cast(
+                list[tuple[str, float]], r.zrangebyscore(key, bound, "+inf", start=0, num=200, withscores=True)
+            )
         if not batch:
             return
         for member, _ in batch:
@@ -48,8 +50,14 @@ class Files:
     def create(self, rec: FileRecord, *, counted: bool, tenant_limit: int) -> None:
         """Register a file; `counted` uploads must fit the tenant's byte quota (else LimitExceeded)."""
         fields = {k: ("" if v is None else str(v)) for k, v in rec.model_dump().items()}
-        args = {"id": rec.id, "fields": fields, "bytes": rec.bytes, "counted": counted, "limit": tenant_limit,
-                "expires_at": rec.expires_at or 0}  # fmt: skip
+        args = {
+            "id": rec.id,
+            "fields": fields,
+            "bytes": rec.bytes,
+            "counted": counted,
+            "limit": tenant_limit,
+            "expires_at": rec.expires_at or 0,
+        }
         keys = [K.file(rec.id), K.tenant_files(rec.tenant), K.tenant_file_bytes(rec.tenant), K.SEQ, K.FILES_EXPIRING]
         if int(self.conn.script("create_file")(keys=keys, args=[dumps(args)])) < 0:
             raise LimitExceeded("file storage quota exceeded")
@@ -79,8 +87,13 @@ class Files:
 
     def delete(self, rec: FileRecord) -> None:
         """Remove the record (FileInUse when an unfinished job still needs it)."""
-        keys = [K.file(rec.id), K.tenant_files(rec.tenant), K.tenant_file_bytes(rec.tenant), K.file_jobs(rec.id),
-                K.FILES_EXPIRING]  # fmt: skip
+        keys = [
+            K.file(rec.id),
+            K.tenant_files(rec.tenant),
+            K.tenant_file_bytes(rec.tenant),
+            K.file_jobs(rec.id),
+            K.FILES_EXPIRING,
+        ]
         counted = "1" if rec.purpose == "fine-tune" else "0"
         res = self.conn.script("delete_file")(keys=keys, args=[rec.id, counted])
         if res != 1:

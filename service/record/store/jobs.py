@@ -51,15 +51,36 @@ class Jobs:
         """Store a new job in `validating_files` (LimitExceeded beyond the tenant's quota;
         LookupError when one of its files was deleted meanwhile)."""
         spec = {k: getattr(rec, k) for k in SPEC_FIELDS}
-        fields = {"id": rec.id, "tenant": rec.tenant, "status": "validating_files",
-                  "created_at": str(rec.created_at), "spec": dumps(spec), "attempts": "0",
-                  "cancel_requested": "0", "result_files": "[]"}  # fmt: skip
-        keys = [K.job(rec.id), K.tenant_jobs(rec.tenant), K.tenant_active(rec.tenant), K.SEQ, K.STATS_STATUS,
-                K.job_events(rec.id), K.file(rec.training_file), K.file_jobs(rec.training_file)]  # fmt: skip
+        fields = {
+            "id": rec.id,
+            "tenant": rec.tenant,
+            "status": "validating_files",
+            "created_at": str(rec.created_at),
+            "spec": dumps(spec),
+            "attempts": "0",
+            "cancel_requested": "0",
+            "result_files": "[]",
+        }
+        keys = [
+            K.job(rec.id),
+            K.tenant_jobs(rec.tenant),
+            K.tenant_active(rec.tenant),
+            K.SEQ,
+            K.STATS_STATUS,
+            K.job_events(rec.id),
+            K.file(rec.training_file),
+            K.file_jobs(rec.training_file),
+        ]
         if rec.validation_file:
             keys += [K.file(rec.validation_file), K.file_jobs(rec.validation_file)]
-        args = {"job_id": rec.id, "tenant": rec.tenant, "limit": tenant_limit, "fields": fields,
-                "message": f"Created fine-tuning job: {rec.id}", "now": str(now())}  # fmt: skip
+        args = {
+            "job_id": rec.id,
+            "tenant": rec.tenant,
+            "limit": tenant_limit,
+            "fields": fields,
+            "message": f"Created fine-tuning job: {rec.id}",
+            "now": str(now()),
+        }
         res = int(self.conn.script("create_job")(keys=keys, args=[dumps(args)]))
         if res == -1:
             raise LimitExceeded(f"at most {tenant_limit} queued or running jobs per API key")
@@ -121,17 +142,31 @@ class Jobs:
             return False, ""
         tenant, spec = h[0], json.loads(h[1])
         file_sets = [K.file_jobs(f) for f in (spec["training_file"], spec["validation_file"]) if f]
-        keys = [K.job(job_id), K.QUEUE, K.RUNNING, K.lease(job_id), K.tenant_active(tenant), K.job_events(job_id),
-                K.STATS_STATUS, K.SEQ, *file_sets]  # fmt: skip
+        keys = [
+            K.job(job_id),
+            K.QUEUE,
+            K.RUNNING,
+            K.lease(job_id),
+            K.tenant_active(tenant),
+            K.job_events(job_id),
+            K.STATS_STATUS,
+            K.SEQ,
+            *file_sets,
+        ]
         args = {
-            "job_id": job_id, "from": list(from_), "to": to, "owner": owner, "new_owner": new_owner,
-            "lease_ms": max(1, int(lease_seconds * 1000)), "require_no_lease": require_no_lease,
+            "job_id": job_id,
+            "from": list(from_),
+            "to": to,
+            "owner": owner,
+            "new_owner": new_owner,
+            "lease_ms": max(1, int(lease_seconds * 1000)),
+            "require_no_lease": require_no_lease,
             "unless_set": unless_set,
             "set": {k: (v if isinstance(v, str) else dumps(v)) for k, v in (set_fields or {}).items()},
-            "incr": incr or {}, "now": str(now()),
-            "event": None if event is None else
-            {"level": event_level, "message": event, "data": dumps(event_data)},
-        }  # fmt: skip
+            "incr": incr or {},
+            "now": str(now()),
+            "event": None if event is None else {"level": event_level, "message": event, "data": dumps(event_data)},
+        }
         # cjson turns an empty Python dict into an empty Lua table either way; fine for pairs().
         applied, before = cast(list[Any], self.conn.script("transition")(keys=keys, args=[dumps(args)]))
         return bool(applied), str(before)
@@ -142,9 +177,13 @@ class Jobs:
         Returns the status after the call ("cancelled", "running" with the flag set, or the
         terminal status that made the request invalid).
         """
-        applied, before = self.transition(job_id, ["queued", "validating_files", "paused"], "cancelled",
-                                          set_fields={"finished_at": str(now())},
-                                          event="Fine-tuning job cancelled")  # fmt: skip
+        applied, before = self.transition(
+            job_id,
+            ["queued", "validating_files", "paused"],
+            "cancelled",
+            set_fields={"finished_at": str(now())},
+            event="Fine-tuning job cancelled",
+        )
         if applied:
             return "cancelled"
         if before != "running":
@@ -159,8 +198,9 @@ class Jobs:
         Returns the status after the call ("paused", "running" with the flag set, or the
         status that made the request invalid: a finished one).
         """
-        applied, before = self.transition(job_id, ["queued", "validating_files"], "paused",
-                                          event="Fine-tuning job paused")  # fmt: skip
+        applied, before = self.transition(
+            job_id, ["queued", "validating_files"], "paused", event="Fine-tuning job paused"
+        )
         if applied:
             return "paused"
         if before != "running":
@@ -172,8 +212,11 @@ class Jobs:
 
     def _flag_running(self, job_id: str, flag: str, message: str) -> str:
         """Set `flag` on a running job (once, with an event); returns its status."""
-        return str(self.conn.script("request_stop")(keys=[K.job(job_id), K.job_events(job_id)],
-                                                    args=[flag, message, str(now())]))  # fmt: skip
+        return str(
+            self.conn.script("request_stop")(
+                keys=[K.job(job_id), K.job_events(job_id)], args=[flag, message, str(now())]
+            )
+        )
 
     def stop_requests(self, job_id: str) -> tuple[bool, bool]:
         """(cancel requested, pause requested) of a running job: what its worker polls, in one read."""
@@ -186,17 +229,27 @@ class Jobs:
 
         Returns "paused", "cancelled", or "" when the job is not this worker's to stop.
         """
-        applied, _ = self.transition(job_id, ["running"], "paused", owner=worker_id, unless_set=CANCEL_FLAG,
-                                     set_fields={"pause_requested": "0", "estimated_finish": ""},
-                                     event=f"Fine-tuning job paused at step {step}; resume continues from "
-                                     "its checkpoint", event_data={"step": step})  # fmt: skip
+        applied, _ = self.transition(
+            job_id,
+            ["running"],
+            "paused",
+            owner=worker_id,
+            unless_set=CANCEL_FLAG,
+            set_fields={"pause_requested": "0", "estimated_finish": ""},
+            event=f"Fine-tuning job paused at step {step}; resume continues from its checkpoint",
+            event_data={"step": step},
+        )
         if applied:
             return "paused"
         cancel, pause = self.stop_requests(job_id)
         if stop_action(cancel, pause) != "cancel":
             return ""
-        done = self.finish(job_id, worker_id, "cancelled", event="Fine-tuning job cancelled (its cancel "
-                           "came while a pause was pending; cancel wins)")  # fmt: skip
+        done = self.finish(
+            job_id,
+            worker_id,
+            "cancelled",
+            event="Fine-tuning job cancelled (its cancel came while a pause was pending; cancel wins)",
+        )
         return "cancelled" if done else ""
 
     def resume(self, job_id: str) -> tuple[bool, str]:
@@ -204,15 +257,23 @@ class Jobs:
 
         A paused job with a pending cancel (`stop_rule`: cancel wins) is cancelled instead:
         (False, "cancelled")."""
-        applied, before = self.transition(job_id, ["paused"], "queued", set_fields={"pause_requested": "0"},
-                                          unless_set=CANCEL_FLAG,
-                                          event="Fine-tuning job resumed; queued to continue from its last "
-                                          "checkpoint")  # fmt: skip
+        applied, before = self.transition(
+            job_id,
+            ["paused"],
+            "queued",
+            set_fields={"pause_requested": "0"},
+            unless_set=CANCEL_FLAG,
+            event="Fine-tuning job resumed; queued to continue from its last checkpoint",
+        )
         if applied or before != "paused" or stop_action(*self.stop_requests(job_id)) != "cancel":
             return applied, before
-        cancelled, _ = self.transition(job_id, ["paused"], "cancelled", set_fields={"finished_at": str(now())},
-                                       event="Fine-tuning job cancelled (its cancel was pending; cancel wins "
-                                       "over resume)")  # fmt: skip
+        cancelled, _ = self.transition(
+            job_id,
+            ["paused"],
+            "cancelled",
+            set_fields={"finished_at": str(now())},
+            event="Fine-tuning job cancelled (its cancel was pending; cancel wins over resume)",
+        )
         return False, "cancelled" if cancelled else before
 
     def update_running(self, job_id: str, worker_id: str, fields: dict[str, Any]) -> bool:
@@ -249,24 +310,29 @@ class Jobs:
         """running -> succeeded|failed|cancelled, only by the worker that owns it."""
         assert status in TERMINAL, status
         set_fields = {"finished_at": str(now()), **(fields or {})}
-        applied, _ = self.transition(job_id, ["running"], status, owner=worker_id, set_fields=set_fields,
-                                     event=event, event_level=event_level)  # fmt: skip
+        applied, _ = self.transition(
+            job_id, ["running"], status, owner=worker_id, set_fields=set_fields, event=event, event_level=event_level
+        )
         return applied
 
     def fail_unstarted(self, job_id: str, message: str, code: str) -> bool:
         """validating_files|queued -> failed (the API could not queue it, or its files vanished)."""
         applied, _ = self.transition(
-            job_id, ["validating_files", "queued"], "failed",
+            job_id,
+            ["validating_files", "queued"],
+            "failed",
             set_fields={"finished_at": str(now()), "error": {"code": code, "message": message, "param": None}},
-            event=message, event_level="error",
-        )  # fmt: skip
+            event=message,
+            event_level="error",
+        )
         return applied
 
     # ------------------------------------------------------------------ checkpoints and outputs
 
     def add_checkpoint(self, job_id: str, step: int, path: str, metrics: dict[str, Any]) -> Checkpoint:
-        ck = Checkpoint(id=ids.checkpoint_id(job_id, step), job_id=job_id, step=step, created_at=now(),
-                        path=path, metrics=metrics)  # fmt: skip
+        ck = Checkpoint(
+            id=ids.checkpoint_id(job_id, step), job_id=job_id, step=step, created_at=now(), path=path, metrics=metrics
+        )
         self.r.hset(K.job_checkpoints(job_id), str(step), ck.model_dump_json())
         return ck
 
@@ -299,6 +365,12 @@ class Jobs:
 
     def delete(self, rec: JobRecord) -> str:
         """Remove a finished job whose outputs are gone: "deleted", "has_outputs", or its status."""
-        keys = [K.job(rec.id), K.job_events(rec.id), K.job_metrics_step(rec.id), K.job_checkpoints(rec.id),
-                K.tenant_jobs(rec.tenant), K.STATS_STATUS]  # fmt: skip
+        keys = [
+            K.job(rec.id),
+            K.job_events(rec.id),
+            K.job_metrics_step(rec.id),
+            K.job_checkpoints(rec.id),
+            K.tenant_jobs(rec.tenant),
+            K.STATS_STATUS,
+        ]
         return str(self.conn.script("delete_job")(keys=keys, args=[rec.id]))

@@ -29,9 +29,14 @@ class Tenants:
 
     def rename(self, old: str, new: str) -> int:
         """Give every record of tenant `old` to `new` (see tenants.migrate_tenant); returns how many."""
-        args = {"old": old, "new": new, "file_pattern": K.lua_pattern(K.FILE), "job_pattern": K.lua_pattern(K.JOB),
-                "checkpoints_pattern": K.lua_pattern(K.JOB_CHECKPOINTS),
-                "renames": [[key.format(old), key.format(new)] for key in K.TENANT_OWNED]}  # fmt: skip
+        args = {
+            "old": old,
+            "new": new,
+            "file_pattern": K.lua_pattern(K.FILE),
+            "job_pattern": K.lua_pattern(K.JOB),
+            "checkpoints_pattern": K.lua_pattern(K.JOB_CHECKPOINTS),
+            "renames": [[key.format(old), key.format(new)] for key in K.TENANT_OWNED],
+        }
         keys = [K.tenant_files(old), K.tenant_jobs(old), K.tenant_streams(old), K.SCHED_SERVED]
         return int(self.conn.script("rename_tenant")(keys=keys, args=[dumps(args)]))
 
@@ -41,8 +46,7 @@ class Tenants:
 
     def storage_bytes(self, tenant: str) -> int:
         """Everything counted against the tenant's storage quota: uploads and job outputs."""
-        files, outputs = cast(list[str | None], self.r.mget(K.tenant_file_bytes(tenant),
-                                                             K.tenant_output_bytes(tenant)))  # fmt: skip
+        files, outputs = cast(list[str | None], self.r.mget(K.tenant_file_bytes(tenant), K.tenant_output_bytes(tenant)))
         return int(files or 0) + int(outputs or 0)
 
     def acquire_lock(self, name: str, ttl_seconds: int) -> bool:

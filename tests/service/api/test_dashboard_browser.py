@@ -24,8 +24,16 @@ from tests.service.client.proxy import DroppingProxy
 
 ROOT = Path(__file__).resolve().parents[3]
 CHROMIUM = Path(os.environ.get("SECO_CHROMIUM", "/usr/bin/chromium"))
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+LAUNCH_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the browser test drives Chromium with playwright")
 pytestmark = [
@@ -35,8 +43,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    s = launch_service(redis_url, tmp_path_factory.mktemp("ui"), workers=1, SECO_CHECKPOINT_EVERY="10",
-                       SECO_API_DOCS="true")  # fmt: skip
+    s = launch_service(
+        redis_url, tmp_path_factory.mktemp("ui"), workers=1, SECO_CHECKPOINT_EVERY="10", SECO_API_DOCS="true"
+    )
     yield s
     s.close()
 
@@ -51,12 +60,15 @@ def browser() -> Iterator[Any]:
 
 def _files(svc: Any, d: Path) -> tuple[str, str]:
     train, valid = d / "train.jsonl", d / "valid.jsonl"
-    train.write_text("".join(json.dumps({"text": f"lorem ipsum dolor sit amet {i % 3} " * 8}) + "\n"
-                             for i in range(24)))  # fmt: skip
+    train.write_text(
+        "".join(json.dumps({"text": f"lorem ipsum dolor sit amet {i % 3} " * 8}) + "\n" for i in range(24))
+    )
     valid.write_text(json.dumps({"text": "lorem ipsum dolor sit amet 1 " * 8}) + "\n")
     c = svc.client()
-    return (c.files.create(file=train.open("rb"), purpose="fine-tune").id,
-            c.files.create(file=valid.open("rb"), purpose="fine-tune").id)  # fmt: skip
+    return (
+        c.files.create(file=train.open("rb"), purpose="fine-tune").id,
+        c.files.create(file=valid.open("rb"), purpose="fine-tune").id,
+    )
 
 
 def test_dashboard_follows_a_job_live_and_downloads_its_adapter(svc: Any, browser: Any, tmp_path: Path) -> None:
@@ -82,10 +94,12 @@ def test_dashboard_follows_a_job_live_and_downloads_its_adapter(svc: Any, browse
     train, valid = _files(svc, tmp_path)
     client = svc.client()
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=train, validation_file=valid,
+        model="tiny",
+        training_file=train,
+        validation_file=valid,
         hyperparameters={"n_epochs": 2, "batch_size": 1, "learning_rate_multiplier": 20},
         extra_body={"seco": {"chunk_size": 16, "max_length": 64, "lora": {"r": 8, "alpha": 16}}},
-    )  # fmt: skip
+    )
     row = page.wait_for_selector(f"tr[data-job-id='{job.id}']", timeout=15_000)  # the list refreshes itself
     row.click()
     assert page.url.endswith(f"#{job.id}")
@@ -162,15 +176,19 @@ def test_dashboard_charts_a_dpo_jobs_rewards(svc: Any, browser: Any, tmp_path: P
     from tests.preference_task import preference_records
 
     client = svc.client()
-    train = client.files.create(file=write_jsonl(tmp_path / "p.jsonl", preference_records(12, 1)).open("rb"),
-                                purpose="fine-tune").id  # fmt: skip
-    valid = client.files.create(file=write_jsonl(tmp_path / "v.jsonl", preference_records(4, 2)).open("rb"),
-                                purpose="fine-tune").id  # fmt: skip
+    train = client.files.create(
+        file=write_jsonl(tmp_path / "p.jsonl", preference_records(12, 1)).open("rb"), purpose="fine-tune"
+    ).id
+    valid = client.files.create(
+        file=write_jsonl(tmp_path / "v.jsonl", preference_records(4, 2)).open("rb"), purpose="fine-tune"
+    ).id
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=train, validation_file=valid,
+        model="tiny",
+        training_file=train,
+        validation_file=valid,
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "n_epochs": 1, "batch_size": 4}}},
         extra_body={"seco": {"chunk_size": 16, "lora": {"r": 8, "alpha": 16}}},
-    )  # fmt: skip
+    )
     page = browser.new_page(viewport={"width": 1440, "height": 1080})
     problems: list[str] = []
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
@@ -191,9 +209,11 @@ def test_dashboard_pauses_and_resumes_a_job(svc: Any, browser: Any, tmp_path: Pa
     train, _ = _files(svc, tmp_path)
     client = svc.client()
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=train, hyperparameters={"n_epochs": 30, "batch_size": 1},
+        model="tiny",
+        training_file=train,
+        hyperparameters={"n_epochs": 30, "batch_size": 1},
         extra_body={"seco": {"chunk_size": 16, "max_length": 64, "lora": {"r": 4}}},
-    )  # fmt: skip
+    )
     page = browser.new_page(viewport={"width": 1440, "height": 1080})
     problems: list[str] = []
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))

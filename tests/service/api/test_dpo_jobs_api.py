@@ -27,8 +27,10 @@ def files(svc: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     prefs = write_jsonl(d / "prefs.jsonl", preference_records(3, seed=0))
     text = write_jsonl(d / "text.jsonl", [{"text": "hello"}])
     c = svc.client()
-    return {name: c.files.create(file=p.open("rb"), purpose="fine-tune").id for name, p in (("prefs", prefs),
-                                                                                           ("text", text))}  # fmt: skip
+    return {
+        name: c.files.create(file=p.open("rb"), purpose="fine-tune").id
+        for name, p in (("prefs", prefs), ("text", text))
+    }
 
 
 @pytest.fixture
@@ -43,10 +45,12 @@ def cancel_all(svc: Any) -> Iterator[None]:
 def test_dpo_job_through_the_sdk(svc: Any, files: dict[str, str], cancel_all: None) -> None:
     client = svc.client()
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=files["prefs"], validation_file=files["prefs"],
+        model="tiny",
+        training_file=files["prefs"],
+        validation_file=files["prefs"],
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2, "batch_size": 4}}},
         extra_body={"seco": {"mode": "spaco", "budget": 2, "chunk_size": 64}},
-    )  # fmt: skip
+    )
     assert job.status == "queued"
     assert job.method is not None and job.method.type == "dpo" and job.method.dpo is not None
     hp = job.method.dpo.hyperparameters
@@ -55,8 +59,9 @@ def test_dpo_job_through_the_sdk(svc: Any, files: dict[str, str], cancel_all: No
     assert (job.model_extra or {})["seco"]["mode"] == "spaco"
     assert client.fine_tuning.jobs.retrieve(job.id).model_dump() == job.model_dump()
     # defaults: beta "auto" (0.1 in the worker); the older top-level hyperparameters apply too
-    auto = client.fine_tuning.jobs.create(model="tiny", training_file=files["prefs"], method={"type": "dpo"},
-                                          hyperparameters={"n_epochs": 3})  # fmt: skip
+    auto = client.fine_tuning.jobs.create(
+        model="tiny", training_file=files["prefs"], method={"type": "dpo"}, hyperparameters={"n_epochs": 3}
+    )
     assert auto.method and auto.method.dpo and auto.method.dpo.hyperparameters
     assert (auto.method.dpo.hyperparameters.beta, auto.method.dpo.hyperparameters.n_epochs) == ("auto", 3)
     # a supervised job still says so
@@ -67,24 +72,42 @@ def test_dpo_job_through_the_sdk(svc: Any, files: dict[str, str], cancel_all: No
 @pytest.mark.parametrize(
     ("kwargs", "param", "fragment"),
     [
-        ({"method": {"type": "dpo"}, "training_file": "text"}, "training_file",
-         "holds supervised records (text, chat or prompt/completion); a job with method type 'dpo' needs preference"),
+        (
+            {"method": {"type": "dpo"}, "training_file": "text"},
+            "training_file",
+            "holds supervised records (text, chat or prompt/completion); a job with method type 'dpo' needs preference",
+        ),
         ({"method": {"type": "dpo"}, "validation_file": "text"}, "validation_file", "holds supervised records"),
-        ({"training_file": "prefs"}, "training_file",
-         'holds preference pairs; train on them with method={"type": "dpo"}'),
+        (
+            {"training_file": "prefs"},
+            "training_file",
+            'holds preference pairs; train on them with method={"type": "dpo"}',
+        ),
         ({"method": {"type": "supervised"}, "training_file": "prefs"}, "training_file", "holds preference pairs"),
-        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}}, "method.dpo.hyperparameters.beta",
-         "greater than 0"),
-        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 2.5}}}}, "method.dpo.hyperparameters.beta",
-         "less than or equal to 2"),
-        ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 0}}}},
-         "method.dpo.hyperparameters.n_epochs", "greater than or equal to 1"),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+            "method.dpo.hyperparameters.beta",
+            "greater than 0",
+        ),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 2.5}}}},
+            "method.dpo.hyperparameters.beta",
+            "less than or equal to 2",
+        ),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 0}}}},
+            "method.dpo.hyperparameters.n_epochs",
+            "greater than or equal to 1",
+        ),
         ({"method": {"type": "reinforcement"}}, "method.type", "'supervised' or 'dpo'"),
-        ({"method": {"type": "dpo", "supervised": {}}}, "method",
-         "method.supervised does not apply to method.type 'dpo'"),
+        (
+            {"method": {"type": "dpo", "supervised": {}}},
+            "method",
+            "method.supervised does not apply to method.type 'dpo'",
+        ),
         ({"method": {"type": "supervised", "dpo": {}}}, "method", "method.dpo does not apply"),
     ],
-)  # fmt: skip
+)
 def test_wrong_method_or_file_kind_is_a_clear_400(
     svc: Any, files: dict[str, str], kwargs: dict[str, Any], param: str, fragment: str
 ) -> None:
@@ -102,14 +125,20 @@ def test_wrong_method_or_file_kind_is_a_clear_400(
 @pytest.mark.parametrize(
     ("lines", "fragment"),
     [
-        ([preference_records(1, 0)[0], {**preference_records(1, 1)[0], "preferred_output": []}],
-         "line 2: 'preferred_output' must be a list with one assistant message"),
-        ([preference_records(1, 0)[0], {"text": "a document"}],
-         "line 2: a supervised record in a file of preference records (line 1 is one)"),
-        ([{"prompt": "p", "completion": "c"}, preference_records(1, 0)[0]],
-         "line 2: a preference record in a file of supervised records (line 1 is one)"),
+        (
+            [preference_records(1, 0)[0], {**preference_records(1, 1)[0], "preferred_output": []}],
+            "line 2: 'preferred_output' must be a list with one assistant message",
+        ),
+        (
+            [preference_records(1, 0)[0], {"text": "a document"}],
+            "line 2: a supervised record in a file of preference records (line 1 is one)",
+        ),
+        (
+            [{"prompt": "p", "completion": "c"}, preference_records(1, 0)[0]],
+            "line 2: a preference record in a file of supervised records (line 1 is one)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_preference_files_are_validated_at_upload_by_line(
     svc: Any, tmp_path: Path, lines: list[Any], fragment: str
 ) -> None:

@@ -59,7 +59,12 @@ def test_job_and_list_agree_with_the_store_and_the_fair_order(svc: Any, train_fi
         rec = store.get_job(job_id)
         extra = job.model_extra or {}
         assert (job.id, job.status, job.created_at, job.seed, job.metadata) == (
-            rec.id, rec.status, rec.created_at, rec.seed, rec.metadata)  # fmt: skip
+            rec.id,
+            rec.status,
+            rec.created_at,
+            rec.seed,
+            rec.metadata,
+        )
         assert extra["queue_position"] == (order.index(job_id) + 1 if rec.status == "queued" else None)
     live = client.fine_tuning.jobs.retrieve(running)
     ours = live.model_extra or {}
@@ -90,8 +95,14 @@ def test_events_keep_their_data_with_non_finite_numbers_as_null(svc: Any, train_
     store = svc.store()
     job_id = _create(svc, train_file)
     text = 'é ünïcode "quoted" / \\ NaN Infinity'
-    odd = {"loss": float("nan"), "grad": float("inf"), "low": float("-inf"), "lr": 1e-05, "text": text,
-           "nested": {"xs": [1, 2.5, None, float("nan")]}}  # fmt: skip
+    odd = {
+        "loss": float("nan"),
+        "grad": float("inf"),
+        "low": float("-inf"),
+        "lr": 1e-05,
+        "text": text,
+        "nested": {"xs": [1, 2.5, None, float("nan")]},
+    }
     store.add_event(job_id, 'a message with "quotes", é and a newline\nhere', level="warn", data=odd)
     store.add_event(job_id, "no data")
     store.request_cancel(job_id)
@@ -100,12 +111,19 @@ def test_events_keep_their_data_with_non_finite_numbers_as_null(svc: Any, train_
     stored = list_events(store, job_id, after=None, limit=100)[0]
     assert [e.id for e in page.data] == [e.id for e in stored]
     for got, ev in zip(page.data, stored, strict=True):
-        want = JobEvent(id=ev.id, created_at=ev.created_at, level=ev.level, message=ev.message, type=ev.type,
-                        data=ev.data).model_dump(mode="json")  # fmt: skip
+        want = JobEvent(
+            id=ev.id, created_at=ev.created_at, level=ev.level, message=ev.message, type=ev.type, data=ev.data
+        ).model_dump(mode="json")
         assert got.model_dump() == want
     warn = next(e for e in page.data if e.level == "warn")
-    assert warn.data == {"loss": None, "grad": None, "low": None, "lr": 1e-05, "text": text,
-                         "nested": {"xs": [1, 2.5, None, None]}}  # fmt: skip
+    assert warn.data == {
+        "loss": None,
+        "grad": None,
+        "low": None,
+        "lr": 1e-05,
+        "text": text,
+        "nested": {"xs": [1, 2.5, None, None]},
+    }
     # the raw body is strict JSON (no NaN token anywhere)
     with svc.http() as http:
         raw = http.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).text
@@ -174,11 +192,14 @@ def test_checkpoints_and_other_tenants(svc: Any, train_file: dict[str, str], tmp
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "after"
     # another tenant: the same 404 on every read route, whatever the parameters
     with svc.http("b") as http:
-        for path, params in ((f"/v1/fine_tuning/jobs/{job_id}", {}), (f"/v1/fine_tuning/jobs/{job_id}/events", {}),
-                             (f"/v1/fine_tuning/jobs/{job_id}/events", {"after": "not-an-id"}),
-                             (f"/v1/fine_tuning/jobs/{job_id}/checkpoints", {}),
-                             (f"/v1/fine_tuning/jobs/{job_id}/events/stream", {}),
-                             (f"/v1/fine_tuning/jobs/{job_id}/events/stream", {"after": "not-an-id"})):  # fmt: skip
+        for path, params in (
+            (f"/v1/fine_tuning/jobs/{job_id}", {}),
+            (f"/v1/fine_tuning/jobs/{job_id}/events", {}),
+            (f"/v1/fine_tuning/jobs/{job_id}/events", {"after": "not-an-id"}),
+            (f"/v1/fine_tuning/jobs/{job_id}/checkpoints", {}),
+            (f"/v1/fine_tuning/jobs/{job_id}/events/stream", {}),
+            (f"/v1/fine_tuning/jobs/{job_id}/events/stream", {"after": "not-an-id"}),
+        ):
             r = http.get(path, params=params)
             assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
     store.finish_job(job_id, WORKER, "cancelled", event="stopped")

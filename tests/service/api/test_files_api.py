@@ -23,8 +23,13 @@ def svc(
     launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory, storage_backend: str
 ) -> Iterator[Any]:
     flush_db(redis_url)
-    s = launch_service(redis_url, tmp_path_factory.mktemp(f"files-api-{storage_backend}"), storage=storage_backend,
-                       SECO_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT), SECO_MAX_FILE_BYTES=str(TENANT_QUOTA))  # fmt: skip
+    s = launch_service(
+        redis_url,
+        tmp_path_factory.mktemp(f"files-api-{storage_backend}"),
+        storage=storage_backend,
+        SECO_MAX_UPLOAD_BYTES=str(UPLOAD_LIMIT),
+        SECO_MAX_FILE_BYTES=str(TENANT_QUOTA),
+    )
     yield s
     s.close()
 
@@ -194,8 +199,13 @@ def test_every_byte_of_the_body_counts_against_the_limit(svc: Any) -> None:
 
 def test_auth_required(svc: Any) -> None:
     with svc.http(tenant=None) as http:
-        for method, path in [("GET", "/v1/files"), ("POST", "/v1/files"), ("GET", "/v1/fine_tuning/jobs"),
-                             ("GET", "/v1/models"), ("POST", "/v1/fine_tuning/jobs")]:  # fmt: skip
+        for method, path in [
+            ("GET", "/v1/files"),
+            ("POST", "/v1/files"),
+            ("GET", "/v1/fine_tuning/jobs"),
+            ("GET", "/v1/models"),
+            ("POST", "/v1/fine_tuning/jobs"),
+        ]:
             r = http.request(method, path, content=b"{not json")
             assert r.status_code == 401, (method, path)
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
@@ -220,8 +230,9 @@ def test_tenant_isolation(svc: Any, jsonl: Callable[..., Path]) -> None:
     assert a.files.retrieve(f.id).id == f.id, "still there for its owner"
 
 
-@pytest.mark.parametrize("bad", ["..%2F..%2Fetc%2Fpasswd", "file-..", "..", "file-0123456789abcdef01234567%2F..",
-                                 "%2e%2e%2fapi_key"])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad", ["..%2F..%2Fetc%2Fpasswd", "file-..", "..", "file-0123456789abcdef01234567%2F..", "%2e%2e%2fapi_key"]
+)
 def test_ids_with_path_characters_are_404(svc: Any, bad: str) -> None:
     with svc.http() as http:
         for suffix in ("", "/content"):
@@ -255,8 +266,9 @@ def test_expires_after_is_shown_and_the_file_is_deleted_once_expired(
     store = svc.store()
     used = tenant_file_bytes(store, tenant)
     path = jsonl([{"text": "short-lived"}], name="tmp.jsonl")
-    f = client.files.create(file=path.open("rb"), purpose="fine-tune",
-                            expires_after={"anchor": "created_at", "seconds": 3600})  # fmt: skip
+    f = client.files.create(
+        file=path.open("rb"), purpose="fine-tune", expires_after={"anchor": "created_at", "seconds": 3600}
+    )
     assert f.expires_at == f.created_at + 3600
     assert client.files.retrieve(f.id).expires_at == f.expires_at
     assert tenant_file_bytes(store, tenant) == used + f.bytes
@@ -279,26 +291,39 @@ def test_expires_after_is_shown_and_the_file_is_deleted_once_expired(
 @pytest.mark.parametrize(
     ("fields", "param", "message"),
     [
-        ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "3599"}, "expires_after.seconds",
-         "between 3600 (1 hour) and 2592000 (30 days); got 3599"),
-        ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "2592001"}, "expires_after.seconds",
-         "got 2592001"),
-        ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "soon"}, "expires_after.seconds",
-         "whole number of seconds"),
-        ({"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"}, "expires_after.anchor",
-         "must be 'created_at' (got 'last_active_at')"),
+        (
+            {"expires_after[anchor]": "created_at", "expires_after[seconds]": "3599"},
+            "expires_after.seconds",
+            "between 3600 (1 hour) and 2592000 (30 days); got 3599",
+        ),
+        (
+            {"expires_after[anchor]": "created_at", "expires_after[seconds]": "2592001"},
+            "expires_after.seconds",
+            "got 2592001",
+        ),
+        (
+            {"expires_after[anchor]": "created_at", "expires_after[seconds]": "soon"},
+            "expires_after.seconds",
+            "whole number of seconds",
+        ),
+        (
+            {"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"},
+            "expires_after.anchor",
+            "must be 'created_at' (got 'last_active_at')",
+        ),
         ({"expires_after[seconds]": "3600"}, "expires_after.anchor", "expires_after[anchor] is required"),
         ({"expires_after[anchor]": "created_at"}, "expires_after.seconds", "(got None)"),
     ],
-)  # fmt: skip
+)
 def test_a_bad_expires_after_is_a_400_naming_the_field(
     svc: Any, jsonl: Callable[..., Path], fields: dict[str, str], param: str, message: str
 ) -> None:
     path = jsonl([{"text": "x"}])
     before = svc.objects(f"tenants/{svc.tenant('a')}/files")
     with svc.http() as http:
-        r = http.post("/v1/files", data={"purpose": "fine-tune", **fields},
-                      files={"file": ("x.jsonl", path.read_bytes())})  # fmt: skip
+        r = http.post(
+            "/v1/files", data={"purpose": "fine-tune", **fields}, files={"file": ("x.jsonl", path.read_bytes())}
+        )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["code"] == "invalid_expires_after" and message in err["message"], err

@@ -46,11 +46,22 @@ def cancel_all(svc: Any) -> Iterator[None]:
 def test_create_and_retrieve(svc: Any, train_file: str, cancel_all: None) -> None:
     client = svc.client()
     job = client.fine_tuning.jobs.create(
-        model="tiny", training_file=train_file, suffix="my-run_1", seed=42, metadata={"project": "x"},
+        model="tiny",
+        training_file=train_file,
+        suffix="my-run_1",
+        seed=42,
+        metadata={"project": "x"},
         hyperparameters={"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5},
-        extra_body={"seco": {"mode": "spaco", "budget": 2, "chunk_size": 64, "sampling": "fixed",
-                             "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
-    )  # fmt: skip
+        extra_body={
+            "seco": {
+                "mode": "spaco",
+                "budget": 2,
+                "chunk_size": 64,
+                "sampling": "fixed",
+                "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            }
+        },
+    )
     assert job.id.startswith("ftjob-") and job.object == "fine_tuning.job"
     assert job.status == "queued" and job.model == "tiny" and job.training_file == train_file
     assert job.seed == 42 and job.metadata == {"project": "x"} and job.fine_tuned_model is None
@@ -69,9 +80,11 @@ def test_create_and_retrieve(svc: Any, train_file: str, cancel_all: None) -> Non
     assert (job2.model_extra or {})["seco"]["mode"] == "seco"
     assert (job2.model_extra or {})["queue_position"] == extra["queue_position"] + 1
     # OpenAI's newer `method` form carries the hyperparameters too
-    job3 = client.fine_tuning.jobs.create(model="tiny", training_file=train_file,
-                                          method={"type": "supervised", "supervised": {"hyperparameters":
-                                                                                       {"n_epochs": 3}}})  # fmt: skip
+    job3 = client.fine_tuning.jobs.create(
+        model="tiny",
+        training_file=train_file,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
+    )
     assert job3.hyperparameters.n_epochs == 3
 
 
@@ -115,8 +128,10 @@ def test_invalid_job_requests_name_the_field(
 
 def test_list_pagination_and_metadata_filter(svc: Any, train_file: str, cancel_all: None) -> None:
     client = svc.client()
-    made = [client.fine_tuning.jobs.create(model="tiny", training_file=train_file, metadata={"batch": str(i % 2)}).id
-            for i in range(5)]  # fmt: skip
+    made = [
+        client.fine_tuning.jobs.create(model="tiny", training_file=train_file, metadata={"batch": str(i % 2)}).id
+        for i in range(5)
+    ]
     page = client.fine_tuning.jobs.list(limit=2)
     assert page.has_more and [j.id for j in page.data] == made[::-1][:2]
     everything = [j.id for j in client.fine_tuning.jobs.list(limit=2)]  # SDK follows `after`
@@ -153,8 +168,12 @@ def test_events_and_cancel_of_a_queued_job(svc: Any, train_file: str) -> None:
     assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled", "cancel is idempotent"
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
     messages = [e.message for e in events]
-    assert messages == ["Fine-tuning job cancelled", "Files validated, moving job to queued state",
-                        f"Validating training file: {train_file}", f"Created fine-tuning job: {job.id}"]  # fmt: skip
+    assert messages == [
+        "Fine-tuning job cancelled",
+        "Files validated, moving job to queued state",
+        f"Validating training file: {train_file}",
+        f"Created fine-tuning job: {job.id}",
+    ]
     assert all(e.object == "fine_tuning.job.event" and e.type == "message" and e.level == "info" for e in events)
     page = client.fine_tuning.jobs.list_events(job.id, limit=1)
     assert page.has_more and page.data[0].id == events[0].id
@@ -199,8 +218,12 @@ def test_event_ids_beyond_what_redis_accepts_are_400_not_500(svc: Any, train_fil
     job = client.fine_tuning.jobs.create(model="tiny", training_file=train_file)
     client.fine_tuning.jobs.cancel(job.id)
     events = f"/v1/fine_tuning/jobs/{job.id}/events"
-    too_big = [f"ftevent-{U64 + 1}-0", f"ftevent-0-{U64 + 1}", "ftevent-99999999999999999999-99999999999999999999",
-               f"{U64 + 1}-1"]  # fmt: skip
+    too_big = [
+        f"ftevent-{U64 + 1}-0",
+        f"ftevent-0-{U64 + 1}",
+        "ftevent-99999999999999999999-99999999999999999999",
+        f"{U64 + 1}-1",
+    ]
     with svc.http() as http:
         for bad in too_big:
             r = http.get(events, params={"after": bad})

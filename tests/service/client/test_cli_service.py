@@ -17,8 +17,20 @@ from service.client.http import Client
 from service.client.sse import follow_events
 from tests.service.client.proxy import DroppingProxy
 
-SMALL = ["--epochs", "1", "--batch-size", "2", "--chunk-size", "16", "--max-length", "64", "--lora-r", "4",
-         "--lora-alpha", "8"]  # fmt: skip
+SMALL = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "2",
+    "--chunk-size",
+    "16",
+    "--max-length",
+    "64",
+    "--lora-r",
+    "4",
+    "--lora-alpha",
+    "8",
+]
 Run = Callable[..., tuple[int, str, str]]
 
 
@@ -33,8 +45,9 @@ def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: py
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("cli-data")
     train, valid, long = d / "train.jsonl", d / "valid.jsonl", d / "long.jsonl"
-    train.write_text("".join(json.dumps({"text": f"document {i}: " + "the quick brown fox jumps. " * 3}) + "\n"
-                             for i in range(8)))  # fmt: skip
+    train.write_text(
+        "".join(json.dumps({"text": f"document {i}: " + "the quick brown fox jumps. " * 3}) + "\n" for i in range(8))
+    )
     valid.write_text(json.dumps({"text": "the quick brown fox jumps over the lazy dog."}) + "\n")
     long.write_text("".join(json.dumps({"text": "lorem ipsum dolor sit amet " * 8}) + "\n" for _ in range(40)))
     return {"train": train, "valid": valid, "long": long}
@@ -61,8 +74,18 @@ def done_job(svc: Any, data: dict[str, Path]) -> dict[str, Any]:
 
 
 def test_submit_and_follow_to_success(run: Run, data: dict[str, Path], done_job: dict[str, Any]) -> None:
-    rc, out, err = run("submit", str(data["train"]), "--model", "tiny", "--validation-file", str(data["valid"]),
-                       "--suffix", "cli", *SMALL, "--follow")  # fmt: skip
+    rc, out, err = run(
+        "submit",
+        str(data["train"]),
+        "--model",
+        "tiny",
+        "--validation-file",
+        str(data["valid"]),
+        "--suffix",
+        "cli",
+        *SMALL,
+        "--follow",
+    )
     assert rc == 0, out + err
     job_id = out.splitlines()[0]
     assert re.fullmatch(r"ftjob-[0-9a-f]{24}", job_id)
@@ -151,15 +174,32 @@ def test_follow_resumes_after_dropped_connections(run: Run, svc: Any, data: dict
 def test_cancel_and_follow_exit_code(
     run: Run, svc: Any, data: dict[str, Path], wait: Callable[..., Any], tmp_path: Path
 ) -> None:
-    rc, out, _ = run("submit", str(data["long"]), "--model", "tiny", "--epochs", "50", "--batch-size", "1",
-                     "--chunk-size", "16", "--max-length", "64")  # fmt: skip
+    rc, out, _ = run(
+        "submit",
+        str(data["long"]),
+        "--model",
+        "tiny",
+        "--epochs",
+        "50",
+        "--batch-size",
+        "1",
+        "--chunk-size",
+        "16",
+        "--max-length",
+        "64",
+    )
     job_id = out.strip()
     client = svc.client()
-    wait(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job_id, limit=50).data),
-         timeout=240, interval=0.5, what="the first metrics event")  # fmt: skip
+    wait(
+        lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job_id, limit=50).data),
+        timeout=240,
+        interval=0.5,
+        what="the first metrics event",
+    )
     result: dict[str, Any] = {}
-    follower = threading.Thread(target=lambda: result.update(zip(("rc", "out", "err"), run("follow", job_id),
-                                                                 strict=True)))  # fmt: skip
+    follower = threading.Thread(
+        target=lambda: result.update(zip(("rc", "out", "err"), run("follow", job_id), strict=True))
+    )
     rc, out, err = run("cancel", job_id)
     assert rc == 0 and f"Cancellation requested: {job_id} stops after its current step" in out, err
     rc, out, _ = run("jobs")
@@ -180,8 +220,9 @@ def test_errors_print_the_server_message(run: Run, svc: Any, data: dict[str, Pat
     files_before = {f.id for f in svc.client().files.list()}
     rc, out, err = run("submit", str(data["valid"]), "--model", "no-such-model")
     assert rc == 1 and out == ""
-    assert err.splitlines()[-1] == ("seco: error: Model 'no-such-model' is not offered by this server; "
-                                    "choose one of: tiny")  # fmt: skip
+    assert err.splitlines()[-1] == (
+        "seco: error: Model 'no-such-model' is not offered by this server; choose one of: tiny"
+    )
     assert {f.id for f in svc.client().files.list()} == files_before, "the file uploaded for it is deleted"
     rc, _, err = run("status", "ftjob-000000000000000000000000")
     assert rc == 1 and err.strip() == "seco: error: No such fine-tuning job: 'ftjob-000000000000000000000000'"
@@ -200,15 +241,32 @@ def test_errors_print_the_server_message(run: Run, svc: Any, data: dict[str, Pat
 
 
 def test_pause_and_resume(run: Run, svc: Any, data: dict[str, Path], wait: Callable[..., Any]) -> None:
-    rc, out, _ = run("submit", str(data["long"]), "--model", "tiny", "--epochs", "50", "--batch-size", "1",
-                     "--chunk-size", "16", "--max-length", "64")  # fmt: skip
+    rc, out, _ = run(
+        "submit",
+        str(data["long"]),
+        "--model",
+        "tiny",
+        "--epochs",
+        "50",
+        "--batch-size",
+        "1",
+        "--chunk-size",
+        "16",
+        "--max-length",
+        "64",
+    )
     job_id = out.strip()
     client = svc.client()
-    wait(lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job_id, limit=50).data),
-         timeout=240, interval=0.5, what="the first metrics event")  # fmt: skip
+    wait(
+        lambda: any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job_id, limit=50).data),
+        timeout=240,
+        interval=0.5,
+        what="the first metrics event",
+    )
     rc, out, err = run("pause", job_id)
-    assert rc == 0 and (f"Pause requested: {job_id} stops after its current step" in out
-                        or f"Paused {job_id}" in out), err  # fmt: skip
+    assert rc == 0 and (
+        f"Pause requested: {job_id} stops after its current step" in out or f"Paused {job_id}" in out
+    ), err
     wait(lambda: client.fine_tuning.jobs.retrieve(job_id).status == "paused", timeout=120, what="the pause")
     rc, out, _ = run("jobs")
     assert re.search(rf"^{job_id}\s+tiny\s+paused", out, re.M), out

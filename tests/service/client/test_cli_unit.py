@@ -38,9 +38,17 @@ def test_client_imports_only_stdlib_and_httpx() -> None:
 
 def test_every_client_command_is_registered() -> None:
     parser = cli.build_parser()
-    for argv in (["submit", "f.jsonl", "--model", "m"], ["jobs"], ["status", "j"], ["cancel", "j"],
-                 ["pause", "j"], ["resume", "j"], ["events", "j"], ["follow", "j"],
-                 ["download", "j", "-o", "d"]):  # fmt: skip
+    for argv in (
+        ["submit", "f.jsonl", "--model", "m"],
+        ["jobs"],
+        ["status", "j"],
+        ["cancel", "j"],
+        ["pause", "j"],
+        ["resume", "j"],
+        ["events", "j"],
+        ["follow", "j"],
+        ["download", "j", "-o", "d"],
+    ):
         args = parser.parse_args(argv)
         assert callable(args.func), argv
 
@@ -56,18 +64,57 @@ def test_submit_sends_only_the_options_given() -> None:
     parser = cli.build_parser()
     args = parser.parse_args(["submit", "t.jsonl", "--model", "tiny"])
     assert job_body(args, "file-1", None) == {"model": "tiny", "training_file": "file-1"}
-    args = parser.parse_args(["submit", "t.jsonl", "--model", "tiny", "--epochs", "2", "--batch-size", "auto",
-                              "--lr-multiplier", "0.5", "--suffix", "s", "--seed", "7", "--mode", "spaco",
-                              "--budget", "4", "--sampling", "fixed", "--chunk-size", "128", "--max-length", "4096",
-                              "--lora-r", "8", "--lora-target-modules", "q_proj, v_proj",
-                              "--metadata", "a=b=c"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "submit",
+            "t.jsonl",
+            "--model",
+            "tiny",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "auto",
+            "--lr-multiplier",
+            "0.5",
+            "--suffix",
+            "s",
+            "--seed",
+            "7",
+            "--mode",
+            "spaco",
+            "--budget",
+            "4",
+            "--sampling",
+            "fixed",
+            "--chunk-size",
+            "128",
+            "--max-length",
+            "4096",
+            "--lora-r",
+            "8",
+            "--lora-target-modules",
+            "q_proj, v_proj",
+            "--metadata",
+            "a=b=c",
+        ]
+    )
     assert job_body(args, "file-1", "file-2") == {
-        "model": "tiny", "training_file": "file-1", "validation_file": "file-2",
+        "model": "tiny",
+        "training_file": "file-1",
+        "validation_file": "file-2",
         "hyperparameters": {"n_epochs": 2, "batch_size": "auto", "learning_rate_multiplier": 0.5},
-        "suffix": "s", "seed": 7, "metadata": {"a": "b=c"},
-        "seco": {"mode": "spaco", "chunk_size": 128, "max_length": 4096, "budget": 4, "sampling": "fixed",
-                 "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}},
-    }  # fmt: skip
+        "suffix": "s",
+        "seed": 7,
+        "metadata": {"a": "b=c"},
+        "seco": {
+            "mode": "spaco",
+            "chunk_size": 128,
+            "max_length": 4096,
+            "budget": 4,
+            "sampling": "fixed",
+            "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]},
+        },
+    }
     with pytest.raises(ClientError, match="KEY=VALUE"):
         job_body(parser.parse_args(["submit", "t", "--model", "m", "--metadata", "novalue"]), "file-1", None)
 
@@ -100,11 +147,16 @@ def _feed(parser: SSEParser, text: str) -> list[Any]:
 
 def test_sse_parser_follows_the_eventsource_rules() -> None:
     p = SSEParser()
-    msgs = _feed(p, "retry: 2000\n\n: keep-alive\n\nid: 1-0\ndata: {\"a\": 1}\n\nid: 2-0\ndata: x\ndata:y\n\n"
-                    "event: end\ndata: {}\n\n")  # fmt: skip
+    msgs = _feed(
+        p,
+        'retry: 2000\n\n: keep-alive\n\nid: 1-0\ndata: {"a": 1}\n\nid: 2-0\ndata: x\ndata:y\n\n'
+        "event: end\ndata: {}\n\n",
+    )
     assert [(m.event, m.data, m.id) for m in msgs] == [
-        ("message", '{"a": 1}', "1-0"), ("message", "x\ny", "2-0"), ("end", "{}", "2-0")
-    ]  # fmt: skip
+        ("message", '{"a": 1}', "1-0"),
+        ("message", "x\ny", "2-0"),
+        ("end", "{}", "2-0"),
+    ]
     assert p.retry_ms == 2000
     # a message cut off by a dropped connection is never dispatched, and its id is not the resume point
     p = SSEParser("1-0")
@@ -120,10 +172,27 @@ def test_formatting() -> None:
     assert [age(1000 - d, now=1000) for d in (5, 120, 7200, 3 * 86400)] == ["5s", "2m", "2h", "3d"]
     assert table(["A", "BB"], [["xxx", "y"]]).splitlines() == ["A    BB", "xxx  y"]
     line = ProgressLine(unicode=False)
-    line.update({"step": 1, "total_steps": 4, "train_loss": 2.5, "valid_loss": 2.75, "peak_memory_bytes": 2**20,
-                 "tokens_per_second": 1234.0, "step_seconds": 2.0})  # fmt: skip
-    line.update({"step": 2, "total_steps": 4, "train_loss": 2.25, "peak_memory_bytes": 2**19, "step_seconds": 4.0,
-                 "train_mean_token_accuracy": 0.4321})  # fmt: skip
+    line.update(
+        {
+            "step": 1,
+            "total_steps": 4,
+            "train_loss": 2.5,
+            "valid_loss": 2.75,
+            "peak_memory_bytes": 2**20,
+            "tokens_per_second": 1234.0,
+            "step_seconds": 2.0,
+        }
+    )
+    line.update(
+        {
+            "step": 2,
+            "total_steps": 4,
+            "train_loss": 2.25,
+            "peak_memory_bytes": 2**19,
+            "step_seconds": 4.0,
+            "train_mean_token_accuracy": 0.4321,
+        }
+    )
     text = line.render()
     assert text.startswith("step 2/4  ############------------  50%  ETA 0:06")  # (2 s + 4 s) / 2 * 2 steps left
     assert "1,234 tok/s" in text and "loss 2.2500 (val 2.7500) tok acc 43.2%" in text and "peak 1.0 MiB" in text
@@ -133,12 +202,14 @@ def test_formatting() -> None:
 def test_submit_a_dpo_job() -> None:
     """A DPO job's hyperparameters travel in OpenAI's method object, beta included."""
     parser = cli.build_parser()
-    args = parser.parse_args(["submit", "p.jsonl", "--model", "tiny", "--method", "dpo", "--beta", "0.2",
-                              "--epochs", "2"])  # fmt: skip
+    args = parser.parse_args(
+        ["submit", "p.jsonl", "--model", "tiny", "--method", "dpo", "--beta", "0.2", "--epochs", "2"]
+    )
     assert job_body(args, "file-1", None) == {
-        "model": "tiny", "training_file": "file-1",
+        "model": "tiny",
+        "training_file": "file-1",
         "method": {"type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 2, "beta": 0.2}}},
-    }  # fmt: skip
+    }
     bare = job_body(parser.parse_args(["submit", "p.jsonl", "--model", "tiny", "--method", "dpo"]), "file-1", None)
     assert bare["method"] == {"type": "dpo", "dpo": {"hyperparameters": {}}}
     with pytest.raises(ClientError, match="--beta applies to --method dpo"):
@@ -147,8 +218,17 @@ def test_submit_a_dpo_job() -> None:
 
 def test_progress_line_of_a_dpo_job() -> None:
     line = ProgressLine(unicode=False)
-    line.update({"step": 3, "total_steps": 6, "train_loss": 0.5, "reward_margin": 0.75, "reward_accuracy": 0.875,
-                 "valid_loss": 0.6, "valid_reward_margin": 0.5})  # fmt: skip
+    line.update(
+        {
+            "step": 3,
+            "total_steps": 6,
+            "train_loss": 0.5,
+            "reward_margin": 0.75,
+            "reward_accuracy": 0.875,
+            "valid_loss": 0.6,
+            "valid_reward_margin": 0.5,
+        }
+    )
     line.update({"step": 4, "total_steps": 6, "train_loss": 0.4, "reward_margin": 1.25, "reward_accuracy": 1.0})
     text = line.render()
     assert "loss 0.4000 (val 0.6000)" in text and "margin 1.250 (val 0.500) acc 100%" in text

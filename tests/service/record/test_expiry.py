@@ -26,8 +26,16 @@ def upload(store: Store, data: LocalStorage, created_at: int, expires: int | Non
     fid = ids.new_file_id()
     key = keys.file_key(T1, fid)
     data.put_bytes(key, b'{"text": "hello world"}\n')
-    rec = FileRecord(id=fid, tenant=T1, bytes=24, created_at=created_at, filename="a.jsonl", purpose="fine-tune",
-                     path=key, expires_at=expires)  # fmt: skip
+    rec = FileRecord(
+        id=fid,
+        tenant=T1,
+        bytes=24,
+        created_at=created_at,
+        filename="a.jsonl",
+        purpose="fine-tune",
+        path=key,
+        expires_at=expires,
+    )
     store.create_file(rec, counted=True, tenant_limit=1 << 30)
     return rec
 
@@ -36,10 +44,12 @@ def test_expires_at_follows_openais_limits() -> None:
     assert expires_at(1000, None, None) is None
     assert expires_at(1000, "created_at", "3600") == 4600
     assert expires_at(1000, "created_at", "2592000") == 1000 + 2592000
-    for anchor, seconds, param in [("created_at", "3599", "expires_after.seconds"),
-                                   ("created_at", "-5", "expires_after.seconds"),
-                                   ("updated_at", "3600", "expires_after.anchor"),
-                                   (None, "3600", "expires_after.anchor")]:  # fmt: skip
+    for anchor, seconds, param in [
+        ("created_at", "3599", "expires_after.seconds"),
+        ("created_at", "-5", "expires_after.seconds"),
+        ("updated_at", "3600", "expires_after.anchor"),
+        (None, "3600", "expires_after.anchor"),
+    ]:
         with pytest.raises(InvalidExpiry) as info:
             expires_at(1000, anchor, seconds)
         assert info.value.param == param

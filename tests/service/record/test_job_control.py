@@ -103,8 +103,15 @@ def test_model_names_round_trip(suffix: Any) -> None:
 
 
 ORG, HEX = "org-" + "0" * 16, "ab" * 12
-NOT_NAMES = ["tiny", "ft:tiny", f"ft:tiny:org-x::{HEX}", f"ft::{ORG}::{HEX}", f"ft:tiny:{ORG}::xyz",
-             f"ft:tiny:{ORG}::{HEX}:ckpt-step-x", f"ft:tiny:{ORG}:{HEX}:ckpt-step-1"]  # fmt: skip
+NOT_NAMES = [
+    "tiny",
+    "ft:tiny",
+    f"ft:tiny:org-x::{HEX}",
+    f"ft::{ORG}::{HEX}",
+    f"ft:tiny:{ORG}::xyz",
+    f"ft:tiny:{ORG}::{HEX}:ckpt-step-x",
+    f"ft:tiny:{ORG}:{HEX}:ckpt-step-1",
+]
 
 
 @pytest.mark.parametrize("name", NOT_NAMES)

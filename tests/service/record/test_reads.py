@@ -28,9 +28,18 @@ def _jobs(store: Store, file_id: str, n: int, tenant: str = T1, **meta: str) -> 
     """n queued jobs, oldest first; the first one carries `meta` as its metadata."""
     out = []
     for i in range(n):
-        rec = JobRecord(id=ids.new_job_id(), tenant=tenant, status="validating_files", created_at=now(), model="tiny",
-                        training_file=file_id, hyperparameters={"n_epochs": 1}, seed=i, seco={"mode": "seco"},
-                        metadata=dict(meta) if i == 0 and meta else {"i": str(i)})  # fmt: skip
+        rec = JobRecord(
+            id=ids.new_job_id(),
+            tenant=tenant,
+            status="validating_files",
+            created_at=now(),
+            model="tiny",
+            training_file=file_id,
+            hyperparameters={"n_epochs": 1},
+            seed=i,
+            seco={"mode": "seco"},
+            metadata=dict(meta) if i == 0 and meta else {"i": str(i)},
+        )
         store.create_job(rec, tenant_limit=10_000)
         assert store.transition(rec.id, ["validating_files"], "queued")[0]
         out.append(rec.id)
@@ -58,11 +67,16 @@ def test_reads_agree_with_the_store(store: Store, redis_url: str, tmp_path: Path
     order = store.queue_order()
 
     async def reads_all(reads: Reads) -> Any:
-        return (await reads.job(jobs[1], T1), await reads.job(other, T1), await reads.job("../x", T1),
-                await reads.jobs(T1, after=None, limit=2), await reads.events(jobs[0], T1, after=None, limit=50),
-                await reads.events(jobs[0], OTHER, after=None, limit=50),
-                await reads.checkpoints(jobs[0], T1, after=None, limit=5),
-                await reads.stream(jobs[0], "0-0"))  # fmt: skip
+        return (
+            await reads.job(jobs[1], T1),
+            await reads.job(other, T1),
+            await reads.job("../x", T1),
+            await reads.jobs(T1, after=None, limit=2),
+            await reads.events(jobs[0], T1, after=None, limit=50),
+            await reads.events(jobs[0], OTHER, after=None, limit=50),
+            await reads.checkpoints(jobs[0], T1, after=None, limit=5),
+            await reads.stream(jobs[0], "0-0"),
+        )
 
     got = _run(redis_url, reads_all)
     one, foreign, bad_id, (page, more, positions), evs, foreign_evs, cks, (streamed, status) = got

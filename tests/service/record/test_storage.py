@@ -109,8 +109,11 @@ def test_a_directory_is_complete_only_with_its_marker(storage: Storage, tmp_path
 
 def test_move_under_moves_everything_and_finishes_an_interrupted_move(storage: Storage, tmp_path: Path) -> None:
     src, dest = "tenants/0123456789abcdef", "tenants/fedcba9876543210"
-    contents = {f"files/{ids.new_file_id()}": os.urandom(100), "jobs/x/checkpoints/step-000001/a": b"a",
-                "jobs/x/adapter.tar.gz": os.urandom(3000)}  # fmt: skip
+    contents = {
+        f"files/{ids.new_file_id()}": os.urandom(100),
+        "jobs/x/checkpoints/step-000001/a": b"a",
+        "jobs/x/adapter.tar.gz": os.urandom(3000),
+    }
     for rel, data in contents.items():
         storage.put_bytes(f"{src}/{rel}", data)
     storage.copy(f"{src}/jobs/x/adapter.tar.gz", f"{dest}/jobs/x/adapter.tar.gz")  # as a move cut short leaves it
@@ -145,9 +148,13 @@ def test_keys_are_built_from_validated_ids_and_prefixed_by_tenant() -> None:
     fid, job = ids.new_file_id(), ids.new_job_id()
     assert keys.file_key(TENANT, fid) == f"tenants/{TENANT}/files/{fid}"
     assert keys.result_key(TENANT, job, "adapter.tar.gz") == f"tenants/{TENANT}/jobs/{job}/adapter.tar.gz"
-    for call in (lambda: keys.file_key("../other", fid), lambda: keys.file_key(TENANT, "file-../x"),
-                 lambda: keys.job_prefix(TENANT, "ftjob-x/.."), lambda: keys.result_key(TENANT, job, "../a"),
-                 lambda: keys.tenant_prefix(TENANT.upper())):  # fmt: skip
+    for call in (
+        lambda: keys.file_key("../other", fid),
+        lambda: keys.file_key(TENANT, "file-../x"),
+        lambda: keys.job_prefix(TENANT, "ftjob-x/.."),
+        lambda: keys.result_key(TENANT, job, "../a"),
+        lambda: keys.tenant_prefix(TENANT.upper()),
+    ):
         with pytest.raises(ValueError):
             call()
 
@@ -179,8 +186,11 @@ def test_s3_errors_name_the_problem_without_urls_or_credentials(
 
 
 def test_a_bad_storage_url_is_refused_at_start_up() -> None:
-    cases = [("http://bucket/x", "must look like s3://bucket/prefix"), ("s3:///x", "must look like"),
-             ("s3://key:secret@bucket/x", "takes no credentials")]  # fmt: skip
+    cases = [
+        ("http://bucket/x", "must look like s3://bucket/prefix"),
+        ("s3:///x", "must look like"),
+        ("s3://key:secret@bucket/x", "takes no credentials"),
+    ]
     for url, fragment in cases:
         with pytest.raises(ValueError, match=fragment):
             Settings(storage_url=url)

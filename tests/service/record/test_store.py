@@ -45,16 +45,31 @@ def make_file(store: Store, data: LocalStorage, tenant: str = T1) -> FileRecord:
     fid = ids.new_file_id()
     key = keys.file_key(tenant, fid)
     data.put_bytes(key, b'{"text": "hello world"}\n')
-    rec = FileRecord(id=fid, tenant=tenant, bytes=data.size(key) or 0, created_at=now(), filename="a.jsonl",
-                     purpose="fine-tune", path=key)  # fmt: skip
+    rec = FileRecord(
+        id=fid,
+        tenant=tenant,
+        bytes=data.size(key) or 0,
+        created_at=now(),
+        filename="a.jsonl",
+        purpose="fine-tune",
+        path=key,
+    )
     store.create_file(rec, counted=True, tenant_limit=1 << 30)
     return rec
 
 
 def make_job(store: Store, file_id: str, tenant: str = T1, queued: bool = True, limit: int = 100) -> str:
-    rec = JobRecord(id=ids.new_job_id(), tenant=tenant, status="validating_files", created_at=now(), model="tiny",
-                    training_file=file_id, hyperparameters={"n_epochs": "auto", "batch_size": 2,
-                    "learning_rate_multiplier": "auto"}, seed=7, seco={"mode": "seco", "lora": {"r": 4}})  # fmt: skip
+    rec = JobRecord(
+        id=ids.new_job_id(),
+        tenant=tenant,
+        status="validating_files",
+        created_at=now(),
+        model="tiny",
+        training_file=file_id,
+        hyperparameters={"n_epochs": "auto", "batch_size": 2, "learning_rate_multiplier": "auto"},
+        seed=7,
+        seco={"mode": "seco", "lora": {"r": 4}},
+    )
     store.create_job(rec, tenant_limit=limit)
     if queued:
         assert store.transition(rec.id, ["validating_files"], "queued")[0]
@@ -213,8 +228,9 @@ def test_tenant_limits_and_file_in_use(store: Store, data: LocalStorage) -> None
         store.delete_file(f)
     assert store.request_cancel(j1) == "cancelled"
     make_job(store, f.id, limit=2)  # a slot was freed
-    big = FileRecord(id=ids.new_file_id(), tenant=T1, bytes=100, created_at=now(), filename="x", purpose="fine-tune",
-                     path="files/x")  # fmt: skip
+    big = FileRecord(
+        id=ids.new_file_id(), tenant=T1, bytes=100, created_at=now(), filename="x", purpose="fine-tune", path="files/x"
+    )
     with pytest.raises(LimitExceeded):
         store.create_file(big, counted=True, tenant_limit=f.bytes + 99)
     assert tenant_file_bytes(store, T1) == f.bytes
@@ -250,9 +266,13 @@ def fake_train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
         tar.add(out / "adapter" / "adapter_config.json", arcname="adapter_config.json")
     (out / "metrics.csv").write_text("step,train_loss\n1,2.0\n2,1.0\n")
     return TrainResult(
-        adapter_dir=out / "adapter", adapter_archive=out / "adapter.tar.gz", metrics_csv=out / "metrics.csv",
-        trained_tokens=200, steps=2, peak_memory_bytes=5000,
-    )  # fmt: skip
+        adapter_dir=out / "adapter",
+        adapter_archive=out / "adapter.tar.gz",
+        metrics_csv=out / "metrics.csv",
+        trained_tokens=200,
+        steps=2,
+        peak_memory_bytes=5000,
+    )
 
 
 def test_train_next_job_success_registers_results(store: Store, data: LocalStorage, tmp_path: Path) -> None:
@@ -302,8 +322,12 @@ def test_train_next_job_failures_and_cancel(store: Store, data: LocalStorage, tm
 
     j1, j2, j3 = (make_job(store, f.id) for _ in range(3))
     assert train_next_job(settings, store, train=user_error) == "failed"
-    assert store.get_job(j1).error == {"code": "out_of_memory", "message": "max_length 99999 does not fit; "  # type: ignore[union-attr]
-                                       "try 4096", "param": "seco.max_length"}  # fmt: skip
+    assert store.get_job(j1).error == {
+        "code": "out_of_memory",
+        "message": "max_length 99999 does not fit; "  # type: ignore[union-attr]
+        "try 4096",
+        "param": "seco.max_length",
+    }
     assert train_next_job(settings, store, train=crash) == "failed"
     err = store.get_job(j2).error  # type: ignore[union-attr]
     assert err is not None and err["code"] == "internal_error" and "ZeroDivisionError: boom" in err["message"]
