@@ -112,6 +112,9 @@ def _fetch_gguf(work: Path, log: bool) -> Path:
 
 def _convert(gguf: Path, staged: Path, log: bool) -> None:
     """Dequantise the GGUF to float32 and save an ordinary Hugging Face directory."""
+    # The GGUF reader's own tqdm bar (one line per redraw in a log): tqdm reads this when it
+    # is imported, so it is set before transformers brings tqdm in.
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -123,7 +126,6 @@ def _convert(gguf: Path, staged: Path, log: bool) -> None:
     if log:
         print(f"{MODEL_NAME}: converting {gguf.name} to float32 safetensors")
     hf_logging.disable_progress_bar()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader's own tqdm bar, one line per tensor in a log
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are dequantised float32 tensors now; what marks the model as "gguf
