@@ -10,16 +10,7 @@ from transformers import LlamaConfig
 
 from seco_core.job_config import JobConfig
 from seco_core.memory_plan import DEFAULT_LENGTH, MEMORY_MODES, GiB, PlanRefused, plan_job
-
-LLAMA3_8B = LlamaConfig(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-)
+from tests.model_shapes import LLAMA3_8B
 
 
 def on_a_24_gib_gpu(job: JobConfig, **kw: Any) -> Any:

@@ -13,6 +13,7 @@ from transformers import LlamaConfig
 import worker.trainer as trainer
 from seco_core.job_config import JobConfig
 from seco_core.memory_plan import plan as plan_one_mode
+from tests.model_shapes import LLAMA3_8B
 from worker.spec import TrainingError, TrainSpec
 
 GiB = 2**30
@@ -25,15 +26,6 @@ TINY_LLAMA = LlamaConfig(
     vocab_size=32000,
     max_position_embeddings=65536,
 )  # the benchmark's CPU preset
-LLAMA3_8B = LlamaConfig(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-)
 
 
 def spec_for(max_length: int | None, budget: int = 24 * GiB, device: str = "cuda:0", **seco: Any) -> TrainSpec:
