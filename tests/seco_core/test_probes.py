@@ -6,9 +6,8 @@ import sys
 import time
 
 import pytest
-import torch
 
-from seco_core.probes import DeviceMemoryUse, PeakMemory, Stopwatch, cuda_memory_use, current_rss_bytes
+from seco_core.probes import DeviceMemoryUse, PeakMemory, Stopwatch, cuda_memory_use
 from tests.conftest import ROOT
 
 MB = 1024 * 1024
@@ -16,39 +15,61 @@ GiB = 1024**3
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM reset is Linux-only")
 
 
+def in_fresh_process(code: str) -> str:
+    """Run `code` in a new interpreter, fail with its errors if it fails, return what it printed.
+
+    VmHWM is the whole process's peak: in the test process, memory that other tests left
+    for the garbage collector (or a background thread) can be freed between a reset and
+    the allocation being measured, and the new tensor then fits under the old peak. A fresh
+    interpreter holds only what the code allocates.
+    """
+    import subprocess
+
+    prelude = (
+        "import torch\n"
+        "from seco_core.probes import PeakMemory, current_rss_bytes, return_freed_memory_to_os\n"
+        "MB = 2**20\n"
+    )
+    out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 @linux_only
 def test_a_200mb_tensor_shows_up_in_the_peak_and_reset_forgets_it() -> None:
-    probe = PeakMemory("cpu")
-    assert probe.resettable
-    assert probe.baseline_bytes > 0
-
-    x = torch.ones(50 * MB, dtype=torch.float32)  # 200 MiB, every page touched by ones()
-    assert x.numel() * 4 == 200 * MB
-    del x
-    extra = probe.peak_extra_bytes
-    assert 195 * MB <= extra <= 260 * MB, extra / MB
-
-    # A large tensor is mmapped and returned to the kernel on free, so after a reset the
-    # peak is back near the current RSS.
-    probe.reset()
-    assert probe.peak_extra_bytes < 30 * MB, probe.peak_extra_bytes / MB
-    assert abs(probe.baseline_bytes - current_rss_bytes()) < 30 * MB
+    in_fresh_process(
+        "probe = PeakMemory('cpu')\n"
+        "assert probe.resettable\n"
+        "assert probe.baseline_bytes > 0\n"
+        "x = torch.ones(50 * MB, dtype=torch.float32)  # 200 MiB, every page touched by ones()\n"
+        "assert x.numel() * 4 == 200 * MB\n"
+        "del x\n"
+        "extra = probe.peak_extra_bytes\n"
+        "assert 195 * MB <= extra <= 260 * MB, extra / MB\n"
+        # a large tensor is mmapped and returned to the kernel on free, so after a reset the
+        # peak is back near the current RSS
+        "probe.reset()\n"
+        "assert probe.peak_extra_bytes < 30 * MB, probe.peak_extra_bytes / MB\n"
+        "assert abs(probe.baseline_bytes - current_rss_bytes()) < 30 * MB\n"
+    )
 
 
 @linux_only
 def test_context_manager_resets_on_entry() -> None:
     # Both sizes lie above glibc's largest dynamic mmap threshold (32 MiB), so each tensor
-    # gets fresh pages whatever earlier tests in this process freed: a 20 MiB tensor could
-    # come from already-resident heap and add less than its size to the peak.
-    with PeakMemory("cpu") as outer:
-        y = torch.ones(40 * MB)  # 160 MiB
-        del y
-        assert outer.peak_extra_bytes >= 155 * MB
-        with PeakMemory("cpu") as inner:
-            z = torch.ones(10 * MB)  # 40 MiB
-            del z
-            assert 38 * MB <= inner.peak_extra_bytes < 80 * MB
-    assert outer.peak_bytes() >= outer.baseline_bytes
+    # gets fresh pages: a 20 MiB tensor could come from already-resident heap and add less
+    # than its size to the peak.
+    in_fresh_process(
+        "with PeakMemory('cpu') as outer:\n"
+        "    y = torch.ones(40 * MB)  # 160 MiB\n"
+        "    del y\n"
+        "    assert outer.peak_extra_bytes >= 155 * MB, outer.peak_extra_bytes / MB\n"
+        "    with PeakMemory('cpu') as inner:\n"
+        "        z = torch.ones(10 * MB)  # 40 MiB\n"
+        "        del z\n"
+        "        assert 38 * MB <= inner.peak_extra_bytes < 80 * MB, inner.peak_extra_bytes / MB\n"
+        "assert outer.peak_bytes() >= outer.baseline_bytes\n"
+    )
 
 
 def test_stopwatch_measures_wall_time() -> None:
@@ -64,21 +85,15 @@ def test_freed_tensor_memory_goes_back_to_the_os() -> None:
     """After return_freed_memory_to_os, a freed 16 MiB tensor leaves the resident set each time
     (glibc's dynamic threshold keeps a block of that size on the heap once one was freed:
     from the second time on, freeing it gave back nothing)."""
-    import subprocess
-
-    code = (
-        "import torch\n"
-        "from seco_core.probes import current_rss_bytes, return_freed_memory_to_os\n"
+    out = in_fresh_process(
         "assert return_freed_memory_to_os()\n"
         "for _ in range(3):\n"
-        "    t = torch.ones(4 * 2**20)\n"
+        "    t = torch.ones(4 * MB)\n"
         "    held = current_rss_bytes()\n"
         "    del t\n"
         "    print(held - current_rss_bytes())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert all(int(freed) > 15 * 2**20 for freed in out.stdout.split()), out.stdout
+    assert all(int(freed) > 15 * 2**20 for freed in out.split()), out
 
 
 def test_the_card_verdict_is_on_what_the_process_held_not_on_tensors() -> None:
