@@ -23,6 +23,7 @@ from seco_core.dpo import DEFAULT_BETA
 from seco_core.kv_store import HostBuffers
 from seco_core.lora import attach_lora, pack_adapter, save_adapter
 from seco_core.memory_plan import JobPlan, PlanRefused, device_budget_bytes, format_bytes, plan_job
+from seco_core.position_buckets import PositionLosses
 from seco_core.probes import PeakMemory
 from seco_core.selfcheck import self_check
 from seco_core.windows import Window, split_documents
@@ -30,6 +31,14 @@ from worker.checkpoints import Position, latest_checkpoint, load_checkpoint, sav
 from worker.data import DataError, load_documents, load_preferences
 from worker.divergence import DivergenceGuard
 from worker.objective import Objective, StepResult, step_seed
+from worker.position_report import (
+    VALID_BY_POSITION,
+    comparison,
+    csv_cells,
+    csv_column,
+    present_buckets,
+    starting_losses,
+)
 from worker.preference import check_pair_lengths, preference_objective
 from worker.spec import JobCancelled, JobPaused, TrainContext, TrainingError, TrainResult, TrainSpec
 
@@ -127,7 +136,8 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
         position, resumed_metrics = load_checkpoint(resume_from, model, optimizer, scheduler)
         guard.resumed(position.step, resumed_metrics)
         ctx.message(f"resumed from checkpoint at step {position.step} of {total_steps}", data={"step": position.step})
-    _truncate_metrics(metrics_csv, position.step, objective.fields)
+    # a fresh start drops every row of an attempt that died before its first checkpoint, step 0's too
+    _truncate_metrics(metrics_csv, position.step if resume_from is not None else -1, objective.fields)
     ctx.message(
         f"training {total_steps} steps: {n_epochs} epochs x {batches_per_epoch} batches of {batch_size} "
         f"{objective.unit}{f' (DPO, beta {_beta(spec)})' if spec.method == 'dpo' else ''}, "
@@ -137,6 +147,9 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     )
 
     host_buffers = HostBuffers()  # offloaded K/V: host memory pinned once, reused by every step
+    start_losses = _starting_validation(
+        objective, model, chunk_config, host_buffers, ctx, metrics_csv, position, total_steps
+    )
     probe = PeakMemory(device)
     peak_seen = step_peak = 0  # absolute peak; largest step peak above the resident model
     started = time.monotonic()
@@ -188,6 +201,8 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
                 metrics.update({full: metrics[key] for key, full in FULL_VALIDATION.items() if key in metrics})
             ctx.metrics(metrics)
             _append_metrics(metrics_csv, metrics, objective.fields)
+            if start_losses and VALID_BY_POSITION in metrics:
+                _compare_by_position(ctx, step, step == total_steps, start_losses, metrics[VALID_BY_POSITION])
             rate = (time.monotonic() - started) / steps_this_run
             ctx.progress(step, total_steps, position.trained_tokens, rate * (total_steps - step))
             if save_now or pause:
@@ -236,6 +251,49 @@ def resolve_hyperparameters(spec: TrainSpec) -> dict[str, Any]:
     return resolved
 
 
+def _starting_validation(
+    objective: Objective,
+    model: torch.nn.Module,
+    chunk_config: ChunkConfig,
+    host_buffers: HostBuffers,
+    ctx: TrainContext,
+    metrics_csv: Path,
+    position: Position,
+    total_steps: int,
+) -> dict[str, float] | None:
+    """Validate the model the job starts from (the base model, or the fine-tuned model it
+    continues) before the first optimizer step, reported as step 0 (event and CSV row);
+    returns its loss by position, what later validations are compared with.
+
+    A resumed job (paused, or its worker lost) does not validate again: its step-0 row came
+    back with the checkpoint's CSV, and the starting model is no longer in memory anyway.
+    """
+    if objective.validate is None or not objective.validate_before_training:
+        return None
+    if position.step > 0:
+        return starting_losses(metrics_csv)
+    metrics: dict[str, Any] = {
+        "step": 0,
+        "total_steps": total_steps,
+        "epoch": 0,
+        **objective.validate(model, chunk_config, host_buffers),
+    }
+    ctx.metrics(metrics)
+    _append_metrics(metrics_csv, metrics, objective.fields)
+    return metrics.get(VALID_BY_POSITION)
+
+
+def _compare_by_position(
+    ctx: TrainContext, step: int, final: bool, start: dict[str, float], now: dict[str, float]
+) -> None:
+    """The job's event comparing each position bucket's validation loss with the starting model's."""
+    when = "after training, starting model -> final" if final else f"at step {step}, starting model -> now"
+    ctx.message(
+        f"validation loss by position {when}: {comparison(start, now)}",
+        data={"step": step, VALID_BY_POSITION: now, f"starting_{VALID_BY_POSITION}": start},
+    )
+
+
 def _announce_plan(ctx: TrainContext, job_plan: JobPlan) -> None:
     ctx.message(
         f"{job_plan.memory.message}; the longest max_length this device can train in this configuration "
@@ -258,6 +316,7 @@ def _supervised_objective(
         raise TrainingError("training_file has no tokens to train on", code="invalid_file", param="training_file")
     ctx.message(f"training data: {split.stats.summary()}", data={"windows": split.stats.windows})
     valid_windows = split_documents(valid_data.documents, job_plan.max_length).windows if valid_data else []
+    position_columns = [csv_column(name) for name in present_buckets(w.labels for w in valid_windows)]
 
     def step(
         model: torch.nn.Module, windows: list[Window], config: ChunkConfig, number: int, buffers: HostBuffers
@@ -265,11 +324,19 @@ def _supervised_objective(
         loss, accuracy, chunks = _optimizer_step(model, windows, config, spec, number, device, ctx, buffers)
         return StepResult(loss, chunks, sum(len(w) for w in windows), {"train_mean_token_accuracy": accuracy})
 
-    def validate(model: torch.nn.Module, config: ChunkConfig, buffers: HostBuffers) -> dict[str, float]:
-        loss, accuracy = _validation_metrics(model, valid_windows, config, device, buffers)
-        return {"valid_loss": loss, "valid_mean_token_accuracy": accuracy}
+    def validate(model: torch.nn.Module, config: ChunkConfig, buffers: HostBuffers) -> dict[str, Any]:
+        loss, accuracy, by_position = _validation_metrics(model, valid_windows, config, device, buffers)
+        return {"valid_loss": loss, "valid_mean_token_accuracy": accuracy, VALID_BY_POSITION: by_position.means()}
 
-    return Objective(split.windows, "windows", step, validate if valid_windows else None), job_plan
+    objective = Objective(
+        split.windows,
+        "windows",
+        step,
+        validate if valid_windows else None,
+        position_columns,
+        validate_before_training=True,
+    )
+    return objective, job_plan
 
 
 def _beta(spec: TrainSpec) -> float:
@@ -354,12 +421,13 @@ def _validation_metrics(
     chunk_config: ChunkConfig,
     device: torch.device,
     host_buffers: HostBuffers,
-) -> tuple[float, float]:
-    """Mean token loss and token accuracy over all the validation windows (stage 1 only: no
-    graph), with the training step's chunk configuration: at lengths that need KV offload,
-    validation does too."""
+) -> tuple[float, float, PositionLosses]:
+    """Mean token loss, token accuracy and loss by target position over all the validation
+    windows (stage 1 only: no graph; one pass gives all three), with the training step's
+    chunk configuration: at lengths that need KV offload, validation does too."""
     model.eval()
     total, correct, n = 0.0, 0, 0
+    by_position = PositionLosses()
     for window in windows:
         ids = torch.tensor([window.input_ids], device=device)
         labels = torch.tensor([window.labels], device=device)
@@ -367,8 +435,9 @@ def _validation_metrics(
         total += out.loss * out.tokens
         correct += out.correct_tokens
         n += out.tokens
+        by_position.add(out.by_position)
     model.train()
-    return total / n, correct / n
+    return total / n, correct / n, by_position
 
 
 def _plan_memory(
@@ -488,14 +557,15 @@ def _warmup_cosine(total_steps: int) -> Any:
 
 
 def _append_metrics(path: Path, metrics: dict[str, Any], extra_fields: list[str] | None = None) -> None:
-    """One CSV row per step (`METRIC_FIELDS`, then the method's); a row read back from the CSV
-    (a resume) keeps its `train_accuracy`."""
+    """One CSV row per step (`METRIC_FIELDS`, then the method's: for supervised jobs one column
+    per position bucket); a row read back from the CSV (a resume) keeps its `train_accuracy`
+    and bucket cells."""
     new = not path.exists()
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS + (extra_fields or []), extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({"train_accuracy": metrics.get("train_mean_token_accuracy"), **metrics})
+        writer.writerow({"train_accuracy": metrics.get("train_mean_token_accuracy"), **metrics, **csv_cells(metrics)})
 
 
 def _truncate_metrics(path: Path, last_step: int, extra_fields: list[str] | None = None) -> None:
