@@ -313,6 +313,8 @@ def build_spec(
         checkpoint_every=settings.checkpoint_every,
         memory_budget_bytes=settings.memory_budget_bytes,
         host_memory_budget_bytes=settings.host_memory_budget_bytes,
+        serve_memory_bytes=settings.serve_memory_bytes,
+        serve_device=settings.serve_device,
         # a resume restores every LoRA weight from the job's own checkpoint: the model it started
         # from is not needed (and may have been deleted since, or lost from storage)
         init_adapter=None if resuming else fetch_start_adapter(rec, store, storage, start_adapter),

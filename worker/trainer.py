@@ -294,11 +294,22 @@ def _compare_by_position(
     )
 
 
-def _announce_plan(ctx: TrainContext, job_plan: JobPlan) -> None:
+def _announce_plan(ctx: TrainContext, spec: TrainSpec, job_plan: JobPlan) -> None:
+    serving = serving_reserve_bytes(spec)
+    kept = (
+        f" ({format_bytes(serving)} of the device kept for `seco serve` on {spec.device}, SECO_SERVE_MEMORY_BYTES)"
+        if serving
+        else ""
+    )
     ctx.message(
-        f"{job_plan.memory.message}; the longest max_length this device can train in this configuration "
+        f"{job_plan.memory.message}{kept}; the longest max_length this device can train in this configuration "
         f"is {job_plan.memory.longest_length}",
-        data={"memory_plan": job_plan.memory.estimate.as_dict(), "longest_max_length": job_plan.memory.longest_length},
+        data={
+            "memory_plan": job_plan.memory.estimate.as_dict(),
+            "longest_max_length": job_plan.memory.longest_length,
+            "budget_bytes": job_plan.memory.budget_bytes,
+            "serve_memory_bytes": serving,
+        },
     )
 
 
@@ -310,7 +321,7 @@ def _supervised_objective(
     train_data = load_documents(spec.training_file, tokenizer, "training_file")
     valid_data = load_documents(spec.validation_file, tokenizer, "validation_file") if spec.validation_file else None
     job_plan = _plan_memory(spec, model_config, dtype)
-    _announce_plan(ctx, job_plan)
+    _announce_plan(ctx, spec, job_plan)
     split = split_documents(train_data.documents, job_plan.max_length)
     if not split.windows:
         raise TrainingError("training_file has no tokens to train on", code="invalid_file", param="training_file")
@@ -356,7 +367,7 @@ def _preference_objective(
     pairs = [*train.pairs, *(valid.pairs if valid else [])]
     branch_tokens = max(min(len(p.chosen), len(p.rejected)) for p in pairs)
     job_plan = _plan_memory(spec, model_config, dtype, branch_tokens=branch_tokens, length=max(len(p) for p in pairs))
-    _announce_plan(ctx, job_plan)
+    _announce_plan(ctx, spec, job_plan)
     why = "set by the job" if spec.seco.max_length else "the longest this device fits"
     check_pair_lengths(train.pairs, job_plan.max_length, "training_file", why)
     if valid:
@@ -447,10 +458,20 @@ def _plan_memory(
     or a refusal saying what would fit.
 
     What the worker adds is what it knows of the device: the compute dtype, whether fused
-    attention kernels run on it, its budget (SECO_MEMORY_BUDGET, else what is free) and the
-    host budget KV offload may use (CUDA only). `length`: the longest sequence of the data.
+    attention kernels run on it, its budget (SECO_MEMORY_BUDGET, else what is free, less
+    what `seco serve` may take on the same device: `serving_reserve_bytes`) and the host
+    budget KV offload may use (CUDA only). `length`: the longest sequence of the data.
     """
     kind = torch.device(spec.device).type
+    device_budget = spec.memory_budget_bytes or device_budget_bytes(spec.device)
+    serving = serving_reserve_bytes(spec)
+    if serving >= device_budget:
+        raise TrainingError(
+            f"no memory left to train on {spec.device}: SECO_SERVE_MEMORY_BYTES keeps {format_bytes(serving)} "
+            f"for `seco serve` on this device, and the budget is {format_bytes(device_budget)}",
+            code="does_not_fit",
+            param="seco.max_length",
+        )
     try:
         return plan_job(
             model_config,
@@ -458,13 +479,35 @@ def _plan_memory(
             device_kind=kind,
             dtype_bytes=torch.finfo(dtype).bits // 8,
             fused_attention=kind == "cpu" or dtype in FUSED_CUDA_DTYPES,
-            budget_bytes=spec.memory_budget_bytes or device_budget_bytes(spec.device),
+            budget_bytes=device_budget - serving,
             host_budget_bytes=host_budget_bytes(spec) if kind == "cuda" else None,
             length=length,
             branch_tokens=branch_tokens,
         )
     except PlanRefused as exc:
         raise TrainingError(str(exc), code="does_not_fit", param="seco.max_length") from None
+
+
+def serving_reserve_bytes(spec: TrainSpec) -> int:
+    """What the inference process may take of this worker's device: SECO_SERVE_MEMORY_BYTES when
+    `seco serve` runs on the same device (SECO_SERVE_DEVICE, unset: SECO_DEVICE), else 0.
+
+    The whole share is kept, whether or not the inference process holds it yet: it loads
+    models and adapters on demand, and a training step planned into memory that serving
+    takes later would run out of memory mid-job. Same device: the same device string, a
+    bare "cuda" being "cuda:0" (cpu is cpu).
+    """
+    if spec.serve_memory_bytes is None:
+        return 0
+    return spec.serve_memory_bytes if _same_device(spec.serve_device or spec.device, spec.device) else 0
+
+
+def _same_device(a: str, b: str) -> bool:
+    def canonical(name: str) -> str:
+        name = name.strip().lower()
+        return "cuda:0" if name == "cuda" else name
+
+    return canonical(a) == canonical(b)
 
 
 def host_budget_bytes(spec: TrainSpec) -> int:
