@@ -494,8 +494,10 @@ def serving_reserve_bytes(spec: TrainSpec) -> int:
 
     The whole share is kept, whether or not the inference process holds it yet: it loads
     models and adapters on demand, and a training step planned into memory that serving
-    takes later would run out of memory mid-job. Same device: the same device string, a
-    bare "cuda" being "cuda:0" (cpu is cpu).
+    takes later would run out of memory mid-job. (With SECO_MEMORY_BUDGET unset the budget
+    is the free memory, which already lacks what serving holds now: the plan then errs on
+    the safe side by that much.) Same device: the same device string, a bare "cuda" being
+    "cuda:0" (cpu is cpu).
     """
     if spec.serve_memory_bytes is None:
         return 0
