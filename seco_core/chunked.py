@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from seco_core import cache as chunk_cache
 from seco_core.arch import ModelParts, check_length, model_parts
 from seco_core.config import ChunkConfig
 from seco_core.kv_store import DeviceStore, HostBuffers, HostStore, KVStore
+from seco_core.position_buckets import POSITION_EDGES, PositionLosses, check_edges, position_spans
 from seco_core.sampling import chunk_factors
 
 IGNORE_INDEX = -100
@@ -237,6 +238,14 @@ def chunked_backward(
     )
 
 
+@dataclass
+class EvaluationOutput(ChunkedOutput):
+    by_position: PositionLosses = field(default_factory=PositionLosses)
+    """Summed loss and target count per target-position bucket (position_buckets.py), from
+    the same logits as `loss`: their sums add up to it."""
+
+
+@torch.no_grad()
 def chunked_evaluate(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -244,14 +253,60 @@ def chunked_evaluate(
     config: ChunkConfig,
     *,
     host_buffers: HostBuffers | None = None,
-) -> ChunkedOutput:
-    """Loss and token accuracy of a long sequence with no gradients (validation): stage 1 only.
+    position_edges: tuple[int, ...] = POSITION_EDGES,
+) -> EvaluationOutput:
+    """Loss, token accuracy and loss by target position of a long sequence with no gradients
+    (validation): stage 1 only, one pass.
 
     Takes the training step's own `config`, so a sequence that only fits with the K/V
-    cache offloaded to host memory is validated with it offloaded too.
+    cache offloaded to host memory is validated with it offloaded too. Each chunk's
+    targets are cut at the bucket edges (`position_edges`, positions as defined in
+    position_buckets.py: the target's index in the sequence, the context before it) and
+    each piece's summed cross-entropy goes to its bucket, so the buckets cost no second
+    pass and no per-token loss tensor.
     """
-    num_chunks = -(-input_ids.shape[-1] // config.chunk_size)
-    return backward_with_factors(model, input_ids, labels, config, [0.0] * num_chunks, host_buffers=host_buffers)
+    if input_ids.dim() != 2 or input_ids.shape != labels.shape:
+        raise ValueError(
+            f"input_ids and labels must both be (batch, length); got {tuple(input_ids.shape)} and {tuple(labels.shape)}"
+        )
+    check_edges(position_edges)
+    parts = model_parts(model)
+    batch, length = input_ids.shape
+    check_length(model, length)
+    device = input_ids.device
+    targets = shifted_targets(labels)  # index t holds the target at position t + 1
+    bounds = [(s, min(s + config.chunk_size, length)) for s in range(0, length, config.chunk_size)]
+    has_targets = chunks_with_targets(targets, bounds)
+    if not any(has_targets):
+        raise ValueError("labels have no target tokens (every label after the first is -100)")
+    positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
+    n_buckets = len(position_edges) + 1
+    sums = torch.zeros(n_buckets, dtype=torch.float64, device=device)
+    counts = torch.zeros(n_buckets, dtype=torch.long, device=device)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    with chunked_session(model, parts, config, device, host_buffers) as cache:
+        for j, (s, e) in enumerate(bounds):
+            hidden = run_chunk(parts, cache, input_ids[:, s:e], positions[:, s:e])  # (B, c, H)
+            if has_targets[j]:
+                for bucket, lo, hi in position_spans(s + 1, e + 1, position_edges):
+                    piece = targets[:, lo - 1 : hi - 1]
+                    rows, right = chunk_row_stats(
+                        parts.head, hidden[:, lo - 1 - s : hi - 1 - s], piece, config.loss_slice
+                    )
+                    sums[bucket] += rows.sum().double()
+                    counts[bucket] += (piece != IGNORE_INDEX).sum()
+                    correct += right.sum()
+            cache.push_current(False)
+    bucket_counts = [int(c) for c in counts.tolist()]  # one device sync for the whole sequence
+    n_targets = sum(bucket_counts)
+    return EvaluationOutput(
+        loss=float(sums.sum()) / n_targets,
+        num_chunks=len(bounds),
+        chunks_backpropagated=0,
+        tokens=n_targets,
+        correct_tokens=int(correct),
+        by_position=PositionLosses(tuple(position_edges), [float(x) for x in sums.tolist()], bucket_counts),
+    )
 
 
 def chunked_loss(

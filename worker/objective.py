@@ -32,8 +32,9 @@ class StepResult:
 StepFn = Callable[[torch.nn.Module, list[Any], ChunkConfig, int, HostBuffers], StepResult]
 """(model, the batch's items, chunk config, step number, the job's host buffers for KV
 offload) -> the step's result; accumulates .grad."""
-ValidateFn = Callable[[torch.nn.Module, ChunkConfig, HostBuffers], dict[str, float]]
-"""(model, chunk config, host buffers) -> validation metrics ("valid_loss", ...), no gradients."""
+ValidateFn = Callable[[torch.nn.Module, ChunkConfig, HostBuffers], dict[str, Any]]
+"""(model, chunk config, host buffers) -> validation metrics ("valid_loss", ...; supervised jobs
+add "valid_loss_by_position", a dict), no gradients."""
 
 
 @dataclass
@@ -47,6 +48,10 @@ class Objective:
     """None without validation data."""
     fields: list[str] = field(default_factory=list)
     """Metrics CSV columns of this method, after the common ones."""
+    validate_before_training: bool = False
+    """Also validate the starting model, reported as step 0: what later validations compare
+    with (supervised jobs: the loss by position, starting model -> now). DPO's starting
+    point needs no pass on a base model: the policy is the reference (loss log 2, margin 0)."""
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -34,6 +34,8 @@ class TrainSpec:
     checkpoint_every: int | None = None  # optimizer steps; None: a sensible default
     memory_budget_bytes: int | None = None  # cap for the memory plan (SECO_MEMORY_BUDGET); None: the device's
     host_memory_budget_bytes: int | None = None  # KV offload's share of host memory (SECO_HOST_MEMORY_BUDGET)
+    serve_memory_bytes: int | None = None  # what `seco serve` may use on its device (SECO_SERVE_MEMORY_BYTES)
+    serve_device: str | None = None  # where `seco serve` runs (SECO_SERVE_DEVICE); None: this worker's device
     init_adapter: Path | None = None  # a fine-tuned model's PEFT adapter to continue training (same LoRA shape)
 
 

@@ -183,14 +183,22 @@ class StoreContext:
             self.persist(lambda: self.store.add_event(self.job_id, text, level=level, data=data))
 
     def metrics(self, data: dict[str, Any]) -> None:
+        """One metrics event; step 0 (the starting model's validation, before training) says so."""
         step, total = data.get("step"), data.get("total_steps")
         msg = f"Step {step}/{total}" if total else f"Step {step}"
+        if step == 0:
+            msg += " (the starting model, before training)"
+        parts = []
         if isinstance(data.get("train_loss"), int | float):
-            msg += f": training loss={data['train_loss']:.4f}"
+            parts.append(f"training loss={data['train_loss']:.4f}")
         if isinstance(data.get("valid_loss"), int | float):
-            msg += f", validation loss={data['valid_loss']:.4f}"
+            parts.append(f"validation loss={data['valid_loss']:.4f}")
         if isinstance(data.get("reward_margin"), int | float):  # DPO
-            msg += f", reward margin={data['reward_margin']:.4f}, reward accuracy={data.get('reward_accuracy', 0):.2f}"
+            parts.append(
+                f"reward margin={data['reward_margin']:.4f}, reward accuracy={data.get('reward_accuracy', 0):.2f}"
+            )
+        if parts:
+            msg += ": " + ", ".join(parts)
         self.persist(lambda: self.store.add_metrics(self.job_id, self.worker_id, data, msg))
 
     def progress(self, step: int, total_steps: int, trained_tokens: int, eta_seconds: float | None) -> None:
@@ -305,6 +313,8 @@ def build_spec(
         checkpoint_every=settings.checkpoint_every,
         memory_budget_bytes=settings.memory_budget_bytes,
         host_memory_budget_bytes=settings.host_memory_budget_bytes,
+        serve_memory_bytes=settings.serve_memory_bytes,
+        serve_device=settings.serve_device,
         # a resume restores every LoRA weight from the job's own checkpoint: the model it started
         # from is not needed (and may have been deleted since, or lost from storage)
         init_adapter=None if resuming else fetch_start_adapter(rec, store, storage, start_adapter),

@@ -23,6 +23,7 @@ from seco_core.dpo import DEFAULT_BETA
 from seco_core.kv_store import HostBuffers
 from seco_core.lora import attach_lora, pack_adapter, save_adapter
 from seco_core.memory_plan import JobPlan, PlanRefused, device_budget_bytes, format_bytes, plan_job
+from seco_core.position_buckets import PositionLosses
 from seco_core.probes import PeakMemory
 from seco_core.selfcheck import self_check
 from seco_core.windows import Window, split_documents
@@ -30,6 +31,14 @@ from worker.checkpoints import Position, latest_checkpoint, load_checkpoint, sav
 from worker.data import DataError, load_documents, load_preferences
 from worker.divergence import DivergenceGuard
 from worker.objective import Objective, StepResult, step_seed
+from worker.position_report import (
+    VALID_BY_POSITION,
+    comparison,
+    csv_cells,
+    csv_column,
+    present_buckets,
+    starting_losses,
+)
 from worker.preference import check_pair_lengths, preference_objective
 from worker.spec import JobCancelled, JobPaused, TrainContext, TrainingError, TrainResult, TrainSpec
 
@@ -127,7 +136,8 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
         position, resumed_metrics = load_checkpoint(resume_from, model, optimizer, scheduler)
         guard.resumed(position.step, resumed_metrics)
         ctx.message(f"resumed from checkpoint at step {position.step} of {total_steps}", data={"step": position.step})
-    _truncate_metrics(metrics_csv, position.step, objective.fields)
+    # a fresh start drops every row of an attempt that died before its first checkpoint, step 0's too
+    _truncate_metrics(metrics_csv, position.step if resume_from is not None else -1, objective.fields)
     ctx.message(
         f"training {total_steps} steps: {n_epochs} epochs x {batches_per_epoch} batches of {batch_size} "
         f"{objective.unit}{f' (DPO, beta {_beta(spec)})' if spec.method == 'dpo' else ''}, "
@@ -137,6 +147,9 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
     )
 
     host_buffers = HostBuffers()  # offloaded K/V: host memory pinned once, reused by every step
+    start_losses = _starting_validation(
+        objective, model, chunk_config, host_buffers, ctx, metrics_csv, position, total_steps
+    )
     probe = PeakMemory(device)
     peak_seen = step_peak = 0  # absolute peak; largest step peak above the resident model
     started = time.monotonic()
@@ -188,6 +201,8 @@ def _train(spec: TrainSpec, ctx: TrainContext) -> TrainResult:
                 metrics.update({full: metrics[key] for key, full in FULL_VALIDATION.items() if key in metrics})
             ctx.metrics(metrics)
             _append_metrics(metrics_csv, metrics, objective.fields)
+            if start_losses and VALID_BY_POSITION in metrics:
+                _compare_by_position(ctx, step, step == total_steps, start_losses, metrics[VALID_BY_POSITION])
             rate = (time.monotonic() - started) / steps_this_run
             ctx.progress(step, total_steps, position.trained_tokens, rate * (total_steps - step))
             if save_now or pause:
@@ -236,11 +251,65 @@ def resolve_hyperparameters(spec: TrainSpec) -> dict[str, Any]:
     return resolved
 
 
-def _announce_plan(ctx: TrainContext, job_plan: JobPlan) -> None:
+def _starting_validation(
+    objective: Objective,
+    model: torch.nn.Module,
+    chunk_config: ChunkConfig,
+    host_buffers: HostBuffers,
+    ctx: TrainContext,
+    metrics_csv: Path,
+    position: Position,
+    total_steps: int,
+) -> dict[str, float] | None:
+    """Validate the model the job starts from (the base model, or the fine-tuned model it
+    continues) before the first optimizer step, reported as step 0 (event and CSV row);
+    returns its loss by position, what later validations are compared with.
+
+    A resumed job (paused, or its worker lost) does not validate again: its step-0 row came
+    back with the checkpoint's CSV, and the starting model is no longer in memory anyway.
+    """
+    if objective.validate is None or not objective.validate_before_training:
+        return None
+    if position.step > 0:
+        return starting_losses(metrics_csv)
+    metrics: dict[str, Any] = {
+        "step": 0,
+        "total_steps": total_steps,
+        "epoch": 0,
+        **objective.validate(model, chunk_config, host_buffers),
+    }
+    ctx.metrics(metrics)
+    _append_metrics(metrics_csv, metrics, objective.fields)
+    return metrics.get(VALID_BY_POSITION)
+
+
+def _compare_by_position(
+    ctx: TrainContext, step: int, final: bool, start: dict[str, float], now: dict[str, float]
+) -> None:
+    """The job's event comparing each position bucket's validation loss with the starting model's."""
+    when = "after training, starting model -> final" if final else f"at step {step}, starting model -> now"
     ctx.message(
-        f"{job_plan.memory.message}; the longest max_length this device can train in this configuration "
+        f"validation loss by position {when}: {comparison(start, now)}",
+        data={"step": step, VALID_BY_POSITION: now, f"starting_{VALID_BY_POSITION}": start},
+    )
+
+
+def _announce_plan(ctx: TrainContext, spec: TrainSpec, job_plan: JobPlan) -> None:
+    serving = serving_reserve_bytes(spec)
+    kept = (
+        f" ({format_bytes(serving)} of the device kept for `seco serve` on {spec.device}, SECO_SERVE_MEMORY_BYTES)"
+        if serving
+        else ""
+    )
+    ctx.message(
+        f"{job_plan.memory.message}{kept}; the longest max_length this device can train in this configuration "
         f"is {job_plan.memory.longest_length}",
-        data={"memory_plan": job_plan.memory.estimate.as_dict(), "longest_max_length": job_plan.memory.longest_length},
+        data={
+            "memory_plan": job_plan.memory.estimate.as_dict(),
+            "longest_max_length": job_plan.memory.longest_length,
+            "budget_bytes": job_plan.memory.budget_bytes,
+            "serve_memory_bytes": serving,
+        },
     )
 
 
@@ -252,12 +321,13 @@ def _supervised_objective(
     train_data = load_documents(spec.training_file, tokenizer, "training_file")
     valid_data = load_documents(spec.validation_file, tokenizer, "validation_file") if spec.validation_file else None
     job_plan = _plan_memory(spec, model_config, dtype)
-    _announce_plan(ctx, job_plan)
+    _announce_plan(ctx, spec, job_plan)
     split = split_documents(train_data.documents, job_plan.max_length)
     if not split.windows:
         raise TrainingError("training_file has no tokens to train on", code="invalid_file", param="training_file")
     ctx.message(f"training data: {split.stats.summary()}", data={"windows": split.stats.windows})
     valid_windows = split_documents(valid_data.documents, job_plan.max_length).windows if valid_data else []
+    position_columns = [csv_column(name) for name in present_buckets(w.labels for w in valid_windows)]
 
     def step(
         model: torch.nn.Module, windows: list[Window], config: ChunkConfig, number: int, buffers: HostBuffers
@@ -265,11 +335,19 @@ def _supervised_objective(
         loss, accuracy, chunks = _optimizer_step(model, windows, config, spec, number, device, ctx, buffers)
         return StepResult(loss, chunks, sum(len(w) for w in windows), {"train_mean_token_accuracy": accuracy})
 
-    def validate(model: torch.nn.Module, config: ChunkConfig, buffers: HostBuffers) -> dict[str, float]:
-        loss, accuracy = _validation_metrics(model, valid_windows, config, device, buffers)
-        return {"valid_loss": loss, "valid_mean_token_accuracy": accuracy}
+    def validate(model: torch.nn.Module, config: ChunkConfig, buffers: HostBuffers) -> dict[str, Any]:
+        loss, accuracy, by_position = _validation_metrics(model, valid_windows, config, device, buffers)
+        return {"valid_loss": loss, "valid_mean_token_accuracy": accuracy, VALID_BY_POSITION: by_position.means()}
 
-    return Objective(split.windows, "windows", step, validate if valid_windows else None), job_plan
+    objective = Objective(
+        split.windows,
+        "windows",
+        step,
+        validate if valid_windows else None,
+        position_columns,
+        validate_before_training=True,
+    )
+    return objective, job_plan
 
 
 def _beta(spec: TrainSpec) -> float:
@@ -289,7 +367,7 @@ def _preference_objective(
     pairs = [*train.pairs, *(valid.pairs if valid else [])]
     branch_tokens = max(min(len(p.chosen), len(p.rejected)) for p in pairs)
     job_plan = _plan_memory(spec, model_config, dtype, branch_tokens=branch_tokens, length=max(len(p) for p in pairs))
-    _announce_plan(ctx, job_plan)
+    _announce_plan(ctx, spec, job_plan)
     why = "set by the job" if spec.seco.max_length else "the longest this device fits"
     check_pair_lengths(train.pairs, job_plan.max_length, "training_file", why)
     if valid:
@@ -354,12 +432,13 @@ def _validation_metrics(
     chunk_config: ChunkConfig,
     device: torch.device,
     host_buffers: HostBuffers,
-) -> tuple[float, float]:
-    """Mean token loss and token accuracy over all the validation windows (stage 1 only: no
-    graph), with the training step's chunk configuration: at lengths that need KV offload,
-    validation does too."""
+) -> tuple[float, float, PositionLosses]:
+    """Mean token loss, token accuracy and loss by target position over all the validation
+    windows (stage 1 only: no graph; one pass gives all three), with the training step's
+    chunk configuration: at lengths that need KV offload, validation does too."""
     model.eval()
     total, correct, n = 0.0, 0, 0
+    by_position = PositionLosses()
     for window in windows:
         ids = torch.tensor([window.input_ids], device=device)
         labels = torch.tensor([window.labels], device=device)
@@ -367,8 +446,9 @@ def _validation_metrics(
         total += out.loss * out.tokens
         correct += out.correct_tokens
         n += out.tokens
+        by_position.add(out.by_position)
     model.train()
-    return total / n, correct / n
+    return total / n, correct / n, by_position
 
 
 def _plan_memory(
@@ -378,10 +458,20 @@ def _plan_memory(
     or a refusal saying what would fit.
 
     What the worker adds is what it knows of the device: the compute dtype, whether fused
-    attention kernels run on it, its budget (SECO_MEMORY_BUDGET, else what is free) and the
-    host budget KV offload may use (CUDA only). `length`: the longest sequence of the data.
+    attention kernels run on it, its budget (SECO_MEMORY_BUDGET, else what is free, less
+    what `seco serve` may take on the same device: `serving_reserve_bytes`) and the host
+    budget KV offload may use (CUDA only). `length`: the longest sequence of the data.
     """
     kind = torch.device(spec.device).type
+    device_budget = spec.memory_budget_bytes or device_budget_bytes(spec.device)
+    serving = serving_reserve_bytes(spec)
+    if serving >= device_budget:
+        raise TrainingError(
+            f"no memory left to train on {spec.device}: SECO_SERVE_MEMORY_BYTES keeps {format_bytes(serving)} "
+            f"for `seco serve` on this device, and the budget is {format_bytes(device_budget)}",
+            code="does_not_fit",
+            param="seco.max_length",
+        )
     try:
         return plan_job(
             model_config,
@@ -389,13 +479,37 @@ def _plan_memory(
             device_kind=kind,
             dtype_bytes=torch.finfo(dtype).bits // 8,
             fused_attention=kind == "cpu" or dtype in FUSED_CUDA_DTYPES,
-            budget_bytes=spec.memory_budget_bytes or device_budget_bytes(spec.device),
+            budget_bytes=device_budget - serving,
             host_budget_bytes=host_budget_bytes(spec) if kind == "cuda" else None,
             length=length,
             branch_tokens=branch_tokens,
         )
     except PlanRefused as exc:
         raise TrainingError(str(exc), code="does_not_fit", param="seco.max_length") from None
+
+
+def serving_reserve_bytes(spec: TrainSpec) -> int:
+    """What the inference process may take of this worker's device: SECO_SERVE_MEMORY_BYTES when
+    `seco serve` runs on the same device (SECO_SERVE_DEVICE, unset: SECO_DEVICE), else 0.
+
+    The whole share is kept, whether or not the inference process holds it yet: it loads
+    models and adapters on demand, and a training step planned into memory that serving
+    takes later would run out of memory mid-job. (With SECO_MEMORY_BUDGET unset the budget
+    is the free memory, which already lacks what serving holds now: the plan then errs on
+    the safe side by that much.) Same device: the same device string, a bare "cuda" being
+    "cuda:0" (cpu is cpu).
+    """
+    if spec.serve_memory_bytes is None:
+        return 0
+    return spec.serve_memory_bytes if _same_device(spec.serve_device or spec.device, spec.device) else 0
+
+
+def _same_device(a: str, b: str) -> bool:
+    def canonical(name: str) -> str:
+        name = name.strip().lower()
+        return "cuda:0" if name == "cuda" else name
+
+    return canonical(a) == canonical(b)
 
 
 def host_budget_bytes(spec: TrainSpec) -> int:
@@ -488,14 +602,15 @@ def _warmup_cosine(total_steps: int) -> Any:
 
 
 def _append_metrics(path: Path, metrics: dict[str, Any], extra_fields: list[str] | None = None) -> None:
-    """One CSV row per step (`METRIC_FIELDS`, then the method's); a row read back from the CSV
-    (a resume) keeps its `train_accuracy`."""
+    """One CSV row per step (`METRIC_FIELDS`, then the method's: for supervised jobs one column
+    per position bucket); a row read back from the CSV (a resume) keeps its `train_accuracy`
+    and bucket cells."""
     new = not path.exists()
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS + (extra_fields or []), extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({"train_accuracy": metrics.get("train_mean_token_accuracy"), **metrics})
+        writer.writerow({"train_accuracy": metrics.get("train_mean_token_accuracy"), **metrics, **csv_cells(metrics)})
 
 
 def _truncate_metrics(path: Path, last_step: int, extra_fields: list[str] | None = None) -> None:

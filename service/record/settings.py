@@ -111,6 +111,13 @@ class Settings(BaseSettings):
     """Host memory one worker's KV offload may use; None: the host's available memory
     divided by the number of GPUs on it (one worker per GPU share the host)."""
 
+    serve_memory_bytes: int | None = Field(None, ge=1, validation_alias=_env("SECO_SERVE_MEMORY_BYTES"))
+    """Memory the inference process (`seco serve`) may use on a device it shares with a worker;
+    the worker's memory plan subtracts it when `SECO_SERVE_DEVICE` is the worker's device."""
+
+    serve_device: str | None = Field(None, validation_alias=_env("SECO_SERVE_DEVICE"))
+    """Where `seco serve` runs its models; unset: SECO_DEVICE."""
+
     queue: str = Field("seco", validation_alias=_env("SECO_QUEUE"))
     """The Celery queue the API publishes to and workers consume."""
 

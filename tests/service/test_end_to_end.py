@@ -127,11 +127,13 @@ def test_a_job_runs_to_an_adapter(svc: Any, files: dict[str, str], wait: Callabl
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
     assert [e.id for e in reversed(events)] == [e["id"] for e in streamed], "SSE and the paged list agree"
     metrics = [e.data for e in reversed(events) if e.type == "metrics"]
-    assert metrics and [m["step"] for m in metrics] == list(range(1, len(metrics) + 1))  # type: ignore[index]
+    # step 0: the starting model's validation (the job has a validation file), then every step
+    assert metrics and [m["step"] for m in metrics] == list(range(len(metrics)))  # type: ignore[index]
+    assert "valid_loss" in metrics[0] and "train_loss" not in metrics[0]  # type: ignore[operator]
     for key in ("step", "train_loss", "learning_rate", "tokens_per_second", "peak_memory_bytes", "total_steps"):
         assert key in metrics[-1], key  # type: ignore[operator]
     assert "valid_loss" in metrics[-1]  # type: ignore[operator]
-    assert all(0 <= m["train_mean_token_accuracy"] <= 1 for m in metrics)
+    assert all(0 <= m["train_mean_token_accuracy"] <= 1 for m in metrics[1:])
     last = metrics[-1]
     assert last["full_valid_loss"] == last["valid_loss"]
     assert 0 <= last["full_valid_mean_token_accuracy"] == last["valid_mean_token_accuracy"] <= 1

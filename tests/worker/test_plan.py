@@ -137,3 +137,32 @@ def test_long_answers_move_a_dpo_step_to_offload_or_refuse_it() -> None:
 def test_dpo_plans_for_its_longest_pair_when_max_length_is_unset() -> None:
     plan = trainer._plan_memory(spec_for(None), LLAMA3_8B, torch.bfloat16, branch_tokens=300, length=5000)
     assert plan.max_length == 5000 and plan.memory.estimate.kv_cache == 5300 * KV_PER_TOKEN
+
+
+def test_serving_on_the_same_device_takes_its_share_off_the_budget() -> None:
+    """SECO_SERVE_MEMORY_BYTES is kept for `seco serve` when it runs on the worker's device
+    (SECO_SERVE_DEVICE, unset: SECO_DEVICE), so a long step never plans into serving's memory."""
+    alone = trainer._plan_memory(spec_for(65536), LLAMA3_8B, torch.bfloat16)
+    shared = replace(spec_for(65536), serve_memory_bytes=6 * GiB)  # serve_device unset: the worker's
+    beside = trainer._plan_memory(shared, LLAMA3_8B, torch.bfloat16)
+    assert (alone.memory.budget_bytes, beside.memory.budget_bytes) == (24 * GiB, 18 * GiB)
+    assert beside.memory.estimate.total <= 18 * GiB < alone.memory.estimate.total, "it plans a smaller step"
+    assert trainer.serving_reserve_bytes(replace(shared, serve_device="cuda")) == 6 * GiB, "bare cuda is cuda:0"
+    elsewhere = replace(shared, serve_device="cuda:1")
+    assert trainer.serving_reserve_bytes(elsewhere) == 0
+    assert trainer._plan_memory(elsewhere, LLAMA3_8B, torch.bfloat16).memory.budget_bytes == 24 * GiB
+    cpu = spec_for(4096, budget=8 * GiB, device="cpu")
+    assert trainer.serving_reserve_bytes(replace(cpu, serve_memory_bytes=GiB, serve_device="cpu")) == GiB
+    assert trainer.serving_reserve_bytes(replace(cpu, serve_memory_bytes=GiB, serve_device="cuda:0")) == 0
+
+
+def test_a_serving_share_that_leaves_nothing_is_refused_clearly() -> None:
+    spec = replace(spec_for(16384), serve_memory_bytes=30 * GiB)
+    with pytest.raises(
+        TrainingError, match=r"no memory left to train on cuda:0: SECO_SERVE_MEMORY_BYTES keeps 30"
+    ) as e:
+        trainer._plan_memory(spec, LLAMA3_8B, torch.bfloat16)
+    assert e.value.code == "does_not_fit"
+    # fits alone (the first test), not beside 20 GiB of serving: the plan's own refusal, with 4 GiB
+    with pytest.raises(TrainingError, match=r"but the device budget is 4\.00 GiB"):
+        trainer._plan_memory(replace(spec, serve_memory_bytes=20 * GiB), LLAMA3_8B, torch.bfloat16)

@@ -29,6 +29,7 @@ class Recorder:
     die_at: int | None = None
     pause_at: int | None = None
     messages: list[str] = field(default_factory=list)
+    message_data: list[dict[str, Any] | None] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
     progress_calls: list[tuple[int, int, int]] = field(default_factory=list)
@@ -36,6 +37,7 @@ class Recorder:
 
     def message(self, text: str, level: str = "info", data: dict[str, Any] | None = None) -> None:
         self.messages.append(text)
+        self.message_data.append(data)
 
     def metrics(self, data: dict[str, Any]) -> None:
         self.steps.append(data)
@@ -266,7 +268,8 @@ def test_validation_loss_is_reported(tmp_path: Path, demo_model: Path) -> None:
     rec = Recorder()
     train(make_spec(tmp_path, demo_model, validation_file=valid, n_epochs=1, checkpoint_every=3), rec)
     with_valid = [m for m in rec.steps if "valid_loss" in m]
-    assert [m["step"] for m in with_valid] == [3, 6]
+    assert [m["step"] for m in with_valid] == [0, 3, 6], "step 0: the starting model, before training"
+    assert "train_loss" not in rec.steps[0] and rec.steps[0]["total_steps"] == 6
     assert with_valid[-1]["valid_loss"] < with_valid[0]["valid_loss"]
     assert all(0 <= m["valid_mean_token_accuracy"] <= 1 for m in with_valid)
     # the last step reports the whole validation file under OpenAI's full_valid_* names too
@@ -274,6 +277,102 @@ def test_validation_loss_is_reported(tmp_path: Path, demo_model: Path) -> None:
     assert last["full_valid_loss"] == last["valid_loss"]
     assert last["full_valid_mean_token_accuracy"] == last["valid_mean_token_accuracy"]
     assert not any("full_valid_loss" in m for m in rec.steps[:-1])
+
+
+LONG_VALID = "The lazy dog sleeps while the quick brown fox jumps. " * 21
+"""1113 bytes: one validation window (byte-level tokens) with targets in 0-1K and 1K-4K."""
+
+
+def plain_losses_by_position(model_dir: Path, text: str, adapter: Path | None = None) -> dict[str, float]:
+    """A full forward of the model on the whole text and its end-of-text token (as the job
+    tokenises a text record), per-token CE grouped by the target's position: 1..1023 is
+    "0-1K", 1024.. "1K-4K"."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = torch.tensor([[*tok(text)["input_ids"], tok.eos_token_id]])
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if adapter is not None:
+        model = load_adapter(model, adapter)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1]
+    ce = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none")  # ce[p - 1]: target at p
+    return {"0-1K": ce[:1023].mean().item(), "1K-4K": ce[1023:].mean().item()}
+
+
+def test_validation_reports_the_loss_by_position_from_the_starting_model(tmp_path: Path, demo_model: Path) -> None:
+    """Step 0 validates the starting model; each later validation reports the buckets in its
+    event and CSV row, and an event compares them with step 0, also after a pause and resume."""
+    from worker.trainer import METRIC_FIELDS
+
+    valid = write_jsonl(tmp_path / "valid.jsonl", [{"text": LONG_VALID}])
+    spec = make_spec(
+        tmp_path,
+        demo_model,
+        validation_file=valid,
+        n_epochs=1,
+        batch_size=1,
+        checkpoint_every=2,
+        seco=JobConfig(chunk_size=64, max_length=1200),
+    )
+    pausing = Recorder(pause_at=3)  # steps 0..2 reported: paused at the end of step 3
+    with pytest.raises(JobPaused):
+        train(spec, pausing)
+    resumed = Recorder()
+    result = train(spec, resumed)
+    steps = pausing.steps + resumed.steps
+    assert [m["step"] for m in steps] == [0, 1, 2, 3, 4], "no second step 0 after the resume"
+
+    validated = [m for m in steps if "valid_loss_by_position" in m]
+    assert [m["step"] for m in validated] == [0, 2, 4]
+    start = validated[0]["valid_loss_by_position"]
+    assert list(start) == ["0-1K", "1K-4K"]
+    assert start == pytest.approx(plain_losses_by_position(demo_model, LONG_VALID), rel=1e-4)
+    final = validated[-1]["valid_loss_by_position"]
+    assert final == pytest.approx(plain_losses_by_position(demo_model, LONG_VALID, result.adapter_dir), rel=1e-4)
+    assert all(final[b] < start[b] for b in start), (start, final)
+    # the buckets' mean, weighted by their 1023 and the remaining targets, is valid_loss
+    n = len(LONG_VALID)  # one target per byte after the first, and the end-of-text token
+    for m in validated:
+        by = m["valid_loss_by_position"]
+        assert (by["0-1K"] * 1023 + by["1K-4K"] * (n - 1023)) / n == pytest.approx(m["valid_loss"], rel=1e-9)
+
+    # events: starting model -> now at step 2; after the resume, -> final with step 0's values from the CSV
+    compared = [
+        (text, data)
+        for rec in (pausing, resumed)
+        for text, data in zip(rec.messages, rec.message_data, strict=True)
+        if text.startswith("validation loss by position")
+    ]
+    assert [d["step"] for _, d in compared] == [2, 4]  # type: ignore[index]
+    (at_2, data_2), (at_end, data_end) = compared
+    assert at_2.startswith("validation loss by position at step 2, starting model -> now: loss at 0-1K: ")
+    assert at_end.startswith("validation loss by position after training, starting model -> final: loss at 0-1K: ")
+    assert f"loss at 1K-4K: {start['1K-4K']:.2f} -> {final['1K-4K']:.2f}" in at_end
+    assert data_2["starting_valid_loss_by_position"] == data_end["starting_valid_loss_by_position"] == start  # type: ignore[index]
+    assert data_end["valid_loss_by_position"] == final  # type: ignore[index]
+
+    # the CSV: one column per bucket present, after the common ones; step 0 is the starting model
+    with result.metrics_csv.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == [*METRIC_FIELDS, "valid_loss_0_1k", "valid_loss_1k_4k"]
+    assert [int(r["step"]) for r in rows] == list(range(5))
+    assert rows[0]["train_loss"] == "" and float(rows[0]["valid_loss_1k_4k"]) == start["1K-4K"]
+    assert float(rows[4]["valid_loss_0_1k"]) == final["0-1K"] and rows[3]["valid_loss_0_1k"] == ""
+
+
+def test_the_starting_model_of_a_continued_job_is_the_fine_tuned_one(tmp_path: Path, demo_model: Path) -> None:
+    """A job on top of a fine-tuned model validates that model at step 0, not the base model."""
+    valid = write_jsonl(tmp_path / "valid.jsonl", [{"text": TEXT}])
+    parent_rec = Recorder()
+    parent = train(make_spec(tmp_path / "parent", demo_model, n_epochs=1, validation_file=valid), parent_rec)
+    child_rec = Recorder()
+    train(
+        make_spec(tmp_path / "child", demo_model, n_epochs=1, validation_file=valid, init_adapter=parent.adapter_dir),
+        child_rec,
+    )
+    assert parent_rec.steps[0]["step"] == child_rec.steps[0]["step"] == 0
+    assert child_rec.steps[0]["valid_loss"] == pytest.approx(parent_rec.steps[-1]["valid_loss"], rel=1e-5)
+    assert child_rec.steps[0]["valid_loss"] < parent_rec.steps[0]["valid_loss"] - 0.1
 
 
 def test_validation_runs_with_the_training_chunk_configuration(

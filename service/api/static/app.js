@@ -3,7 +3,7 @@
 // textContent, never as HTML: messages can carry user-chosen text (file names, suffixes).
 
 import { Api, ApiError } from "./api.js";
-import { BYTE_INCREMENTS, LineChart, formatBytes } from "./charts.js";
+import { BYTE_INCREMENTS, BucketChart, LineChart, formatBytes } from "./charts.js";
 
 // The key is kept for this tab (sessionStorage) unless the user asks to remember it on this
 // browser (localStorage): a key that outlives the tab is one more thing to leak.
@@ -173,6 +173,7 @@ function makeCharts() {
       ],
       yFormat: (v) => v.toFixed(2),
     }),
+    position: new BucketChart($("position-chart")), // loss by target position: see onPositionLoss
   };
   return state.charts;
 }
@@ -192,6 +193,7 @@ function selectJob(jobId) {
   charts.memory.reset();
   charts.rewards.reset();
   $("reward-figure").hidden = true;
+  resetPositionChart();
   $("events").replaceChildren();
   $("job-id").textContent = jobId;
   refreshJob();
@@ -280,9 +282,36 @@ function onEvent(jobId, ev) {
       $("reward-figure").hidden = false;
       state.charts.rewards.add(d.step, [d.reward_margin, d.valid_reward_margin ?? null, d.reward_accuracy ?? null]);
     }
+    onPositionLoss(d);
   }
   if (ev.type !== "metrics" && /checkpoint/i.test(ev.message)) refreshCheckpoints(jobId);
   addEventRow(ev);
+}
+
+// ------------------------------------------------------------------ loss by position
+
+// Validation loss by target position: the starting model's (step 0, before training) and the
+// latest validation's. Replaying the history on a reload arrives at the same two.
+const positionLoss = { start: null, latest: null, latestStep: -1 };
+
+function resetPositionChart() {
+  Object.assign(positionLoss, { start: null, latest: null, latestStep: -1 });
+  state.charts.position.reset();
+  $("position-figure").hidden = true;
+  $("position-chart").dataset.latestStep = "";
+}
+
+function onPositionLoss(d) {
+  const losses = d.valid_loss_by_position;
+  if (!losses || typeof losses !== "object") return;
+  if (d.step === 0) positionLoss.start = losses;
+  else if (d.step >= positionLoss.latestStep) Object.assign(positionLoss, { latest: losses, latestStep: d.step });
+  $("position-figure").hidden = false;
+  $("position-when").textContent = positionLoss.latest
+    ? `starting model (step 0) and step ${positionLoss.latestStep}`
+    : "starting model (step 0)";
+  state.charts.position.set(positionLoss.start, positionLoss.latest);
+  $("position-chart").dataset.latestStep = positionLoss.latest ? String(positionLoss.latestStep) : "";
 }
 
 function addEventRow(ev) {

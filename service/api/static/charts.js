@@ -98,3 +98,50 @@ export class LineChart {
     });
   }
 }
+
+// Validation loss against the target's position in its window (buckets "0-1K", "1K-4K", …):
+// the starting model (step 0) and the latest validation, one line each. A late bucket
+// falling below the start is what shows a long-document adapter using its context.
+export class BucketChart {
+  constructor(el, { yFormat = (v) => v.toFixed(3) } = {}) {
+    this.el = el;
+    this.names = [];
+    const bucket = (v) => (v == null ? "–" : this.names[Math.round(v)] ?? "");
+    this.plot = new uPlot({
+      width: Math.max(el.clientWidth, 200),
+      height: 220,
+      scales: { x: { time: false, range: () => [-0.5, Math.max(this.names.length, 1) - 0.5] } },
+      legend: { live: true },
+      series: [
+        { label: "position", value: (u, v) => bucket(v) },
+        ...[["starting model", "#64748b"], ["latest", "#ea580c"]].map(([label, stroke]) => ({
+          label,
+          stroke,
+          width: 2,
+          points: { show: true, size: 7, fill: stroke },
+          value: (u, v) => (v == null ? "–" : yFormat(v)),
+        })),
+      ],
+      axes: [
+        { label: "target position in the window (tokens)", stroke: "#555", incrs: [1], values: (u, ts) => ts.map(bucket) },
+        { label: "loss", stroke: "#555", size: 70, values: (u, ts) => ts.map((v) => (v == null ? "" : yFormat(v))) },
+      ],
+    }, [[], [], []], el);
+    this.el.dataset.buckets = "0";
+    this.observer = new ResizeObserver(() => this.plot.setSize({ width: Math.max(el.clientWidth, 200), height: 220 }));
+    this.observer.observe(el);
+  }
+
+  // start, latest: {bucket name: loss} or null; buckets in the order the job reports them.
+  set(start, latest) {
+    const names = [...new Set([...Object.keys(start || {}), ...Object.keys(latest || {})])];
+    this.names = names;
+    const column = (losses) => names.map((n) => (losses && losses[n] != null ? losses[n] : null));
+    this.plot.setData([names.map((_, i) => i), column(start), column(latest)]);
+    this.el.dataset.buckets = String(names.length);
+  }
+
+  reset() {
+    this.set(null, null);
+  }
+}

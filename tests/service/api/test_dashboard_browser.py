@@ -120,13 +120,28 @@ def test_dashboard_follows_a_job_live_and_downloads_its_adapter(svc: Any, browse
 
     page.wait_for_selector("#download:not([hidden])", timeout=15_000)
     total = client.fine_tuning.jobs.retrieve(job.id).model_extra["total_steps"]
-    page.wait_for_selector(f"#loss-chart[data-points='{total}']")
+    page.wait_for_selector(f"#loss-chart[data-points='{total + 1}']")  # step 0: the starting model's validation
     assert page.get_attribute("#mem-chart", "data-points") == str(total)
     assert page.text_content("#job-status") == "succeeded"
     assert "The job has successfully completed" in page.text_content("#events")
     page.wait_for_selector("#checkpoints tbody tr")
     assert page.text_content("#progress-text") == "100%"
     assert not problems, problems
+
+    # loss by position: the starting model (step 0) and the latest validation (the last step), one
+    # bucket for this short validation document; the legend shows both values under the cursor
+    page.wait_for_selector(f"#position-chart[data-latest-step='{total}']")
+    assert page.get_attribute("#position-chart", "data-buckets") == "1"
+    assert f"starting model (step 0) and step {total}" in page.text_content("#position-figure")
+    by_step = {
+        e.data["step"]: e.data["valid_loss_by_position"]
+        for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)
+        if e.type == "metrics" and "valid_loss_by_position" in e.data
+    }
+    page.hover("#position-chart .u-over")  # its middle: the only bucket
+    legend = page.text_content("#position-chart .u-legend")
+    assert "0-1K" in legend and "starting model" in legend and "latest" in legend, legend
+    assert f"{by_step[0]['0-1K']:.3f}" in legend and f"{by_step[total]['0-1K']:.3f}" in legend, (legend, by_step)
 
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -145,7 +160,8 @@ def test_dashboard_follows_a_job_live_and_downloads_its_adapter(svc: Any, browse
 
     # A reload keeps the key and the selected job, and replays the whole history into the charts.
     page.reload()
-    page.wait_for_selector(f"#loss-chart[data-points='{total}']")
+    page.wait_for_selector(f"#loss-chart[data-points='{total + 1}']")
+    page.wait_for_selector(f"#position-chart[data-latest-step='{total}']")
     assert page.is_hidden("#key-dialog") and page.text_content("#job-id") == job.id
     assert not problems, problems
     page.close()
@@ -160,7 +176,7 @@ def test_dashboard_follows_a_job_live_and_downloads_its_adapter(svc: Any, browse
         page.goto(f"{proxy.url}/ui#{job.id}")  # another origin: the key is asked for again
         page.fill("#key-input", svc.key())
         page.click("#key-save")
-        page.wait_for_selector(f"#loss-chart[data-points='{total}']", timeout=30_000)
+        page.wait_for_selector(f"#loss-chart[data-points='{total + 1}']", timeout=30_000)
         page.wait_for_selector("#events li >> text=The job has successfully completed")
         shown = page.eval_on_selector_all("#events li span", "els => els.map(e => e.textContent)")
         assert shown == [e.message for e in events], "every event once, newest first"
