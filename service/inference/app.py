@@ -122,8 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return request.app.state.served
 
     @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200)
+    async def health(request: Request) -> Response:
+        return Response(status_code=200 if served(request).engine.alive else 503)
 
     @app.get("/stats")
     async def stats(request: Request) -> dict[str, int]:

@@ -103,6 +103,11 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """The model thread is running (/health answers 503 otherwise)."""
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._inbox.put(None)
         self._thread.join(timeout=30)
@@ -163,6 +168,10 @@ class Engine:
             )
         except OpenAIError as e:
             job.emit(Update(error=e))
+            return
+        except Exception as e:  # a failure to start ends this request only, never the thread
+            log.exception("could not start a generation")
+            job.emit(Update(error=OpenAIError(500, f"could not start the generation: {e}", type="server_error")))
             return
         self._jobs.append(job)
         self.stats.started += 1
