@@ -5,7 +5,8 @@
 itself from the storage the worker writes to (the same `SECO_DATA_DIR` /
 `SECO_STORAGE_URL`), into its own cache directory:
 
-- `seco-storage:dir:<prefix>`: the objects under a prefix (a checkpoint's adapter),
+- `seco-storage:dir:<prefix>`: the adapter's two files under a prefix, or under its
+  `adapter/` (a checkpoint directory: only the adapter is fetched, not the optimizer state),
 - `seco-storage:archive:<key>`: an adapter archive (.tar.gz, extracted by
   `service.archives.safe_extract`, the one safe extraction).
 
@@ -27,6 +28,8 @@ from service.record.storage.keys import check_key
 
 STORAGE_SCHEME = "seco-storage:"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+CHECKPOINT_ADAPTER = "adapter"
+"""Where a checkpoint directory keeps its adapter (worker/checkpoints.py)."""
 
 
 def check_adapter_dir(path: Path, spec: str) -> Path:
@@ -68,7 +71,7 @@ class AdapterFetcher:
         dest = self.cache_dir / hashlib.sha256(f"{lora_name}\0{lora_path}".encode()).hexdigest()[:32]
         try:
             if kind == "dir":
-                self.storage.fetch_dir(key, dest)
+                self._fetch_files(key, dest)
             else:
                 self._extract(key, dest, lora_path)
         except ObjectNotFound:
@@ -78,6 +81,25 @@ class AdapterFetcher:
                 503, f"storage is unavailable: {e.reason}", code="storage_unavailable", type="server_error"
             ) from None
         return check_adapter_dir(dest, lora_path)
+
+    def _fetch_files(self, prefix: str, dest: Path) -> None:
+        """The adapter's two files from under `prefix`, or from `prefix/adapter/` (a checkpoint
+        directory, which also holds optimizer state: never fetched)."""
+        objects = {o.key for o in self.storage.list_under(prefix)}
+        for base in (prefix, f"{prefix}/{CHECKPOINT_ADAPTER}"):
+            if all(f"{base}/{name}" in objects for name in ADAPTER_FILES):
+                break
+        else:
+            raise ObjectNotFound(prefix)
+        tmp = dest.with_name(dest.name + ".part")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in ADAPTER_FILES:
+            got = self.storage.fetch(f"{base}/{name}", tmp / name)
+            if got != tmp / name:  # the local back-end hands its own file: copy it, never move it
+                shutil.copyfile(got, tmp / name)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
 
     def _extract(self, key: str, dest: Path, spec: str) -> None:
         tmp = dest.with_name(dest.name + ".part")

@@ -98,8 +98,9 @@ def start_server(demo_model: Path, tmp: Path, **env: str) -> Server:
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = tmp / "serve.log"
+    inherited = {k: v for k, v in os.environ.items() if k != "SECO_STORAGE_URL"}
     full_env = {
-        **os.environ,
+        **inherited,
         "PYTHONPATH": str(ROOT),
         "SECO_MODELS": f"tiny={demo_model},plain={plain}",
         "SECO_DEVICE": "cpu",
@@ -108,7 +109,6 @@ def start_server(demo_model: Path, tmp: Path, **env: str) -> Server:
         "TOKENIZERS_PARALLELISM": "false",
         **env,
     }
-    full_env.pop("SECO_STORAGE_URL", None)
     argv = [sys.executable, "-c", "from service.client.cli import main; raise SystemExit(main())"]
     argv += ["serve", "--port", str(port), "--data-dir", str(data_dir)]
     with open(log, "ab") as out:

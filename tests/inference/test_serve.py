@@ -215,10 +215,11 @@ def test_errors_name_the_param(server: Server, loaded: dict[str, Path]) -> None:
 def test_adapter_loading_rules(server: Server, loaded: dict[str, Path]) -> None:
     from service.record.storage import LocalStorage
 
-    prefix = f"tenants/{TENANT}/jobs/{JOB}/checkpoints/step-000002/adapter"
+    prefix = f"tenants/{TENANT}/jobs/{JOB}/checkpoints/step-000002"  # a checkpoint: the adapter in adapter/
     storage = LocalStorage(server.data_dir)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
-        storage.put_file(f"{prefix}/{name}", loaded["a"] / name)
+        storage.put_file(f"{prefix}/adapter/{name}", loaded["a"] / name)
+    storage.put_bytes(f"{prefix}/optimizer.pt", b"not fetched")
     with server.http() as http:
         same = http.post("/v1/load_lora_adapter", json={"lora_name": "ad-a", "lora_path": str(loaded["a"])})
         assert same.status_code == 200  # idempotent
@@ -444,3 +445,40 @@ def test_request_shapes_refused_by_name(server: Server, loaded: dict[str, Path])
             "/v1/chat/completions", json={"model": "tiny", "messages": [CHAT[1]], "max_tokens": 5, "temperature": 0}
         )
         assert one.json()["choices"][0]["message"] == two.json()["choices"][0]["message"]
+
+
+def test_adapter_from_object_storage(
+    demo_model: Path, adapter_dirs: dict[str, Path], tmp_path: Path, s3_server: Any
+) -> None:
+    """SECO_STORAGE_URL=s3://...: the process fetches the archive and a directory from the object store."""
+    from seco_core.lora import pack_adapter
+    from service.record.settings import Settings
+    from service.record.storage import open_storage
+
+    url = s3_server.new_url("serve")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3_server.env().items():
+            mp.setenv(k, v)
+        storage = open_storage(Settings(data_dir=tmp_path / "writer", storage_url=url))
+        key = f"tenants/{TENANT}/jobs/{JOB}/adapter.tar.gz"
+        storage.put_file(key, pack_adapter(adapter_dirs["a"], tmp_path / "a.tar.gz"))
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            storage.put_file(f"tenants/{TENANT}/jobs/{JOB}/b/{name}", adapter_dirs["b"] / name)
+    srv = start_server(demo_model, tmp_path, SECO_STORAGE_URL=url, **s3_server.env())
+    try:
+        client: Any = srv.client()
+        with srv.http() as http:
+            for name, path in (("a", f"archive:{key}"), ("b", f"dir:tenants/{TENANT}/jobs/{JOB}/b")):
+                r = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": "seco-storage:" + path})
+                assert r.status_code == 200, r.text
+            for name in ("a", "b"):
+                r = http.post(
+                    "/v1/load_lora_adapter", json={"lora_name": f"local-{name}", "lora_path": str(adapter_dirs[name])}
+                )
+                assert r.status_code == 200, r.text
+        for name in ("a", "b"):
+            stored = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, temperature=0)
+            local = client.completions.create(model=f"local-{name}", prompt=PROMPT, max_tokens=12, temperature=0)
+            assert stored.choices[0].text == local.choices[0].text
+    finally:
+        stop_server(srv)
