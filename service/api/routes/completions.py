@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any
 
 import httpx
@@ -42,6 +42,7 @@ CHAT_PATH = "/v1/chat/completions"
 COMPLETIONS_PATH = "/v1/completions"
 RATE_LIMIT_RETRY_SECONDS = 1
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+DISCONNECT_POLL_SECONDS = 0.5
 
 
 @router.post("/chat/completions")
@@ -77,16 +78,51 @@ async def _generate(
     keeper = asyncio.create_task(slot.keep())
     handed_over = False
     try:
-        resp = await _call(state.inference, state.adapters, target, path, {**body, "model": target.served}, stream)
-        if resp.status_code != 200 or not stream:
-            return await _whole(resp, target)
+        upstream = {**body, "model": target.served}
+        answer = await _unless_gone(request, _answer(state.inference, state.adapters, target, path, upstream, stream))
+        if isinstance(answer, Response):
+            return answer
         handed_over = True  # the stream gives the slot back when it ends
         return StreamingResponse(
-            _relay(resp, target, slot, keeper), media_type="text/event-stream", headers=SSE_HEADERS
+            _relay(answer, target, slot, keeper), media_type="text/event-stream", headers=SSE_HEADERS
         )
     finally:
         if not handed_over:
             await _give_back(slot, keeper)
+
+
+async def _answer(
+    inference: Inference, adapters: Adapters, target: Target, path: str, body: dict[str, Any], stream: bool
+) -> Response | httpx.Response:
+    """The whole answer (an error, or a complete generation), or the open upstream stream."""
+    resp = await _call(inference, adapters, target, path, body, stream)
+    if resp.status_code != 200 or not stream:
+        return await _whole(resp, target)
+    return resp
+
+
+async def _unless_gone(
+    request: Request, answer: Coroutine[Any, Any, Response | httpx.Response]
+) -> Response | httpx.Response:
+    """`answer`, unless the client disconnects first: then it is cancelled, which drops the
+    upstream connection, so the inference process stops generating for nobody. (Starlette
+    cancels a stream whose client went away, but not a request still waiting for its answer.)"""
+    task = asyncio.ensure_future(answer)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                log.info("client disconnected while its completion was being generated")
+                return Response(status_code=499)  # nobody is there to read it
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                late = await task
+                if isinstance(late, httpx.Response):
+                    await late.aclose()
 
 
 async def _call(
