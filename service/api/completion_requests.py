@@ -116,7 +116,14 @@ class ChatCompletionRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: str = Field(description="The prompt, one string (lists of prompts and token ids are not served)")
+    prompt: str | list[int] = Field(description="The prompt: one string, or its token ids (one prompt per request)")
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str | list[int]) -> str | list[int]:
+        if isinstance(value, list) and (not value or min(value) < 0):
+            raise ValueError("token ids must be a non-empty list of non-negative integers")
+        return value
 
     def upstream_body(self) -> dict[str, Any]:
         return self.upstream(self.max_tokens)

@@ -101,6 +101,7 @@ def test_chat_parameters_that_are_not_served_are_refused(extra: dict[str, Any], 
     ("body", "field"),
     [
         ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": []}, "prompt"),
         ({"prompt": "a", "echo": True}, "echo"),
         ({"prompt": "a", "suffix": "b"}, "suffix"),
         ({"prompt": "a", "best_of": 2}, "best_of"),
