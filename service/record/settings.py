@@ -132,6 +132,27 @@ class Settings(BaseSettings):
     """Host memory one worker's KV offload may use; None: the host's available memory
     divided by the number of GPUs on it (one worker per GPU share the host)."""
 
+    serve_device: str | None = Field(None, validation_alias=_env("SECO_SERVE_DEVICE"))
+    """Where `seco serve` runs its models: `cuda:N` or `cpu`; None: `SECO_DEVICE`."""
+
+    serve_memory_bytes: int | None = Field(None, ge=1, validation_alias=_env("SECO_SERVE_MEMORY_BYTES"))
+    """The memory share `seco serve` may use on its device (shared with a trainer, whose plan
+    leaves it free): base weights plus loaded adapters beyond it are refused (an adapter load
+    gets a 507). None: no cap. KV caches of running requests are not counted against it."""
+
+    serve_max_adapters: int = Field(8, ge=1, validation_alias=_env("SECO_SERVE_MAX_ADAPTERS"))
+    """Per base model: LoRA adapters `seco serve` keeps loaded; the least recently used one is
+    unloaded beyond it (and loaded again from its path when asked for)."""
+
+    serve_prefill_chunk: int = Field(2048, ge=1, validation_alias=_env("SECO_SERVE_PREFILL_CHUNK"))
+    """Prompt tokens per prefill step of `seco serve`: bounds prefill's activations and lets
+    other requests' decode steps run between a long prompt's chunks."""
+
+    @property
+    def serve_on(self) -> str:
+        """The device `seco serve` uses: SECO_SERVE_DEVICE, else SECO_DEVICE."""
+        return self.serve_device or self.device
+
     queue: str = Field("seco", validation_alias=_env("SECO_QUEUE"))
     """The Celery queue the API publishes to and workers consume."""
 
