@@ -88,6 +88,18 @@ class Adapters:
             await self._load(target, adapter)
             self.loaded.add(adapter.lora_name)
 
+    async def forget(self, lora_names: list[str]) -> None:
+        """After a model or job is deleted: unload its adapters from the inference process and
+        remove their unpacked copies, so nothing of a deleted model is kept for serving. Best
+        effort (an inference process that is down has nothing loaded when it comes back);
+        other API processes' notes of what is loaded no longer matter, since the name no longer
+        resolves."""
+        for name in lora_names:
+            self.loaded.discard(name)
+            with contextlib.suppress(APIError):
+                await self.inference.send("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+            await run_in_threadpool(shutil.rmtree, Path(self.settings.data_dir) / SERVING_DIR / name, True)
+
     async def _load(self, target: Target, adapter: StoredAdapter) -> None:
         vllm = self.settings.inference_engine == "vllm"
         if vllm:

@@ -3,30 +3,24 @@ the caller's adapters in storage, named for the inference process.
 
 The caller's name is resolved for the caller's tenant only (`resolve_fine_tuned`), so another
 tenant's model, a deleted one and an unknown name are the same 404 `model_not_found`, as
-OpenAI answers. The inference process knows an adapter by a name of ours (`lora_name`): a hash
-of the fine-tuned or checkpoint name, unique per job and checkpoint (and so per tenant), and
-safe in any URL, path or log line; answers carry the caller's own name again.
+OpenAI answers. The inference process knows an adapter by a name of ours
+(`service.api.lora_names`); answers carry the caller's own name again.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Literal, cast
 
-from service.api.errors import APIError
-from service.api.routes.models import refuse_alias
+from service.api.errors import APIError, bad_request
+from service.api.lora_names import lora_name_of
 from service.record.model_sources import resolve_fine_tuned
+from service.record.models import canonical_spelling
 from service.record.settings import Settings
 from service.record.store import Store
 
 STORAGE_SCHEME = "seco-storage"
 """The inference contract's `lora_path` for a location in the service's storage."""
-
-
-def lora_name_of(model: str) -> str:
-    """The name the inference process knows a fine-tuned model's adapter by."""
-    return "seco-" + hashlib.sha256(model.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -55,6 +49,19 @@ class Target:
     @property
     def served(self) -> str:
         return self.adapter.lora_name if self.adapter is not None else self.base
+
+
+def refuse_alias(model: str) -> None:
+    """A 400 for a checkpoint name spelled another way than its own (`ckpt-step-0045`), naming
+    the one spelling: such a name is no alias of the checkpoint."""
+    canonical = canonical_spelling(model)
+    if canonical is not None:
+        raise bad_request(
+            f"Model {model!r} is not a model name: a checkpoint step is written without leading "
+            f"zeros, as in {canonical!r}",
+            param="model",
+            code="invalid_model_name",
+        )
 
 
 def model_not_found(model: str) -> APIError:

@@ -10,7 +10,8 @@ name, tenant isolation, errors of the inference process passed on, the per-key l
 that disconnects (the inference process's own counters, `GET /stats`, show its generations
 cancelled), an inference process that restarts (the API loads the adapter again), the vLLM
 engine's path (adapters unpacked into a directory the inference process reads), and a
-deleted model. Slow: a training job and three server processes on two shared cores.
+deleted model (a 404, unloaded from the inference process, its unpacked copies removed).
+Slow: a training job and three server processes on two shared cores.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import httpx
 import openai
 import pytest
 
-from service.api.served_models import lora_name_of
+from service.api.lora_names import lora_name_of
 from service.archives import safe_extract
 from tests.conftest import Service, wait_for
 
@@ -313,9 +314,18 @@ def test_the_vllm_engine_path_unpacks_adapters_into_the_shared_data_dir(
         vllm_side.close()
 
 
-def test_a_deleted_model_is_a_404(tuned: Tuned) -> None:
-    client = tuned.svc.client()
+def test_a_deleted_model_is_a_404_and_serving_keeps_nothing_of_it(tuned: Tuned) -> None:
+    svc, client = tuned.svc, tuned.svc.client()
+    lora_names = {lora_name_of(tuned.model), lora_name_of(tuned.checkpoint)}
+    assert svc.inference_url is not None
+    served = lambda: {m["id"] for m in httpx.get(svc.inference_url + "/v1/models", timeout=10).json()["data"]}  # noqa: E731
+    for name in (tuned.model, tuned.checkpoint):
+        _chat(client, name, max_tokens=1)  # both loaded, whatever ran before
+    assert lora_names <= served()
     assert client.models.delete(tuned.model).deleted
     for name in (tuned.model, tuned.checkpoint):
         err = _error(lambda n=name: _chat(client, n))
         assert err.status_code == 404 and err.body["code"] == "model_not_found", err.body
+    # unloaded from the inference process, and the copies unpacked for the vLLM engine removed
+    wait_for(lambda: not lora_names & served(), 10, what="the adapters to be unloaded")
+    assert not [n for n in lora_names if (svc.data_dir / "serving" / n).exists()]

@@ -18,7 +18,8 @@ import pytest
 from pydantic import ValidationError
 
 from service.api.completion_requests import ChatCompletionRequest, CompletionRequest
-from service.api.served_models import STORAGE_SCHEME, StoredAdapter, lora_name_of
+from service.api.lora_names import lora_name_of
+from service.api.served_models import STORAGE_SCHEME, StoredAdapter
 from tests.conftest import free_port
 
 FT_NAME = "ft:tiny:org-0123456789abcdef::0123456789abcdef01234567"
