@@ -8,9 +8,11 @@ Two tables, from one run, on a tiny random Llama built from its config (no downl
 
 - Prefill peak memory per prompt length, each case in a fresh process (CPU: peak RSS
   above the built model, with the allocator setting CPU workers use; CUDA: allocated
-  tensors): `chunked` (the engine: chunks of `--chunk` through a DynamicCache, only the
-  last position's logits), `forward` (a plain transformers forward of the whole prompt,
-  which returns every position's logits) and `forward-last` (the same with
+  tensors): `chunked` (the engine as `seco serve` runs it: chunks of `--chunk` through a
+  DynamicCache, `seco_prefill` attention, only the last position's logits),
+  `chunked-sdpa` (the same chunks with the model's own SDPA attention, which builds a
+  chunk x prompt mask per layer), `forward` (a plain transformers forward of the whole
+  prompt, which returns every position's logits) and `forward-last` (the same with
   `logits_to_keep=1`, which is what `generate`'s own prefill does). The K/V cache every
   method must hold is printed beside them; `chunked - KV` is what prefill adds on top of
   it, which should stay flat as the prompt grows.
@@ -39,12 +41,16 @@ from seco_core.probes import PeakMemory, Stopwatch, return_freed_memory_to_os
 
 RESULT_PREFIX = "BENCH_SERVE "
 MiB = 2**20
-PREFILL_METHODS = ("chunked", "forward", "forward-last")
+PREFILL_METHODS = ("chunked", "chunked-sdpa", "forward", "forward-last")
 TPS_AIM = 0.9
 
 
-def build_model(spec: dict[str, Any], max_len: int, lora: bool = False) -> nn.Module:
+def build_model(spec: dict[str, Any], max_len: int, lora: bool = False, engine: bool = False) -> nn.Module:
+    """The tiny Llama (the same weights for the same seed); `engine`: with the serving engine's
+    `seco_prefill` attention, as `seco serve` runs it."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from seco_core.prefill_attention import use_prefill_attention
 
     torch.manual_seed(spec["seed"])
     config = LlamaConfig(
@@ -56,15 +62,18 @@ def build_model(spec: dict[str, Any], max_len: int, lora: bool = False) -> nn.Mo
         num_key_value_heads=spec["kv_heads"],
         max_position_embeddings=max_len,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",
     )
+    config._attn_implementation = "sdpa"
     dtype = torch.float32 if spec["device"] == "cpu" else torch.bfloat16
-    model: nn.Module = LlamaForCausalLM(config).to(device=spec["device"], dtype=dtype).eval()
+    model: Any = LlamaForCausalLM(config)
+    model = model.to(device=spec["device"], dtype=dtype).eval()
     if lora:
         from peft import LoraConfig, get_peft_model
 
         peft_config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        model = get_peft_model(model, peft_config).eval()  # type: ignore[arg-type]
+        model = get_peft_model(model, peft_config).eval()
+    if engine and not use_prefill_attention(model):
+        raise RuntimeError("the engine's prefill attention refused the benchmark model")
     return model
 
 
@@ -84,13 +93,13 @@ def measure_prefill(method: str, length: int, spec: dict[str, Any]) -> dict[str,
 
     if spec["device"] == "cpu":
         return_freed_memory_to_os()
-    model = build_model(spec, length + 1)
+    model = build_model(spec, length + 1, engine=method == "chunked")
     ids = torch.randint(0, spec["vocab"], (1, length), generator=torch.Generator().manual_seed(1)).to(spec["device"])
     gc.collect()
     probe = PeakMemory(spec["device"])
     watch = Stopwatch(spec["device"])
     with torch.inference_mode(), watch:
-        if method == "chunked":
+        if method.startswith("chunked"):
             cache = DynamicCache()
             logits = chunked_prefill(model, ids, cache, spec["chunk"])
         else:
@@ -157,6 +166,7 @@ def _rates(start: float, times: list[float]) -> tuple[float, float]:
 def measure_generation(spec: dict[str, Any]) -> dict[str, Any]:
     device, n = spec["device"], spec["new_tokens"]
     model = build_model(spec, spec["gen_prompt"] + n + 1, lora=True)
+    engine = build_model(spec, spec["gen_prompt"] + n + 1, lora=True, engine=True)  # the same weights
     ids = torch.randint(0, spec["vocab"], (1, spec["gen_prompt"]), generator=torch.Generator().manual_seed(2)).to(
         device
     )
@@ -180,7 +190,7 @@ def measure_generation(spec: dict[str, Any]) -> dict[str, Any]:
         hf.append(_rates(start, streamer.times))
         times, tokens = [], []
         start = time.perf_counter()
-        for step in generate_tokens(model, ids, params, prefill_chunk=spec["chunk"]):
+        for step in generate_tokens(engine, ids, params, prefill_chunk=spec["chunk"]):
             if device != "cpu":
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
@@ -205,19 +215,22 @@ def measure_generation(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- report
 
 
+def _cell(r: dict[str, Any] | None, width: int = 17) -> str:
+    """A case's peak extra MiB, or its status (oom, timeout, error)."""
+    if r is None:
+        return f"{'-':>{width}}"
+    if r.get("status") != "ok":
+        return f"{r.get('status', '-'):>{width}}"
+    return f"{r['peak_extra_bytes'] / MiB:{width}.1f}"
+
+
 def format_prefill(results: list[dict[str, Any]], spec: dict[str, Any]) -> str:
-    rows = [
-        f"{'prompt':>8} {'K/V MiB':>9} "
-        + " ".join(f"{m + ' MiB':>17}" for m in PREFILL_METHODS)
-        + f" {'chunked-KV MiB':>15} {'forward/chunked':>16} {'chunked s':>10} {'forward s':>10}"
-    ]
+    """One row per prompt length: each method's peak extra MiB, chunked's above the K/V cache, the ratios."""
+    head = [f"{'prompt':>8}", f"{'K/V MiB':>9}", *(f"{m + ' MiB':>17}" for m in PREFILL_METHODS)]
+    head += [f"{'chunked-KV MiB':>15}", f"{'forward/chunked':>16}", f"{'chunked s':>10}", f"{'forward s':>10}"]
+    rows = [" ".join(head)]
     for length in spec["lengths"]:
         by = {r["method"]: r for r in results if r["length"] == length}
-
-        def mib(m: str) -> str:
-            r = by.get(m, {})
-            return f"{r['peak_extra_bytes'] / MiB:17.1f}" if r.get("status") == "ok" else f"{r.get('status', '-'):>17}"
-
         chunked, forward = by.get("chunked", {}), by.get("forward", {})
         kv = kv_bytes(spec, length)
         extra = ratio = "-"
@@ -225,32 +238,30 @@ def format_prefill(results: list[dict[str, Any]], spec: dict[str, Any]) -> str:
             extra = f"{(chunked['peak_extra_bytes'] - kv) / MiB:.1f}"
             if forward.get("status") == "ok":
                 ratio = f"{forward['peak_extra_bytes'] / max(1, chunked['peak_extra_bytes']):.2f}x"
-        secs = [
-            f"{by[m]['seconds']:10.2f}" if by.get(m, {}).get("status") == "ok" else f"{'-':>10}"
-            for m in ("chunked", "forward")
-        ]
-        rows.append(
-            f"{length:>8} {kv / MiB:9.1f} "
-            + " ".join(mib(m) for m in PREFILL_METHODS)
-            + f" {extra:>15} {ratio:>16} "
-            + " ".join(secs)
-        )
+        secs = [f"{r['seconds']:10.2f}" if r.get("status") == "ok" else f"{'-':>10}" for r in (chunked, forward)]
+        cells = [f"{length:>8}", f"{kv / MiB:9.1f}", *(_cell(by.get(m)) for m in PREFILL_METHODS)]
+        rows.append(" ".join([*cells, f"{extra:>15}", f"{ratio:>16}", *secs]))
     return "\n".join(rows)
 
 
 def format_generation(g: dict[str, Any]) -> str:
+    """TTFT and decode tokens/s of both sides, and the engine's ratios against generate."""
     ratio = g["engine_tps"] / g["generate_tps"]
     verdict = "ok" if ratio >= TPS_AIM else "MISSED"
-    return "\n".join(
-        [
-            f"generation: prompt {g['prompt']} tokens, {g['new_tokens']} new tokens, greedy, LoRA r=8 (same tokens: {g['same_tokens']})",
-            f"{'':>14} {'TTFT ms':>9} {'decode tok/s':>13} {'(median)':>9}",
-            f"{'generate':>14} {g['generate_ttft_s'] * 1e3:9.1f} {g['generate_tps']:13.1f} {g['generate_tps_median']:9.1f}",
-            f"{'seco engine':>14} {g['engine_ttft_s'] * 1e3:9.1f} {g['engine_tps']:13.1f} {g['engine_tps_median']:9.1f}",
-            f"engine / generate: tokens/s {ratio:.2f}x (aim >= {TPS_AIM}x: {verdict}), "
-            f"TTFT {g['engine_ttft_s'] / g['generate_ttft_s']:.2f}x",
-        ]
+    rows = [
+        f"generation: prompt {g['prompt']} tokens, {g['new_tokens']} new tokens, greedy, LoRA r=8 "
+        f"(same tokens: {g['same_tokens']})",
+        f"{'':>14} {'TTFT ms':>9} {'decode tok/s':>13} {'(median)':>9}",
+    ]
+    for label, side in (("generate", "generate"), ("seco engine", "engine")):
+        rows.append(
+            f"{label:>14} {g[side + '_ttft_s'] * 1e3:9.1f} {g[side + '_tps']:13.1f} {g[side + '_tps_median']:9.1f}"
+        )
+    rows.append(
+        f"engine / generate: tokens/s {ratio:.2f}x (aim >= {TPS_AIM}x: {verdict}), "
+        f"TTFT {g['engine_ttft_s'] / g['generate_ttft_s']:.2f}x"
     )
+    return "\n".join(rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

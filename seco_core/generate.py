@@ -71,9 +71,11 @@ def model_cache_keyword(model: nn.Module) -> str:
 
 
 def _forward_last_logits(model: nn.Module, ids: torch.Tensor, cache: DynamicCache, keyword: str) -> torch.Tensor:
-    """Run `ids` (1, n) through the model after what `cache` holds; the last position's logits (V,) in float32."""
+    """Run `ids` (1, n) through the model after what `cache` holds; the last position's logits (V,),
+    in float32 or wider (bf16 logits would make sampling coarser than the model)."""
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{keyword: cache})
-    return out.logits[0, -1].float()
+    logits: torch.Tensor = out.logits[0, -1]
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def chunked_prefill(
@@ -121,35 +123,49 @@ class StopText:
 
     `update` returns the new text that is safe to show: text that could still grow into a
     stop string, and a trailing incomplete character (U+FFFD of a split multi-byte
-    sequence), are held back until the next token settles them.
+    sequence), are held back until the next token settles them. Each call decodes only the
+    tokens since the last settled text plus the ones before them as context (the offsets
+    vLLM's detokenizer keeps), not the whole output: a tokenizer that drops a word's leading
+    space at the start of a text still gets it right, and the cost per token stays flat.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str]) -> None:
         self.decode = decode
         self.stop = tuple(stop)
-        self.emitted = ""
         self.text = ""
+        """The settled text so far (cut at a stop string once one is found)."""
         self.stopped = False
+        self._longest = max((len(s) for s in self.stop), default=0)
+        self._prefix = 0  # tokens[_prefix:_read] decode to text already settled: the context
+        self._read = 0  # tokens before this are settled
+        self._scanned = 0  # characters of text already searched for stop strings
+        self._emitted = 0  # characters of text already returned
 
     def update(self, tokens: list[int], final: bool = False) -> str:
         """The text to add after `tokens` (all generated so far); sets `stopped` at a stop string."""
-        text = self.decode(tokens)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if self.stopped:
+            return ""
+        context = self.decode(tokens[self._prefix : self._read])
+        window = self.decode(tokens[self._prefix :])
+        if len(window) > len(context) and (final or not window.endswith("\ufffd")):
+            self.text += window[len(context) :]
+            self._prefix, self._read = self._read, len(tokens)
+        start = max(0, self._scanned - self._longest + 1)
+        cut = min((i for i in (self.text.find(s, start) for s in self.stop) if i >= 0), default=-1)
+        self._scanned = len(self.text)
         if cut >= 0:
-            text, self.stopped, final = text[:cut], True, True
-        self.text = text
-        safe = len(text)
+            self.text, self.stopped, final = self.text[:cut], True, True
+        safe = len(self.text)
         if not final:
-            safe = min(safe, len(text.rstrip("\ufffd")))
-            for s in self.stop:  # the longest tail of the text that starts a stop string
+            for s in self.stop:  # hold back the longest tail that starts a stop string
                 for n in range(min(len(s) - 1, safe), 0, -1):
-                    if text[:safe].endswith(s[:n]):
+                    if self.text[:safe].endswith(s[:n]):
                         safe -= n
                         break
-        if safe <= len(self.emitted) or not text.startswith(self.emitted):
+        if safe <= self._emitted:
             return ""
-        delta = text[len(self.emitted) : safe]
-        self.emitted = text[:safe]
+        delta = self.text[self._emitted : safe]
+        self._emitted = safe
         return delta
 
 

@@ -44,8 +44,9 @@ class AdapterFetcher:
         self.storage = storage
         self.cache_dir = cache_dir
 
-    def local_dir(self, lora_path: str) -> Path:
-        """The local directory of the adapter `lora_path` names (fetched when it is in storage)."""
+    def local_dir(self, lora_path: str, lora_name: str) -> Path:
+        """The local directory of the adapter `lora_path` names (fetched when it is in storage, into a
+        directory of `lora_name`'s own: unloading one name never removes another's files)."""
         if not lora_path.startswith(STORAGE_SCHEME):
             path = Path(lora_path)
             if not path.is_absolute():
@@ -64,7 +65,7 @@ class AdapterFetcher:
             check_key(key)
         except ValueError as e:
             raise invalid("lora_path", f"{lora_path}: {e}") from None
-        dest = self.cache_dir / hashlib.sha256(lora_path.encode()).hexdigest()[:32]
+        dest = self.cache_dir / hashlib.sha256(f"{lora_name}\0{lora_path}".encode()).hexdigest()[:32]
         try:
             if kind == "dir":
                 self.storage.fetch_dir(key, dest)

@@ -152,7 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     code="adapter_exists",
                 )
             model = s.base(body.base_model)
-            local = await asyncio.to_thread(s.fetcher.local_dir, body.lora_path)
+            local = await asyncio.to_thread(s.fetcher.local_dir, body.lora_path, body.lora_name)
             adapter = KnownAdapter(body.lora_name, body.lora_path, local, model.name)
             await asyncio.wrap_future(s.engine.call(lambda: s.engine.load(model, adapter)))
             s.adapters[adapter.name] = adapter

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seco_core.generate import eos_ids_of
+from seco_core.prefill_attention import use_prefill_attention
 from service.inference.errors import OpenAIError, invalid
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class ServedModel:
         if not memory.fits(self.weights_bytes):
             raise RuntimeError(str(memory.refuse(f"base model {name}", self.weights_bytes)))
         memory.used_bytes += self.weights_bytes
+        self.prefill_attention = use_prefill_attention(base)  # no chunk x prompt mask per layer call
         self.model: nn.Module = base
         self.context = int(getattr(base.config, "max_position_embeddings", 0) or 0) or None
         self.eos_token_ids = eos_ids_of(base, self.tokenizer.eos_token_id)

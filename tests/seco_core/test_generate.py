@@ -15,6 +15,7 @@ from seco_core.generate import (
     generate_tokens,
     sample_token,
 )
+from seco_core.prefill_attention import ATTENTION_NAME, use_prefill_attention
 from tests.seco_core.tiny import CONFIGS, VOCAB, tiny_model
 
 ARCHS = sorted(CONFIGS)
@@ -30,35 +31,43 @@ def _letters(ids: list[int]) -> str:
     return "".join(chr(ord("a") + i % 26) for i in ids)
 
 
+@pytest.mark.parametrize("attention", ["own", ATTENTION_NAME])
 @pytest.mark.parametrize(("arch", "chunk"), [("llama", 1), *((arch, chunk) for arch in ARCHS for chunk in (7, 64))])
-def test_chunked_prefill_equals_full_forward(arch: str, chunk: int) -> None:
+def test_chunked_prefill_equals_full_forward(arch: str, chunk: int, attention: str) -> None:
+    """In float64, with the model's own attention (and its masks) or with `seco_prefill` (no mask tensor)."""
     model = tiny_model(arch, torch.float64)
     ids = _prompt(50)
     with torch.no_grad():
         full = model(input_ids=ids).logits[0, -1]
+    if attention == ATTENTION_NAME:
+        assert use_prefill_attention(model)
+        assert model.config._attn_implementation == ATTENTION_NAME
     cache = DynamicCache()
     logits = chunked_prefill(model, ids, cache, chunk)
-    assert cache.get_seq_length() == 50
-    torch.testing.assert_close(logits, full.float(), rtol=0, atol=1e-5)
-    torch.testing.assert_close(chunked_prefill(model, ids, DynamicCache(), chunk).double(), full, rtol=0, atol=1e-5)
+    assert cache.get_seq_length() == 50 and logits.dtype == torch.float64
+    torch.testing.assert_close(logits, full, rtol=0, atol=1e-12)
 
 
-def test_chunked_prefill_keeps_float64_precision() -> None:
-    """The logits it returns are float32, but the computation is the model's: float64 agrees to float32 rounding."""
-    model = tiny_model("llama", torch.float64)
+def test_chunked_prefill_in_float32() -> None:
+    model = tiny_model("llama", torch.float32)
     ids = _prompt(40)
     with torch.no_grad():
-        full = model(input_ids=ids).logits[0, -1].float()
-    assert (chunked_prefill(model, ids, DynamicCache(), 9) - full).abs().max() < 1e-6
+        full = model(input_ids=ids).logits[0, -1]
+    torch.testing.assert_close(chunked_prefill(model, ids, DynamicCache(), 9), full, rtol=0, atol=1e-5)
+    assert use_prefill_attention(model)
+    torch.testing.assert_close(chunked_prefill(model, ids, DynamicCache(), 9), full, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefill_attention", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
-def test_greedy_equals_generate(arch: str) -> None:
+def test_greedy_equals_generate(arch: str, prefill_attention: bool) -> None:
     model = tiny_model(arch, torch.float32)
     ids = _prompt(37, seed=3)
     expected = model.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=25, eos_token_id=None
     )[0, 37:].tolist()
+    if prefill_attention:
+        assert use_prefill_attention(model)
     got = [r.token for r in generate_tokens(model, ids, SamplingParams(max_tokens=25, temperature=0), prefill_chunk=8)]
     assert got == expected
 
@@ -195,3 +204,53 @@ def test_eos_ids_from_configs() -> None:
     model = tiny_model("llama")
     assert eos_ids_of(model) == {2}
     assert eos_ids_of(model, 5) == {2, 5}
+
+
+def test_prefill_attention_leaves_models_it_is_not_exact_for() -> None:
+    """A sliding-window model keeps its own attention (and its masks): refused, not run wrongly."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    config = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=16,
+        max_position_embeddings=128,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    own = model.config._attn_implementation
+    assert not use_prefill_attention(model)
+    assert model.config._attn_implementation == own
+
+
+def _deltas(stream: StopText, tokens: list[int]) -> str:
+    out = "".join(stream.update(tokens[:i]) for i in range(1, len(tokens) + 1))
+    return out + stream.update(tokens, final=True)
+
+
+def test_incremental_text_equals_decoding_everything() -> None:
+    """Decoding a window of tokens at a time gives the text of decoding them all: with a tokenizer
+    that drops a leading space at the start of a text, and with bytes split across tokens."""
+    from benchmarks.demo import byte_tokenizer
+
+    words = [" w" + str(i) for i in range(20)]
+
+    def sentencepiece_like(ids: list[int]) -> str:
+        return "".join(words[i] for i in ids).lstrip(" ")
+
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6]
+    assert _deltas(StopText(sentencepiece_like, []), tokens) == sentencepiece_like(tokens)
+    tokenizer = byte_tokenizer()
+    text = "naïve café — 東京 🎉 done"
+    ids = list(tokenizer(text)["input_ids"])
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+
+    def decode(t: list[int]) -> str:
+        return str(tokenizer.decode(t, skip_special_tokens=True))
+
+    assert _deltas(StopText(decode, []), ids) == text
+    stream = StopText(decode, ["東京"])
+    assert _deltas(stream, ids) == "naïve café — " and stream.stopped
