@@ -214,10 +214,15 @@ def test_errors_of_the_inference_process_are_passed_on(tuned: Tuned) -> None:
     assert lora_name_of(tuned.model) not in err.body["message"]
 
 
-def test_the_per_key_limit_and_a_client_that_disconnects(tuned: Tuned) -> None:
-    """Beyond SECO_MAX_GENERATIONS_PER_KEY a 429 with Retry-After; closing the streams stops
-    their generations in the inference process and gives the slots back."""
+def test_the_per_key_limit_and_a_client_that_disconnects(
+    tuned: Tuned, launch_service: Callable[..., Service], redis_url: str, tmp_path: Path
+) -> None:
+    """Beyond SECO_MAX_GENERATIONS_PER_KEY a 429 with Retry-After, from every API process;
+    closing the streams stops their generations in the inference process and gives the slots back."""
     svc = tuned.svc
+    second_api = launch_service(  # another API process on the same Redis and data
+        redis_url, tmp_path, SECO_MAX_GENERATIONS_PER_KEY=str(LIMIT), SECO_DATA_DIR=str(svc.data_dir)
+    )
     before = _stats(svc)
     body = {"model": tuned.model, "messages": MESSAGES, "max_tokens": LONG, "stream": True, "temperature": 0}
     with svc.http() as http, svc.http("b") as other:
@@ -233,6 +238,8 @@ def test_the_per_key_limit_and_a_client_that_disconnects(tuned: Tuned) -> None:
             err = refused.json()["error"]
             assert err["code"] == "rate_limit_exceeded" and err["type"] == "requests", err
             assert int(refused.headers["retry-after"]) >= 1
+            with second_api.http() as elsewhere:  # the count is the key's, across API processes
+                assert elsewhere.post("/v1/completions", json={"model": tuned.model, "prompt": "a"}).status_code == 429
             ok = other.post("/v1/chat/completions", json={**body, "model": "tiny", "stream": False, "max_tokens": 2})
             assert ok.status_code == 200, ok.text  # another key has its own slots
             assert _stats(svc)["running"] == LIMIT
@@ -258,6 +265,7 @@ def test_the_per_key_limit_and_a_client_that_disconnects(tuned: Tuned) -> None:
             what="the slots to be given back",
         )
         assert again.status_code == 200, again.text
+    second_api.close()
 
 
 @pytest.mark.xfail(
