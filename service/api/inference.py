@@ -77,8 +77,7 @@ class Inference:
         body = {"lora_name": lora_name, "lora_path": lora_path}
         if base_model is not None:
             body["base_model"] = base_model
-        resp = await self.send("POST", "/v1/load_lora_adapter", body)
-        return resp
+        return await self.send("POST", "/v1/load_lora_adapter", body)
 
     async def served_models(self) -> set[str]:
         """The names the process serves now (`GET /v1/models`): its base models and loaded adapters."""
