@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -240,8 +241,9 @@ async def _generate(request: Request, s: Served, req: GenerationRequest) -> Resp
     )
     updates: asyncio.Queue[Update] = asyncio.Queue()
     job = s.engine.submit(Job(model, adapter, ids, params, asyncio_emitter(updates)))
+    watch = _Watch()
     try:
-        first = await _next(request, updates, job)
+        first = await _next(request, updates, job, watch)
     except BaseException:
         job.cancel()
         raise
@@ -256,7 +258,7 @@ async def _generate(request: Request, s: Served, req: GenerationRequest) -> Resp
         )
     parts: list[str] = []
     while True:
-        update = await _next(request, updates, job)
+        update = await _next(request, updates, job, watch)
         if update.error is not None:
             raise update.error
         parts.append(update.text)
@@ -271,15 +273,34 @@ class ClientGone(Exception):
     """The client of a non-streamed request disconnected; its job is cancelled."""
 
 
-async def _next(request: Request, updates: asyncio.Queue[Update], job: Job) -> Update:
-    """The job's next update, checking every half second that the client is still connected."""
+async def _next(request: Request, updates: asyncio.Queue[Update], job: Job, watch: _Watch) -> Update:
+    """The job's next update; every half second, whether updates come or not, checks that the
+    client is still connected (and cancels the job when it is not)."""
     while True:
         try:
-            return await asyncio.wait_for(updates.get(), DISCONNECT_POLL_SECONDS)
+            return await asyncio.wait_for(updates.get(), watch.wait())
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
+            pass
+        finally:
+            if watch.due() and await request.is_disconnected():
                 job.cancel()
                 raise ClientGone() from None
+
+
+class _Watch:
+    """When a non-streamed request next checks its client (DISCONNECT_POLL_SECONDS apart)."""
+
+    def __init__(self) -> None:
+        self.next = time.monotonic() + DISCONNECT_POLL_SECONDS
+
+    def wait(self) -> float:
+        return max(0.0, self.next - time.monotonic())
+
+    def due(self) -> bool:
+        if time.monotonic() < self.next:
+            return False
+        self.next = time.monotonic() + DISCONNECT_POLL_SECONDS
+        return True
 
 
 async def _stream(

@@ -251,11 +251,12 @@ def test_adapter_loading_rules(server: Server, loaded: dict[str, Path]) -> None:
 
 
 def test_two_adapters_interleaved(server: Server, loaded: dict[str, Path]) -> None:
-    """Two concurrent streams, different adapters: each gets exactly what it gets alone, and they overlap."""
+    """Concurrent streams of two adapters and the base: each gets exactly what it gets alone, and they overlap."""
     client: Any = server.client()
     asks = {
         "ad-a": dict(temperature=0),
         "ad-b": dict(temperature=1.0, seed=11),  # seeded sampling too: its own generator
+        "tiny": dict(temperature=0),  # the base between them: adapter layers off for its steps
     }
     alone = {
         name: client.completions.create(model=name, prompt=PROMPT, max_tokens=120, **kw).choices[0].text
@@ -263,7 +264,7 @@ def test_two_adapters_interleaved(server: Server, loaded: dict[str, Path]) -> No
     }
     times: dict[str, list[float]] = {}
     texts: dict[str, str] = {}
-    barrier = threading.Barrier(2)
+    barrier = threading.Barrier(len(asks))
 
     def run(name: str) -> None:
         barrier.wait()
@@ -280,17 +281,30 @@ def test_two_adapters_interleaved(server: Server, loaded: dict[str, Path]) -> No
     for t in threads:
         t.join(120)
     assert texts == alone
-    a, b = times["ad-a"], times["ad-b"]
-    assert a[0] < b[-1] and b[0] < a[-1], "the two generations did not run at the same time"
+    for x, y in (("ad-a", "ad-b"), ("ad-a", "tiny"), ("ad-b", "tiny")):
+        a, b = times[x], times[y]
+        assert a[0] < b[-1] and b[0] < a[-1], f"{x} and {y} did not run at the same time"
 
 
-def test_client_disconnect_stops_generation(server: Server, loaded: dict[str, Path]) -> None:
+LONG = {"prompt": PROMPT, "temperature": 0, "max_tokens": 1500}
+"""A generation that runs to max_tokens (checked by `long_running`): the disconnect tests stop it early."""
+
+
+@pytest.fixture(scope="module")
+def long_running(server: Server, loaded: dict[str, Path]) -> str:
+    """An adapter whose greedy generation of LONG does not end by itself (greedy is deterministic)."""
+    for model in ("ad-a", "ad-b", "tiny"):
+        r = httpx.post(server.url + "/v1/completions", json={"model": model, **LONG}, timeout=300)
+        if r.json()["choices"][0]["finish_reason"] == "length":
+            return model
+    pytest.fail("every model ends its greedy generation early: the disconnect tests need one that does not")
+
+
+def test_client_disconnect_stops_generation(server: Server, long_running: str) -> None:
     before = server.stats()
     with (
         server.http() as http,
-        http.stream(
-            "POST", "/v1/completions", json={"model": "ad-a", "prompt": PROMPT, "max_tokens": 6000, "stream": True}
-        ) as r,
+        http.stream("POST", "/v1/completions", json={"model": long_running, **LONG, "stream": True}) as r,
     ):
         lines = r.iter_lines()
         for _ in range(5):
@@ -306,7 +320,7 @@ def test_client_disconnect_stops_generation(server: Server, loaded: dict[str, Pa
     time.sleep(1.0)
     later = server.stats()
     assert later["tokens_generated"] == now["tokens_generated"], "tokens still generated after cancellation"
-    assert now["tokens_generated"] - before["tokens_generated"] < 1000
+    assert now["tokens_generated"] - before["tokens_generated"] < 0.8 * LONG["max_tokens"]
 
 
 def test_lru_evicts_and_reloads(demo_model: Path, adapter_dirs: dict[str, Path], tmp_path: Path) -> None:
@@ -354,3 +368,79 @@ def test_memory_share_refuses_what_does_not_fit(
             assert http.post("/v1/completions", json={"model": "b", "prompt": PROMPT}).status_code == 404
     finally:
         stop_server(srv)
+
+
+def test_non_streamed_client_disconnect_stops_generation(server: Server, long_running: str) -> None:
+    before = server.stats()
+    body = {"model": long_running, **LONG}
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=1.5) as http:
+        http.post("/v1/completions", json=body)  # the client gives up and closes the connection
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = server.stats()
+        if now["cancelled"] > before["cancelled"] and now["running"] == 0:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"generation still running after the client left: {server.stats()}")
+    assert now["tokens_generated"] - before["tokens_generated"] < 0.8 * LONG["max_tokens"]
+
+
+def test_unload_during_a_request_lets_it_finish(server: Server, loaded: dict[str, Path]) -> None:
+    client: Any = server.client()
+    with server.http() as http:
+        assert (
+            http.post("/v1/load_lora_adapter", json={"lora_name": "tmp", "lora_path": str(loaded["b"])}).status_code
+            == 200
+        )
+    alone = client.completions.create(model="tmp", prompt=PROMPT, max_tokens=150, temperature=0).choices[0].text
+    stream = client.completions.create(model="tmp", prompt=PROMPT, max_tokens=150, temperature=0, stream=True)
+    parts = [next(stream).choices[0].text]
+    with server.http() as http:
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "tmp"}).status_code == 200
+    parts += [c.choices[0].text for c in stream]
+    assert "".join(parts) == alone  # its weights stayed until it ended
+    assert "tmp" not in {m.id for m in client.models.list().data}
+    assert _error(lambda: client.completions.create(model="tmp", prompt=PROMPT))[0] == 404
+
+
+def test_request_shapes_refused_by_name(server: Server, loaded: dict[str, Path]) -> None:
+    with server.http() as http:
+        cases = [
+            ({"model": "tiny", "messages": CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
+            ({"model": "tiny", "messages": CHAT, "max_tokens": 3, "max_completion_tokens": 3}, "max_tokens"),
+            ({"model": "tiny", "messages": CHAT, "seed": "7"}, "seed"),
+            ({"model": "tiny", "messages": []}, "messages"),
+            ({"messages": CHAT}, "model"),
+            (
+                {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                "messages[0].content",
+            ),
+        ]
+        for body, param in cases:
+            r = http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+        for body, param in (
+            ({"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
+            ({"model": "tiny", "prompt": PROMPT, "logprobs": 2}, "logprobs"),
+            ({"model": "tiny", "prompt": [1, 2, 99999]}, "prompt"),
+        ):
+            r = http.post("/v1/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+        bad = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+        ids = http.post(
+            "/v1/completions", json={"model": "tiny", "prompt": [72, 105], "max_tokens": 2, "temperature": 0}
+        )
+        assert ids.status_code == 200 and ids.json()["usage"]["prompt_tokens"] == 2
+        parts = {
+            "role": "user",
+            "content": [{"type": "text", "text": "Tell me "}, {"type": "text", "text": "a story."}],
+        }
+        one = http.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": [parts], "max_tokens": 5, "temperature": 0}
+        )
+        two = http.post(
+            "/v1/chat/completions", json={"model": "tiny", "messages": [CHAT[1]], "max_tokens": 5, "temperature": 0}
+        )
+        assert one.json()["choices"][0]["message"] == two.json()["choices"][0]["message"]
