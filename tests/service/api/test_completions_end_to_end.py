@@ -268,12 +268,6 @@ def test_the_per_key_limit_and_a_client_that_disconnects(
     second_api.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="seco serve checks a non-streamed request's client only while no token arrives for 0.5 s "
-    "(service/inference/app.py `_next`), so a generation that keeps producing tokens runs on; the API "
-    "side drops the upstream connection (its log: 'client disconnected while its completion was being generated')",
-)
 def test_a_client_that_leaves_before_a_whole_answer_stops_it_too(tuned: Tuned) -> None:
     svc = tuned.svc
     before = _stats(svc)
