@@ -43,6 +43,7 @@ RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
             "prometheus_client",
             "swagger_ui_bundle",
             "seco_core",
+            "httpx",  # the inference process's client (service/api/inference.py)
         },
         ("service.client", "service.inference"),
     ),

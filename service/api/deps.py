@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from service.api.adapters import Adapters
 from service.api.streams import StreamSlots
 from service.record.reads import Reads
 from service.record.settings import Settings
@@ -53,6 +54,10 @@ async def get_enqueue(request: Request) -> Callable[[str], None]:
     return request.app.state.enqueue
 
 
+async def get_adapters(request: Request) -> Adapters:
+    return request.app.state.adapters
+
+
 BEARER: dict[str, Any] = {"security": [{"HTTPBearer": []}]}
 """`openapi_extra` of a route that reads its caller with `caller`: documents the bearer scheme as
 `TenantDep` does (the check itself is BearerAuth's either way)."""
@@ -70,3 +75,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 StreamSlotsDep = Annotated[StreamSlots, Depends(get_stream_slots)]
 EnqueueDep = Annotated[Callable[[str], None], Depends(get_enqueue)]
+AdaptersDep = Annotated[Adapters, Depends(get_adapters)]

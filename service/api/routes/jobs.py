@@ -18,16 +18,27 @@ from functools import lru_cache
 from typing import Annotated, Any
 
 import redis
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
-from service.api.deps import BEARER, EnqueueDep, SettingsDep, StorageDep, StoreDep, StreamSlotsDep, TenantDep, caller
+from service.api.deps import (
+    BEARER,
+    AdaptersDep,
+    EnqueueDep,
+    SettingsDep,
+    StorageDep,
+    StoreDep,
+    StreamSlotsDep,
+    TenantDep,
+    caller,
+)
 from service.api.downloads import object_response
 from service.api.errors import APIError, bad_request, not_found
-from service.api.routes.models import refuse_alias, refuse_while_used
+from service.api.lora_names import served_names
+from service.api.routes.models import refuse_while_used
 from service.api.schemas import (
     CheckpointList,
     EventList,
@@ -38,6 +49,7 @@ from service.api.schemas import (
     JobError,
     JobList,
 )
+from service.api.served_models import refuse_alias
 from service.api.views import EventReplay, event_list_response, json_response, list_response, sse_end, sse_writes
 from service.record import ids
 from service.record.expiry import is_expired
@@ -391,7 +403,14 @@ def resume_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, enqu
 
 
 @router.delete("/{fine_tuning_job_id}", response_model=JobDeleted)
-def delete_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, storage: StorageDep) -> JobDeleted:
+def delete_job(
+    fine_tuning_job_id: str,
+    tenant: TenantDep,
+    store: StoreDep,
+    storage: StorageDep,
+    adapters: AdaptersDep,
+    background: BackgroundTasks,
+) -> JobDeleted:
     """Delete a finished job: its checkpoints, adapter and metrics (freeing their storage
     quota), then the job and its events. A queued or running job must be cancelled first."""
     rec = _get(store, tenant, fine_tuning_job_id)
@@ -399,6 +418,7 @@ def delete_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, stor
         refuse_while_used(
             rec.id, tenant, store, f"Job {rec.id} (with its fine-tuned model)", param="fine_tuning_job_id"
         )
+    served = served_names(rec, store)
     try:
         delete_outputs(store, storage, rec)
     except JobNotFinished as e:
@@ -409,6 +429,7 @@ def delete_job(fine_tuning_job_id: str, tenant: TenantDep, store: StoreDep, stor
         ) from None
     if store.delete_job(rec) != "deleted":  # something wrote under the job meanwhile: deleting again clears it
         raise APIError(409, f"Job {rec.id} was still being written to; retry", code="conflict")
+    background.add_task(adapters.forget, served)  # what serving kept of its model and checkpoints
     log.info("job deleted", extra={"job_id": rec.id, "tenant": tenant})
     return JobDeleted(id=rec.id)
 

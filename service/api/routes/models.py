@@ -10,32 +10,21 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter
+from fastapi import APIRouter, BackgroundTasks
 
-from service.api.deps import SettingsDep, StorageDep, StoreDep, TenantDep
+from service.api.deps import AdaptersDep, SettingsDep, StorageDep, StoreDep, TenantDep
 from service.api.errors import APIError, bad_request, not_found
+from service.api.lora_names import served_names
 from service.api.schemas import Model, ModelDeleted, ModelList
+from service.api.served_models import refuse_alias
 from service.record.model_sources import resolve_fine_tuned, unfinished_dependents
-from service.record.models import canonical_spelling, organization_id
+from service.record.models import organization_id
 from service.record.outputs import delete_outputs
 from service.record.settings import Settings
 from service.record.store import Store
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/models", tags=["models"])
-
-
-def refuse_alias(model: str) -> None:
-    """A 400 for a checkpoint name spelled another way than its own (`ckpt-step-0045`), naming
-    the one spelling: such a name is no alias of the checkpoint."""
-    canonical = canonical_spelling(model)
-    if canonical is not None:
-        raise bad_request(
-            f"Model {model!r} is not a model name: a checkpoint step is written without leading "
-            f"zeros, as in {canonical!r}",
-            param="model",
-            code="invalid_model_name",
-        )
 
 
 def refuse_while_used(job_id: str, tenant: str, store: Store, what: str, param: str = "model") -> None:
@@ -95,7 +84,13 @@ def retrieve_model(model: str, tenant: TenantDep, store: StoreDep, settings: Set
 
 @router.delete("/{model:path}", response_model=ModelDeleted)
 def delete_model(
-    model: str, tenant: TenantDep, store: StoreDep, storage: StorageDep, settings: SettingsDep
+    model: str,
+    tenant: TenantDep,
+    store: StoreDep,
+    storage: StorageDep,
+    settings: SettingsDep,
+    adapters: AdaptersDep,
+    background: BackgroundTasks,
 ) -> ModelDeleted:
     """Delete a fine-tuned model: its adapter, checkpoints and result files (freeing their
     storage quota). The job record stays, without a `fine_tuned_model`. Base models are the
@@ -122,7 +117,9 @@ def delete_model(
             code="model_not_deletable",
         )
     refuse_while_used(rec.id, tenant, store, f"Model {model!r}")
+    served = served_names(rec, store)
     delete_outputs(store, storage, rec)  # the job has succeeded, so its outputs can go
     store.forget_fine_tuned_model(rec.id, model)
+    background.add_task(adapters.forget, served)
     log.info("model deleted", extra={"job_id": rec.id, "tenant": tenant})
     return ModelDeleted(id=model)

@@ -98,6 +98,7 @@ class Store:
         self.fail_unstarted = jobs.fail_unstarted
         self.add_checkpoint = jobs.add_checkpoint
         self.get_checkpoint = jobs.get_checkpoint
+        self.checkpoint_steps = jobs.checkpoint_steps
         self.remove_checkpoints = jobs.remove_checkpoints
         self.set_output_bytes = jobs.set_output_bytes
         self.forget_outputs = jobs.forget_outputs

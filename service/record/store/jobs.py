@@ -340,6 +340,10 @@ class Jobs:
         raw = cast(str | None, self.r.hget(K.job_checkpoints(job_id), str(step)))
         return Checkpoint.model_validate_json(raw) if raw else None
 
+    def checkpoint_steps(self, job_id: str) -> list[int]:
+        """The steps of the job's checkpoints on record, in no particular order."""
+        return [int(step) for step in cast(list[str], self.r.hkeys(K.job_checkpoints(job_id)))]
+
     def remove_checkpoints(self, job_id: str, steps: Iterable[int]) -> None:
         """Drop checkpoint records (their objects were pruned from storage)."""
         fields = [str(step) for step in steps]
