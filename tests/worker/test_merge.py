@@ -120,7 +120,7 @@ def test_a_build_stores_the_archive_counts_it_and_deletion_frees_it(
     assert data.size(key) == state.bytes and state.bytes
     assert store.tenant_output_bytes(T1) == before + state.bytes, "the quota counts the merged model"
     assert not list((data.root / "scratch").rglob(f"{job}*")), "scratch space cleaned"
-    with tarfile.open(data.local_path(key), "r:gz") as tar:  # type: ignore[arg-type]
+    with tarfile.open(data.local_path(key), "r:gz") as tar:
         tar.extractall(tmp_path / "merged", filter="data")
     torch.testing.assert_close(
         plain_logits(tmp_path / "merged"),
