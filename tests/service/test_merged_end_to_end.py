@@ -2,7 +2,7 @@
 Celery worker that trains the tiny demo Llama and then merges its adapter. The archive a
 client downloads is a plain Hugging Face directory whose logits are those of base + adapter;
 the quota counts it, a full quota refuses it up front, another tenant cannot see it, and
-deleting the job gives its bytes back."""
+deleting the job gives its bytes back; a failed build is reported, then built again."""
 
 from __future__ import annotations
 
@@ -139,4 +139,20 @@ def test_a_full_quota_refuses_the_merged_model_before_building(
         assert not [k for k in svc.objects(keys.job_prefix(tenant, job)) if "merged" in k], "nothing written"
         assert store.merges.get(job) is None, "no build recorded"
         client.files.delete(filler_id)
-        assert get_merged(http, job, wait).status_code == 200, "with room again, it builds"
+
+        # with room again it builds; on a worker that cannot load the base model, the build fails:
+        # the next request reports why, and the one after builds again
+        (good,) = svc.workers
+        svc.stop_worker(good)
+        broken_models = tmp_path / "no-model"
+        broken_models.mkdir()
+        broken = svc.start_worker(SECO_MODELS=f"tiny={broken_models}", HF_HUB_OFFLINE="1")
+        assert http.get(f"/v1/fine_tuning/jobs/{job}/merged").status_code == 202
+        failed = get_merged(http, job, wait)
+        assert failed.status_code == 500, failed.text
+        error = failed.json()["error"]
+        assert error["code"] == "merge_failed" and "ask again to retry" in error["message"], error
+        assert str(broken_models) not in error["message"], "no server path in the message"
+        svc.stop_worker(broken)
+        svc.start_worker()
+        assert get_merged(http, job, wait).status_code == 200
