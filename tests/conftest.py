@@ -181,6 +181,8 @@ class Service:
     log_dir: Path
     api: subprocess.Popen[bytes] | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    inference: subprocess.Popen[bytes] | None = None
+    inference_url: str | None = None
     _names: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -261,6 +263,38 @@ class Service:
                 raise TimeoutError(f"worker did not report ready: {self.logs()}")
         return proc
 
+    def start_inference(self, timeout: float = 120) -> subprocess.Popen[bytes]:
+        """The real inference process (`seco serve`, as `seco up` starts it) at `inference_url`,
+        with the service's environment (its models, its storage); returns once /health answers."""
+        from service.launch import inference_argv
+
+        assert self.inference_url is not None, "launch_service(..., inference=True) picks its address"
+        assert self.inference is None or self.inference.poll() is not None, "already running"
+        port = int(self.inference_url.rsplit(":", 1)[1])
+        log = open(self.log_dir / "inference.log", "ab")  # noqa: SIM115
+        self.inference = proc = subprocess.Popen(
+            inference_argv("127.0.0.1", port), cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"seco serve exited: {self.logs()}"
+            try:
+                if httpx.get(self.inference_url + "/health", timeout=1).status_code == 200:
+                    return proc
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"seco serve not healthy: {self.logs()}")
+
+    def stop_inference(self, sig: int = signal.SIGTERM) -> None:
+        if self.inference is not None and self.inference.poll() is None:
+            os.killpg(self.inference.pid, sig)
+            try:
+                self.inference.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.inference.pid, signal.SIGKILL)
+                self.inference.wait(5)
+
     def stop_worker(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
         """Signal the worker's whole process group (parent and pool children)."""
         if proc.poll() is None:
@@ -283,6 +317,7 @@ class Service:
     def close(self) -> None:
         for w in list(self.workers):
             self.stop_worker(w)
+        self.stop_inference()
         if self.api is not None and self.api.poll() is None:
             os.killpg(self.api.pid, signal.SIGTERM)
             try:
@@ -313,7 +348,9 @@ def wait_healthy(svc: Service, timeout: float = 60) -> None:
 def launch_service(demo_model: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Service]]:
     """Factory: start a real API (uvicorn subprocess) against a Redis URL; closed at session end
     unless the caller closes it first (module fixtures do). `storage="s3"` puts its files in
-    the session's S3 server (a fresh prefix); `s3_endpoint` points it at a proxy of that server."""
+    the session's S3 server (a fresh prefix); `s3_endpoint` points it at a proxy of that server.
+    `inference=True` also starts the inference process (`seco serve`) and points the API at it
+    (SECO_INFERENCE_URL)."""
     launched: list[Service] = []
 
     def launch(
@@ -323,6 +360,7 @@ def launch_service(demo_model: Path, request: pytest.FixtureRequest) -> Iterator
         workers: int = 0,
         storage: str = "local",
         s3_endpoint: str | None = None,
+        inference: bool = False,
         **env_overrides: str,
     ) -> Service:
         if storage == "s3":
@@ -335,6 +373,9 @@ def launch_service(demo_model: Path, request: pytest.FixtureRequest) -> Iterator
         data_dir.mkdir(parents=True, exist_ok=True)
         log_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
+        inference_url = f"http://127.0.0.1:{free_port()}" if inference else None
+        if inference_url is not None:
+            env_overrides = {"SECO_INFERENCE_URL": inference_url, **env_overrides}
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
@@ -350,7 +391,14 @@ def launch_service(demo_model: Path, request: pytest.FixtureRequest) -> Iterator
             "TOKENIZERS_PARALLELISM": "false",
             **env_overrides,
         }
-        svc = Service(url=f"http://127.0.0.1:{port}", redis_url=redis_url, data_dir=data_dir, env=env, log_dir=log_dir)
+        svc = Service(
+            url=f"http://127.0.0.1:{port}",
+            redis_url=redis_url,
+            data_dir=data_dir,
+            env=env,
+            log_dir=log_dir,
+            inference_url=inference_url,
+        )
         from service.launch import api_argv
 
         log = open(log_dir / "api.log", "ab")  # noqa: SIM115
@@ -361,6 +409,8 @@ def launch_service(demo_model: Path, request: pytest.FixtureRequest) -> Iterator
         wait_healthy(svc)
         for _ in range(workers):
             svc.start_worker()
+        if inference:
+            svc.start_inference()
         return svc
 
     yield launch

@@ -29,7 +29,7 @@ RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
     "benchmarks": ({"benchmarks", "seco_core", "torch", "transformers", "peft", "tokenizers", "matplotlib"}, ()),
     "service/record": (
         {"service", "redis", "pydantic", "pydantic_settings", "obstore", "celery"},
-        ("service.api", "service.client"),
+        ("service.api", "service.client", "service.inference"),
     ),
     "service/client": ({"service", "httpx"}, ("service.api", "service.record", "service.launch")),
     "service/api": (
@@ -43,8 +43,15 @@ RULES: dict[str, tuple[set[str], tuple[str, ...]]] = {
             "prometheus_client",
             "swagger_ui_bundle",
             "seco_core",
+            "httpx",  # the inference process's client (service/api/inference.py)
         },
-        ("service.client",),
+        ("service.client", "service.inference"),
+    ),
+    # the inference process (`seco serve`): the models and the engine, storage to fetch adapters from;
+    # it answers the API over HTTP and imports none of it (nor the CLI)
+    "service/inference": (
+        {"service", "torch", "transformers", "peft", "seco_core", "fastapi", "starlette"},
+        ("service.api", "service.client", "service.launch"),
     ),
     "worker": (
         {"worker", "service", "seco_core", "celery", "redis", "torch", "transformers", "peft", "safetensors"},
@@ -114,7 +121,8 @@ def test_only_the_queue_contract_imports_celery_in_the_record() -> None:
 
 
 def test_install_extras_per_side() -> None:
-    """`api` installs no training stack, `client` nothing beyond the bare package, `server` both sides."""
+    """`api` installs no training stack, `client` nothing beyond the bare package, `serve` the inference
+    process's models, `server` all of them."""
     tomllib = pytest.importorskip("tomllib")  # 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
@@ -127,6 +135,8 @@ def test_install_extras_per_side() -> None:
     assert training <= names(extras["worker"])
     assert extras["client"] == [] and names(project["dependencies"]) == {"httpx"}
     assert "seco-tune[api,worker]" in extras["server"]
+    assert {"torch", "transformers", "peft", "fastapi", "uvicorn"} <= names(extras["serve"])
+    assert "seco-tune[serve]" in extras["server"]
 
 
 def test_the_api_loads_no_torch() -> None:

@@ -15,13 +15,16 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from service.api import dashboard, docs, errors
+from service.api.adapters import Adapters
 from service.api.auth import BearerAuth, TenantKeys
 from service.api.body_limit import BodyLimit
+from service.api.inference import Inference
 from service.api.metrics import Metrics, MetricsMiddleware
-from service.api.routes import files, health, jobs, merged, models
+from service.api.routes import completions, files, health, jobs, merged, models
 from service.api.streams import StreamSlots
 from service.api.unhandled import UnhandledErrors
 from service.api.upload_slots import UploadSlots
+from service.record import redis_keys
 from service.record.expiry import expire_files
 from service.record.logs import configure_logging
 from service.record.private import private_dir, restrict_umask
@@ -103,6 +106,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             redis_url, max_connections=settings.max_concurrency, name="seco-api-reads", blocking=app.state.aredis
         )
         app.state.stream_slots = StreamSlots(app.state.aredis)
+        app.state.generation_slots = StreamSlots(app.state.aredis, redis_keys.tenant_generations)
+        app.state.inference = Inference(settings.inference_url, settings.inference_timeout)
+        app.state.adapters = Adapters(app.state.inference, storage, settings)
         tried = asyncio.Event()
         resolver = asyncio.create_task(_resolve_tenants(store, storage, tenant_keys, tried))
         with contextlib.suppress(asyncio.TimeoutError):  # Redis up: requests are served with their tenants at once
@@ -123,6 +129,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            await app.state.inference.aclose()
             await app.state.aredis.aclose()
             await app.state.reads.aclose()
 
@@ -143,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Routes are matched in order, router by router: the jobs routes, which clients poll all
     # day, come first, and each router is included at the app itself (one level to descend).
-    for router in (jobs.router, merged.router, files.router, models.router):
+    for router in (jobs.router, merged.router, files.router, models.router, completions.router):
         app.include_router(router, prefix="/v1")
     app.include_router(health.router)
     dashboard.install(app)  # the web UI at /ui (static files, no auth: the page asks for the key)

@@ -1,4 +1,4 @@
-"""Per-tenant slots for open event streams (SSE), counted in Redis across every API process.
+"""Per-tenant slots for long requests (event streams, generations), counted in Redis across every API process.
 
 An event stream holds a connection and a Redis reader for as long as the job runs (hours),
 so one key opening hundreds of them would starve everyone else. Each open stream holds a
@@ -7,12 +7,18 @@ expires (Redis server time, so every API host agrees): taking a slot drops the e
 ones, refuses beyond the limit, and adds one; the stream renews its slot while it runs and
 gives it back when it ends. A stream whose API process was killed cannot give its slot
 back; the slot expires `SLOT_SECONDS` later.
+
+Completions being generated are counted the same way in `redis_keys.tenant_generations`
+(`StreamSlots(aredis, redis_keys.tenant_generations)`): a generation holds the inference
+process's decoding capacity as a stream holds a connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from service.record import redis_keys, scripts
@@ -27,7 +33,7 @@ class Slot:
 
     def __init__(self, slots: StreamSlots, tenant: str) -> None:
         self._slots = slots
-        self.key = redis_keys.tenant_streams(tenant)
+        self.key = slots.key_of(tenant)
         self.id = secrets.token_hex(8)
         self._renewed = time.monotonic()
 
@@ -36,15 +42,24 @@ class Slot:
             await self._slots.take_script(keys=[self.key], args=[self.id, "", SLOT_SECONDS * 1000])
             self._renewed = time.monotonic()
 
+    async def keep(self) -> None:
+        """Renew the slot every RENEW_SECONDS until cancelled: for a request that sends nothing
+        while it waits (a generation answered in one piece), which would otherwise never renew."""
+        while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            await self.renew()
+
     async def release(self) -> None:
         await self._slots.redis.zrem(self.key, self.id)
 
 
 class StreamSlots:
-    """The API process's access to the slot sets (one per app, on its asyncio Redis client)."""
+    """The API process's access to one kind of slot sets (one per app and kind, on its asyncio
+    Redis client); `key_of` names a tenant's set (default: its event streams)."""
 
-    def __init__(self, aredis: Any) -> None:
+    def __init__(self, aredis: Any, key_of: Callable[[str], str] = redis_keys.tenant_streams) -> None:
         self.redis = aredis
+        self.key_of = key_of
         self.take_script = aredis.register_script(scripts.source("take_stream_slot"))
 
     async def take(self, tenant: str, limit: int) -> Slot | None:

@@ -22,6 +22,7 @@ Keys (prefix `seco:`)::
     tenant:<t>:jobs               zset of the tenant's job ids (score: seq)
     tenant:<t>:active             set of the tenant's queued/running jobs (quota)
     tenant:<t>:streams            zset of its open event streams (service/api/streams.py)
+    tenant:<t>:generations        zset of its completions being generated (service/api/streams.py)
     tenant_secret                 the secret tenant ids are derived with (service/record/tenants.py)
     lock:<name>                   a lock between processes (SET NX with an expiry)
     queue                         zset of queued job ids (score: seq when queued)
@@ -60,6 +61,7 @@ TENANT_OUTPUT_BYTES = f"{PREFIX}tenant:{{}}:output_bytes"
 TENANT_JOBS = f"{PREFIX}tenant:{{}}:jobs"
 TENANT_ACTIVE = f"{PREFIX}tenant:{{}}:active"
 TENANT_STREAMS = f"{PREFIX}tenant:{{}}:streams"
+TENANT_GENERATIONS = f"{PREFIX}tenant:{{}}:generations"
 
 TENANT_OWNED = (TENANT_FILES, TENANT_FILE_BYTES, TENANT_JOBS, TENANT_ACTIVE, TENANT_OUTPUT_BYTES)
 """The keys a tenant owns outright: they move with it when its id changes (`rename_tenant`)."""
@@ -124,3 +126,7 @@ def tenant_active(tenant: str) -> str:
 
 def tenant_streams(tenant: str) -> str:
     return TENANT_STREAMS.format(tenant)
+
+
+def tenant_generations(tenant: str) -> str:
+    return TENANT_GENERATIONS.format(tenant)

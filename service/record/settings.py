@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from functools import cached_property, lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import AliasChoices, Field, field_validator
@@ -81,6 +82,26 @@ class Settings(BaseSettings):
     max_streams: int = Field(16, ge=1, validation_alias=_env("SECO_MAX_STREAMS"))
     """Per tenant: event streams (SSE) open at once, across every API process (429 beyond)."""
 
+    inference_url: str | None = Field(None, validation_alias=_env("SECO_INFERENCE_URL"))
+    """Root URL of the inference process the API forwards completions to (`seco serve`, or a
+    vLLM server), e.g. `http://127.0.0.1:8001`; a trailing `/v1` is dropped. `seco up` sets it
+    to the `seco serve` it starts; unset, /v1/chat/completions and /v1/completions answer 503."""
+
+    inference_engine: Literal["seco", "vllm"] = Field("seco", validation_alias=_env("SECO_INFERENCE_ENGINE"))
+    """What serves at `inference_url`. `seco`: an adapter is named by its storage location
+    (`seco-storage:archive:<key>` or `seco-storage:dir:<prefix>`), which the process fetches
+    itself. `vllm`: a vLLM server, which loads adapters from local directories only, so the
+    API unpacks each one under `<data dir>/serving/<name>/`, a path the vLLM server must see
+    too (the same shared volume, mounted at the same path)."""
+
+    inference_timeout: float = Field(600.0, gt=0, validation_alias=_env("SECO_INFERENCE_TIMEOUT"))
+    """Seconds the API waits for the inference process's next bytes: the whole answer of a
+    request without `stream`, the next chunk of a stream (504 beyond)."""
+
+    max_generations_per_key: int = Field(4, ge=1, validation_alias=_env("SECO_MAX_GENERATIONS_PER_KEY"))
+    """Per tenant: completions being generated at once, across every API process (429 with
+    Retry-After beyond), so one key cannot take every decoding slot of the inference process."""
+
     max_concurrency: int = Field(512, ge=4, validation_alias=_env("SECO_MAX_CONCURRENCY"))
     """Per API process: connections served at once (uvicorn answers 503 beyond); also the size
     of its asyncio Redis pool, so open streams can never exhaust it."""
@@ -111,6 +132,27 @@ class Settings(BaseSettings):
     """Host memory one worker's KV offload may use; None: the host's available memory
     divided by the number of GPUs on it (one worker per GPU share the host)."""
 
+    serve_device: str | None = Field(None, validation_alias=_env("SECO_SERVE_DEVICE"))
+    """Where `seco serve` runs its models: `cuda:N` or `cpu`; None: `SECO_DEVICE`."""
+
+    serve_memory_bytes: int | None = Field(None, ge=1, validation_alias=_env("SECO_SERVE_MEMORY_BYTES"))
+    """The memory share `seco serve` may use on its device (shared with a trainer, whose plan
+    leaves it free): base weights plus loaded adapters beyond it are refused (an adapter load
+    gets a 507). None: no cap. KV caches of running requests are not counted against it."""
+
+    serve_max_adapters: int = Field(8, ge=1, validation_alias=_env("SECO_SERVE_MAX_ADAPTERS"))
+    """Per base model: LoRA adapters `seco serve` keeps loaded; the least recently used one is
+    unloaded beyond it (and loaded again from its path when asked for)."""
+
+    serve_prefill_chunk: int = Field(2048, ge=1, validation_alias=_env("SECO_SERVE_PREFILL_CHUNK"))
+    """Prompt tokens per prefill step of `seco serve`: bounds prefill's activations and lets
+    other requests' decode steps run between a long prompt's chunks."""
+
+    @property
+    def serve_on(self) -> str:
+        """The device `seco serve` uses: SECO_SERVE_DEVICE, else SECO_DEVICE."""
+        return self.serve_device or self.device
+
     queue: str = Field("seco", validation_alias=_env("SECO_QUEUE"))
     """The Celery queue the API publishes to and workers consume."""
 
@@ -123,6 +165,16 @@ class Settings(BaseSettings):
             return None
         parse_storage_url(value)  # fails at start-up, naming the problem
         return value
+
+    @field_validator("inference_url")
+    @classmethod
+    def _check_inference_url(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.query or parsed.fragment:
+            raise ValueError(f"SECO_INFERENCE_URL must look like http://host:port (got {value!r})")
+        return value.rstrip("/").removesuffix("/v1")
 
     @cached_property
     def api_keys(self) -> list[str]:
