@@ -1,6 +1,7 @@
 """`seco chat`'s pieces that need no model server: the request it sends, how it reads OpenAI's
 chunk stream, the conversation it keeps, and its errors. The server side is an httpx transport
-answering as the API does (`data: {chat.completion.chunk}` ... `data: [DONE]`)."""
+answering as the API does (`data: {chat.completion.chunk}` ... `data: [DONE]`); the command
+through the real API and inference process is tests/service/client/test_chat_service.py."""
 
 from __future__ import annotations
 
