@@ -93,7 +93,10 @@ def build_merged(settings: Settings, store: Store, job_id: str, token: str, *, m
         failure = storage_failure(e)
         if failure is not None:
             reason, remedy = failure
-            code, message = "storage_error", f"The worker could not build the merged model: {reason}. {remedy or ''}"
+            code, message = (
+                "storage_error",
+                f"The worker could not build the merged model: {reason}. {remedy or storage.remedy}",
+            )
         else:
             code, message = "merge_failed", _scrub(f"Merging the adapter failed: {type(e).__name__}: {e}", settings)
         store.merges.settle_failed(job_id, token, code, message.strip())
