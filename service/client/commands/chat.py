@@ -16,9 +16,10 @@ the same way. Stdlib + httpx only (the client's import budget).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import httpx
@@ -121,15 +122,11 @@ def converse(client: Client, args: argparse.Namespace, inp: TextIO, out: TextIO)
     """The conversation: one turn per line of `inp`, until its end or /exit."""
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
-    interactive = inp.isatty() and out.isatty()
+    on_terminal = inp is sys.stdin and inp.isatty() and out.isatty()
+    read = _terminal_reader(out) if on_terminal else inp.readline
     while True:
-        if interactive:
-            out.write(PROMPT)
-            out.flush()
-        line = inp.readline()
+        line = read()
         if not line:  # end of input
-            if interactive:
-                out.write("\n")
             return EXIT_OK
         text = line.strip()
         if not text:
@@ -141,6 +138,22 @@ def converse(client: Client, args: argparse.Namespace, inp: TextIO, out: TextIO)
             continue
         messages.append({"role": "user", "content": text})
         messages.append({"role": "assistant", "content": answer(client, args, messages, out)})
+
+
+def _terminal_reader(out: TextIO) -> Callable[[], str]:
+    """On a terminal: a prompt, line editing and history (`readline`, where the platform has it);
+    end of input (Ctrl-D) as an empty string, like a file's."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (imported for its effect on input())
+
+    def read() -> str:
+        try:
+            return input(PROMPT) + "\n"
+        except EOFError:
+            out.write("\n")
+            return ""
+
+    return read
 
 
 @command

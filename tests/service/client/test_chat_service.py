@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,6 @@ def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: py
 @pytest.fixture(scope="module")
 def fine_tuned(svc: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The name of a fine-tuned model of tenant a (a short job, high learning rate)."""
-    import time
-
     data = tmp_path_factory.mktemp("chat-data") / "train.jsonl"
     data.write_text("".join(json.dumps({"text": "the answer is forty-two. " * 4}) + "\n" for _ in range(6)))
     client = svc.client()
@@ -107,3 +106,45 @@ def test_api_errors_print_the_message_and_exit_non_zero(svc: Any, fine_tuned: st
     assert "maximum context length is 8192 tokens" in too_long.stderr, too_long.stderr
     repl = seco_chat(svc, "nope", stdin="hi\n")
     assert repl.returncode == 1 and "nope" in repl.stderr, repl.stderr
+
+
+def test_on_a_terminal_it_prompts_and_ends_at_ctrl_d(svc: Any) -> None:
+    """The conversation on a pseudo-terminal: a prompt per turn, the answer streamed after it,
+    Ctrl-D (end of input) ends it with exit 0."""
+    import pty
+    import select
+
+    expected = sdk_answer(svc, "tiny", [{"role": "user", "content": "hello there"}])
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SECO_URL": svc.url, "SECO_API_KEY": svc.key("a")}
+    code = "from service.client.cli import main; raise SystemExit(main())"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "chat", "tiny", *GREEDY],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env=env,
+        cwd=ROOT,
+        close_fds=True,
+    )
+    os.close(terminal)
+    seen = b""
+
+    def read_until(text: bytes, timeout: float = 60) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while text not in seen:
+            assert time.monotonic() < deadline, seen
+            if select.select([controller], [], [], 0.5)[0]:
+                seen += os.read(controller, 4096)
+
+    try:
+        read_until(b"> ")
+        os.write(controller, b"hello there\n")
+        read_until(expected.encode().replace(b"\n", b"\r\n") + b"\r\n> ")
+        os.write(controller, b"\x04")  # Ctrl-D
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(controller)
