@@ -24,8 +24,21 @@ SERVE_PORT = 8001
 
 
 def register(sub: Any) -> None:
-    up = sub.add_parser("up", help="run Redis (embedded unless REDIS_URL is set), the API and one worker")
+    up = sub.add_parser(
+        "up", help="run Redis (embedded unless REDIS_URL is set), the API, one worker and the inference process"
+    )
     _common(up)
+    up.add_argument(
+        "--inference-port",
+        type=int,
+        default=SERVE_PORT,
+        help=f"port of the `seco serve` it starts (default {SERVE_PORT})",
+    )
+    up.add_argument(
+        "--no-inference",
+        action="store_true",
+        help="start no `seco serve` (also implied by SECO_INFERENCE_URL, an inference server run elsewhere)",
+    )
     up.set_defaults(func=cmd_up)
     api = sub.add_parser("api", help="run the HTTP API (needs REDIS_URL)")
     _common(api)
@@ -149,6 +162,11 @@ def api_argv(host: str, port: int, env: Mapping[str, str] | None = None, *, work
     ]
 
 
+INFERENCE_START_SECONDS = 300
+"""How long `seco up` waits for the inference process to load its base models (a real model
+from a cold disk takes minutes)."""
+
+
 def cmd_api(args: argparse.Namespace) -> int:
     _data_dir(args)
     _require_redis()
@@ -258,11 +276,15 @@ def _wait_http(url: str, timeout: float, procs: list[subprocess.Popen[bytes]]) -
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Everything in the foreground; Ctrl-C or SIGTERM stops the worker, the API, then Redis.
+    """Everything in the foreground; Ctrl-C or SIGTERM stops the worker, the API, the inference
+    process, then Redis.
 
-    The terminal gets a short summary; the API's and the worker's own output (uvicorn's
-    access lines, Celery's banner and warnings, the JSON logs) go to `<data dir>/logs/`,
-    whose tail is shown if one of them dies.
+    The inference process (`seco serve`, on the CPU unless SECO_SERVE_DEVICE says otherwise)
+    is started unless `--no-inference` is given or SECO_INFERENCE_URL points at one run
+    elsewhere; the API is started with SECO_INFERENCE_URL set to it. The terminal gets a
+    short summary once the API and the inference process answer; their and the worker's own
+    output (uvicorn's access lines, Celery's banner and warnings, the JSON logs) go to
+    `<data dir>/logs/`, whose tail is shown if one of them dies.
     """
     from service.record.private import private_dir, secret_file
 
@@ -288,6 +310,21 @@ def cmd_up(args: argparse.Namespace) -> int:
         os.environ["SECO_API_KEYS"] = secret_file(data_dir / "api_key", prefix="sk-seco-")
         key_note = f"in {data_dir / 'api_key'}"
     logs = private_dir(data_dir / "logs")
+    starts: list[tuple[str, list[str]]] = []
+    inference_url = ""
+    if os.environ.get("SECO_INFERENCE_URL"):
+        inference_note = f"SECO_INFERENCE_URL ({os.environ['SECO_INFERENCE_URL']})"
+    elif args.no_inference:
+        inference_note = "not started (--no-inference): /v1/chat/completions answers 503"
+    else:
+        # On the CPU unless told otherwise: the worker may be training on the GPU (set
+        # SECO_SERVE_DEVICE and SECO_SERVE_MEMORY_BYTES to share it).
+        os.environ.setdefault("SECO_SERVE_DEVICE", "cpu")
+        inference_url = f"http://127.0.0.1:{args.inference_port}"
+        os.environ["SECO_INFERENCE_URL"] = inference_url  # the API it is started with forwards there
+        inference_note = f"{inference_url}  (seco serve on {os.environ['SECO_SERVE_DEVICE']}; the API forwards to it)"
+        starts.append(("inference", serve_argv("127.0.0.1", args.inference_port)))
+    starts += [("api", api_argv(args.host, args.port, workers=args.workers)), ("worker", worker_argv())]
 
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     stopping = False
@@ -300,11 +337,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     rc = 0
     try:
-        for name, argv in (("api", api_argv(args.host, args.port, workers=args.workers)), ("worker", worker_argv())):
+        for name, argv in starts:
             with open(logs / f"{name}.log", "ab") as log:
                 procs.append((name, subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)))
         base = f"http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port}"
-        if _wait_http(base + "/healthz", 60, [p for _, p in procs]):
+        alive = [p for _, p in procs]
+        if _wait_http(base + "/healthz", 60, alive) and (
+            not inference_url or _wait_http(inference_url + "/health", INFERENCE_START_SECONDS, alive)
+        ):
             models = ", ".join(item.split("=", 1)[0].strip() for item in os.environ["SECO_MODELS"].split(","))
             print(
                 f"seco is up\n"
@@ -312,8 +352,9 @@ def cmd_up(args: argparse.Namespace) -> int:
                 f"  dashboard  {base}/ui\n"
                 f"  API key    {key_note}\n"
                 f"  models     {models}{models_note}\n"
+                f"  inference  {inference_note}\n"
                 f"  Redis      {redis_note}\n"
-                f"  logs       {logs / 'api.log'}, {logs / 'worker.log'}\n"
+                f"  logs       {', '.join(str(logs / (name + '.log')) for name, _ in starts)}\n"
                 "Submit a job with `seco submit FILE --model NAME --follow`; Ctrl-C stops everything.",
                 flush=True,
             )
@@ -330,7 +371,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 break
             time.sleep(0.5)
     finally:
-        for _, p in reversed(procs):  # worker first: it finishes its checkpoint write, then the API
+        # worker first: it finishes its checkpoint write, then the API, then the inference process
+        for _, p in reversed(procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for _, p in reversed(procs):

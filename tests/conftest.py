@@ -266,14 +266,14 @@ class Service:
     def start_inference(self, timeout: float = 120) -> subprocess.Popen[bytes]:
         """The real inference process (`seco serve`, as `seco up` starts it) at `inference_url`,
         with the service's environment (its models, its storage); returns once /health answers."""
-        from service.launch import inference_argv
+        from service.launch import serve_argv
 
         assert self.inference_url is not None, "launch_service(..., inference=True) picks its address"
         assert self.inference is None or self.inference.poll() is not None, "already running"
         port = int(self.inference_url.rsplit(":", 1)[1])
         log = open(self.log_dir / "inference.log", "ab")  # noqa: SIM115
         self.inference = proc = subprocess.Popen(
-            inference_argv("127.0.0.1", port), cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True
+            serve_argv("127.0.0.1", port), cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -100,14 +100,19 @@ class Adapters:
             return
         if adapter.lora_name in await self.inference.served_models():
             return  # another API process loaded it first (vLLM refuses a second load of a name)
-        message = "no details"
+        message, code = "no details", None
         with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
-            message = str(resp.json()["error"]["message"])
+            error = resp.json()["error"]
+            message, code = str(error["message"]), error.get("code")
         message = message.replace(path, "<adapter>").replace(adapter.lora_name, target.model)
         log.warning("adapter not loaded", extra={"lora_name": adapter.lora_name, "status": resp.status_code})
+        # The process's own condition (no free adapter slot, no memory left) keeps its status, code
+        # and Retry-After; a refusal of what we sent is our failure, a 502.
+        own = resp.status_code >= 500
         raise APIError(
-            502,
+            resp.status_code if own else 502,
             f"The inference server could not load model {target.model!r} ({resp.status_code}: {message})",
             type="server_error",
-            code="adapter_load_failed",
+            code=str(code) if own and isinstance(code, str) else "adapter_load_failed",
+            headers={k: v for k, v in resp.headers.items() if k.lower() == "retry-after"},
         )

@@ -3,8 +3,10 @@ contract supports, validated here, before a slot is taken or the inference proce
 
 Every other parameter is a 400 naming it (`extra="forbid"`; `service.api.errors` turns the
 error into OpenAI's body): a parameter that would change the answer must never be dropped
-silently. `user` is accepted (the SDK's end-user id) and not forwarded; `logprobs` is accepted
-only as false/null, which is what it means when unset.
+silently. `user` is accepted (the SDK's end-user id) and not forwarded. Parameters that some
+clients send with their neutral value are accepted with that value only, and not forwarded
+(`NEUTRAL`: `presence_penalty: 0`, `logit_bias: {}`, chat `logprobs: false`, completions
+`echo: false`, `best_of: 1`, ...); any other value of them is a 400 like an unknown parameter.
 """
 
 from __future__ import annotations
@@ -15,6 +17,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 MAX_STOP = 4
 """OpenAI's limit on stop sequences."""
+
+NEUTRAL: dict[str, Any] = {
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "top_logprobs": 0,
+    "echo": False,
+    "best_of": 1,
+    "suffix": None,
+}
+"""Parameters accepted only with the value that changes nothing (null too), never forwarded."""
+
+
+def _neutral(name: str, value: Any) -> Any:
+    """`value` when it is `name`'s neutral value (or null); a ValueError saying it is not served."""
+    if value is not None and value != NEUTRAL[name]:
+        raise ValueError(f"{name} is not supported; only {NEUTRAL[name]!r} (no effect) is accepted")
+    return value
 
 
 class _Strict(BaseModel):
@@ -54,6 +74,14 @@ class _Generation(_Strict):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("presence_penalty", "frequency_penalty", "logit_bias")
+    @classmethod
+    def _check_neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral(str(info.field_name), value)
 
     @field_validator("stop")
     @classmethod
@@ -81,7 +109,7 @@ class _Generation(_Strict):
 
     def upstream(self, max_tokens: int | None) -> dict[str, Any]:
         """The body for the inference process, without `model` (the caller sets the served name)."""
-        out = self.model_dump(exclude_none=True, exclude={"model", "user", "max_tokens"})
+        out = self.model_dump(exclude_none=True, exclude={"model", "user", "max_tokens", *NEUTRAL, "logprobs"})
         if max_tokens is not None:
             out["max_tokens"] = max_tokens
         return out
@@ -91,6 +119,12 @@ class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, value: int | None) -> int | None:
+        return _neutral("top_logprobs", value)
 
     @field_validator("logprobs")
     @classmethod
@@ -110,13 +144,28 @@ class ChatCompletionRequest(_Generation):
     def upstream_body(self) -> dict[str, Any]:
         body = self.upstream(self.max_completion_tokens or self.max_tokens)
         body.pop("max_completion_tokens", None)
-        body.pop("logprobs", None)
         body["messages"] = [{"role": m.role, "content": m.text()} for m in self.messages]
         return body
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[int] = Field(description="The prompt: one string, or its token ids (one prompt per request)")
+    echo: bool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    logprobs: int | None = None
+
+    @field_validator("echo", "best_of", "suffix")
+    @classmethod
+    def _check_completion_neutral(cls, value: Any, info: ValidationInfo) -> Any:
+        return _neutral(str(info.field_name), value)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _check_logprobs(cls, value: int | None) -> int | None:
+        if value is not None:
+            raise ValueError("log probabilities are not supported")
+        return value
 
     @field_validator("prompt")
     @classmethod

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from transformers.utils import logging as hf_logging
 
 from seco_core.generate import SamplingParams
 from service.inference.adapters import AdapterFetcher
@@ -86,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        hf_logging.disable_progress_bar()  # a log file, not a terminal
         sweep_scratch(settings, "serve")
         cache = scratch_dir(settings, "serve", f"adapters.{os.getpid()}")
         cache.mkdir(parents=True, exist_ok=True)

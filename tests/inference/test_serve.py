@@ -325,3 +325,32 @@ def test_lru_evicts_and_reloads(demo_model: Path, adapter_dirs: dict[str, Path],
         assert first.choices[0].text == again.choices[0].text != second.choices[0].text
     finally:
         stop_server(srv)
+
+
+def test_memory_share_refuses_what_does_not_fit(
+    demo_model: Path, adapter_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """SECO_SERVE_MEMORY_BYTES: two base models' weights and adapter a fit, the larger adapter b does not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    weights = sum(
+        p.numel() * p.element_size()
+        for p in AutoModelForCausalLM.from_pretrained(str(demo_model), dtype=torch.float32).parameters()
+    )
+    size = {n: (d / "adapter_model.safetensors").stat().st_size for n, d in adapter_dirs.items()}
+    assert size["b"] > size["a"]
+    srv = start_server(demo_model, tmp_path, SECO_SERVE_MEMORY_BYTES=str(2 * weights + size["a"] + 16))
+    try:
+        with srv.http() as http:
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": "b", "lora_path": str(adapter_dirs["b"])})
+            assert r.status_code == 507 and r.json()["error"]["code"] == "insufficient_memory", r.text
+            assert "SECO_SERVE_MEMORY_BYTES" in r.json()["error"]["message"]
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(adapter_dirs["a"])})
+            assert r.status_code == 200, r.text
+            assert (
+                http.post("/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 2}).status_code == 200
+            )
+            assert http.post("/v1/completions", json={"model": "b", "prompt": PROMPT}).status_code == 404
+    finally:
+        stop_server(srv)

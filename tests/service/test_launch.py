@@ -19,7 +19,7 @@ from tests.conftest import KEY_A, ROOT, free_port, wait_for
 
 
 def test_seco_up_prints_a_summary_and_serves(tmp_path: Path) -> None:
-    port = free_port()
+    port, inference_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "SECO_MODELS", "SECO_API_KEYS")}
     env.update({"PYTHONPATH": str(ROOT), "SECO_DATA_DIR": str(tmp_path / "data"), "OMP_NUM_THREADS": "1"})
     cmd = [
@@ -29,6 +29,8 @@ def test_seco_up_prints_a_summary_and_serves(tmp_path: Path) -> None:
         "up",
         "--port",
         str(port),
+        "--inference-port",
+        str(inference_port),
     ]
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -52,6 +54,8 @@ def test_seco_up_prints_a_summary_and_serves(tmp_path: Path) -> None:
             str(tmp_path / "data" / "api_key"),
             "seco-tiny-demo",
             str(tmp_path / "data" / "logs" / "worker.log"),
+            str(tmp_path / "data" / "logs" / "inference.log"),
+            f"inference  http://127.0.0.1:{inference_port}",
         ):
             assert expected in summary, (expected, summary)
         # Celery's banner and warnings, uvicorn's lines and progress bars are in the logs, not here.
@@ -63,7 +67,8 @@ def test_seco_up_prints_a_summary_and_serves(tmp_path: Path) -> None:
         models = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).json()
         assert [m["id"] for m in models["data"]] == ["seco-tiny-demo"]
         assert "password in" in summary and "redis_password" in summary
-        _train_one_job(base, key, tmp_path)
+        model = _train_one_job(base, key, tmp_path)
+        _use_the_tuned_model(base, key, model)
         _redis_needs_the_password(tmp_path / "data")
         _everything_is_private(tmp_path / "data")
     finally:
@@ -71,9 +76,12 @@ def test_seco_up_prints_a_summary_and_serves(tmp_path: Path) -> None:
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out.decode()
     assert out.decode().strip().endswith("seco stopped")
+    with contextlib.suppress(httpx.HTTPError):  # the inference process stopped with the rest
+        httpx.get(f"http://127.0.0.1:{inference_port}/health", timeout=2)
+        raise AssertionError("seco serve still answers after seco up stopped")
 
 
-def _train_one_job(base: str, key: str, tmp_path: Path) -> None:
+def _train_one_job(base: str, key: str, tmp_path: Path) -> str:
     """An upload, checkpoints and an adapter, so that each kind of file exists on disk."""
     from openai import OpenAI
 
@@ -93,6 +101,19 @@ def _train_one_job(base: str, key: str, tmp_path: Path) -> None:
         what="the job",
     )
     assert done.status == "succeeded", done.error
+    return str(done.fine_tuned_model)
+
+
+def _use_the_tuned_model(base: str, key: str, model: str) -> None:
+    """The API forwards to the `seco serve` that `seco up` started: the tuned and the base model answer."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    for name in (model, "seco-tiny-demo"):
+        out = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "hello"}], max_tokens=4, temperature=0
+        )
+        assert out.model == name and out.choices[0].finish_reason in ("stop", "length"), out
 
 
 def _redis_needs_the_password(data_dir: Path) -> None:
@@ -131,6 +152,7 @@ def _everything_is_private(data_dir: Path) -> None:
         "trainer_state.pt",
         "api.log",
         "worker.log",
+        "inference.log",
     ):
         assert expected in names, (expected, sorted(names))
     assert any(n.startswith("file-") for n in names) and any(n.endswith(".aof") for n in names), sorted(names)

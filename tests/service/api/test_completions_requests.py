@@ -51,6 +51,10 @@ def test_the_chat_body_forwarded_is_the_validated_one() -> None:
             "stream_options": {"include_usage": True},
             "user": "someone",
             "logprobs": False,
+            "presence_penalty": 0,
+            "frequency_penalty": 0.0,
+            "logit_bias": {},
+            "top_logprobs": 0,
         }
     )
     assert req.upstream_body() == {
@@ -68,7 +72,9 @@ def test_the_chat_body_forwarded_is_the_validated_one() -> None:
 
 
 def test_the_completion_body_forwarded_is_the_validated_one() -> None:
-    req = CompletionRequest.model_validate({"model": "tiny", "prompt": "once", "max_tokens": 4, "top_p": 0.5})
+    req = CompletionRequest.model_validate(
+        {"model": "tiny", "prompt": "once", "max_tokens": 4, "top_p": 0.5, "echo": False, "best_of": 1, "suffix": None}
+    )
     assert req.upstream_body() == {"prompt": "once", "max_tokens": 4, "top_p": 0.5}
 
 
@@ -85,6 +91,9 @@ def test_the_completion_body_forwarded_is_the_validated_one() -> None:
         ({"logprobs": True}, "logprobs"),
         ({"max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1}, "presence_penalty"),
+        ({"logit_bias": {"12": 5}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"tools": []}, "tools"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
@@ -105,6 +114,8 @@ def test_chat_parameters_that_are_not_served_are_refused(extra: dict[str, Any], 
         ({"prompt": "a", "echo": True}, "echo"),
         ({"prompt": "a", "suffix": "b"}, "suffix"),
         ({"prompt": "a", "best_of": 2}, "best_of"),
+        ({"prompt": "a", "logprobs": 2}, "logprobs"),
+        ({"prompt": "a", "seed": "x"}, "seed"),
         ({}, "prompt"),
     ],
 )
@@ -148,7 +159,8 @@ def test_bad_parameters_are_a_400_naming_them(svc: Any) -> None:
     for kwargs, param in (
         ({"n": 2}, "n"),
         ({"temperature": -1}, "temperature"),
-        ({"extra_body": {"best_of": 3}}, "best_of"),
+        ({"extra_body": {"repetition_penalty": 1.2}}, "repetition_penalty"),
+        ({"frequency_penalty": 1}, "frequency_penalty"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
     ):
         err = _status_error(lambda kw=kwargs: client.chat.completions.create(model="tiny", messages=msgs, **kw))
