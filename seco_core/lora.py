@@ -17,7 +17,7 @@ import re
 import shutil
 import tarfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -207,15 +207,23 @@ def pack_adapter(directory: str | os.PathLike[str], archive_path: str | os.PathL
     `PeftModel.from_pretrained` loads. Written under a temporary name and renamed, so a
     download never serves a partial archive.
     """
-    directory, archive_path = Path(directory), Path(archive_path)
+    directory = Path(directory)
     missing = [name for name in ADAPTER_FILES if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory} is not an adapter directory: missing {missing}")
+    return pack_files(directory, ADAPTER_FILES, archive_path)
+
+
+def pack_files(directory: str | os.PathLike[str], names: Iterable[str], archive_path: str | os.PathLike[str]) -> Path:
+    """Pack the files `names` of `directory` as a .tar.gz with them at its root (no leading
+    directory, server user names dropped), written under a temporary name and renamed: a
+    reader never finds a partial archive. An adapter's pack, and a merged model's."""
+    directory, archive_path = Path(directory), Path(archive_path)
     archive_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(archive_path)
     try:
         with tarfile.open(tmp, "w:gz") as tar:
-            for name in ADAPTER_FILES:
+            for name in names:
                 tar.add(directory / name, arcname=name, filter=_anonymise)
         tmp.replace(archive_path)
     finally:

@@ -1,7 +1,8 @@
 """The worker's Celery app, the module `celery -A worker.celery_app worker` loads.
 
 Configured by the queue's contract (`service.record.queue.make_celery`), which the API
-uses too to publish; only the worker builds this app and loads the task module (`include`).
+uses too to publish; only the worker builds this app and loads the task modules (`include`):
+training (`worker.tasks`) and the merged model (`worker.merge`).
 """
 
 from __future__ import annotations
@@ -19,4 +20,4 @@ def _logging(**_: object) -> None:
     configure_logging(get_settings().log_level)
 
 
-app = make_celery(get_settings(), include=("worker.tasks",))
+app = make_celery(get_settings(), include=("worker.tasks", "worker.merge"))

@@ -20,7 +20,7 @@ from service.api.auth import BearerAuth, TenantKeys
 from service.api.body_limit import BodyLimit
 from service.api.inference import Inference
 from service.api.metrics import Metrics, MetricsMiddleware
-from service.api.routes import completions, files, health, jobs, models
+from service.api.routes import completions, files, health, jobs, merged, models
 from service.api.streams import StreamSlots
 from service.api.unhandled import UnhandledErrors
 from service.api.upload_slots import UploadSlots
@@ -150,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # Routes are matched in order, router by router: the jobs routes, which clients poll all
     # day, come first, and each router is included at the app itself (one level to descend).
-    for router in (jobs.router, files.router, models.router, completions.router):
+    for router in (jobs.router, merged.router, files.router, models.router, completions.router):
         app.include_router(router, prefix="/v1")
     app.include_router(health.router)
     dashboard.install(app)  # the web UI at /ui (static files, no auth: the page asks for the key)

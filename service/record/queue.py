@@ -45,6 +45,8 @@ CLAIM_ATTEMPTS = 100
 """Claims a worker tries before giving up; each failed one means another worker started a job."""
 TASK_NAME = "seco.train_next"
 """The worker's one task: a job was queued; train the next job of the fair order."""
+MERGE_TASK_NAME = "seco.merge_adapter"
+"""The worker's other task: build a succeeded job's merged model (`service.record.store.merges`)."""
 LEGACY_TASK_NAMES = ("seco.train_job",)
 """Names the task was published under before; a worker still runs such messages left in the broker."""
 VISIBILITY_TIMEOUT = 7 * 24 * 3600
@@ -81,18 +83,32 @@ def publish(celery: Celery, settings: Settings, queued_job_id: str) -> None:
     celery.send_task(TASK_NAME, args=[queued_job_id], queue=settings.queue, retry=True, retry_policy=_RETRY_POLICY)
 
 
+def publish_merge(celery: Celery, settings: Settings, job_id: str, token: str) -> None:
+    """Ask a worker to build job `job_id`'s merged model, the build `token` names (the one the
+    job's record waits for: `Merges.request`)."""
+    celery.send_task(
+        MERGE_TASK_NAME, args=[job_id, token], queue=settings.queue, retry=True, retry_policy=_RETRY_POLICY
+    )
+
+
 class Enqueue:
-    """`enqueue(job_id)` for a process that only publishes (the API): its Celery app is built at
-    the first job, not when the process starts or imports this module."""
+    """`enqueue(job_id)` (and `enqueue.merge`) for a process that only publishes (the API): its
+    Celery app is built at the first message, not when the process starts or imports this module."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._celery: Celery | None = None
 
-    def __call__(self, queued_job_id: str) -> None:
+    def _app(self) -> Celery:
         if self._celery is None:
             self._celery = make_celery(self.settings)
-        publish(self._celery, self.settings, queued_job_id)
+        return self._celery
+
+    def __call__(self, queued_job_id: str) -> None:
+        publish(self._app(), self.settings, queued_job_id)
+
+    def merge(self, job_id: str, token: str) -> None:
+        publish_merge(self._app(), self.settings, job_id, token)
 
 
 def snapshot_args() -> tuple[list[str], list[str]]:

@@ -74,6 +74,7 @@ def test_another_tenant_sees_nothing_of_a_finished_job(svc: Any, trained: Any) -
         ("GET", "/v1/fine_tuning/jobs/{id}/events/stream"),
         ("GET", "/v1/fine_tuning/jobs/{id}/checkpoints"),
         ("GET", "/v1/fine_tuning/jobs/{id}/adapter"),
+        ("GET", "/v1/fine_tuning/jobs/{id}/merged"),
         ("GET", "/v1/fine_tuning/jobs?after={id}"),
     ]
     file_routes = [

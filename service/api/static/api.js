@@ -1,9 +1,9 @@
 // Calls to the /v1 API with the key as a Bearer header, and the job event stream.
 //
-// EventSource cannot send an Authorization header, so the stream is read with fetch()
-// and parsed here: the same rules as EventSource (remember the id of the last
-// *dispatched* event, resume with Last-Event-ID), so reconnecting never loses or
-// repeats an event.
+// EventSource cannot send an Authorization header (nor POST a body, as a streamed chat
+// completion needs), so streams are read with fetch() and parsed here (`readSSE`): the same
+// rules as EventSource (remember the id of the last *dispatched* event, resume with
+// Last-Event-ID), so reconnecting never loses or repeats an event.
 
 export class ApiError extends Error {
   constructor(status, message) {
@@ -45,6 +45,37 @@ export class Api {
     return resp.blob();
   }
 
+  // A chat completion, streamed: onText(piece) for each piece of the answer as it comes, until
+  // the server's `data: [DONE]` (OpenAI's chunk stream). An error (before or during the answer)
+  // is thrown as an ApiError with the server's message.
+  async chat(body, { onText, signal }) {
+    let resp;
+    try {
+      resp = await fetch("/v1/chat/completions", {
+        method: "POST",
+        headers: this.headers({ "Content-Type": "application/json", Accept: "text/event-stream" }),
+        body: JSON.stringify({ ...body, stream: true }),
+        signal,
+        cache: "no-store",
+      });
+    } catch (e) {
+      if (e.name === "AbortError") throw e;
+      throw new ApiError(0, "cannot reach the server");
+    }
+    if (!resp.ok) throw await apiError(resp);
+    for await (const msg of readSSE(resp.body)) {
+      if (msg.data == null) continue;
+      if (msg.data.trim() === "[DONE]") return;
+      const chunk = JSON.parse(msg.data);
+      if (chunk.error) throw new ApiError(resp.status, chunk.error.message || "the answer failed");
+      for (const choice of chunk.choices || []) {
+        const piece = choice.delta && choice.delta.content;
+        if (typeof piece === "string" && piece) onText(piece);
+      }
+    }
+    throw new ApiError(0, "the answer was cut off before its end");
+  }
+
   // Follow a job's events until the job ends (onEnd) or `signal` aborts.
   // onEvent(event) gets every event once, oldest first; onState("live" | "reconnecting" | "ended" | "error").
   async followEvents(jobId, { onEvent, onEnd, onState, signal }) {
@@ -64,46 +95,19 @@ export class Api {
         }
         if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
         onState("live");
-        const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
-        // Per-connection parser state: a half-received event is dropped with the connection.
-        let buf = "";
-        let data = [];
-        let eventName = "";
-        let idBuffer = lastId;
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buf += value;
-          const lines = buf.split(/\r?\n/);
-          buf = lines.pop(); // an unfinished line waits for the next chunk
-          for (const line of lines) {
-            if (line === "") {
-              lastId = idBuffer; // dispatch: only now does the event count as received
-              if (data.length) {
-                const payload = JSON.parse(data.join("\n"));
-                delivered = true;
-                failures = 0;
-                if (eventName === "end") {
-                  onState("ended");
-                  onEnd(payload);
-                  return;
-                }
-                if (eventName === "") onEvent(payload);
-              }
-              data = [];
-              eventName = "";
-              continue;
-            }
-            if (line.startsWith(":")) continue; // keep-alive comment
-            const colon = line.indexOf(":");
-            const field = colon < 0 ? line : line.slice(0, colon);
-            let val = colon < 0 ? "" : line.slice(colon + 1);
-            if (val.startsWith(" ")) val = val.slice(1);
-            if (field === "data") data.push(val);
-            else if (field === "event") eventName = val;
-            else if (field === "id" && !val.includes("\0")) idBuffer = val;
-            else if (field === "retry" && /^\d+$/.test(val)) retryMs = Number(val);
+        for await (const msg of readSSE(resp.body, lastId)) {
+          if (msg.retry != null) { retryMs = msg.retry; continue; }
+          lastId = msg.id; // dispatched: only now does the event count as received
+          if (msg.data == null) continue;
+          const payload = JSON.parse(msg.data);
+          delivered = true;
+          failures = 0;
+          if (msg.event === "end") {
+            onState("ended");
+            onEnd(payload);
+            return;
           }
+          if (msg.event === "") onEvent(payload);
         }
       } catch (e) {
         if (signal.aborted) return;
@@ -115,7 +119,44 @@ export class Api {
   }
 }
 
-async function apiError(resp) {
+// The Server-Sent Events of a fetch() response body, by the EventSource rules: yields
+// {event, data, id} as each event is dispatched (a blank line; `data` null when it had no data
+// line, `id` the last id seen, from `lastId` on: what a reconnect resumes after) and {retry}
+// for a reconnection delay. Per connection: a half-received event ends with it.
+export async function* readSSE(body, lastId = null) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buf = "";
+  let data = [];
+  let eventName = "";
+  let idBuffer = lastId;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += value;
+    const lines = buf.split(/\r?\n/);
+    buf = lines.pop(); // an unfinished line waits for the next chunk
+    for (const line of lines) {
+      if (line === "") {
+        const message = { event: eventName, data: data.length ? data.join("\n") : null, id: idBuffer };
+        data = [];
+        eventName = "";
+        yield message;
+        continue;
+      }
+      if (line.startsWith(":")) continue; // keep-alive comment
+      const colon = line.indexOf(":");
+      const field = colon < 0 ? line : line.slice(0, colon);
+      let val = colon < 0 ? "" : line.slice(colon + 1);
+      if (val.startsWith(" ")) val = val.slice(1);
+      if (field === "data") data.push(val);
+      else if (field === "event") eventName = val;
+      else if (field === "id" && !val.includes("\0")) idBuffer = val;
+      else if (field === "retry" && /^\d+$/.test(val)) yield { retry: Number(val) };
+    }
+  }
+}
+
+export async function apiError(resp) {
   let message = `HTTP ${resp.status}`;
   try {
     const body = await resp.json();

@@ -4,6 +4,7 @@
 
 import { Api, ApiError } from "./api.js";
 import { BYTE_INCREMENTS, BucketChart, LineChart, formatBytes } from "./charts.js";
+import { Playground } from "./playground.js";
 
 // The key is kept for this tab (sessionStorage) unless the user asks to remember it on this
 // browser (localStorage): a key that outlives the tab is one more thing to leak.
@@ -29,6 +30,7 @@ const state = {
   jobTimer: null,
   events: [],
   charts: null,
+  playground: null, // the finished job's side-by-side questions (playground.js)
 };
 
 // ------------------------------------------------------------------ formatting
@@ -194,6 +196,7 @@ function selectJob(jobId) {
   charts.rewards.reset();
   $("reward-figure").hidden = true;
   resetPositionChart();
+  state.playground.reset();
   $("events").replaceChildren();
   $("job-id").textContent = jobId;
   refreshJob();
@@ -238,6 +241,7 @@ function renderJob(job) {
     || job.pause_requested;
   $("resume").hidden = job.status !== "paused";
   $("download").hidden = job.status !== "succeeded";
+  state.playground.show(job);
   const frac = job.status === "succeeded" ? 1 : job.progress || 0;
   $("progress-fill").style.width = `${(frac * 100).toFixed(1)}%`;
   $("progress-fill").className = `fill ${job.status}`;
@@ -411,6 +415,7 @@ async function start() {
   $("cancel").addEventListener("click", cancel);
   $("pause").addEventListener("click", () => control("pause"));
   $("resume").addEventListener("click", () => control("resume"));
+  state.playground = new Playground(() => state.api);
   $("show-steps").addEventListener("change", (e) => $("events").classList.toggle("show-steps", e.target.checked));
   window.addEventListener("hashchange", fromHash);
   setInterval(refreshJobs, JOBS_EVERY_MS);

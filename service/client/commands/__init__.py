@@ -1,5 +1,5 @@
 """Client commands of `seco`, one module per group: submit, jobs (status, cancel, pause, resume,
-events), follow, download, bench.
+events), follow, download, chat, bench.
 
 They talk HTTP only, through `service.client.http` (stdlib + httpx), so they run on a laptop
 that has neither torch nor the server stack; `seco bench` alone needs torch, and says so.
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.client.commands import bench, download, follow, jobs, submit
+from service.client.commands import bench, chat, download, follow, jobs, submit
 from service.client.commands.base import server_options
 
 
 def register(sub: Any) -> None:
     """Add the client subcommands to `seco`'s subparsers (called by service.client.cli), in help order."""
     conn = server_options()
-    for group in (submit, jobs, follow, download):
+    for group in (submit, jobs, follow, download, chat):
         group.register(sub, conn)
     bench.register(sub)

@@ -6,6 +6,7 @@ Layout (the same for the local directory and the object store)::
     tenants/<tenant>/jobs/<job_id>/checkpoints/step-NNNNNN/    one checkpoint (marker object last)
     tenants/<tenant>/jobs/<job_id>/adapter.tar.gz              the trained adapter (a result file)
     tenants/<tenant>/jobs/<job_id>/metrics.csv                 per-step metrics (a result file)
+    tenants/<tenant>/jobs/<job_id>/merged-<build>.tar.gz       the base with the adapter merged (built on request)
 
 A tenant id is the 16 hex digits `tenants.tenant_of` derives from an API key; file and
 job ids match `service.record.ids`. Nothing a user sends ever becomes part of a key, so
@@ -28,6 +29,8 @@ SEGMENT_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,254}$")
 
 CHECKPOINTS = "checkpoints"
 RESULT_NAMES = ("adapter.tar.gz", "metrics.csv")
+MERGED_NAME = "merged.tar.gz"
+BUILD_RE = re.compile(r"^[0-9a-f]{8,64}$")
 
 
 def check_key(key: str) -> str:
@@ -69,3 +72,12 @@ def result_key(tenant: str, job_id: str, name: str) -> str:
     if name not in RESULT_NAMES:
         raise ValueError(f"not a result file name: {name!r}")
     return f"{job_prefix(tenant, job_id)}/{name}"
+
+
+def merged_key(tenant: str, job_id: str, build: str) -> str:
+    """The job's merged model of build `build` (`service.record.store.merges`): under the job's
+    prefix, so the quota counts it and deleting the job's outputs deletes it; one name per
+    build, so a late build that cleans up after itself never removes a newer one's archive."""
+    if not BUILD_RE.match(build):
+        raise ValueError(f"not a merge build token: {build!r}")
+    return f"{job_prefix(tenant, job_id)}/merged-{build}.tar.gz"

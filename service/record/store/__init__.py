@@ -7,6 +7,7 @@ library. Split by resource, each part small and built on one `Connection`:
 - `jobs`: job records, the state machine (every change one guarded Lua script), checkpoints
   and outputs;
 - `events`: a job's event stream;
+- `merges`: a succeeded job's merged model (base weights with the adapter merged), built on request;
 - `service.record.queue`: the queue's contract (fair order, claim, lease, requeue);
 - `tenants`: tenant secret, renaming, quotas, locks, status counters.
 
@@ -39,6 +40,7 @@ from service.record.store.connection import MAX_CONNECTIONS, POOL_WAIT_SECONDS, 
 from service.record.store.events import Events
 from service.record.store.files import Files
 from service.record.store.jobs import Jobs
+from service.record.store.merges import Merges
 from service.record.store.tenants import Tenants
 
 __all__ = [
@@ -75,6 +77,7 @@ class Store:
         self.jobs = jobs = Jobs(conn, events)
         self.queue = queue = Queue(conn, jobs)
         self.tenants = tenants = Tenants(conn)
+        self.merges = Merges(conn)
         # files
         self.create_file = files.create
         self.get_file = files.get

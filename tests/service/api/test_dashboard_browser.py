@@ -44,7 +44,12 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def svc(launch_service: Callable[..., Any], redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     s = launch_service(
-        redis_url, tmp_path_factory.mktemp("ui"), workers=1, SECO_CHECKPOINT_EVERY="10", SECO_API_DOCS="true"
+        redis_url,
+        tmp_path_factory.mktemp("ui"),
+        workers=1,
+        inference=True,  # the playground asks the models
+        SECO_CHECKPOINT_EVERY="10",
+        SECO_API_DOCS="true",
     )
     yield s
     s.close()
@@ -142,6 +147,24 @@ def test_dashboard_follows_a_job_live_and_downloads_its_adapter(svc: Any, browse
     legend = page.text_content("#position-chart .u-legend")
     assert "0-1K" in legend and "starting model" in legend and "latest" in legend, legend
     assert f"{by_step[0]['0-1K']:.3f}" in legend and f"{by_step[total]['0-1K']:.3f}" in legend, (legend, by_step)
+
+    # The playground: one question to the fine-tuned and the base model, both answers streamed in.
+    fine_tuned = client.fine_tuning.jobs.retrieve(job.id).fine_tuned_model
+    page.wait_for_selector("#playground:not([hidden])")
+    assert page.text_content("#answer-tuned-model") == fine_tuned and page.text_content("#answer-base-model") == "tiny"
+    question = "lorem ipsum dolor sit"
+    page.fill("#playground-input", question)
+    page.fill("#playground-max-tokens", "24")
+    page.click("#playground-ask")
+    page.wait_for_selector("#answer-tuned[data-state='done']", timeout=60_000)
+    page.wait_for_selector("#answer-base[data-state='done']", timeout=60_000)
+    for model, box in ((fine_tuned, "#answer-tuned"), ("tiny", "#answer-base")):
+        expected = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=24
+        )
+        assert page.text_content(box) == (expected.choices[0].message.content or "(an empty answer)"), model
+    assert page.text_content("#answer-tuned") != page.text_content("#answer-base"), "the adapter changed the answer"
+    assert not problems, problems
 
     shot = tmp_path / "dashboard.png"
     page.screenshot(path=str(shot), full_page=True)
