@@ -22,8 +22,6 @@ from service.archives import safe_extract
 from service.record.storage import keys
 from tests.conftest import flush_db
 
-pytestmark = pytest.mark.slow  # two trainings and a merge on CPU: about a minute
-
 QUOTA = 4_000_000
 """Bytes per tenant: a few times the demo model's weights (~430 KB), far above a job's outputs."""
 SECO = {"chunk_size": 16, "max_length": 64, "lora": {"r": 4, "alpha": 8}}

@@ -31,8 +31,6 @@ from service.api.lora_names import lora_name_of
 from service.archives import safe_extract
 from tests.conftest import Service, wait_for
 
-pytestmark = pytest.mark.slow
-
 PROMPT = "the quick brown"
 MESSAGES = [{"role": "user", "content": PROMPT}]
 ANSWER_TOKENS = 12

@@ -18,8 +18,6 @@ import pytest
 
 from tests.conftest import flush_db
 
-pytestmark = pytest.mark.slow  # a training job and an inference process on CPU
-
 ROOT = Path(__file__).resolve().parents[3]
 GREEDY = ["--temperature", "0", "--max-tokens", "12"]
 
