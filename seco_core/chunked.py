@@ -14,6 +14,9 @@ and the backward sends new gradients to the blocks of earlier chunks. With f_j =
 every chunk (SeCO) the parameter gradients equal one full-sequence backward; SpaCO sets
 f_j = 0 for skipped chunks and compensates the others (see sampling.py).
 
+The loop is written once, `ChunkTree`, over segments of chunks: a sequence is one
+segment; a prefix tree (prefix.py) is its shared prefix and a segment per continuation.
+
 Memory: the blocks and their gradient sums grow with the sequence (the KV cache), on
 the device or, with KV offload, in host memory; the activations and logits are those of
 one chunk.
@@ -171,22 +174,6 @@ def _checkpointed(layers: nn.ModuleList, enabled: bool) -> Iterator[None]:
             layer.forward = forward
 
 
-@contextlib.contextmanager
-def chunked_session(
-    model: nn.Module, parts: ModelParts, config: ChunkConfig, device: torch.device, host_buffers: HostBuffers | None
-) -> Iterator[chunk_cache.ChunkCache]:
-    """A chunk cache on the store `config` asks for (device, or host with KV offload), the
-    model attending through it and (optionally) checkpointing its layers; closed at the end."""
-    store: KVStore = HostStore(device, config.chunk_size, host_buffers) if config.offload_kv else DeviceStore()
-    cache = chunk_cache.ChunkCache(parts.num_layers, store)
-    with (
-        contextlib.closing(cache),
-        chunk_cache.activate(model, cache),
-        _checkpointed(parts.layers, config.layer_checkpointing),
-    ):
-        yield cache
-
-
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The random state a chunk's stage-1 pass starts from, so stage 2 replays its dropout masks."""
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -334,15 +321,22 @@ class ChunkTree:
 
 @contextlib.contextmanager
 def chunk_tree(
-    model: nn.Module,
-    parts: ModelParts,
-    segments: list[Segment],
-    config: ChunkConfig,
-    host_buffers: HostBuffers | None,
+    model: nn.Module, parts: ModelParts, segments: list[Segment], config: ChunkConfig, host_buffers: HostBuffers | None
 ) -> Iterator[ChunkTree]:
-    """A ChunkTree on a `chunked_session`; on an error every set-aside block goes back to the
-    cache, which releases them when it closes."""
-    with chunked_session(model, parts, config, segments[0].input_ids.device, host_buffers) as cache:
+    """A ChunkTree on a chunk cache on the store `config` asks for (device, or host with KV
+    offload), the model attending through it and (optionally) checkpointing its layers.
+
+    At the end, blocks still set aside (after an error) go back to the cache, whose closing
+    releases every block.
+    """
+    device = segments[0].input_ids.device
+    store: KVStore = HostStore(device, config.chunk_size, host_buffers) if config.offload_kv else DeviceStore()
+    cache = chunk_cache.ChunkCache(parts.num_layers, store)
+    with (
+        contextlib.closing(cache),
+        chunk_cache.activate(model, cache),
+        _checkpointed(parts.layers, config.layer_checkpointing),
+    ):
         tree = ChunkTree(parts, cache, segments, config)
         try:
             yield tree

@@ -11,8 +11,11 @@ prefix targets included). Chunk-wise, they form a tree of chunks:
   (`weight_fn`; DPO's weight does, see dpo.py).
 * Stage 2 back-propagates each branch's chunks in reverse with its weight w_i (the
   relay of chunked.py). Every branch attends to the same prefix blocks, so their K/V
-  gradients add up in those blocks' (float32) gradient sums. Then the prefix's chunks are back-propagated once,
-  their own targets weighted `sum_i w_i`, relaying that sum.
+  gradients add up in those blocks' (float32) gradient sums. Then the prefix's chunks
+  are back-propagated once, their own targets weighted `sum_i w_i`, relaying that sum.
+
+Both stages are chunked.py's `ChunkTree`, the loop a single sequence runs as a tree of one
+segment: here the root segment is the shared prefix and each branch one more segment.
 
 The parameter gradients equal those of the k weighted full-sequence backwards; the
 prefix runs twice per model (stage 1, stage 2) instead of twice per continuation.
