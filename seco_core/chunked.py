@@ -191,6 +191,7 @@ Scored = tuple[torch.Tensor, torch.Tensor]
 
 
 def chunk_bounds(length: int, chunk_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each chunk of a `length`-token sequence; the last one may be shorter."""
     return [(s, min(s + chunk_size, length)) for s in range(0, length, chunk_size)]
 
 
@@ -236,7 +237,7 @@ class ChunkTree:
         self.set_aside: list[list[list[KVBlock]]] = [[] for _ in segments]  # per branch, per chunk (last first)
         self.final_rng = _rng_state(self.device)
 
-    def stage1(self, score_all: bool) -> list[list[Scored]]:
+    def stage1(self, *, score_all: bool) -> list[list[Scored]]:
         """No grad: each segment's chunks in order, left in the cache as blocks.
 
         Returns per segment the scores of the chunks with targets that it computed: all of
@@ -247,7 +248,8 @@ class ChunkTree:
         scored: list[list[Scored]] = [[] for _ in self.segments]
         with torch.no_grad():
             for i, seg in enumerate(self.segments):
-                for j, factor in enumerate(seg.factors):
+                for j in range(len(seg.bounds)):
+                    factor = seg.factors[j]
                     self.rng_states[i].append(_rng_state(self.device))
                     hidden = self._run(seg, j)
                     if seg.has_targets[j] and (score_all or factor == 0.0):
