@@ -14,6 +14,9 @@ and the backward sends new gradients to the blocks of earlier chunks. With f_j =
 every chunk (SeCO) the parameter gradients equal one full-sequence backward; SpaCO sets
 f_j = 0 for skipped chunks and compensates the others (see sampling.py).
 
+The loop is written once, `ChunkTree`, over segments of chunks: a sequence is one
+segment; a prefix tree (prefix.py) is its shared prefix and a segment per continuation.
+
 Memory: the blocks and their gradient sums grow with the sequence (the KV cache), on
 the device or, with KV offload, in host memory; the activations and logits are those of
 one chunk.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from seco_core import cache as chunk_cache
 from seco_core.arch import ModelParts, check_length, model_parts
 from seco_core.config import ChunkConfig
-from seco_core.kv_store import DeviceStore, HostBuffers, HostStore, KVStore
+from seco_core.kv_store import DeviceStore, HostBuffers, HostStore, KVBlock, KVStore
 from seco_core.position_buckets import POSITION_EDGES, PositionLosses, check_edges, position_spans
 from seco_core.sampling import chunk_factors
 
@@ -105,11 +108,6 @@ def chunk_row_stats(
     return total, correct
 
 
-def chunk_row_losses(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, slice_len: int) -> torch.Tensor:
-    """Summed token CE of each row of a chunk, (B,), see `chunk_row_stats`."""
-    return chunk_row_stats(head, hidden, targets, slice_len)[0]
-
-
 def chunks_with_targets(targets: torch.Tensor, bounds: list[tuple[int, int]]) -> list[bool]:
     """Per chunk, whether any of its (shifted) targets is not ignored.
 
@@ -177,22 +175,6 @@ def _checkpointed(layers: nn.ModuleList, enabled: bool) -> Iterator[None]:
             layer.forward = forward
 
 
-@contextlib.contextmanager
-def chunked_session(
-    model: nn.Module, parts: ModelParts, config: ChunkConfig, device: torch.device, host_buffers: HostBuffers | None
-) -> Iterator[chunk_cache.ChunkCache]:
-    """A chunk cache on the store `config` asks for (device, or host with KV offload), the
-    model attending through it and (optionally) checkpointing its layers; closed at the end."""
-    store: KVStore = HostStore(device, config.chunk_size, host_buffers) if config.offload_kv else DeviceStore()
-    cache = chunk_cache.ChunkCache(parts.num_layers, store)
-    with (
-        contextlib.closing(cache),
-        chunk_cache.activate(model, cache),
-        _checkpointed(parts.layers, config.layer_checkpointing),
-    ):
-        yield cache
-
-
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The random state a chunk's stage-1 pass starts from, so stage 2 replays its dropout masks."""
     cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -203,6 +185,171 @@ def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1], device)
+
+
+Scored = tuple[torch.Tensor, torch.Tensor]
+"""One chunk's per-row summed CE and right-argmax count, (B,) each (`chunk_row_stats`)."""
+Scorer = Callable[["Segment", int, torch.Tensor], Scored]
+"""Scores chunk j of a segment from its last hidden states (B, c, H)."""
+
+
+def chunk_bounds(length: int, chunk_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each chunk of a `length`-token sequence; the last one may be shorter."""
+    return [(s, min(s + chunk_size, length)) for s in range(0, length, chunk_size)]
+
+
+@dataclass
+class Segment:
+    """Consecutive chunks of one sequence: a whole sequence, or a prefix tree's shared prefix
+    or one of its branches (prefix.py)."""
+
+    input_ids: torch.Tensor  # (B, n)
+    targets: torch.Tensor  # (B, n): position t predicts targets[:, t] (already shifted)
+    positions: torch.Tensor  # (B, n) absolute positions
+    bounds: list[tuple[int, int]]
+    has_targets: list[bool]
+    factors: list[float] = field(default_factory=list)
+    """Per chunk, set before the stages: multiplies its loss and relay (0.0: not back-propagated)."""
+
+
+def segment(ids: torch.Tensor, targets: torch.Tensor, offset: int, chunk_size: int) -> Segment:
+    """The segment of `ids` (B, n) at absolute positions offset..offset+n-1, cut into chunks."""
+    batch, length = ids.shape
+    positions = torch.arange(offset, offset + length, device=ids.device).unsqueeze(0).expand(batch, -1)
+    bounds = chunk_bounds(length, chunk_size)
+    return Segment(ids, targets, positions, bounds, chunks_with_targets(targets, bounds))
+
+
+class ChunkTree:
+    """SeCO's two stages over a tree of segments sharing one chunk cache (`chunk_tree`).
+
+    segments[0] is the root: a whole sequence (then the only segment), or a prefix tree's
+    shared prefix. Every other segment is a branch that continues the root: stage 1 runs
+    the root's chunks, then each branch's on top of them, setting the branch's blocks aside
+    afterwards so that every branch sees exactly the root. Stage 2 brings each branch back
+    and sweeps it in reverse (the K/V gradients of all branches add up in the root's
+    blocks' float32 sums), then sweeps the root, relaying those sums.
+    """
+
+    def __init__(
+        self, parts: ModelParts, cache: chunk_cache.ChunkCache, segments: list[Segment], config: ChunkConfig
+    ) -> None:
+        self.parts, self.cache, self.segments, self.config = parts, cache, segments, config
+        self.device = segments[0].input_ids.device
+        self.rng_states: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in segments]
+        self.set_aside: list[list[list[KVBlock]]] = [[] for _ in segments]  # per branch, per chunk (last first)
+        self.final_rng = _rng_state(self.device)
+
+    def stage1(self, *, score_all: bool, score: Scorer | None = None) -> list[list[Scored]]:
+        """No grad: each segment's chunks in order, left in the cache as blocks.
+
+        Returns per segment the scores of the chunks with targets that it computed: all of
+        them with `score_all` (each sequence's exact CE before stage 2, which a prefix
+        tree's weights may depend on), else only those stage 2 will not revisit. `score`
+        replaces the plain chunk score (validation's loss by position splits each chunk).
+        """
+        score = score or self._score
+        branch_selected = any(any(seg.factors) for seg in self.segments[1:])
+        scored: list[list[Scored]] = [[] for _ in self.segments]
+        with torch.no_grad():
+            for i, seg in enumerate(self.segments):
+                for j in range(len(seg.bounds)):
+                    factor = seg.factors[j]
+                    self.rng_states[i].append(_rng_state(self.device))
+                    hidden = self._run(seg, j)
+                    if seg.has_targets[j] and (score_all or factor == 0.0):
+                        scored[i].append(score(seg, j, hidden))
+                    # A block needs gradient sums only if it will relay them: its own chunk is
+                    # back-propagated and some later back-propagated chunk attends to it.
+                    later = any(seg.factors[j + 1 :]) or (i == 0 and branch_selected)
+                    self.cache.push_current(factor != 0.0 and later)
+                if i > 0:
+                    self.set_aside[i] = [self.cache.set_aside_last() for _ in seg.bounds]
+        self.final_rng = _rng_state(self.device)
+        return scored
+
+    def stage2(self, weights: list[torch.Tensor]) -> list[list[Scored]]:
+        """Back-propagate every branch, then the root, with weights[i] (B,) on segment i's rows.
+
+        Returns per segment the scores of the chunks it back-propagated. The random state
+        is left where stage 1 left it, as if each chunk had run once.
+        """
+        scored: list[list[Scored]] = [[] for _ in self.segments]
+        for i in [*range(1, len(self.segments)), 0]:
+            self.restore(i)
+            scored[i] = self._sweep(i, weights[i])
+        _set_rng_state(self.device, self.final_rng)
+        return scored
+
+    def restore(self, i: int) -> None:
+        """Put segment i's set-aside blocks back on top of the cache."""
+        while self.set_aside[i]:
+            self.cache.restore(self.set_aside[i].pop())
+
+    def _sweep(self, i: int, weight: torch.Tensor) -> list[Scored]:
+        """Stage 2 of segment i, whose blocks are on top of the cache: its chunks in reverse.
+
+        Chunk j back-propagates `f_j * (sum_rows weight * CE_j + relay)`, replaying the
+        random state of its stage-1 pass. A branch pops all its blocks (also those of chunks
+        not back-propagated) so that the cache is back to the root afterwards; the root
+        stops once no earlier chunk is back-propagated: the rest of the cache is dead.
+        """
+        seg, scored = self.segments[i], []
+        for j in reversed(range(len(seg.bounds))):
+            relayed = self.cache.pop_last()
+            factor = seg.factors[j]
+            if factor == 0.0:
+                continue
+            _set_rng_state(self.device, self.rng_states[i][j])
+            with torch.enable_grad():
+                hidden = self._run(seg, j)
+                if seg.has_targets[j]:
+                    rows, right = self._score(seg, j, hidden)
+                    loss = (rows * weight.to(rows.dtype)).sum()
+                    scored.append((rows.detach(), right))
+                else:
+                    loss = torch.zeros((), device=self.device)
+                objective = relay_objective(loss, self.cache.current(), relayed)
+                if objective.requires_grad:
+                    (objective * factor).backward()
+            del relayed, hidden, objective, loss
+            if i == 0 and not any(seg.factors[:j]):
+                break
+        return scored
+
+    def _run(self, seg: Segment, j: int) -> torch.Tensor:
+        s, e = seg.bounds[j]
+        return run_chunk(self.parts, self.cache, seg.input_ids[:, s:e], seg.positions[:, s:e])  # (B, c, H)
+
+    def _score(self, seg: Segment, j: int, hidden: torch.Tensor) -> Scored:
+        s, e = seg.bounds[j]
+        return chunk_row_stats(self.parts.head, hidden, seg.targets[:, s:e], self.config.loss_slice)
+
+
+@contextlib.contextmanager
+def chunk_tree(
+    model: nn.Module, parts: ModelParts, segments: list[Segment], config: ChunkConfig, host_buffers: HostBuffers | None
+) -> Iterator[ChunkTree]:
+    """A ChunkTree on a chunk cache on the store `config` asks for (device, or host with KV
+    offload), the model attending through it and (optionally) checkpointing its layers.
+
+    At the end, blocks still set aside (after an error) go back to the cache, whose closing
+    releases every block.
+    """
+    device = segments[0].input_ids.device
+    store: KVStore = HostStore(device, config.chunk_size, host_buffers) if config.offload_kv else DeviceStore()
+    cache = chunk_cache.ChunkCache(parts.num_layers, store)
+    with (
+        contextlib.closing(cache),
+        chunk_cache.activate(model, cache),
+        _checkpointed(parts.layers, config.layer_checkpointing),
+    ):
+        tree = ChunkTree(parts, cache, segments, config)
+        try:
+            yield tree
+        finally:
+            for i in range(len(segments)):
+                tree.restore(i)
 
 
 def chunked_backward(
@@ -271,37 +418,36 @@ def chunked_evaluate(
         )
     check_edges(position_edges)
     parts = model_parts(model)
-    batch, length = input_ids.shape
-    check_length(model, length)
+    check_length(model, input_ids.shape[1])
     device = input_ids.device
-    targets = shifted_targets(labels)  # index t holds the target at position t + 1
-    bounds = [(s, min(s + config.chunk_size, length)) for s in range(0, length, config.chunk_size)]
-    has_targets = chunks_with_targets(targets, bounds)
-    if not any(has_targets):
+    seg = segment(input_ids, shifted_targets(labels), 0, config.chunk_size)
+    if not any(seg.has_targets):
         raise ValueError("labels have no target tokens (every label after the first is -100)")
-    positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
-    n_buckets = len(position_edges) + 1
-    sums = torch.zeros(n_buckets, dtype=torch.float64, device=device)
-    counts = torch.zeros(n_buckets, dtype=torch.long, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    with chunked_session(model, parts, config, device, host_buffers) as cache:
-        for j, (s, e) in enumerate(bounds):
-            hidden = run_chunk(parts, cache, input_ids[:, s:e], positions[:, s:e])  # (B, c, H)
-            if has_targets[j]:
-                for bucket, lo, hi in position_spans(s + 1, e + 1, position_edges):
-                    piece = targets[:, lo - 1 : hi - 1]
-                    rows, right = chunk_row_stats(
-                        parts.head, hidden[:, lo - 1 - s : hi - 1 - s], piece, config.loss_slice
-                    )
-                    sums[bucket] += rows.sum().double()
-                    counts[bucket] += (piece != IGNORE_INDEX).sum()
-                    correct += right.sum()
-            cache.push_current(False)
+    seg.factors = [0.0] * len(seg.bounds)
+    sums = torch.zeros(len(position_edges) + 1, dtype=torch.float64, device=device)
+    counts = torch.zeros(len(position_edges) + 1, dtype=torch.long, device=device)
+
+    def by_bucket(seg: Segment, j: int, hidden: torch.Tensor) -> Scored:
+        """The chunk's targets cut at the bucket edges, each piece's CE summed into its bucket."""
+        s, e = seg.bounds[j]
+        rows_sum = torch.zeros(hidden.shape[0], dtype=torch.float64, device=device)
+        right_sum = torch.zeros(hidden.shape[0], dtype=torch.long, device=device)
+        for bucket, lo, hi in position_spans(s + 1, e + 1, position_edges):
+            piece = seg.targets[:, lo - 1 : hi - 1]
+            rows, right = chunk_row_stats(parts.head, hidden[:, lo - 1 - s : hi - 1 - s], piece, config.loss_slice)
+            sums[bucket] += rows.sum().double()
+            counts[bucket] += (piece != IGNORE_INDEX).sum()
+            rows_sum, right_sum = rows_sum + rows.double(), right_sum + right
+        return rows_sum, right_sum
+
+    with chunk_tree(model, parts, [seg], config, host_buffers) as tree:
+        scored = tree.stage1(score_all=True, score=by_bucket)[0]
+    correct = torch.stack([right.sum() for _, right in scored]).sum()
     bucket_counts = [int(c) for c in counts.tolist()]  # one device sync for the whole sequence
     n_targets = sum(bucket_counts)
     return EvaluationOutput(
         loss=float(sums.sum()) / n_targets,
-        num_chunks=len(bounds),
+        num_chunks=len(seg.bounds),
         chunks_backpropagated=0,
         tokens=n_targets,
         correct_tokens=int(correct),
@@ -342,71 +488,24 @@ def backward_with_factors(
     parts = model_parts(model)
     batch, length = input_ids.shape
     check_length(model, length)
-    device = input_ids.device
     targets = shifted_targets(labels)
     n_targets = int((targets != IGNORE_INDEX).sum())
     if n_targets == 0:
         raise ValueError("labels have no target tokens (every label after the first is -100)")
+    seg = segment(input_ids, targets, 0, config.chunk_size)
+    if len(factors) != len(seg.bounds):
+        raise ValueError(f"{len(factors)} factors for {len(seg.bounds)} chunks")
+    seg.factors = factors
+    weight = torch.full((batch,), loss_scale / n_targets, dtype=torch.float64, device=input_ids.device)
 
-    bounds = [(s, min(s + config.chunk_size, length)) for s in range(0, length, config.chunk_size)]
-    if len(factors) != len(bounds):
-        raise ValueError(f"{len(factors)} factors for {len(bounds)} chunks")
-    # A block needs gradient sums only if it will relay them: its own chunk is
-    # back-propagated and some later back-propagated chunk attends to it.
-    needs_grad = [f != 0.0 and any(g != 0.0 for g in factors[j + 1 :]) for j, f in enumerate(factors)]
-    has_targets = chunks_with_targets(targets, bounds)
-    positions = torch.arange(length, device=device).unsqueeze(0).expand(batch, -1)
-    rng_states = []
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)  # every chunk counted once, like its loss
-
-    with chunked_session(model, parts, config, device, host_buffers) as cache:
-
-        def run(j: int) -> torch.Tensor:
-            s, e = bounds[j]
-            return run_chunk(parts, cache, input_ids[:, s:e], positions[:, s:e])  # (B, c, H)
-
-        # Stage 1: fill the cache; losses of chunks that stage 2 will not revisit.
-        with torch.no_grad():
-            for j, (s, e) in enumerate(bounds):
-                rng_states.append(_rng_state(device))
-                hidden = run(j)
-                if factors[j] == 0.0 and has_targets[j]:
-                    rows, right = chunk_row_stats(parts.head, hidden, targets[:, s:e], config.loss_slice)
-                    loss_sum += rows.sum().double()
-                    correct += right.sum()
-                cache.push_current(needs_grad[j])
-        final_rng = _rng_state(device)
-
-        # Stage 2: reverse order, one chunk's graph at a time.
-        for j in reversed(range(len(bounds))):
-            relayed = cache.pop_last()
-            factor = factors[j]
-            if factor == 0.0:
-                continue
-            s, e = bounds[j]
-            _set_rng_state(device, rng_states[j])
-            with torch.enable_grad():
-                hidden = run(j)
-                if has_targets[j]:
-                    rows, right = chunk_row_stats(parts.head, hidden, targets[:, s:e], config.loss_slice)
-                    chunk_loss = rows.sum()
-                    correct += right.sum()
-                else:
-                    chunk_loss = torch.zeros((), device=device)
-                objective = relay_objective(chunk_loss * (loss_scale / n_targets), cache.current(), relayed)
-                if objective.requires_grad:
-                    (objective * factor).backward()
-            loss_sum += chunk_loss.detach().double()
-            del relayed, hidden, objective, chunk_loss
-            if not any(factors[:j]):
-                break  # no earlier chunk is back-propagated: the rest of the cache is dead
-        _set_rng_state(device, final_rng)
+    with chunk_tree(model, parts, [seg], config, host_buffers) as tree:
+        scored = tree.stage1(score_all=False)[0]  # chunks stage 2 does not revisit
+        scored += tree.stage2([weight])[0]  # every chunk with targets is scored once
 
     return ChunkedOutput(
-        loss=float(loss_sum) / n_targets,
-        num_chunks=len(bounds),
+        loss=float(sum(rows.sum().double() for rows, _ in scored)) / n_targets,
+        num_chunks=len(seg.bounds),
         chunks_backpropagated=sum(f != 0.0 for f in factors),
         tokens=n_targets,
-        correct_tokens=int(correct),
+        correct_tokens=int(sum(right.sum() for _, right in scored)),
     )

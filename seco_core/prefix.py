@@ -11,8 +11,11 @@ prefix targets included). Chunk-wise, they form a tree of chunks:
   (`weight_fn`; DPO's weight does, see dpo.py).
 * Stage 2 back-propagates each branch's chunks in reverse with its weight w_i (the
   relay of chunked.py). Every branch attends to the same prefix blocks, so their K/V
-  gradients add up in those blocks' (float32) gradient sums. Then the prefix's chunks are back-propagated once,
-  their own targets weighted `sum_i w_i`, relaying that sum.
+  gradients add up in those blocks' (float32) gradient sums. Then the prefix's chunks
+  are back-propagated once, their own targets weighted `sum_i w_i`, relaying that sum.
+
+Both stages are chunked.py's `ChunkTree`, the loop a single sequence runs as a tree of one
+segment: here the root segment is the shared prefix and each branch one more segment.
 
 The parameter gradients equal those of the k weighted full-sequence backwards; the
 prefix runs twice per model (stage 1, stage 2) instead of twice per continuation.
@@ -40,20 +43,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from seco_core import cache as chunk_cache
-from seco_core.arch import ModelParts, check_length, model_parts
-from seco_core.chunked import (
-    IGNORE_INDEX,
-    _rng_state,
-    _set_rng_state,
-    chunk_row_losses,
-    chunked_session,
-    chunks_with_targets,
-    relay_objective,
-    run_chunk,
-)
+from seco_core.arch import check_length, model_parts
+from seco_core.chunked import IGNORE_INDEX, Segment, chunk_bounds, chunk_tree, segment
 from seco_core.config import ChunkConfig
-from seco_core.kv_store import HostBuffers, KVBlock
+from seco_core.kv_store import HostBuffers
 from seco_core.sampling import chunk_factors
 
 
@@ -89,34 +82,12 @@ class PrefixTreeOutput:
     chunks_backpropagated: int
 
 
-@dataclass
-class _Segment:
-    """The shared prefix (tokens 0..P-2) or one branch (token P-1 and a continuation)."""
-
-    input_ids: torch.Tensor  # (B, n)
-    targets: torch.Tensor  # (B, n): position t predicts targets[:, t] (already shifted)
-    positions: torch.Tensor  # (B, n) absolute positions
-    bounds: list[tuple[int, int]]
-    has_targets: list[bool]
-
-
-def _bounds(length: int, chunk_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + chunk_size, length)) for s in range(0, length, chunk_size)]
-
-
-def _segment(ids: torch.Tensor, targets: torch.Tensor, offset: int, chunk_size: int) -> _Segment:
-    batch, length = ids.shape
-    positions = torch.arange(offset, offset + length, device=ids.device).unsqueeze(0).expand(batch, -1)
-    bounds = _bounds(length, chunk_size)
-    return _Segment(ids, targets, positions, bounds, chunks_with_targets(targets, bounds))
-
-
 def _segments(
     prefix_ids: torch.Tensor,
     prefix_labels: torch.Tensor | None,
     continuations: Sequence[Continuation],
     chunk_size: int,
-) -> list[_Segment]:
+) -> list[Segment]:
     """[shared prefix, branch 1, ..., branch k], validated, with shifted targets."""
     if prefix_ids.dim() != 2 or prefix_ids.shape[1] < 1:
         raise ValueError(f"prefix_ids must be (batch, length >= 1), got {tuple(prefix_ids.shape)}")
@@ -129,7 +100,7 @@ def _segments(
     if not continuations:
         raise ValueError("a prefix tree needs at least one continuation")
     batch, p = prefix_ids.shape
-    segments = [_segment(prefix_ids[:, :-1], prefix_labels[:, 1:], 0, chunk_size)]
+    segments = [segment(prefix_ids[:, :-1], prefix_labels[:, 1:], 0, chunk_size)]
     for i, cont in enumerate(continuations):
         ids, labels = cont[0], cont[1]
         if ids.dim() != 2 or ids.shape[0] != batch or ids.shape[1] < 1 or labels.shape != ids.shape:
@@ -139,13 +110,15 @@ def _segments(
             )
         branch_ids = torch.cat([prefix_ids[:, -1:], ids], dim=1)
         branch_targets = torch.cat([labels, torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-        segments.append(_segment(branch_ids, branch_targets, p - 1, chunk_size))
+        segments.append(segment(branch_ids, branch_targets, p - 1, chunk_size))
     return segments
 
 
 def tree_num_chunks(prefix_len: int, continuation_lens: Sequence[int], chunk_size: int) -> list[int]:
     """Chunks of the shared prefix and of each branch, in the order `backward_tree_with_factors` takes factors."""
-    return [len(_bounds(prefix_len - 1, chunk_size))] + [len(_bounds(n + 1, chunk_size)) for n in continuation_lens]
+    return [len(chunk_bounds(prefix_len - 1, chunk_size))] + [
+        len(chunk_bounds(n + 1, chunk_size)) for n in continuation_lens
+    ]
 
 
 def _row_weights(weight: float | torch.Tensor, batch: int, device: torch.device, what: str) -> torch.Tensor:
@@ -214,11 +187,6 @@ def prefix_tree_loss(
     return out.ce_sums
 
 
-def _needs_grad(factors: list[float], later_selected: bool) -> list[bool]:
-    """A block needs gradient sums only if its chunk is back-propagated and some later selected chunk attends to it."""
-    return [f != 0.0 and (later_selected or any(g != 0.0 for g in factors[j + 1 :])) for j, f in enumerate(factors)]
-
-
 def backward_tree_with_factors(
     model: nn.Module,
     prefix_ids: torch.Tensor,
@@ -242,49 +210,22 @@ def backward_tree_with_factors(
     counts = [len(seg.bounds) for seg in segments]
     if len(factors) != sum(counts):
         raise ValueError(f"{len(factors)} factors for a tree of {sum(counts)} chunks ({counts})")
-    seg_factors = [factors[sum(counts[:i]) : sum(counts[: i + 1])] for i in range(len(segments))]
-    any_branch_selected = any(f != 0.0 for fs in seg_factors[1:] for f in fs)
-    needs_grad = [_needs_grad(seg_factors[0], any_branch_selected)] + [_needs_grad(fs, False) for fs in seg_factors[1:]]
+    for i, seg in enumerate(segments):
+        seg.factors = factors[sum(counts[:i]) : sum(counts[: i + 1])]
     n_targets = [int((seg.targets != IGNORE_INDEX).sum()) for seg in segments]
     if sum(n_targets) == 0:
         raise ValueError("no target tokens: every label after the first is -100")
 
-    rng_states: list[list[tuple[torch.Tensor, torch.Tensor | None]]] = [[] for _ in segments]
-    ce = [torch.zeros(batch, dtype=torch.float64, device=device) for _ in segments]
-    set_aside: list[list[list[KVBlock]]] = [[] for _ in segments]  # per branch, per chunk (last first)
-
-    with chunked_session(model, parts, config, device, host_buffers) as cache:
-        try:
-            # Stage 1: the prefix once, then each branch on top of it (set aside afterwards).
-            with torch.no_grad():
-                for i, seg in enumerate(segments):
-                    for j in range(len(seg.bounds)):
-                        rng_states[i].append(_rng_state(device))
-                        hidden = _run(parts, cache, seg, j)
-                        if seg.has_targets[j]:
-                            ce[i] += _losses(parts, seg, j, hidden, config).double()
-                        cache.push_current(needs_grad[i][j])
-                    if i > 0:
-                        set_aside[i] = [cache.set_aside_last() for _ in seg.bounds]
-            final_rng = _rng_state(device)
-
-            ce_sums = [ce[0] + ce[i] for i in range(1, len(segments))]
-            raw = weight_fn(ce_sums) if weight_fn is not None else [c.weight for c in continuations]
-            if len(raw) != len(continuations):
-                raise ValueError(f"weight_fn returned {len(raw)} weights for {len(continuations)} continuations")
-            weights = [_row_weights(w, batch, device, f"weight {i}") for i, w in enumerate(raw)]
-
-            # Stage 2: every branch (their K/V gradients add up in the prefix's blocks), then the prefix.
-            for i in [*range(1, len(segments)), 0]:
-                while set_aside[i]:
-                    cache.restore(set_aside[i].pop())
-                weight = weights[i - 1] if i > 0 else torch.stack(weights).sum(0)
-                _backprop_segment(parts, cache, segments[i], seg_factors[i], rng_states[i], weight, config, device)
-            _set_rng_state(device, final_rng)
-        finally:  # on an error, give every set-aside block back to the cache, which releases them
-            for blocks in set_aside:
-                while blocks:
-                    cache.restore(blocks.pop())
+    with chunk_tree(model, parts, segments, config, host_buffers) as tree:
+        zero = torch.zeros(batch, dtype=torch.float64, device=device)
+        ce = [sum((rows.double() for rows, _ in chunks), zero) for chunks in tree.stage1(score_all=True)]
+        ce_sums = [ce[0] + ce[i] for i in range(1, len(segments))]
+        raw = weight_fn(ce_sums) if weight_fn is not None else [c.weight for c in continuations]
+        if len(raw) != len(continuations):
+            raise ValueError(f"weight_fn returned {len(raw)} weights for {len(continuations)} continuations")
+        weights = [_row_weights(w, batch, device, f"weight {i}") for i, w in enumerate(raw)]
+        # The prefix's own targets belong to every sequence: weighted by the sum.
+        tree.stage2([torch.stack(weights).sum(0), *weights])
 
     return PrefixTreeOutput(
         ce_sums=ce_sums,
@@ -293,46 +234,3 @@ def backward_tree_with_factors(
         num_chunks=sum(counts),
         chunks_backpropagated=sum(f != 0.0 for f in factors),
     )
-
-
-def _run(parts: ModelParts, cache: chunk_cache.ChunkCache, seg: _Segment, j: int) -> torch.Tensor:
-    s, e = seg.bounds[j]
-    return run_chunk(parts, cache, seg.input_ids[:, s:e], seg.positions[:, s:e])
-
-
-def _losses(parts: ModelParts, seg: _Segment, j: int, hidden: torch.Tensor, config: ChunkConfig) -> torch.Tensor:
-    s, e = seg.bounds[j]
-    return chunk_row_losses(parts.head, hidden, seg.targets[:, s:e], config.loss_slice)
-
-
-def _backprop_segment(
-    parts: ModelParts,
-    cache: chunk_cache.ChunkCache,
-    seg: _Segment,
-    factors: list[float],
-    rng_states: list[tuple[torch.Tensor, torch.Tensor | None]],
-    weight: torch.Tensor,
-    config: ChunkConfig,
-    device: torch.device,
-) -> None:
-    """Stage 2 of one segment whose blocks are on top of the cache: its chunks in reverse.
-
-    Every block is popped, also of chunks that are not back-propagated, so the cache is
-    back to the segment's parent (the prefix) afterwards.
-    """
-    for j in reversed(range(len(seg.bounds))):
-        relayed = cache.pop_last()
-        if factors[j] == 0.0:
-            continue
-        _set_rng_state(device, rng_states[j])
-        with torch.enable_grad():
-            hidden = _run(parts, cache, seg, j)
-            if seg.has_targets[j]:
-                rows = _losses(parts, seg, j, hidden, config)  # (B,)
-                loss = (rows * weight.to(rows.dtype)).sum()
-            else:
-                loss = torch.zeros((), device=hidden.device)
-            objective = relay_objective(loss, cache.current(), relayed)
-            if objective.requires_grad:
-                (objective * factors[j]).backward()
-        del relayed, hidden, objective, loss

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seco_core import ChunkConfig
+from seco_core.chunked import backward_with_factors
 from seco_core.lora import attach_lora
 from seco_core.prefix import (
     Continuation,
@@ -193,6 +194,7 @@ def test_bad_inputs_are_refused() -> None:
 
 # ---------------------------------------------------------------- SpaCO over the tree
 
+
 SPACO_CHUNK, SPACO_LENGTHS, SPACO_PREFIX = 8, (6, 10), 17  # shared 16 tokens: 2 + 1 + 2 = 5 chunks
 
 
@@ -237,3 +239,34 @@ def test_spaco_draws_over_the_tree_are_reproducible() -> None:
         runs.append((out.chunks_backpropagated, flat_grads(model)))
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
     assert 0 < runs[0][0] < out.num_chunks
+
+
+@pytest.mark.parametrize("options", [{}, dict(offload_kv=True, layer_checkpointing=True)], ids=["device", "offload"])
+@pytest.mark.parametrize("factors", [[1.0] * 5, [2.0, 0.0, 1.5, 0.0, 3.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+def test_a_sequence_is_a_tree_of_one_branch(factors: list[float], options: dict[str, bool]) -> None:
+    """Split on a chunk boundary, a sequence as a prefix and one continuation runs the same
+    chunks, relays and random states as `chunked_backward`: bit for bit the same gradients,
+    with LoRA dropout replayed and SpaCO-style factors (float32, where any reordering shows)."""
+    model = attach_lora(tiny_model("llama", torch.float32), r=4, alpha=8, dropout=0.3).train()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.1)
+    split = 13  # with chunks of 6 the tree shares tokens 0..11 (two chunks), then a branch of three
+    ids = torch.randint(3, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[1, 20:23] = -100
+    n_targets = int((labels[:, 1:] != -100).sum())
+    cfg = ChunkConfig(chunk_size=6, **options)
+
+    torch.manual_seed(7)
+    loss = backward_with_factors(model, ids, labels, cfg, factors, loss_scale=0.5).loss
+    sequence, sequence_rng = flat_grads(model), torch.get_rng_state()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(7)
+    branch = Continuation(ids[:, split:], labels[:, split:], 0.5 / n_targets)
+    out = backward_tree_with_factors(model, ids[:, :split], [branch], cfg, factors, prefix_labels=labels[:, :split])
+    assert out.targets == [n_targets] and out.num_chunks == 5
+    assert float(out.ce_sums[0].sum()) / n_targets == pytest.approx(loss, rel=1e-6)
+    assert sequence.abs().sum() > 0 and torch.equal(flat_grads(model), sequence)
+    assert torch.equal(torch.get_rng_state(), sequence_rng)  # both leave the same random state behind
