@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from seco_core.errors import UnsupportedModelError
 from seco_core.kv_store import LayerPrefix
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,18 @@ class _BlockAttention(torch.autograd.Function):
             del dq_i, dk_i, dv_i
             i += 1  # noqa: SIM113 (see above)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def refuse_unsupported_options(module: Any, dropout: float, options: dict[str, Any]) -> None:
+    """What `chunk_attention` does not compute, refused by name (a transformers attention
+    function receives them from the layer): attention dropout, logit soft-capping, sinks."""
+    arch = type(module).__name__
+    if dropout:
+        raise UnsupportedModelError(f"{arch}: attention dropout ({dropout}) is not supported; set it to 0")
+    if options.get("softcap") is not None:
+        raise UnsupportedModelError(f"{arch}: attention logit soft-capping is not supported")
+    if options.get("s_aux") is not None:
+        raise UnsupportedModelError(f"{arch}: attention sinks are not supported")
 
 
 def chunk_attention(

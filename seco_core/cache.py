@@ -22,7 +22,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
 
-from seco_core.attention import chunk_attention
+from seco_core.attention import chunk_attention, refuse_unsupported_options
 from seco_core.errors import UnsupportedModelError
 from seco_core.kv_store import DeviceStore, KVBlock, KVStore, LayerPrefix
 
@@ -163,13 +163,8 @@ def _seco_attention(
     cache: ChunkCache | None = getattr(module, CACHE_ATTRIBUTE, None)
     if cache is None:
         raise RuntimeError("seco_chunked attention used outside chunked_backward")
+    refuse_unsupported_options(module, dropout, kwargs)
     arch = type(module).__name__
-    if dropout:
-        raise UnsupportedModelError(f"{arch}: attention dropout ({dropout}) is not supported; set it to 0")
-    if kwargs.get("softcap") is not None:
-        raise UnsupportedModelError(f"{arch}: attention logit soft-capping is not supported")
-    if kwargs.get("s_aux") is not None:
-        raise UnsupportedModelError(f"{arch}: attention sinks are not supported")
     layer = cache.chunk_layers[module.layer_idx]  # type: ignore[index]
     window = kwargs.get("sliding_window")
     total = layer.prefix_length() + query.shape[-2]

@@ -25,7 +25,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from seco_core.arch import check_length, model_parts, unwrap
-from seco_core.attention import chunk_attention
+from seco_core.attention import chunk_attention, refuse_unsupported_options
 from seco_core.errors import UnsupportedModelError
 from seco_core.kv_store import DeviceStore, LayerPrefix
 
@@ -43,12 +43,10 @@ def _prefill_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query (B, Hq, c, D) against key/value (B, Hkv, p + c, D)."""
-    arch = type(module).__name__
-    if dropout:
-        raise UnsupportedModelError(f"{arch}: attention dropout ({dropout}) is not supported; set it to 0")
-    for option in ("softcap", "s_aux", "sliding_window"):
-        if kwargs.get(option) is not None:
-            raise UnsupportedModelError(f"{arch}: {option} is not supported by {ATTENTION_NAME} attention")
+    refuse_unsupported_options(module, dropout, kwargs)
+    if kwargs.get("sliding_window") is not None:
+        arch = type(module).__name__
+        raise UnsupportedModelError(f"{arch}: sliding-window attention is not supported by {ATTENTION_NAME}")
     q_len = query.shape[-2]
     past = key.shape[-2] - q_len
     if past < 0:
