@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -431,9 +433,18 @@ def sse_events(resp: httpx.Response) -> Iterator[dict[str, str]]:
             ev[k] = ev.get(k, "") + v.lstrip(" ")
 
 
-def write_jsonl(path: Path, records: list[Any]) -> Path:
-    import json
+def without_chat_template(src: Path, dest: Path) -> Path:
+    """A copy of a model directory whose tokenizer has no chat template."""
+    shutil.copytree(src, dest)
+    (dest / "chat_template.jinja").unlink(missing_ok=True)
+    cfg_path = dest / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("chat_template", None)
+    cfg_path.write_text(json.dumps(cfg))
+    return dest
 
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 

@@ -8,9 +8,7 @@ whose tokenizer has no chat template (`plain`).
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, without_chat_template
 
 JOB = "ftjob-" + "0" * 23 + "1"
 TENANT = "0123456789abcdef"
@@ -42,17 +40,6 @@ def make_adapter(base_dir: Path, dest: Path, seed: int, targets: list[str], r: i
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)  # well away from zero: the adapter must change greedy output
     model.save_pretrained(str(dest))
-    return dest
-
-
-def without_chat_template(src: Path, dest: Path) -> Path:
-    """A copy of a model directory whose tokenizer has no chat template."""
-    shutil.copytree(src, dest)
-    (dest / "chat_template.jinja").unlink(missing_ok=True)
-    cfg_path = dest / "tokenizer_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.pop("chat_template", None)
-    cfg_path.write_text(json.dumps(cfg))
     return dest
 
 

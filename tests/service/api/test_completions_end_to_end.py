@@ -29,7 +29,7 @@ import pytest
 
 from service.api.lora_names import lora_name_of
 from service.archives import safe_extract
-from tests.conftest import Service, wait_for
+from tests.conftest import Service, wait_for, without_chat_template
 
 PROMPT = "the quick brown"
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -50,14 +50,19 @@ class Tuned:
 
 @pytest.fixture(scope="module")
 def tuned(
-    launch_service: Callable[..., Service], redis_url: str, tmp_path_factory: pytest.TempPathFactory
+    launch_service: Callable[..., Service],
+    redis_url: str,
+    demo_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Tuned]:
     tmp = tmp_path_factory.mktemp("serving")
+    plain = without_chat_template(demo_model, tmp / "plain-model")
     svc = launch_service(
         redis_url,
         tmp,
         workers=1,
         inference=True,
+        SECO_MODELS=f"tiny={demo_model},plain={plain}",
         SECO_MAX_GENERATIONS_PER_KEY=str(LIMIT),
         SECO_CHECKPOINT_EVERY="2",
     )
@@ -210,6 +215,15 @@ def test_errors_of_the_inference_process_are_passed_on(tuned: Tuned) -> None:
     assert err.body["code"] == "context_length_exceeded" and err.body["param"] == "messages", err.body
     assert "maximum context length is 8192 tokens" in err.body["message"]
     assert lora_name_of(tuned.model) not in err.body["message"]
+
+
+def test_a_base_model_without_a_chat_template_takes_prompts_only(tuned: Tuned) -> None:
+    client = tuned.svc.client()
+    err = _error(lambda: client.chat.completions.create(model="plain", messages=MESSAGES, max_tokens=2))
+    assert err.status_code == 400 and err.body["code"] == "no_chat_template", err.body
+    assert err.body["param"] == "messages" and "no chat template" in err.body["message"], err.body
+    answer = client.completions.create(model="plain", prompt=PROMPT, max_tokens=3, temperature=0)
+    assert answer.model == "plain" and answer.usage is not None and answer.usage.completion_tokens >= 1
 
 
 def test_the_per_key_limit_and_a_client_that_disconnects(
