@@ -41,8 +41,8 @@ def _stream(url: str, headers: dict[str, str], body: dict[str, Any]) -> tuple[fl
     start = time.perf_counter()
     first = last = 0.0
     tokens = 0
-    with httpx.stream("POST", url, json={**body, "stream": True, "stream_options": {"include_usage": True}},
-                      headers=headers, timeout=300) as r:  # fmt: skip
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url, json=streamed, headers=headers, timeout=300) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
