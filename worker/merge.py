@@ -58,10 +58,12 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     and config, the base's tokenizer beside them): a directory `AutoModelForCausalLM` loads."""
     import torch  # the task module stays light: torch is imported in the pool child only
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from seco_core.loading import load_causal_lm
 
     with torch.no_grad():
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
+        base = load_causal_lm(base_dir, dtype="auto")
         merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
         merged.save_pretrained(out_dir, safe_serialization=True)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out_dir)

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from seco_core import ChunkConfig, UnsupportedModelError, chunked_backward, chunked_evaluate
 from seco_core.attention import FUSED_CUDA_DTYPES
 from seco_core.dpo import DEFAULT_BETA
 from seco_core.kv_store import HostBuffers
+from seco_core.loading import load_causal_lm
 from seco_core.lora import attach_lora, pack_adapter, save_adapter
 from seco_core.memory_plan import JobPlan, PlanRefused, device_budget_bytes, format_bytes, plan_job
 from seco_core.position_buckets import PositionLosses
@@ -540,7 +541,7 @@ def _load_model(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> to
     if spec.seco.load_in_4bit:
         base = _load_4bit(spec, dtype, device)  # placed by device_map: quantized models refuse .to()
     else:
-        base = AutoModelForCausalLM.from_pretrained(spec.model_path, dtype=dtype, device_map=_device_map(device))
+        base = load_causal_lm(spec.model_path, dtype=dtype, device_map=_device_map(device))
     lora = spec.seco.lora
     model = attach_lora(base, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
     if spec.init_adapter is not None:
@@ -583,9 +584,7 @@ def _load_4bit(spec: TrainSpec, dtype: torch.dtype, device: torch.device) -> Any
     from transformers import BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        spec.model_path, dtype=dtype, quantization_config=quant, device_map=_device_map(device)
-    )
+    return load_causal_lm(spec.model_path, dtype=dtype, quantization_config=quant, device_map=_device_map(device))
 
 
 def _warmup_cosine(total_steps: int) -> Any:

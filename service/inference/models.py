@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from seco_core.generate import eos_ids_of
+from seco_core.loading import load_causal_lm
 from seco_core.prefill_attention import use_prefill_attention
 from service.inference.errors import OpenAIError, invalid
 
@@ -78,7 +79,7 @@ class ServedModel:
         self.max_adapters = max_adapters
         self.memory = memory
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        base: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=_dtype(device))
+        base: Any = load_causal_lm(path, dtype=_dtype(device))
         base.to(device).eval()
         self.weights_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
         if not memory.fits(self.weights_bytes):

@@ -528,7 +528,7 @@ def test_the_model_is_loaded_straight_onto_the_device(
         returned.append({(p.device.type, p.dtype) for p in model.parameters()})
         return model
 
-    monkeypatch.setattr(trainer.AutoModelForCausalLM, "from_pretrained", recording)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recording)
     model = trainer._load_model(make_spec(tmp_path, demo_model), torch.bfloat16, torch.device("meta"))
     assert returned == [{("meta", torch.bfloat16)}]
     assert {p.device.type for p in model.parameters()} == {"meta"}  # the LoRA weights joined it there
