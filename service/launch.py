@@ -142,23 +142,27 @@ def api_argv(host: str, port: int, env: Mapping[str, str] | None = None, *, work
     restarts one that dies); each has its own connection limit and Redis pools.
     """
     limit = _max_concurrency(os.environ if env is None else env)
+    return _uvicorn_argv(
+        "service.api.app:create_app", host, port, "--limit-concurrency", str(limit), "--workers", str(workers)
+    )
+
+
+def _uvicorn_argv(app: str, host: str, port: int, *options: str) -> list[str]:
+    """`app` (a factory) under uvicorn on host:port, with the graceful shutdown every process of ours takes."""
     return [
         sys.executable,
         "-m",
         "uvicorn",
-        "service.api.app:create_app",
+        app,
         "--factory",
         "--host",
         host,
         "--port",
         str(port),
         "--no-access-log",
-        "--limit-concurrency",
-        str(limit),
         "--timeout-graceful-shutdown",
         str(GRACEFUL_SHUTDOWN_SECONDS),
-        "--workers",
-        str(workers),
+        *options,
     ]
 
 
@@ -189,20 +193,7 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def serve_argv(host: str = "127.0.0.1", port: int = SERVE_PORT) -> list[str]:
     """The inference process under uvicorn (one process: it holds the models)."""
-    return [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "service.inference.app:create_app",
-        "--factory",
-        "--host",
-        host,
-        "--port",
-        str(port),
-        "--no-access-log",
-        "--timeout-graceful-shutdown",
-        str(GRACEFUL_SHUTDOWN_SECONDS),
-    ]
+    return _uvicorn_argv("service.inference.app:create_app", host, port)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -301,6 +301,17 @@ def long_running(server: Server, loaded: dict[str, Path]) -> str:
     pytest.fail("every model ends its greedy generation early: the disconnect tests need one that does not")
 
 
+def stopped_since(server: Server, before: dict[str, Any]) -> dict[str, Any]:
+    """The server's counters once a generation was cancelled after `before` and none runs."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        now = server.stats()
+        if now["cancelled"] > before["cancelled"] and now["running"] == 0:
+            return now
+        time.sleep(0.1)
+    pytest.fail(f"generation still running after the client left: {server.stats()}")
+
+
 def test_client_disconnect_stops_generation(server: Server, long_running: str) -> None:
     before = server.stats()
     with (
@@ -310,14 +321,7 @@ def test_client_disconnect_stops_generation(server: Server, long_running: str) -
         lines = r.iter_lines()
         for _ in range(5):
             next(lines)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        now = server.stats()
-        if now["cancelled"] > before["cancelled"] and now["running"] == 0:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"generation still running after the client left: {server.stats()}")
+    now = stopped_since(server, before)
     time.sleep(1.0)
     later = server.stats()
     assert later["tokens_generated"] == now["tokens_generated"], "tokens still generated after cancellation"
@@ -376,14 +380,7 @@ def test_non_streamed_client_disconnect_stops_generation(server: Server, long_ru
     body = {"model": long_running, **LONG}
     with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.5) as http:
         http.post("/v1/completions", json=body)  # the client gives up and closes the connection
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        now = server.stats()
-        if now["cancelled"] > before["cancelled"] and now["running"] == 0:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"generation still running after the client left: {server.stats()}")
+    now = stopped_since(server, before)
     assert now["tokens_generated"] - before["tokens_generated"] < 0.8 * LONG["max_tokens"]
 
 
